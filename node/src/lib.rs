@@ -1,0 +1,89 @@
+//! shoal's node: the engine that runs a range of a llama-family model's
+//! layers on quantized GGUF weights, and what surrounds it on one machine.
+//!
+//! # Layout
+//! - [`model`]: the forward pass of a pipeline stage (layers `[start, end)`).
+//! - [`kv_cache`]: per-sequence key/value cache of a stage.
+//! - [`linear`]: projection weights and embeddings read from the mapped GGUF.
+//! - [`quant`]: shoal's SIMD kernels for Q4_0/Q4_1/Q8_0 products.
+//! - [`tokenizer`], [`chat`]: text in and out, built from the GGUF's metadata.
+//! - [`sampling`]: choosing the next token (pure).
+//! - [`engine`]: a whole model on one machine: load, prompt, generate, score.
+//! - [`models`]: the default model (fetched and cached) and test-model synthesis.
+//!
+//! Architecture Invariant: the model code never reads files or sockets
+//! itself; weights come in as mapped spans, activations as tensors.
+
+pub mod chat;
+pub mod engine;
+pub mod kv_cache;
+pub mod linear;
+pub mod model;
+pub mod models;
+pub mod quant;
+pub mod sampling;
+pub mod tokenizer;
+
+use std::ops::Range;
+
+pub use engine::{Engine, GenerateEvent, GenerateOptions, GenerationStats, Session, StopReason};
+pub use kv_cache::KvCache;
+pub use model::{LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
+pub use sampling::{Sampler, SamplingParams};
+
+/// Errors of loading or running a stage.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The model file could not be read.
+    #[error(transparent)]
+    Gguf(#[from] sharding::GgufError),
+    /// The file is not a model shoal can run.
+    #[error(transparent)]
+    Layout(#[from] sharding::LayoutError),
+    /// The tokenizer metadata is unusable.
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    /// The chat template is unusable.
+    #[error(transparent)]
+    Chat(#[from] chat::ChatError),
+    /// A tensor operation failed (shape bug or device error).
+    #[error("compute error: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The requested layers are not a non-empty range inside the model.
+    #[error("layer range {range:?} is not inside the model's {n_layers} layers")]
+    BadLayerRange {
+        /// Requested range.
+        range: Range<usize>,
+        /// Layers in the model.
+        n_layers: usize,
+    },
+    /// The sequence would exceed its context window.
+    #[error("context full: {needed} tokens needed, the context holds {max} (raise --ctx)")]
+    ContextFull {
+        /// Positions the step needs.
+        needed: usize,
+        /// The context size.
+        max: usize,
+    },
+    /// A prompt with no tokens.
+    #[error("empty input: nothing to run")]
+    EmptyInput,
+    /// Tokens were sent to a stage that does not hold the embedding.
+    #[error("this stage does not start the model: it takes hidden states, not tokens")]
+    NotFirstStage,
+    /// Hidden states were sent to the first stage.
+    #[error("the first stage takes tokens, not hidden states")]
+    FirstStageNeedsTokens,
+    /// Hidden states of the wrong shape or type.
+    #[error("hidden states of shape {shape:?}, expected [tokens, {dim}] f32")]
+    BadHidden {
+        /// The shape received.
+        shape: Vec<usize>,
+        /// The model's hidden size.
+        dim: usize,
+    },
+    /// The default model could not be fetched.
+    #[error("{0}")]
+    Fetch(String),
+}

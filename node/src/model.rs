@@ -1,0 +1,402 @@
+//! The llama forward pass over a contiguous range of layers: a pipeline stage.
+//!
+//! A [`Stage`] owns the weights of layers `[start, end)`; the first stage
+//! also owns the token embedding, the last the final norm and LM head (the
+//! embedding again when tied). Between stages only hidden states `[t, dim]`
+//! travel, so running `[0, k)` then `[k, n)` is the same computation as
+//! `[0, n)` — the property the pipeline is built on, and tested as such.
+//!
+//! Sequences are independent: the stage holds no per-request state; each
+//! sequence brings its own [`KvCache`]. Batching many sequences through one
+//! stage therefore needs only a loop (or concatenated matmuls) on top.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use sharding::gguf::MappedSpan;
+use sharding::{GgufFile, ModelConfig, ModelLayout, RopeStyle, TensorInfo};
+use tracing::trace_span;
+
+use crate::kv_cache::KvCache;
+use crate::linear::{Embedding, LinearGroup, WeightBytes};
+use crate::EngineError;
+
+/// How a stage is loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Where the weights and compute live.
+    pub device: Device,
+    /// Most positions any sequence may reach; sizes the RoPE tables.
+    /// Capped at the model's trained context length.
+    pub max_context: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { device: Device::Cpu, max_context: 4096 }
+    }
+}
+
+/// What enters a stage.
+#[derive(Debug)]
+pub enum StageInput<'a> {
+    /// Token ids (first stage only).
+    Tokens(&'a [u32]),
+    /// Hidden states `[t, dim]` from the previous stage.
+    Hidden(Tensor),
+}
+
+/// Which positions the last stage turns into logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (perplexity, prompt scoring).
+    All,
+}
+
+/// What leaves a stage.
+#[derive(Debug)]
+pub enum StageOutput {
+    /// Hidden states `[t, dim]` for the next stage.
+    Hidden(Tensor),
+    /// Logits `[rows, vocab]` from the last stage.
+    Logits(Tensor),
+}
+
+struct Block {
+    attn_norm: Tensor,
+    qkv: LinearGroup,
+    qkv_bias: Option<[Tensor; 3]>,
+    attn_out: LinearGroup,
+    ffn_norm: Tensor,
+    gate_up: LinearGroup,
+    down: LinearGroup,
+}
+
+struct Head {
+    norm: Tensor,
+    output: LinearGroup,
+}
+
+/// Layers `[start, end)` of a llama-family model, ready to run.
+pub struct Stage {
+    config: ModelConfig,
+    layers: Range<usize>,
+    device: Device,
+    embedding: Option<Embedding>,
+    blocks: Vec<Block>,
+    head: Option<Head>,
+    cos: Tensor,
+    sin: Tensor,
+    max_context: usize,
+    weight_bytes: u64,
+    spans: Vec<Arc<MappedSpan>>,
+}
+
+impl Stage {
+    /// Loads layers `layers` of the model in `gguf`. Only the byte spans of
+    /// this stage's tensors are mapped.
+    pub fn load(
+        gguf: &GgufFile,
+        layout: &ModelLayout,
+        layers: Range<usize>,
+        opts: &LoadOptions,
+    ) -> Result<Stage, EngineError> {
+        let n_layers = layout.layers.len();
+        if layers.start >= layers.end || layers.end > n_layers {
+            return Err(EngineError::BadLayerRange { range: layers, n_layers });
+        }
+        let tensors = layout.stage_tensors(layers.clone());
+        let spans = map_spans(gguf, &tensors)?;
+        let get = |info: &TensorInfo| -> WeightBytes {
+            let span = spans.iter().find(|s| s.contains(info)).expect("every stage tensor is mapped");
+            WeightBytes::new(span.clone(), info.clone())
+        };
+        let dev = &opts.device;
+        let first = layers.start == 0;
+        let last = layers.end == n_layers;
+        let embedding = first.then(|| Embedding::new(get(&layout.token_embd)));
+        let mut blocks = Vec::with_capacity(layers.len());
+        for l in &layout.layers[layers.clone()] {
+            let t = |s: &str| get(l.tensor(s).expect("layout checked required tensors"));
+            let bias = |s: &str| l.tensor(s).map(|i| get(i).to_f32_tensor(dev)).transpose();
+            let qkv_bias = match (bias("attn_q.bias")?, bias("attn_k.bias")?, bias("attn_v.bias")?) {
+                (Some(q), Some(k), Some(v)) => Some([q, k, v]),
+                _ => None,
+            };
+            blocks.push(Block {
+                attn_norm: t("attn_norm.weight").to_f32_tensor(dev)?,
+                qkv: LinearGroup::new(vec![t("attn_q.weight"), t("attn_k.weight"), t("attn_v.weight")], dev)?,
+                qkv_bias,
+                attn_out: LinearGroup::new(vec![t("attn_output.weight")], dev)?,
+                ffn_norm: t("ffn_norm.weight").to_f32_tensor(dev)?,
+                gate_up: LinearGroup::new(vec![t("ffn_gate.weight"), t("ffn_up.weight")], dev)?,
+                down: LinearGroup::new(vec![t("ffn_down.weight")], dev)?,
+            });
+        }
+        let head = if last {
+            let out = layout.output.as_ref().unwrap_or(&layout.token_embd);
+            Some(Head {
+                norm: get(&layout.output_norm).to_f32_tensor(dev)?,
+                output: LinearGroup::new(vec![get(out)], dev)?,
+            })
+        } else {
+            None
+        };
+        let config = layout.config.clone();
+        let max_context = opts.max_context.min(config.context_length).max(1);
+        let freq_factors = match &layout.rope_freqs {
+            Some(info) => Some(get(info).to_f32_tensor(&Device::Cpu)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let (cos, sin) = rope_tables(&config, max_context, freq_factors.as_deref(), dev)?;
+        Ok(Stage {
+            weight_bytes: tensors.iter().map(|t| t.size_bytes).sum(),
+            config,
+            layers,
+            device: dev.clone(),
+            embedding,
+            blocks,
+            head,
+            cos,
+            sin,
+            max_context,
+            spans,
+        })
+    }
+
+    /// Reads every mapped page once so the first request does not pay for
+    /// disk reads; reports `(bytes_done, bytes_total)` as it goes.
+    pub fn prefault(&self, progress: &mut dyn FnMut(u64, u64)) {
+        const PAGE_BYTES: usize = 4096;
+        const REPORT_BYTES: usize = 4 << 20;
+        let total: u64 = self.spans.iter().map(|s| s.as_bytes().len() as u64).sum();
+        let mut done = 0u64;
+        let mut sink = 0u8;
+        for span in &self.spans {
+            for chunk in span.as_bytes().chunks(REPORT_BYTES) {
+                sink ^= chunk.iter().step_by(PAGE_BYTES).fold(0u8, |a, &b| a ^ b);
+                done += chunk.len() as u64;
+                progress(done, total);
+            }
+        }
+        std::hint::black_box(sink);
+    }
+
+    /// The model's hyperparameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The layers this stage runs.
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    /// Whether this stage embeds tokens.
+    pub fn is_first(&self) -> bool {
+        self.embedding.is_some()
+    }
+
+    /// Whether this stage produces logits.
+    pub fn is_last(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// The most positions a sequence may reach on this stage.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// Bytes of weights this stage holds.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh cache for one sequence, holding up to `max_len` positions
+    /// (capped at [`Stage::max_context`]).
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(self.blocks.len(), max_len.min(self.max_context))
+    }
+
+    /// Runs the stage on `t` new positions of one sequence, appending to its cache.
+    pub fn forward(
+        &self,
+        input: StageInput<'_>,
+        cache: &mut KvCache,
+        logits: LogitsFor,
+    ) -> Result<StageOutput, EngineError> {
+        let x = match input {
+            StageInput::Tokens(ids) => {
+                let emb = self.embedding.as_ref().ok_or(EngineError::NotFirstStage)?;
+                if ids.is_empty() {
+                    return Err(EngineError::EmptyInput);
+                }
+                emb.forward(ids, &self.device)?
+            }
+            StageInput::Hidden(h) => {
+                if self.is_first() {
+                    return Err(EngineError::FirstStageNeedsTokens);
+                }
+                let (t, dim) = h.dims2()?;
+                if dim != self.config.dim || t == 0 || h.dtype() != DType::F32 {
+                    return Err(EngineError::BadHidden { shape: h.dims().to_vec(), dim: self.config.dim });
+                }
+                h.to_device(&self.device)?
+            }
+        };
+        let t = x.dim(0)?;
+        let pos = cache.len();
+        if pos + t > cache.max_len() {
+            return Err(EngineError::ContextFull { needed: pos + t, max: cache.max_len() });
+        }
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        let mask = if t > 1 { Some(causal_mask(t, pos, &self.device)?) } else { None };
+        let mut x = x;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let _span = trace_span!("layer", index = self.layers.start + i).entered();
+            x = self.block_forward(block, &x, i, cache, &cos, &sin, mask.as_ref())?;
+        }
+        cache.advance(t);
+        let Some(head) = &self.head else {
+            return Ok(StageOutput::Hidden(x));
+        };
+        let x = match logits {
+            LogitsFor::Last => x.narrow(0, t - 1, 1)?,
+            LogitsFor::All => x,
+        };
+        let x = candle_nn::ops::rms_norm(&x, &head.norm, self.config.rms_eps)?;
+        Ok(StageOutput::Logits(head.output.forward_one(&x)?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (t, _) = x.dims2()?;
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let h = candle_nn::ops::rms_norm(x, &b.attn_norm, c.rms_eps)?;
+        let mut qkv = b.qkv.forward(&h)?;
+        if let Some(bias) = &b.qkv_bias {
+            for (y, bias) in qkv.iter_mut().zip(bias) {
+                *y = y.broadcast_add(bias)?;
+            }
+        }
+        let [q, k, v]: [Tensor; 3] = qkv.try_into().expect("three projections");
+        // [t, heads * hd] -> [1, heads, t, hd], the layout candle's rope wants.
+        let heads_first = |y: Tensor, n: usize| y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (heads_first(q, nh)?, heads_first(k, nkv)?, heads_first(v, nkv)?);
+        let (q, k) = match c.rope_style {
+            RopeStyle::Interleaved => (candle_nn::rotary_emb::rope_i(&q, cos, sin)?, candle_nn::rotary_emb::rope_i(&k, cos, sin)?),
+            RopeStyle::Neox => (candle_nn::rotary_emb::rope(&q, cos, sin)?, candle_nn::rotary_emb::rope(&k, cos, sin)?),
+        };
+        let (k_all, v_all) = cache.append(layer, &k.squeeze(0)?, &v.squeeze(0)?)?;
+        let len = k_all.dim(1)?;
+        // Grouped-query attention without copying K/V per query head: query
+        // head h uses KV head h / rep, so the heads of one KV group are
+        // adjacent and fold into the row dimension.
+        let rep = nh / nkv;
+        let q = q.reshape((nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k_all.t()?)? * scale)?;
+        let att = match mask {
+            Some(m) => att.reshape((nkv, rep, t, len))?.broadcast_add(m)?.reshape((nkv, rep * t, len))?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v_all.contiguous()?)?;
+        let y = y.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        let x = (x + b.attn_out.forward_one(&y)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps)?;
+        let gu = b.gate_up.forward(&h)?;
+        let m = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
+        x + b.down.forward_one(&m)?
+    }
+}
+
+/// `[t, pos + t]`: 0 where query `i` (at `pos + i`) may see key `j`, -inf after it.
+fn causal_mask(t: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let len = pos + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..len).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, len), device)
+}
+
+/// cos/sin tables `[max_pos, head_dim / 2]` as llama.cpp computes them:
+/// theta_i = pos / scale * base^(-2i/d) / freq_factor_i.
+fn rope_tables(
+    c: &ModelConfig,
+    max_pos: usize,
+    freq_factors: Option<&[f32]>,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = c.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let f = 1.0 / c.rope_theta.powf(2.0 * i as f32 / c.head_dim as f32);
+            f / freq_factors.map_or(1.0, |ff| ff[i])
+        })
+        .collect();
+    let mut cos = Vec::with_capacity(max_pos * half);
+    let mut sin = Vec::with_capacity(max_pos * half);
+    for p in 0..max_pos {
+        let p = p as f32 / c.rope_scale;
+        for &f in &inv_freq {
+            let a = p * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (max_pos, half), device)?,
+        Tensor::from_vec(sin, (max_pos, half), device)?,
+    ))
+}
+
+/// Maps the stage's tensors in as few spans as sensible: tensors closer than
+/// [`SPAN_GAP_BYTES_MAX`] share a mapping, so a layer range is one mapping
+/// while a distant embedding/head gets its own and the layers of other
+/// stages are never mapped.
+fn map_spans(gguf: &GgufFile, tensors: &[&TensorInfo]) -> Result<Vec<Arc<MappedSpan>>, EngineError> {
+    let mut ranges: Vec<(u64, u64)> = tensors.iter().map(|t| (t.offset, t.offset + t.size_bytes)).collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in ranges {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 + SPAN_GAP_BYTES_MAX => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(s, e)| Ok(Arc::new(gguf.map_span(s, e)?)))
+        .collect()
+}
+
+/// Gap between tensors below which two spans are mapped as one: small enough
+/// that a neighbouring stage's layer (≥ a few MB in real models) never rides along.
+const SPAN_GAP_BYTES_MAX: u64 = 256 * 1024;
+
+/// Softmax over logits for tests and perplexity: `log p(token)` of row `row`.
+pub fn log_prob(logits: &[f32], token: usize) -> f64 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits[token] as f64 - max - sum.ln()
+}

@@ -1,0 +1,149 @@
+//! AVX2 kernels for the quant types candle runs with scalar code on x86
+//! (Q4_1) or that sit on shoal's hot path (Q4_0, Q8_0 for the tied head).
+//!
+//! Each kernel computes one weight row against `R` activation rows at once:
+//! the weight block is unpacked once and reused `R` times, which is what
+//! makes prompt processing faster than `R` separate dot products.
+//! The arithmetic is ggml's: 8-bit activations, integer dot per 32-element
+//! block, scaled in f32 — so results match llama.cpp's to rounding order.
+
+use std::arch::x86_64::*;
+
+use super::{BlockQ8, NativeType};
+
+/// Whether this CPU can run these kernels (checked once per process by std).
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// `out[r] = dot(w, acts[r])` for one weight row of `ty` blocks.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]); `w` must hold
+/// `acts[r].len()` blocks of `ty` for every `r`.
+#[inline]
+pub(super) unsafe fn dot_rows<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8]; R],
+    out: &mut [f32; R],
+) {
+    for a in acts {
+        debug_assert!(w.len() >= a.len() * ty.block_bytes());
+    }
+    match ty {
+        NativeType::Q4_1 => dot_q4_1(w, acts, out),
+        NativeType::Q4_0 => dot_q4_0(w, acts, out),
+        NativeType::Q8_0 => dot_q8_0(w, acts, out),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_at(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// 16 bytes of packed nibbles → 32 bytes: low nibbles (elements 0..16) in
+/// the lower lane, high nibbles (elements 16..32) in the upper one.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+    let qs = _mm_loadu_si128(p as *const __m128i);
+    let mask = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(qs, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Integer dot of unsigned weights `wu` (0..=15 or |q|) with signed
+/// activations, summed into eight i32 lanes and converted to f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_u8_i8(wu: __m256i, a: __m256i) -> __m256 {
+    let p16 = _mm256_maddubs_epi16(wu, a);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_act(a: &BlockQ8) -> __m256i {
+    _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_1<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: &mut [f32; R]) {
+    let nb = acts[0].len();
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut mins = [0f32; R];
+    let p = w.as_ptr();
+    for i in 0..nb {
+        let b = p.add(i * 20);
+        let (d, m) = (half_at(b), half_at(b.add(2)));
+        let wq = unpack_nibbles(b.add(4));
+        for r in 0..R {
+            let a = acts[r].get_unchecked(i);
+            let dot = dot_u8_i8(wq, load_act(a));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot, acc[r]);
+            mins[r] += m * a.s;
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum(acc[r]) + mins[r];
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_0<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: &mut [f32; R]) {
+    let nb = acts[0].len();
+    let mut acc = [_mm256_setzero_ps(); R];
+    let p = w.as_ptr();
+    let eight = _mm256_set1_epi8(8);
+    for i in 0..nb {
+        let b = p.add(i * 18);
+        let d = half_at(b);
+        let wq = _mm256_sub_epi8(unpack_nibbles(b.add(2)), eight);
+        let wabs = _mm256_sign_epi8(wq, wq);
+        for r in 0..R {
+            let a = acts[r].get_unchecked(i);
+            let dot = dot_u8_i8(wabs, _mm256_sign_epi8(load_act(a), wq));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot, acc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: &mut [f32; R]) {
+    let nb = acts[0].len();
+    let mut acc = [_mm256_setzero_ps(); R];
+    let p = w.as_ptr();
+    for i in 0..nb {
+        let b = p.add(i * 34);
+        let d = half_at(b);
+        let wq = _mm256_loadu_si256(b.add(2) as *const __m256i);
+        let wabs = _mm256_sign_epi8(wq, wq);
+        for r in 0..R {
+            let a = acts[r].get_unchecked(i);
+            let dot = dot_u8_i8(wabs, _mm256_sign_epi8(load_act(a), wq));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot, acc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+}

@@ -1,0 +1,240 @@
+//! Token sampling: a pure function of logits, history and a seeded RNG.
+//!
+//! The chain follows llama.cpp's default order — repetition penalty, top-k,
+//! top-p, min-p, temperature, then a draw — so the same settings mean the same
+//! thing to someone coming from llama.cpp or Ollama. Temperature 0 is greedy.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Sampling settings for one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// Softmax temperature; `<= 0` means greedy (argmax).
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1.0 = all).
+    pub top_p: f32,
+    /// Drop tokens below `min_p` times the most likely one's probability (0 = off).
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of recent tokens by this (1.0 = off).
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalty looks at.
+    pub repeat_last_n: usize,
+    /// RNG seed: the same seed and settings give the same tokens.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    /// llama.cpp's defaults.
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Checks ranges; returns a message naming the bad setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
+            return Err(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// Draws tokens for one sequence.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler seeded with `params.seed`.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = StdRng::seed_from_u64(params.seed);
+        Sampler { params, rng }
+    }
+
+    /// The settings.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` given the tokens so far.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        assert!(!logits.is_empty(), "empty logits");
+        let p = &self.params;
+        let mut logits = logits.to_vec();
+        if p.repeat_penalty != 1.0 {
+            let start = history.len().saturating_sub(p.repeat_last_n);
+            let mut seen = std::collections::HashSet::new();
+            for &tok in &history[start..] {
+                if let Some(l) = logits.get_mut(tok as usize) {
+                    if seen.insert(tok) {
+                        *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                    }
+                }
+            }
+        }
+        if p.temperature <= 0.0 {
+            return argmax(&logits);
+        }
+        // Candidates sorted by logit, best first (ties by id, for determinism).
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan())
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+            cand.truncate(p.top_k);
+        }
+        cand.sort_unstable_by(by_logit);
+        let probs = softmax(&cand, 1.0);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|&pr| {
+                    acc += pr;
+                    acc >= p.top_p as f64
+                })
+                .map_or(cand.len(), |i| i + 1);
+            cand.truncate(keep.max(1));
+        }
+        if p.min_p > 0.0 {
+            let max = cand[0].1;
+            let floor = max + p.min_p.ln();
+            let keep = cand.iter().take_while(|c| c.1 >= floor).count();
+            cand.truncate(keep.max(1));
+        }
+        let probs = softmax(&cand, p.temperature);
+        let r: f64 = self.rng.random::<f64>();
+        let mut acc = 0.0;
+        for (c, pr) in cand.iter().zip(&probs) {
+            acc += *pr;
+            if r < acc {
+                return c.0;
+            }
+        }
+        cand.last().expect("at least one candidate").0
+    }
+}
+
+/// Index of the largest logit (the first on ties, like llama.cpp).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn softmax(cand: &[(u32, f32)], temperature: f32) -> Vec<f64> {
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let t = temperature as f64;
+    let e: Vec<f64> = cand.iter().map(|c| ((c.1 as f64 - max) / t).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        (0..100).map(|i| ((i * 37) % 100) as f32 / 10.0).collect()
+    }
+
+    #[test]
+    fn greedy_is_argmax() {
+        let l = logits();
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&l, &[]), argmax(&l));
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let l = logits();
+        let params = SamplingParams { seed: 42, top_k: 0, min_p: 0.0, temperature: 1.5, ..Default::default() };
+        let run = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone());
+            (0..50).map(|_| s.sample(&l, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(run(&params), run(&params));
+        assert_ne!(run(&params), run(&SamplingParams { seed: 43, ..params.clone() }));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let l = logits();
+        let mut s = Sampler::new(SamplingParams { top_k: 1, temperature: 5.0, ..Default::default() });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&l, &[]), argmax(&l));
+        }
+    }
+
+    #[test]
+    fn filters_bound_the_candidates() {
+        let mut l = vec![0.0f32; 10];
+        l[3] = 10.0;
+        l[7] = 9.9;
+        // min_p 0.5 keeps only tokens with prob >= half the best: 3 and 7.
+        let mut s = Sampler::new(SamplingParams { min_p: 0.5, top_k: 0, temperature: 1.0, ..Default::default() });
+        for _ in 0..50 {
+            assert!([3, 7].contains(&s.sample(&l, &[])));
+        }
+        let mut s = Sampler::new(SamplingParams { top_p: 0.5, top_k: 0, min_p: 0.0, temperature: 1.0, ..Default::default() });
+        for _ in 0..50 {
+            assert_eq!(s.sample(&l, &[]), 3);
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_steers_away() {
+        let l = vec![2.0f32, 1.9, 0.0];
+        let mut s = Sampler::new(SamplingParams { repeat_penalty: 1.5, ..SamplingParams::greedy() });
+        assert_eq!(s.sample(&l, &[0]), 1);
+        assert_eq!(s.sample(&l, &[]), 0);
+    }
+
+    #[test]
+    fn validate_names_the_setting() {
+        let bad = SamplingParams { top_p: 0.0, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("top_p"));
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,569 @@
+//! The tokenizer of a GGUF model, built from its `tokenizer.ggml.*` metadata.
+//!
+//! Why its own implementation: token ids must equal llama.cpp's for the same text, so this
+//! module follows `llama_vocab` (src/llama-vocab.cpp) rather than Hugging Face where they
+//! differ: special-token splitting (`tokenizer_st_partition`: longest text first), the
+//! per-`pre` regexes and flags, SentencePiece's bigram merge, the text-based detection of
+//! end-of-generation tokens, and `token_to_piece` / `detokenize` for the way back. Supported
+//! vocab types: `gpt2` (byte-level BPE, [`bpe`]) and `llama` (SentencePiece, [`spm`]).
+
+mod bpe;
+mod pretokenize;
+mod spm;
+mod vocab;
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
+
+/// Largest text [`Tokenizer::encode`] accepts, in bytes.
+pub const MAX_INPUT_BYTES: usize = 1 << 20;
+/// Largest vocabulary accepted (a bound against corrupt metadata).
+pub const MAX_VOCAB_TOKENS: usize = 1 << 22;
+
+/// Why a tokenizer could not be built or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenizerError {
+    /// `tokenizer.ggml.model` names a vocab type this crate does not implement.
+    #[error("unsupported tokenizer model '{0}' (supported: gpt2, llama)")]
+    UnsupportedModel(String),
+    /// `tokenizer.ggml.pre` names a pre-tokenizer this crate cannot reproduce.
+    #[error("unsupported pre-tokenizer '{0}' (needs a tokenizer this crate does not implement)")]
+    UnsupportedPre(String),
+    /// A required metadata key is absent.
+    #[error("missing GGUF metadata key '{0}'")]
+    MissingKey(&'static str),
+    /// A metadata key has the wrong type or an unusable value.
+    #[error("invalid GGUF metadata key '{key}': {reason}")]
+    InvalidKey {
+        /// The key.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The vocabulary is inconsistent.
+    #[error("invalid vocabulary: {0}")]
+    InvalidVocab(String),
+    /// The same token text appears twice.
+    #[error("duplicate token in vocabulary: '{text}' has ids {first} and {second}")]
+    DuplicateToken {
+        /// The token text.
+        text: String,
+        /// Its first id.
+        first: u32,
+        /// Its second id.
+        second: u32,
+    },
+    /// The text to encode is larger than [`MAX_INPUT_BYTES`].
+    #[error("input text of {len} bytes is larger than the {max} bytes the tokenizer accepts")]
+    InputTooLarge {
+        /// The text's length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The BPE backend (`tokenizers` crate) failed.
+    #[error("tokenizer backend error: {0}")]
+    Backend(String),
+}
+
+/// Token attribute bits, as llama.cpp's `llama_token_attr`.
+pub(crate) mod attr {
+    /// Unknown token (`<unk>`).
+    pub(crate) const UNKNOWN: u32 = 1 << 0;
+    /// Unused token.
+    pub(crate) const UNUSED: u32 = 1 << 1;
+    /// Ordinary text token.
+    pub(crate) const NORMAL: u32 = 1 << 2;
+    /// Control token: rendered as nothing, matched in text only with `parse_special`.
+    pub(crate) const CONTROL: u32 = 1 << 3;
+    /// User-defined token: always matched in text, rendered as its text.
+    pub(crate) const USER_DEFINED: u32 = 1 << 4;
+    /// Byte token (`<0xXX>`).
+    pub(crate) const BYTE: u32 = 1 << 5;
+    /// Strip whitespace on the left of the token when splitting it out.
+    pub(crate) const LSTRIP: u32 = 1 << 7;
+    /// Strip whitespace on the right of the token when splitting it out.
+    pub(crate) const RSTRIP: u32 = 1 << 8;
+}
+
+/// The vocabulary: token texts, scores, attributes and the reverse map.
+pub(crate) struct Vocab {
+    pub(crate) texts: Vec<String>,
+    pub(crate) scores: Vec<f32>,
+    pub(crate) attrs: Vec<u32>,
+    pub(crate) ids: HashMap<String, u32>,
+}
+
+/// Special-token ids named by the GGUF (`tokenizer.ggml.*_token_id`), not yet validated.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SpecialIds {
+    pub(crate) bos: Option<u64>,
+    pub(crate) eos: Option<u64>,
+    pub(crate) eot: Option<u64>,
+    pub(crate) eom: Option<u64>,
+    pub(crate) unk: Option<u64>,
+    pub(crate) fim_pad: Option<u64>,
+    pub(crate) fim_rep: Option<u64>,
+    pub(crate) fim_sep: Option<u64>,
+}
+
+/// What a [`Tokenizer`] is built from: the tokenizer metadata of a GGUF.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TokenizerParts {
+    pub(crate) model: String,
+    pub(crate) pre: Option<String>,
+    pub(crate) tokens: Vec<String>,
+    pub(crate) scores: Option<Vec<f32>>,
+    pub(crate) token_types: Option<Vec<i32>>,
+    pub(crate) merges: Option<Vec<String>>,
+    pub(crate) ids: SpecialIds,
+    pub(crate) add_bos: Option<bool>,
+    pub(crate) add_eos: Option<bool>,
+    pub(crate) add_space_prefix: Option<bool>,
+    /// `general.name`, for llama.cpp's per-model token attributes (phi-3).
+    pub(crate) model_name: Option<String>,
+    /// `general.architecture`, likewise.
+    pub(crate) arch: Option<String>,
+}
+
+/// The algorithm of the vocab.
+enum Algorithm {
+    Bpe(Box<bpe::BpeEngine>),
+    Spm,
+}
+
+/// A piece of the input after special-token splitting: a byte range of text, or a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fragment {
+    Text(usize, usize),
+    Token(u32),
+}
+
+/// A GGUF model's tokenizer: text ↔ token ids, as llama.cpp does it. `Send + Sync`.
+pub struct Tokenizer {
+    vocab: Vocab,
+    algorithm: Algorithm,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    eot: Option<u32>,
+    unk: Option<u32>,
+    add_bos: bool,
+    add_eos: bool,
+    add_space_prefix: bool,
+    clean_spaces: bool,
+    eog: BTreeSet<u32>,
+    /// Control, user-defined and unknown tokens, longest text first.
+    special_cache: Vec<u32>,
+    /// `token_to_piece(id, special = false)` of every token.
+    pieces: Vec<Box<[u8]>>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("type", &if self.is_spm() { "llama" } else { "gpt2" })
+            .field("vocab_size", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("add_bos", &self.add_bos)
+            .field("eog", &self.eog)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer from a GGUF's `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(gguf: &sharding::GgufFile) -> Result<Self, TokenizerError> {
+        Self::from_parts(vocab::parts_from_gguf(gguf)?)
+    }
+
+    /// Builds the tokenizer from already-read metadata (see [`TokenizerParts`]).
+    pub(crate) fn from_parts(parts: TokenizerParts) -> Result<Self, TokenizerError> {
+        vocab::build(parts)
+    }
+
+    fn is_spm(&self) -> bool {
+        matches!(self.algorithm, Algorithm::Spm)
+    }
+
+    /// Tokenizes like llama.cpp's `common_tokenize(ctx, text, add_special, parse_special)`.
+    ///
+    /// `add_special` adds BOS/EOS only where the vocab asks for them (`add_bos_token`,
+    /// `add_eos_token`; llama.cpp's defaults: `true`/`false` for llama vocabs, `false`/`false`
+    /// for gpt2 vocabs except the llama3 family, tekken and chameleon). `parse_special` lets the
+    /// texts of control tokens (e.g. `<|im_start|>`) in `text` map to their ids; user-defined
+    /// tokens are split out either way, as in llama.cpp.
+    pub fn encode(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        if text.len() > MAX_INPUT_BYTES {
+            return Err(TokenizerError::InputTooLarge {
+                len: text.len(),
+                max: MAX_INPUT_BYTES,
+            });
+        }
+        let fragments = self.partition(text, parse_special);
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        if add_special && self.add_bos {
+            out.extend(self.bos);
+        }
+        let mut prev_special = true; // SentencePiece: prefix a space to the first text
+        for fragment in fragments {
+            match (fragment, &self.algorithm) {
+                (Fragment::Token(id), _) => {
+                    out.push(id);
+                    prev_special = true;
+                }
+                (Fragment::Text(start, end), Algorithm::Bpe(engine)) => {
+                    engine.tokenize(&text[start..end], &mut out)?;
+                }
+                (Fragment::Text(start, end), Algorithm::Spm) => {
+                    let mut raw = String::with_capacity(end - start + 1);
+                    if self.add_space_prefix && prev_special {
+                        raw.push(' ');
+                    }
+                    raw.push_str(&text[start..end]);
+                    let escaped = raw.replace(' ', "\u{2581}");
+                    spm::tokenize(&self.vocab, &escaped, self.unk, &mut out);
+                    prev_special = false;
+                }
+            }
+        }
+        if add_special && self.add_eos {
+            out.extend(self.eos);
+        }
+        Ok(out)
+    }
+
+    /// Splits special-token texts out of `text` (llama.cpp `tokenizer_st_partition`): each
+    /// special token, longest first, is searched in every remaining text fragment.
+    fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+        if text.is_empty() {
+            return Vec::new();
+        }
+        let bytes = text.as_bytes();
+        let mut fragments = vec![Fragment::Text(0, text.len())];
+        for &id in &self.special_cache {
+            let attrs = self.vocab.attrs[id as usize];
+            if !parse_special && attrs & (attr::CONTROL | attr::UNKNOWN) != 0 {
+                continue;
+            }
+            let needle = self.vocab.texts[id as usize].as_str();
+            if !fragments.iter().any(|f| match *f {
+                Fragment::Text(s, e) => text[s..e].contains(needle),
+                Fragment::Token(_) => false,
+            }) {
+                continue;
+            }
+            let mut next = Vec::with_capacity(fragments.len() + 2);
+            for fragment in fragments {
+                let Fragment::Text(mut start, end) = fragment else {
+                    next.push(fragment);
+                    continue;
+                };
+                loop {
+                    let Some(rel) = text[start..end].find(needle) else {
+                        next.push(Fragment::Text(start, end));
+                        break;
+                    };
+                    let at = start + rel;
+                    let mut left_end = at;
+                    if attrs & attr::LSTRIP != 0 {
+                        while left_end > start && c_isspace(bytes[left_end - 1]) {
+                            left_end -= 1;
+                        }
+                    }
+                    if left_end > start {
+                        next.push(Fragment::Text(start, left_end));
+                    }
+                    next.push(Fragment::Token(id));
+                    let mut right = at + needle.len();
+                    if attrs & attr::RSTRIP != 0 {
+                        while right < end && c_isspace(bytes[right]) {
+                            right += 1;
+                        }
+                    }
+                    if right >= end {
+                        break;
+                    }
+                    start = right;
+                }
+            }
+            fragments = next;
+        }
+        fragments
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.texts.len()
+    }
+
+    /// The beginning-of-sequence token, if the vocab has one.
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// The end-of-sequence token, if the vocab has one.
+    pub fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// The end-of-turn token (`tokenizer.ggml.eot_token_id` or detected by its text).
+    pub fn eot(&self) -> Option<u32> {
+        self.eot
+    }
+
+    /// Whether `encode(.., add_special = true, ..)` prepends BOS.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// Whether `encode(.., add_special = true, ..)` appends EOS.
+    pub fn adds_eos(&self) -> bool {
+        self.add_eos
+    }
+
+    /// True for tokens that end generation (llama.cpp's `special_eog_ids`: eos, eot, eom,
+    /// FIM pad/repo/sep and control tokens such as `<|im_end|>`, `<|endoftext|>`, `</s>`).
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.contains(&id)
+    }
+
+    /// All end-of-generation tokens, ascending.
+    pub fn eog_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.eog.iter().copied()
+    }
+
+    /// The bytes a token contributes to the output text (llama.cpp `token_to_piece` with
+    /// `special = false`): control and unknown tokens give nothing, byte tokens their byte,
+    /// byte-level tokens their decoded bytes. Out-of-range ids give nothing.
+    pub fn token_bytes(&self, id: u32) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.pieces.get(id as usize).map_or(&[][..], |p| &p[..]))
+    }
+
+    /// Like [`Self::token_bytes`], but control and unknown tokens render as their text
+    /// (llama.cpp `special = true`), for debugging and prompt display.
+    pub fn token_bytes_special(&self, id: u32) -> Cow<'_, [u8]> {
+        let index = id as usize;
+        match self.vocab.attrs.get(index) {
+            Some(a) if a & (attr::CONTROL | attr::UNKNOWN) != 0 => {
+                Cow::Borrowed(self.vocab.texts[index].as_bytes())
+            }
+            _ => self.token_bytes(id),
+        }
+    }
+
+    /// Detokenizes a sequence (llama.cpp `detokenize` with `remove_special = false`,
+    /// `unparse_special = false`): with `add_space_prefix` the first token loses one leading
+    /// space (only when it is text: after a BOS nothing is stripped, as in llama.cpp), and
+    /// vocabs with `clean_spaces` get its clean-up. Invalid UTF-8 is replaced lossily.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        for (i, &id) in ids.iter().enumerate() {
+            let piece = self.token_bytes(id);
+            let piece = match piece.first() {
+                Some(b' ') if i == 0 && self.add_space_prefix => &piece[1..],
+                _ => &piece[..],
+            };
+            bytes.extend_from_slice(piece);
+        }
+        if self.clean_spaces {
+            bpe::clean_up_spaces(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The raw vocabulary string of a token (`None` when out of range).
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.vocab.texts.get(id as usize).map(String::as_str)
+    }
+
+    /// The id of the token whose raw vocabulary string is `text`.
+    pub fn token_to_id(&self, text: &str) -> Option<u32> {
+        self.vocab.ids.get(text).copied()
+    }
+}
+
+/// C `isspace` on a byte (space, `\t`, `\n`, `\v`, `\f`, `\r`), used for LSTRIP/RSTRIP.
+fn c_isspace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r')
+}
+
+/// Streaming detokenizer: turns tokens into text as they come, never emitting a partial
+/// UTF-8 character (its bytes wait for the rest; invalid bytes become U+FFFD).
+#[derive(Debug, Clone, Default)]
+pub struct StreamDecoder {
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a token; returns the text that became complete (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
+        self.pending.extend_from_slice(&tok.token_bytes(id));
+        let mut out = String::new();
+        let mut consumed = 0;
+        while consumed < self.pending.len() {
+            match std::str::from_utf8(&self.pending[consumed..]) {
+                Ok(s) => {
+                    out.push_str(s);
+                    consumed = self.pending.len();
+                }
+                Err(e) => {
+                    let valid = consumed + e.valid_up_to();
+                    out.push_str(&String::from_utf8_lossy(&self.pending[consumed..valid]));
+                    consumed = valid;
+                    match e.error_len() {
+                        Some(n) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            consumed += n;
+                        }
+                        None => break, // an incomplete character at the end: wait
+                    }
+                }
+            }
+        }
+        self.pending.drain(..consumed);
+        out
+    }
+
+    /// Flushes what is left (an incomplete character becomes U+FFFD).
+    pub fn finish(&mut self) -> String {
+        let out = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    /// A byte-level vocab with the given extra tokens (all control).
+    fn with_specials(extra: &[&str], pre: &str) -> Tokenizer {
+        let mut parts = bpe::tests::byte_level_parts(pre, extra, &[]);
+        let mut types = vec![1; parts.tokens.len()];
+        for t in types.iter_mut().skip(256) {
+            *t = 3;
+        }
+        parts.token_types = Some(types);
+        Tokenizer::from_parts(parts).unwrap()
+    }
+
+    #[test]
+    fn tokenizer_is_send_sync() {
+        assert_send_sync::<Tokenizer>();
+        assert_send_sync::<StreamDecoder>();
+    }
+
+    #[test]
+    fn longest_special_token_wins() {
+        let tok = with_specials(&["<a>", "<a><b>"], "smollm");
+        let ids = tok.encode("x<a><b><a>", false, true).unwrap();
+        assert_eq!(ids, [tok.token_to_id("x").unwrap(), 257, 256]);
+    }
+
+    #[test]
+    fn eog_detection_by_text() {
+        let tok = with_specials(&["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fim_pad>"], "smollm");
+        let eog: Vec<u32> = tok.eog_ids().collect();
+        // 11 is gpt2's default EOS id (no eos key here), which llama.cpp also counts.
+        assert_eq!(eog, [11, 256, 258, 259]);
+        assert_eq!(tok.eot(), Some(256));
+        assert!(!tok.is_eog(u32::MAX));
+        assert!(tok.token_bytes(u32::MAX).is_empty());
+        assert_eq!(tok.token_text(258), Some("<|im_end|>"));
+        assert_eq!(tok.token_bytes_special(258).as_ref(), b"<|im_end|>");
+        assert!(tok.token_text(100_000).is_none());
+    }
+
+    #[test]
+    fn input_limit() {
+        let tok = with_specials(&[], "smollm");
+        let big = "a".repeat(MAX_INPUT_BYTES + 1);
+        assert!(matches!(tok.encode(&big, false, false), Err(TokenizerError::InputTooLarge { .. })));
+    }
+
+    #[test]
+    fn unsupported_models_are_errors() {
+        let mut parts = bpe::tests::byte_level_parts("smollm", &[], &[]);
+        parts.model = "bert".into();
+        let err = Tokenizer::from_parts(parts).unwrap_err();
+        assert_eq!(err.to_string(), "unsupported tokenizer model 'bert' (supported: gpt2, llama)");
+        let parts = bpe::tests::byte_level_parts("gemma4", &[], &[]);
+        assert!(matches!(Tokenizer::from_parts(parts), Err(TokenizerError::UnsupportedPre(_))));
+        // unknown pre names fall back to the GPT-2 regex
+        let parts = bpe::tests::byte_level_parts("no-such-pre", &[], &[]);
+        assert!(Tokenizer::from_parts(parts).is_ok());
+    }
+
+    #[test]
+    fn stream_decoder_holds_partial_characters() {
+        // "é" split over two byte tokens
+        let tok = with_specials(&[], "smollm");
+        let ids = tok.encode("é!", false, false).unwrap();
+        assert_eq!(ids.len(), 3);
+        let mut dec = StreamDecoder::new();
+        assert_eq!(dec.push(&tok, ids[0]), "");
+        assert_eq!(dec.push(&tok, ids[1]), "é");
+        assert_eq!(dec.push(&tok, ids[2]), "!");
+        assert_eq!(dec.push(&tok, ids[0]), "");
+        assert_eq!(dec.finish(), "\u{FFFD}");
+        assert_eq!(dec.finish(), "");
+        // an impossible byte (0xFF) is replaced at once
+        let ff = tok.token_to_id("ÿ").unwrap();
+        assert_eq!(dec.push(&tok, ff), "\u{FFFD}");
+    }
+
+    /// llama.cpp's own tokenizer conformance data (`models/ggml-vocab-*.gguf` with `.inp`/`.out`,
+    /// as `tests/test-tokenizer-0.cpp` uses them): `SHOAL_LLAMA_VOCAB_DIR=<llama.cpp>/models
+    /// cargo test -p shoal-node --lib -- --ignored llama_cpp_vocab_conformance`.
+    #[test]
+    #[ignore = "needs llama.cpp's models/ggml-vocab-* files"]
+    fn llama_cpp_vocab_conformance() {
+        let Ok(dir) = std::env::var("SHOAL_LLAMA_VOCAB_DIR") else {
+            return;
+        };
+        let mut failures = Vec::new();
+        let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for path in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "inp")) {
+            let gguf_path = path.with_extension("");
+            let name = gguf_path.display().to_string();
+            let gguf = sharding::GgufFile::open(&gguf_path).unwrap();
+            let tok = match Tokenizer::from_gguf(&gguf) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("skip {name}: {e}");
+                    continue;
+                }
+            };
+            let inp = std::fs::read_to_string(path).unwrap();
+            let out = std::fs::read_to_string(path.with_extension("out")).unwrap();
+            let (mut ok, mut total) = (0, 0);
+            for (text, want) in inp.split("\n__ggml_vocab_test__\n").zip(out.lines()) {
+                let want: Vec<u32> = want.split_whitespace().map(|t| t.parse().unwrap()).collect();
+                let got = tok.encode(text, false, false).unwrap();
+                total += 1;
+                if got == want {
+                    ok += 1;
+                } else {
+                    failures.push(format!("{name}: {text:?}\n  want {want:?}\n  got  {got:?}"));
+                }
+            }
+            eprintln!("{name}: {ok}/{total}");
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+}

@@ -1,0 +1,22 @@
+//! shoal's model bookkeeping: what a GGUF file holds and how to split it.
+//!
+//! # Layout
+//! - [`gguf`]: the GGUF container — header, metadata, tensor index, mapped spans.
+//! - [`ggml`]: ggml element types and their block sizes.
+//! - [`layout`]: a llama-family model described from its GGUF — hyperparameters
+//!   and per-layer tensors with byte sizes, the input of the planner and loader.
+//!
+//! Architecture Invariant: this crate does no compute and knows nothing of
+//! candle; it reads headers and maps bytes, so the planner and the simulator
+//! can use it without an engine.
+
+pub mod ggml;
+pub mod gguf;
+pub mod layout;
+
+pub use ggml::GgmlType;
+pub use gguf::{GgufError, GgufFile, TensorInfo, Value};
+pub use layout::{LayoutError, ModelConfig, ModelLayout, RopeStyle};
+
+#[cfg(test)]
+mod tests;
