@@ -48,7 +48,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repetitions >= 1, "--repetitions must be at least 1");
     let threads = crate::common::set_threads(args.model.threads)?;
     let engine = args.model.load_with_pool(true)?;
-    let path = engine.gguf().path().to_path_buf();
+    let path = engine.path().to_path_buf();
     let ctx = engine.stage().max_context();
     anyhow::ensure!(args.n_prompt + args.n_gen < ctx, "-p + -n exceed the context ({ctx}); raise --ctx");
     let vocab = engine.layout().config.vocab_size as u32;

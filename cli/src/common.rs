@@ -119,3 +119,10 @@ impl GenArgs {
         Ok(p)
     }
 }
+
+/// Resident memory of this process in MiB (Linux; `None` elsewhere).
+pub fn rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

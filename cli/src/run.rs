@@ -44,6 +44,12 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let engine = args.model.load(false)?;
+    if args.verbose {
+        if let Some(rss) = crate::common::rss_mib() {
+            let weights = engine.stage().weight_bytes() as f64 / (1 << 20) as f64;
+            eprintln!("memory: rss {rss:.1} MiB after load (weights {weights:.1} MiB)");
+        }
+    }
     let opts = GenerateOptions { max_tokens: args.gen.max_tokens, sampling: args.gen.sampling()?, context: args.model.ctx };
     let mut messages: Vec<Message> = args
         .system

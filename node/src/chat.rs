@@ -184,11 +184,27 @@ fn raise_exception(msg: String) -> Result<Value, Error> {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 const WEEKDAYS: [&str; 7] = [
-    "Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday",
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
 ];
 
 /// Days of a common year before each month.
@@ -292,9 +308,17 @@ fn write_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-fn write_json(out: &mut String, v: &Value, indent: Option<usize>, depth: usize) -> Result<(), Error> {
+fn write_json(
+    out: &mut String,
+    v: &Value,
+    indent: Option<usize>,
+    depth: usize,
+) -> Result<(), Error> {
     if depth > MAX_JSON_DEPTH {
-        return Err(Error::new(ErrorKind::InvalidOperation, "tojson: value nested too deeply"));
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "tojson: value nested too deeply",
+        ));
     }
     let newline = |out: &mut String, level: usize| {
         if let Some(n) = indent {
@@ -360,7 +384,8 @@ mod tests {
 
     #[test]
     fn renders_chatml() {
-        let t = ChatTemplate::new(CHATML.into(), "<|im_start|>".into(), "<|im_end|>".into()).unwrap();
+        let t =
+            ChatTemplate::new(CHATML.into(), "<|im_start|>".into(), "<|im_end|>".into()).unwrap();
         let out = t.render(&chat(), true).unwrap();
         assert_eq!(
             out,
@@ -382,9 +407,15 @@ mod tests {
     fn python_methods_bos_and_exceptions() {
         let src = "{{ bos_token }}{% if not messages[0].content.startswith('ok') %}{{ raise_exception('bad start') }}{% endif %}{{ messages[0].content.upper() }}{{ eos_token }}";
         let t = ChatTemplate::new(src.into(), "<s>".into(), "</s>".into()).unwrap();
-        assert_eq!(t.render(&[Message::new("user", "ok go")], false).unwrap(), "<s>OK GO</s>");
+        assert_eq!(
+            t.render(&[Message::new("user", "ok go")], false).unwrap(),
+            "<s>OK GO</s>"
+        );
         let err = t.render(&[Message::new("user", "no")], false).unwrap_err();
-        assert!(matches!(err, ChatError::Render(ref m) if m.contains("bad start")), "{err}");
+        assert!(
+            matches!(err, ChatError::Render(ref m) if m.contains("bad start")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -413,10 +444,21 @@ mod tests {
     fn strftime_formats() {
         // 2024-03-05 14:07:09 UTC was a Tuesday, day 65 of the year
         let secs = 1_709_647_629;
-        assert_eq!(format_time(secs, "%Y-%m-%d %H:%M:%S"), "2024-03-05 14:07:09");
-        assert_eq!(format_time(secs, "%d %B %Y, %a %b %j %I%p %% %Q"), "05 March 2024, Tue Mar 065 02PM % %Q");
+        assert_eq!(
+            format_time(secs, "%Y-%m-%d %H:%M:%S"),
+            "2024-03-05 14:07:09"
+        );
+        assert_eq!(
+            format_time(secs, "%d %B %Y, %a %b %j %I%p %% %Q"),
+            "05 March 2024, Tue Mar 065 02PM % %Q"
+        );
         assert_eq!(format_time(0, "%A %e"), "Thursday  1");
-        let t = ChatTemplate::new("{{ strftime_now('%Y') }}".into(), String::new(), String::new()).unwrap();
+        let t = ChatTemplate::new(
+            "{{ strftime_now('%Y') }}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
         assert_eq!(t.render(&[], false).unwrap().len(), 4);
     }
 }

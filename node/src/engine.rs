@@ -2,7 +2,7 @@
 //! and score. `shoal run`, `shoal bench` and `shoal perplexity` stand on this;
 //! the cluster replaces the single [`Stage`] with a pipeline of them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use sharding::{GgufFile, ModelLayout};
@@ -98,7 +98,7 @@ pub enum GenerateEvent<'a> {
 
 /// A model loaded whole on this machine.
 pub struct Engine {
-    gguf: GgufFile,
+    path: PathBuf,
     layout: ModelLayout,
     stage: Stage,
     tokenizer: Tokenizer,
@@ -124,12 +124,15 @@ impl Engine {
             weight_mib = stage.weight_bytes() >> 20,
             "model loaded"
         );
-        Ok(Engine { gguf, layout, stage, tokenizer, template })
+        // The parsed header (vocabulary arrays included) is dropped here:
+        // everything needed was copied out, and it is megabytes.
+        drop(gguf);
+        Ok(Engine { path: path.to_path_buf(), layout, stage, tokenizer, template })
     }
 
-    /// The parsed file.
-    pub fn gguf(&self) -> &GgufFile {
-        &self.gguf
+    /// The model file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The model's layout.

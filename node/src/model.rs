@@ -320,7 +320,7 @@ impl Stage {
             None => att,
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v_all.contiguous()?)?;
+        let y = att.matmul(&v_all)?;
         let y = y.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
         let x = (x + b.attn_out.forward_one(&y)?)?;
         let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps)?;

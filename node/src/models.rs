@@ -42,7 +42,15 @@ pub fn default_model() -> Result<PathBuf, EngineError> {
     if path.is_file() {
         return Ok(path);
     }
-    fetch_default_model(&dir, &path)?;
+    let fail = |e: std::io::Error| EngineError::Fetch(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(&dir).map_err(fail)?;
+    // One fetch at a time per machine (parallel tests, several nodes):
+    // the others wait on the lock and then find the file.
+    let lock = std::fs::File::create(dir.join(".fetch.lock")).map_err(fail)?;
+    lock.lock().map_err(fail)?;
+    if !path.is_file() {
+        fetch_default_model(&dir, &path)?;
+    }
     Ok(path)
 }
 

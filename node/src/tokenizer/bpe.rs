@@ -48,7 +48,9 @@ impl BpeEngine {
                 Split::new(pattern, SplitDelimiterBehavior::Isolated, false).map_err(backend)?;
             steps.push(PreTokenizerWrapper::Split(split));
         }
-        steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
+        steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+            false, false, false,
+        )));
         let mut inner = tokenizers::Tokenizer::new(model);
         inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(steps))));
         Ok(Self { inner })
@@ -93,14 +95,17 @@ fn usable_merges(vocab: &Vocab, merges: &[String]) -> Vec<(String, String)> {
         }
     }
     if dropped > 0 {
-        tracing::debug!(dropped, "BPE merges not usable with this vocab were skipped");
+        tracing::debug!(
+            dropped,
+            "BPE merges not usable with this vocab were skipped"
+        );
     }
     out
 }
 
 /// Whether GPT-2's `bytes_to_unicode` maps byte `b` to the code point of the same value.
 const fn is_direct_byte(b: u32) -> bool {
-    (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF)
+    matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF)
 }
 
 /// Number of bytes GPT-2 shifts to code points 256.. (the non-printable ones).
@@ -252,7 +257,13 @@ pub(super) mod tests {
         let tok = Tokenizer::from_parts(byte_level_parts("smollm", &extra, &merges)).unwrap();
         let ids = tok.encode("hello wo 12", false, false).unwrap();
         // smollm isolates every digit first, so "12" is never merged.
-        let want = [id(&tok, "hello"), id(&tok, "Ġwo"), id(&tok, "Ġ"), id(&tok, "1"), id(&tok, "2")];
+        let want = [
+            id(&tok, "hello"),
+            id(&tok, "Ġwo"),
+            id(&tok, "Ġ"),
+            id(&tok, "1"),
+            id(&tok, "2"),
+        ];
         assert_eq!(ids, want);
         assert_eq!(tok.decode(&ids), "hello wo 12");
         // gpt-2 keeps " 12" together as one pre-token; "Ġ" "12" after merging.

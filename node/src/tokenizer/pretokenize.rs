@@ -52,7 +52,8 @@ const SEED_CODER: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[
 // llama.cpp turned the original possessive `?+` / `++` into greedy `?` / `+`.
 const BAILINGMOE: &str = r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
-const UFAKZEKA: &str = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const UFAKZEKA: &str =
+    r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 const EXAONE_MOE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+";
 
@@ -75,48 +76,26 @@ const SPARK2_5_MAIN: &str = "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z
 const KIMI_K2_EMULATED: &str = r"[\x{3400}-\x{4DBF}\x{4E00}-\x{9FFF}\x{F900}-\x{FAFF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}\x{2B740}-\x{2B81F}\x{2B820}-\x{2CEAF}\x{2CEB0}-\x{2EBEF}\x{2F800}-\x{2FA1F}]+|[^\r\n\p{L}\p{N}]?[\p{L}--[\x{3400}-\x{4DBF}\x{4E00}-\x{9FFF}\x{F900}-\x{FAFF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}\x{2B740}-\x{2B81F}\x{2B820}-\x{2CEAF}\x{2CEB0}-\x{2EBEF}\x{2F800}-\x{2FA1F}]]+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 // LLAMA_VOCAB_PRE_TYPE_DEFAULT (also used when tokenizer.ggml.pre is missing/empty). Not plain GPT-2!
-const PRE_DEFAULT: &[&str] = &[
-    r"[\p{P}\$\+<=>\^~\|]+",
-    GPT2,
-    r"\p{N}+",
-    r"[0-9][0-9][0-9]",
-];
+const PRE_DEFAULT: &[&str] = &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"];
 
 // GPT2 / MPT / OLMO / JAIS / TRILLION / GRANITE_DOCLING
-const PRE_GPT2: &[&str] = &[
-    GPT2,
-];
+const PRE_GPT2: &[&str] = &[GPT2];
 
 // LLAMA3 / DBRX / SMAUG / CHATGLM4 (chatglm4's literal is identical to llama3's)
-const PRE_LLAMA3: &[&str] = &[
-    LLAMA3,
-];
+const PRE_LLAMA3: &[&str] = &[LLAMA3];
 
 // QWEN2 / STABLELM2 / HUNYUAN / SOLAR_OPEN / GROK_2 (identical literal)
-const PRE_QWEN2: &[&str] = &[
-    QWEN2,
-];
+const PRE_QWEN2: &[&str] = &[QWEN2];
 
-const PRE_QWEN35: &[&str] = &[
-    QWEN35,
-];
+const PRE_QWEN35: &[&str] = &[QWEN35];
 
-const PRE_JAIS2: &[&str] = &[
-    JAIS2,
-];
+const PRE_JAIS2: &[&str] = &[JAIS2];
 
 // STARCODER / REFACT / COMMAND_R / SMOLLM / CODESHELL / EXAONE / MINERVA / MELLUM2:
 // isolate every single digit, then GPT-2.
-const PRE_STARCODER: &[&str] = &[
-    r"\p{N}",
-    GPT2,
-];
+const PRE_STARCODER: &[&str] = &[r"\p{N}", GPT2];
 
-const PRE_FALCON: &[&str] = &[
-    r"[\p{P}\$\+<=>\^~\|`]+",
-    GPT2,
-    r"[0-9][0-9][0-9]",
-];
+const PRE_FALCON: &[&str] = &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"];
 
 const PRE_DEEPSEEK_LLM: &[&str] = &[
     "[\r\n]",
@@ -136,11 +115,7 @@ const PRE_DEEPSEEK_CODER: &[&str] = &[
 ];
 
 // DEEPSEEK3_LLM / HUNYUAN_DENSE / JOYAI_LLM / HY_V4
-const PRE_DEEPSEEK3: &[&str] = &[
-    r"\p{N}{1,3}",
-    "[一-龥\u{3040}-ゟ゠-ヿ]+",
-    DEEPSEEK3_MAIN,
-];
+const PRE_DEEPSEEK3: &[&str] = &[r"\p{N}{1,3}", "[一-龥\u{3040}-ゟ゠-ヿ]+", DEEPSEEK3_MAIN];
 
 const PRE_SPARK2_5: &[&str] = &[
     r"\p{N}{1,3}",
@@ -150,27 +125,16 @@ const PRE_SPARK2_5: &[&str] = &[
 ];
 
 // PORO / BLOOM / GPT3_FINNISH
-const PRE_PORO: &[&str] = &[
-    " ?[^(\\s|.,!?…。，、।۔،)]+",
-];
+const PRE_PORO: &[&str] = &[" ?[^(\\s|.,!?…。，、।۔،)]+"];
 
-const PRE_VIKING: &[&str] = &[
-    " ?[^(\\s|.,!?…。，、।۔،)]+",
-    r"\p{N}",
-];
+const PRE_VIKING: &[&str] = &[" ?[^(\\s|.,!?…。，、।۔،)]+", r"\p{N}"];
 
-const PRE_TEKKEN: &[&str] = &[
-    TEKKEN,
-];
+const PRE_TEKKEN: &[&str] = &[TEKKEN];
 
 // GPT4O / MINIMAX_M2
-const PRE_GPT4O: &[&str] = &[
-    GPT4O,
-];
+const PRE_GPT4O: &[&str] = &[GPT4O];
 
-const PRE_GRANITE_EMB_MULTI: &[&str] = &[
-    GRANITE_EMB_MULTI,
-];
+const PRE_GRANITE_EMB_MULTI: &[&str] = &[GRANITE_EMB_MULTI];
 
 const PRE_CHAMELEON: &[&str] = &[
     r"<sentinel:[0-9]+>",
@@ -194,41 +158,22 @@ const PRE_TINY_AYA: &[&str] = &[
 // SUPERBPE. REWRITTEN `\d` -> `[0-9]` (std::wregex, C locale). Regex 2 only has zero-width
 // matches: it cuts digit runs so that the short group comes first (1234567 -> 1|234|567).
 // Verbatim llama.cpp source literal(s): "(?=(\\d{3})+(?!\\d))"
-const PRE_SUPERBPE: &[&str] = &[
-    r"\p{N}+",
-    r"(?=([0-9]{3})+(?![0-9]))",
-];
+const PRE_SUPERBPE: &[&str] = &[r"\p{N}+", r"(?=([0-9]{3})+(?![0-9]))"];
 
-const PRE_BAILINGMOE: &[&str] = &[
-    BAILINGMOE,
-];
+const PRE_BAILINGMOE: &[&str] = &[BAILINGMOE];
 
-const PRE_SEED_CODER: &[&str] = &[
-    SEED_CODER,
-];
+const PRE_SEED_CODER: &[&str] = &[SEED_CODER];
 
-const PRE_UFAKZEKA: &[&str] = &[
-    UFAKZEKA,
-];
+const PRE_UFAKZEKA: &[&str] = &[UFAKZEKA];
 
-const PRE_LAGUNA: &[&str] = &[
-    r"[^\n]+|[\n]+",
-    QWEN2,
-];
+const PRE_LAGUNA: &[&str] = &[r"[^\n]+|[\n]+", QWEN2];
 
-const PRE_EXAONE_MOE: &[&str] = &[
-    EXAONE_MOE,
-];
+const PRE_EXAONE_MOE: &[&str] = &[EXAONE_MOE];
 
-const PRE_MINICPM5: &[&str] = &[
-    r"\p{N}{1,3}",
-    MINICPM5_MAIN,
-];
+const PRE_MINICPM5: &[&str] = &[r"\p{N}{1,3}", MINICPM5_MAIN];
 
 // See KIMI_K2_EMULATED (approximation of llama.cpp's custom code, not its regex string).
-const PRE_KIMI_K2: &[&str] = &[
-    KIMI_K2_EMULATED,
-];
+const PRE_KIMI_K2: &[&str] = &[KIMI_K2_EMULATED];
 
 /// Regex lists for GPT-2 style byte-level BPE pre-tokenization, keyed by GGUF `tokenizer.ggml.pre`.
 ///
@@ -370,7 +315,10 @@ pub(crate) fn pre_flags(pre: &str) -> PreFlags {
     let llama3 = LLAMA3_NAMES.contains(&pre);
     PreFlags {
         ignore_merges: llama3
-            || matches!(pre, "minicpm5" | "youtu" | "tekken" | "granite-embed-multi-97m"),
+            || matches!(
+                pre,
+                "minicpm5" | "youtu" | "tekken" | "granite-embed-multi-97m"
+            ),
         clean_spaces: !NO_CLEAN_SPACES.contains(&pre),
         add_bos: llama3 || matches!(pre, "tekken" | "chameleon"),
         no_default_bos: matches!(pre, "glm4" | "chatglm-bpe"),
@@ -383,10 +331,35 @@ mod tests {
 
     /// Every name of the table, to compile each list once.
     const NAMES: &[&str] = &[
-        "", "minicpm5", "llama3", "deepseek-llm", "deepseek-coder", "deepseek-v3", "spark2_5",
-        "falcon", "mpt", "gpt-2", "jais-2", "smollm", "qwen2", "qwen35", "dbrx", "poro-chat",
-        "viking", "tekken", "chameleon", "gpt-4o", "granite-embed-multi-97m", "tiny_aya",
-        "superbpe", "bailingmoe", "seed-coder", "kimi-k2", "ufakzeka", "laguna", "exaone-moe",
+        "",
+        "minicpm5",
+        "llama3",
+        "deepseek-llm",
+        "deepseek-coder",
+        "deepseek-v3",
+        "spark2_5",
+        "falcon",
+        "mpt",
+        "gpt-2",
+        "jais-2",
+        "smollm",
+        "qwen2",
+        "qwen35",
+        "dbrx",
+        "poro-chat",
+        "viking",
+        "tekken",
+        "chameleon",
+        "gpt-4o",
+        "granite-embed-multi-97m",
+        "tiny_aya",
+        "superbpe",
+        "bailingmoe",
+        "seed-coder",
+        "kimi-k2",
+        "ufakzeka",
+        "laguna",
+        "exaone-moe",
     ];
 
     #[test]

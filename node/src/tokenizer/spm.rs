@@ -96,7 +96,10 @@ fn byte_token(vocab: &Vocab, b: u8, unk: Option<u32>) -> Option<u32> {
         return Some(id);
     }
     if b.is_ascii() {
-        if let Some(&id) = vocab.ids.get(char::from(b).encode_utf8(&mut [0; 4]) as &str) {
+        if let Some(&id) = vocab
+            .ids
+            .get(char::from(b).encode_utf8(&mut [0; 4]) as &str)
+        {
             return Some(id);
         }
     }
@@ -214,9 +217,8 @@ mod tests {
     fn merges_by_score_with_space_prefix() {
         let tok = Tokenizer::from_parts(llama_parts(PIECES)).unwrap();
         assert!(tok.adds_bos() && tok.bos() == Some(1) && tok.eos() == Some(2));
-        // "▁Hello": ▁H (-2), ll (-1.5), lo (-0.5) compete: "lo" first, then "▁H", then
-        // "▁He"; "llo" cannot form since "l"+"lo" is "llo" -> yes it can (-3.0), then
-        // "▁Hello" from "▁He"+"llo".
+        // "▁Hello": "lo" (-0.5) merges first, which makes "ll" stale; then "▁H" (-2),
+        // "▁He" (-2.5), "l"+"lo" = "llo" (-3) and finally "▁He"+"llo" = "▁Hello" (-4).
         let ids = tok.encode("Hello", true, false).unwrap();
         assert_eq!(ids, [1, id(&tok, "▁Hello")]);
         // llama.cpp strips the prefix space only when the first token is text.

@@ -27,33 +27,82 @@ const KEY_ADD_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
 
 /// Texts llama.cpp takes as the EOT token when no id is given.
 const EOT_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "<EOT>", "_<EOT>", "[EOT]", "<\u{FF5C}end\u{2581}of\u{2581}sentence\u{FF5C}>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "<\u{FF5C}end\u{2581}of\u{2581}sentence\u{FF5C}>",
     "<end_of_utterance>",
 ];
 const EOM_TEXTS: &[&str] = &["<|eom_id|>"];
 const FIM_PRE_TEXTS: &[&str] = &[
-    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\u{FF5C}fim\u{2581}begin\u{FF5C}>",
-    "<PRE>", "\u{2581}<PRE>", "<|code_prefix|>", "<|prefix|>",
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<\u{FF5C}fim\u{2581}begin\u{FF5C}>",
+    "<PRE>",
+    "\u{2581}<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
 ];
 const FIM_SUF_TEXTS: &[&str] = &[
-    "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\u{FF5C}fim\u{2581}hole\u{FF5C}>",
-    "<SUF>", "\u{2581}<SUF>", "<|code_suffix|>", "<|suffix|>",
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<\u{FF5C}fim\u{2581}hole\u{FF5C}>",
+    "<SUF>",
+    "\u{2581}<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
 ];
 const FIM_MID_TEXTS: &[&str] = &[
-    "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\u{FF5C}fim\u{2581}end\u{FF5C}>",
-    "<MID>", "\u{2581}<MID>", "<|code_middle|>", "<|middle|>",
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<\u{FF5C}fim\u{2581}end\u{FF5C}>",
+    "<MID>",
+    "\u{2581}<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
 ];
 const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
-const FIM_REP_TEXTS: &[&str] =
-    &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
+const FIM_REP_TEXTS: &[&str] = &[
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+];
 const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
 /// Texts llama.cpp always treats as end of generation (and forces to control).
 const EOG_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<\u{FF5C}end\u{2581}of\u{2581}sentence\u{FF5C}>", "[e~[",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<\u{FF5C}end\u{2581}of\u{2581}sentence\u{FF5C}>",
+    "[e~[",
 ];
 /// gpt-oss tokens llama.cpp always renders (forced to user-defined).
 const ALWAYS_RENDERED: &[&str] = &["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"];
@@ -67,7 +116,11 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> TokenizerError {
 
 fn get_str(g: &GgufFile, key: &'static str) -> Result<Option<String>, TokenizerError> {
     g.get(key)
-        .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| invalid(key, "not a string")))
+        .map(|v| {
+            v.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| invalid(key, "not a string"))
+        })
         .transpose()
 }
 
@@ -91,12 +144,15 @@ fn get_array<T>(
     let Some(value) = g.get(key) else {
         return Ok(None);
     };
-    let items = value.as_array().ok_or_else(|| invalid(key, "not an array"))?;
+    let items = value
+        .as_array()
+        .ok_or_else(|| invalid(key, "not an array"))?;
     if items.len() > MAX_VOCAB_TOKENS * 4 {
         return Err(invalid(key, format!("{} entries is too many", items.len())));
     }
     let out: Option<Vec<T>> = items.iter().map(f).collect();
-    out.map(Some).ok_or_else(|| invalid(key, format!("not an array of {what}")))
+    out.map(Some)
+        .ok_or_else(|| invalid(key, format!("not an array of {what}")))
 }
 
 /// Reads the tokenizer metadata of a GGUF.
@@ -124,6 +180,10 @@ pub(super) fn parts_from_gguf(g: &GgufFile) -> Result<TokenizerParts, TokenizerE
             eot: id("tokenizer.ggml.eot_token_id"),
             eom: id("tokenizer.ggml.eom_token_id"),
             unk: id("tokenizer.ggml.unknown_token_id"),
+            // the deprecated prefix/suffix/middle keys win, as they come later in llama.cpp
+            fim_pre: id("tokenizer.ggml.prefix_token_id").or(id("tokenizer.ggml.fim_pre_token_id")),
+            fim_suf: id("tokenizer.ggml.suffix_token_id").or(id("tokenizer.ggml.fim_suf_token_id")),
+            fim_mid: id("tokenizer.ggml.middle_token_id").or(id("tokenizer.ggml.fim_mid_token_id")),
             fim_pad: id("tokenizer.ggml.fim_pad_token_id"),
             fim_rep: id("tokenizer.ggml.fim_rep_token_id"),
             fim_sep: id("tokenizer.ggml.fim_sep_token_id"),
@@ -165,24 +225,39 @@ fn build_vocab(p: &mut TokenizerParts) -> Result<Vocab, TokenizerError> {
         let id = i as u32; // n <= MAX_VOCAB_TOKENS < u32::MAX
         if let Some(first) = ids.insert(text.clone(), id) {
             let (text, second) = (text.clone(), id);
-            return Err(TokenizerError::DuplicateToken { text, first, second });
+            return Err(TokenizerError::DuplicateToken {
+                text,
+                first,
+                second,
+            });
         }
     }
     let scores = match p.scores.take() {
         Some(s) if s.len() < n => {
-            return Err(invalid(KEY_SCORES, format!("{} scores for {n} tokens", s.len())))
+            return Err(invalid(
+                KEY_SCORES,
+                format!("{} scores for {n} tokens", s.len()),
+            ))
         }
         Some(s) => s,
         None => vec![0.0; n],
     };
     let attrs = match p.token_types.take() {
         Some(t) if t.len() < n => {
-            return Err(invalid(KEY_TOKEN_TYPE, format!("{} types for {n} tokens", t.len())))
+            return Err(invalid(
+                KEY_TOKEN_TYPE,
+                format!("{} types for {n} tokens", t.len()),
+            ))
         }
         Some(t) => t.iter().take(n).map(|&t| attr_of_type(t)).collect(),
         None => vec![attr::NORMAL; n],
     };
-    Ok(Vocab { texts, scores, attrs, ids })
+    Ok(Vocab {
+        texts,
+        scores,
+        attrs,
+        ids,
+    })
 }
 
 /// llama.cpp's rule for a special id: the GGUF's id if in range, else the default if in range.
@@ -201,24 +276,28 @@ pub(super) fn build(mut p: TokenizerParts) -> Result<Tokenizer, TokenizerError> 
         other => return Err(TokenizerError::UnsupportedModel(other.to_owned())),
     };
     let pre = p.pre.clone().unwrap_or_default();
-    let (mut bos, eos, unk) = if is_spm { (Some(1), Some(2), Some(0)) } else { (Some(11), Some(11), None) };
-    let (mut add_space_prefix, mut add_bos, mut add_eos, clean_spaces);
+    let (mut bos, eos, unk) = if is_spm {
+        (Some(1), Some(2), Some(0))
+    } else {
+        (Some(11), Some(11), None)
+    };
+    let (add_space_prefix, add_bos, clean_spaces);
     let mut bpe_config = None;
     if is_spm {
-        (add_space_prefix, add_bos, add_eos, clean_spaces) = (true, true, false, false);
+        (add_space_prefix, add_bos, clean_spaces) = (true, true, false);
     } else {
         if UNSUPPORTED.contains(&pre.as_str()) {
             return Err(TokenizerError::UnsupportedPre(pre));
         }
         let flags = pre_flags(&pre);
-        (add_space_prefix, add_bos, add_eos, clean_spaces) = (false, flags.add_bos, false, flags.clean_spaces);
+        (add_space_prefix, add_bos, clean_spaces) = (false, flags.add_bos, flags.clean_spaces);
         if flags.no_default_bos {
             bos = None;
         }
         let regexes = pre_tokenizer_regexes(&pre).unwrap_or(FALLBACK);
         bpe_config = Some((regexes, flags.ignore_merges));
     }
-    add_space_prefix = p.add_space_prefix.unwrap_or(add_space_prefix);
+    let add_space_prefix = p.add_space_prefix.unwrap_or(add_space_prefix);
 
     let mut vocab = build_vocab(&mut p)?;
     let n = vocab.texts.len();
@@ -228,8 +307,8 @@ pub(super) fn build(mut p: TokenizerParts) -> Result<Tokenizer, TokenizerError> 
     let unk = resolve(unk, ids.unk, n);
     let mut eot = resolve(None, ids.eot, n);
     let mut eom = resolve(None, ids.eom, n);
-    add_bos = p.add_bos.unwrap_or(add_bos);
-    add_eos = p.add_eos.unwrap_or(add_eos);
+    let add_bos = p.add_bos.unwrap_or(add_bos);
+    let add_eos = p.add_eos.unwrap_or(false);
     if add_bos && bos.is_none() {
         let reason = format!("{KEY_ADD_BOS} is true, but tokenizer.ggml.bos_token_id is not set");
         return Err(TokenizerError::InvalidVocab(reason));
@@ -244,7 +323,9 @@ pub(super) fn build(mut p: TokenizerParts) -> Result<Tokenizer, TokenizerError> 
     let mut fim_pad = resolve(None, ids.fim_pad, n);
     let mut fim_rep = resolve(None, ids.fim_rep, n);
     let mut fim_sep = resolve(None, ids.fim_sep, n);
-    let (mut fim_pre, mut fim_suf, mut fim_mid) = (None, None, None);
+    let mut fim_pre = resolve(None, ids.fim_pre, n);
+    let mut fim_suf = resolve(None, ids.fim_suf, n);
+    let mut fim_mid = resolve(None, ids.fim_mid, n);
     for id in 0..n {
         let text = vocab.texts[id].as_str();
         for (slot, list) in [
@@ -282,7 +363,9 @@ pub(super) fn build(mut p: TokenizerParts) -> Result<Tokenizer, TokenizerError> 
     }
     eog.extend([eos, eot, eom].into_iter().flatten());
     let find_eog = |eog: &BTreeSet<u32>, text: &str| -> Option<u32> {
-        eog.iter().copied().find(|&id| vocab.texts[id as usize] == text)
+        eog.iter()
+            .copied()
+            .find(|&id| vocab.texts[id as usize] == text)
     };
     // harmony / solar-open: "<|end|>" is not EOG when "<|return|>"/"<|call|>" or "<|calls|>"/"<|flush|>" are
     let has = |t: &str| find_eog(&eog, t).is_some();
@@ -292,23 +375,37 @@ pub(super) fn build(mut p: TokenizerParts) -> Result<Tokenizer, TokenizerError> 
         vocab.attrs[end as usize] = attr::USER_DEFINED;
     }
     // gemma4 / paddleocr: "</s>" is not EOG when "<|tool_response>" is
-    if let Some(s) = find_eog(&eog, "</s>").filter(|_| find_eog(&eog, "<|tool_response>").is_some()) {
+    if let Some(s) = find_eog(&eog, "</s>").filter(|_| find_eog(&eog, "<|tool_response>").is_some())
+    {
         eog.remove(&s);
         vocab.attrs[s as usize] = attr::NORMAL;
     }
 
     let special = attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN;
-    let mut special_cache: Vec<u32> = (0..n as u32).filter(|&id| vocab.attrs[id as usize] & special != 0).collect();
-    special_cache.sort_by(|&a, &b| vocab.texts[b as usize].len().cmp(&vocab.texts[a as usize].len()));
+    let mut special_cache: Vec<u32> = (0..n as u32)
+        .filter(|&id| vocab.attrs[id as usize] & special != 0)
+        .collect();
+    special_cache.sort_by(|&a, &b| {
+        vocab.texts[b as usize]
+            .len()
+            .cmp(&vocab.texts[a as usize].len())
+    });
 
-    let pieces = (0..n).map(|id| piece(&vocab, is_spm, id).into_boxed_slice()).collect();
+    let pieces = (0..n)
+        .map(|id| piece(&vocab, is_spm, id).into_boxed_slice())
+        .collect();
     apply_model_quirks(&mut vocab, &special_cache, &p);
 
     let algorithm = match bpe_config {
         None => Algorithm::Spm,
         Some((regexes, ignore_merges)) => {
             let merges = p.merges.as_deref().unwrap_or(&[]);
-            Algorithm::Bpe(Box::new(bpe::BpeEngine::new(&vocab, merges, regexes, ignore_merges)?))
+            Algorithm::Bpe(Box::new(bpe::BpeEngine::new(
+                &vocab,
+                merges,
+                regexes,
+                ignore_merges,
+            )?))
         }
     };
     Ok(Tokenizer {
