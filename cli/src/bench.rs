@@ -9,7 +9,6 @@ use serde::Serialize;
 
 use crate::common::ModelArgs;
 
-
 /// `shoal bench` flags.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -50,10 +49,15 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     let engine = args.model.load_with_pool(true)?;
     let path = engine.path().to_path_buf();
     let ctx = engine.stage().max_context();
-    anyhow::ensure!(args.n_prompt + args.n_gen < ctx, "-p + -n exceed the context ({ctx}); raise --ctx");
+    anyhow::ensure!(
+        args.n_prompt + args.n_gen < ctx,
+        "-p + -n exceed the context ({ctx}); raise --ctx"
+    );
     let vocab = engine.layout().config.vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let prompt: Vec<u32> = (0..args.n_prompt.max(1)).map(|_| rng.random_range(0..vocab)).collect();
+    let prompt: Vec<u32> = (0..args.n_prompt.max(1))
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
     // Warm-up, as llama-bench does: first-touch costs are not throughput.
     let mut cache = engine.new_cache(ctx);
     engine.step(&prompt[..prompt.len().min(8)], &mut cache, LogitsFor::Last)?;
@@ -91,7 +95,9 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
             let mut tok = prompt[0];
             let t = std::time::Instant::now();
             for _ in 0..args.n_gen {
-                let logits = engine.step(&[tok], &mut cache, LogitsFor::Last)?.to_vec1::<f32>()?;
+                let logits = engine
+                    .step(&[tok], &mut cache, LogitsFor::Last)?
+                    .to_vec1::<f32>()?;
                 tok = node::sampling::argmax(&logits);
             }
             samples.push(t.elapsed().as_nanos() as u64);
@@ -104,8 +110,18 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
         println!("| model | threads | test | t/s |");
         println!("| --- | ---: | ---: | ---: |");
         for r in &rows {
-            let test = if r.n_prompt > 0 { format!("pp{}", r.n_prompt) } else { format!("tg{}", r.n_gen) };
-            println!("| {} | {} | {test} | {:.2} ± {:.2} |", engine.layout().config.name.as_deref().unwrap_or("?"), r.n_threads, r.avg_ts, r.stddev_ts);
+            let test = if r.n_prompt > 0 {
+                format!("pp{}", r.n_prompt)
+            } else {
+                format!("tg{}", r.n_gen)
+            };
+            println!(
+                "| {} | {} | {test} | {:.2} ± {:.2} |",
+                engine.layout().config.name.as_deref().unwrap_or("?"),
+                r.n_threads,
+                r.avg_ts,
+                r.stddev_ts
+            );
         }
     }
     Ok(())

@@ -12,7 +12,10 @@ use node::{Engine, LoadOptions, SamplingParams};
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Model and machine flags.
@@ -52,20 +55,36 @@ pub fn set_threads(threads: Option<usize>) -> anyhow::Result<usize> {
     anyhow::ensure!(n >= 1, "--threads must be at least 1");
     // candle's CPU ops read RAYON_NUM_THREADS for their own splitting.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("thread pool")?;
     Ok(n)
 }
 
 fn load_engine(path: &Path, ctx: usize, quiet: bool) -> anyhow::Result<Engine> {
     anyhow::ensure!(ctx >= 1, "--ctx must be at least 1");
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
     bar.set_style(
-        ProgressStyle::with_template("loading {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "loading {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
-    bar.set_message(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    let opts = LoadOptions { max_context: ctx, ..LoadOptions::default() };
+    bar.set_message(
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let opts = LoadOptions {
+        max_context: ctx,
+        ..LoadOptions::default()
+    };
     let engine = Engine::load(path, &opts, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
@@ -104,7 +123,9 @@ impl GenArgs {
     /// The sampling settings, validated.
     pub fn sampling(&self) -> anyhow::Result<SamplingParams> {
         let seed = self.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
         });
         let p = SamplingParams {
             temperature: self.temp,
@@ -123,6 +144,12 @@ impl GenArgs {
 /// Resident memory of this process in MiB (Linux; `None` elsewhere).
 pub fn rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some(kb / 1024.0)
 }

@@ -29,9 +29,16 @@ pub struct PerplexityArgs {
 }
 
 pub fn main(args: PerplexityArgs) -> anyhow::Result<()> {
-    let len = std::fs::metadata(&args.file).with_context(|| format!("{}", args.file.display()))?.len();
-    anyhow::ensure!(len <= TEXT_BYTES_MAX, "{}: larger than {TEXT_BYTES_MAX} bytes", args.file.display());
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("{}", args.file.display()))?;
+    let len = std::fs::metadata(&args.file)
+        .with_context(|| format!("{}", args.file.display()))?
+        .len();
+    anyhow::ensure!(
+        len <= TEXT_BYTES_MAX,
+        "{}: larger than {TEXT_BYTES_MAX} bytes",
+        args.file.display()
+    );
+    let text =
+        std::fs::read_to_string(&args.file).with_context(|| format!("{}", args.file.display()))?;
     let engine = args.model.load(false)?;
     let n_ctx = args.model.ctx;
     let tokens = engine.raw_tokens(&text)?;
@@ -44,8 +51,15 @@ pub fn main(args: PerplexityArgs) -> anyhow::Result<()> {
     );
     let n_chunks = (tokens.len() / n_ctx).min(args.chunks.unwrap_or(usize::MAX));
     let first = n_ctx / 2;
-    let bos = engine.tokenizer().adds_bos().then(|| engine.tokenizer().bos()).flatten();
-    eprintln!("perplexity: {} tokens, {n_chunks} chunks of {n_ctx}", tokens.len());
+    let bos = engine
+        .tokenizer()
+        .adds_bos()
+        .then(|| engine.tokenizer().bos())
+        .flatten();
+    eprintln!(
+        "perplexity: {} tokens, {n_chunks} chunks of {n_ctx}",
+        tokens.len()
+    );
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
     let start = std::time::Instant::now();
     for i in 0..n_chunks {
@@ -73,8 +87,15 @@ pub fn main(args: PerplexityArgs) -> anyhow::Result<()> {
     let mean = nll / count as f64;
     let ppl = mean.exp();
     let var = (nll2 / count as f64 - mean * mean).max(0.0);
-    let err = if count > 1 { ppl * (var / (count - 1) as f64).sqrt() } else { 0.0 };
-    eprintln!("scored {count} tokens in {:.1} s", start.elapsed().as_secs_f64());
+    let err = if count > 1 {
+        ppl * (var / (count - 1) as f64).sqrt()
+    } else {
+        0.0
+    };
+    eprintln!(
+        "scored {count} tokens in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     println!("Final estimate: PPL = {ppl:.4} +/- {err:.5}");
     Ok(())
 }

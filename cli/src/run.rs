@@ -38,8 +38,13 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
         (None, true) => None,
         (None, false) => {
             let mut s = String::new();
-            std::io::stdin().take(PROMPT_BYTES_MAX as u64 + 1).read_to_string(&mut s)?;
-            anyhow::ensure!(s.len() <= PROMPT_BYTES_MAX, "prompt on stdin exceeds {PROMPT_BYTES_MAX} bytes");
+            std::io::stdin()
+                .take(PROMPT_BYTES_MAX as u64 + 1)
+                .read_to_string(&mut s)?;
+            anyhow::ensure!(
+                s.len() <= PROMPT_BYTES_MAX,
+                "prompt on stdin exceeds {PROMPT_BYTES_MAX} bytes"
+            );
             Some(s)
         }
     };
@@ -50,11 +55,18 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
             eprintln!("memory: rss {rss:.1} MiB after load (weights {weights:.1} MiB)");
         }
     }
-    let opts = GenerateOptions { max_tokens: args.gen.max_tokens, sampling: args.gen.sampling()?, context: args.model.ctx };
+    let opts = GenerateOptions {
+        max_tokens: args.gen.max_tokens,
+        sampling: args.gen.sampling()?,
+        context: args.model.ctx,
+    };
     let mut messages: Vec<Message> = args
         .system
         .iter()
-        .map(|s| Message { role: "system".into(), content: s.clone() })
+        .map(|s| Message {
+            role: "system".into(),
+            content: s.clone(),
+        })
         .collect();
     let mut session = Session::new(engine.new_cache(opts.context));
     match prompt {
@@ -62,7 +74,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
             let tokens = if args.no_template {
                 engine.raw_tokens(&p)?
             } else {
-                messages.push(Message { role: "user".into(), content: p });
+                messages.push(Message {
+                    role: "user".into(),
+                    content: p,
+                });
                 engine.chat_tokens(&messages)?
             };
             let (_, stats) = stream(&engine, &mut session, &tokens, &opts)?;
@@ -81,7 +96,15 @@ fn chat_loop(
     opts: &GenerateOptions,
     args: &RunArgs,
 ) -> anyhow::Result<()> {
-    eprintln!("shoal: chatting with {} (Ctrl-D to quit)", engine.layout().config.name.as_deref().unwrap_or("the model"));
+    eprintln!(
+        "shoal: chatting with {} (Ctrl-D to quit)",
+        engine
+            .layout()
+            .config
+            .name
+            .as_deref()
+            .unwrap_or("the model")
+    );
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -97,16 +120,26 @@ fn chat_loop(
         }
         let tokens = if args.no_template {
             let mut t = session.tokens().to_vec();
-            t.extend(engine.tokenizer().encode(&line, session.tokens().is_empty(), false)?);
+            t.extend(
+                engine
+                    .tokenizer()
+                    .encode(&line, session.tokens().is_empty(), false)?,
+            );
             t
         } else {
-            messages.push(Message { role: "user".into(), content: line });
+            messages.push(Message {
+                role: "user".into(),
+                content: line,
+            });
             engine.chat_tokens(messages)?
         };
         match stream(engine, session, &tokens, opts) {
             Ok((reply, stats)) => {
                 println!();
-                messages.push(Message { role: "assistant".into(), content: reply });
+                messages.push(Message {
+                    role: "assistant".into(),
+                    content: reply,
+                });
                 report(&stats, args.verbose);
             }
             Err(e) => {

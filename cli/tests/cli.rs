@@ -25,22 +25,45 @@ fn stdout(o: &Output) -> String {
 
 /// A bad input: non-zero exit and a one-line error naming `needle`.
 fn assert_clear_error(o: &Output, needle: &str) {
-    assert!(!o.status.success(), "expected failure, got success: {}", stdout(o));
+    assert!(
+        !o.status.success(),
+        "expected failure, got success: {}",
+        stdout(o)
+    );
     let err = stderr(o);
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(lines.len(), 1, "one error line expected: {err}");
-    assert!(lines[0].contains(needle), "error should mention {needle:?}: {err}");
+    assert!(
+        lines[0].contains(needle),
+        "error should mention {needle:?}: {err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
 fn greedy_completion_streams_and_reports_stats() {
     let m = model();
-    let o = shoal(&["run", "-m", m.to_str().unwrap(), "--no-template", "--temp", "0", "-n", "16", "-t", "1", "--verbose", "The capital of France is"]);
+    let o = shoal(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "--no-template",
+        "--temp",
+        "0",
+        "-n",
+        "16",
+        "-t",
+        "1",
+        "--verbose",
+        "The capital of France is",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("Paris"), "{}", stdout(&o));
     let last = stderr(&o).lines().last().unwrap_or_default().to_string();
-    let re_ok = last.starts_with("prompt 5 tok, ") && last.contains(" tok/s | gen 16 tok, ") && last.contains(" | ttft ") && last.ends_with(" ms");
+    let re_ok = last.starts_with("prompt 5 tok, ")
+        && last.contains(" tok/s | gen 16 tok, ")
+        && last.contains(" | ttft ")
+        && last.ends_with(" ms");
     assert!(re_ok, "stats line: {last:?}");
 }
 
@@ -49,14 +72,31 @@ fn chat_mode_reads_stdin_and_seeded_sampling_repeats() {
     let m = model();
     let run = |seed: &str| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["run", "-m", m.to_str().unwrap(), "-n", "20", "--temp", "1.0", "--seed", seed, "-t", "1"])
+            .args([
+                "run",
+                "-m",
+                m.to_str().unwrap(),
+                "-n",
+                "20",
+                "--temp",
+                "1.0",
+                "--seed",
+                seed,
+                "-t",
+                "1",
+            ])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(b"Write a haiku about the sea.").unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"Write a haiku about the sea.")
+            .unwrap();
         let o = child.wait_with_output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         stdout(&o)
@@ -68,7 +108,10 @@ fn chat_mode_reads_stdin_and_seeded_sampling_repeats() {
 
 #[test]
 fn missing_file() {
-    assert_clear_error(&shoal(&["run", "-m", "/no/such/model.gguf", "hi"]), "/no/such/model.gguf");
+    assert_clear_error(
+        &shoal(&["run", "-m", "/no/such/model.gguf", "hi"]),
+        "/no/such/model.gguf",
+    );
 }
 
 #[test]
@@ -76,7 +119,10 @@ fn not_a_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("readme.gguf");
     std::fs::write(&p, "# just text, not a model\n").unwrap();
-    assert_clear_error(&shoal(&["run", "-m", p.to_str().unwrap(), "hi"]), "not a GGUF file");
+    assert_clear_error(
+        &shoal(&["run", "-m", p.to_str().unwrap(), "hi"]),
+        "not a GGUF file",
+    );
 }
 
 #[test]
@@ -86,26 +132,47 @@ fn truncated_gguf() {
     let bytes = std::fs::read(model()).unwrap();
     // Cut inside the tensor data: the header parses, the last tensors are missing.
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    assert_clear_error(&shoal(&["run", "-m", p.to_str().unwrap(), "hi"]), "truncated");
+    assert_clear_error(
+        &shoal(&["run", "-m", p.to_str().unwrap(), "hi"]),
+        "truncated",
+    );
     // Cut inside the header (the vocabulary).
     std::fs::write(&p, &bytes[..100_000]).unwrap();
-    assert_clear_error(&shoal(&["run", "-m", p.to_str().unwrap(), "hi"]), "truncated");
+    assert_clear_error(
+        &shoal(&["run", "-m", p.to_str().unwrap(), "hi"]),
+        "truncated",
+    );
 }
 
 #[test]
 fn unknown_architecture() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("mamba.gguf");
-    let spec = node::models::SynthSpec { architecture: "mamba".into(), n_layers: 1, ..Default::default() };
+    let spec = node::models::SynthSpec {
+        architecture: "mamba".into(),
+        n_layers: 1,
+        ..Default::default()
+    };
     node::models::write_synthetic_gguf(&p, &spec).unwrap();
-    assert_clear_error(&shoal(&["run", "-m", p.to_str().unwrap(), "hi"]), "unsupported model architecture 'mamba'");
+    assert_clear_error(
+        &shoal(&["run", "-m", p.to_str().unwrap(), "hi"]),
+        "unsupported model architecture 'mamba'",
+    );
 }
 
 #[test]
 fn prompt_longer_than_context() {
     let m = model();
     let long = "word ".repeat(200);
-    let o = shoal(&["run", "-m", m.to_str().unwrap(), "--ctx", "64", "--no-template", &long]);
+    let o = shoal(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--no-template",
+        &long,
+    ]);
     assert_clear_error(&o, "context full");
 }
 
@@ -123,11 +190,29 @@ fn perplexity_prints_final_estimate() {
     let para = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ";
     std::fs::write(&text, para.repeat(12)).unwrap();
     let m = model();
-    let o = shoal(&["perplexity", "-m", m.to_str().unwrap(), "-f", text.to_str().unwrap(), "--ctx", "64", "-t", "1"]);
+    let o = shoal(&[
+        "perplexity",
+        "-m",
+        m.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "-t",
+        "1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let line = out.lines().find(|l| l.starts_with("Final estimate: PPL = ")).expect(&out);
-    let ppl: f64 = line["Final estimate: PPL = ".len()..].split_whitespace().next().unwrap().parse().unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("Final estimate: PPL = "))
+        .expect(&out);
+    let ppl: f64 = line["Final estimate: PPL = ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     // Repeated text becomes very predictable.
     assert!(ppl > 1.0 && ppl < 20.0, "{line}");
 }
@@ -135,7 +220,20 @@ fn perplexity_prints_final_estimate() {
 #[test]
 fn bench_json_has_llama_bench_fields() {
     let m = model();
-    let o = shoal(&["bench", "-m", m.to_str().unwrap(), "-t", "1", "-p", "16", "-n", "4", "-r", "1", "--json"]);
+    let o = shoal(&[
+        "bench",
+        "-m",
+        m.to_str().unwrap(),
+        "-t",
+        "1",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let rows: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let rows = rows.as_array().unwrap();
@@ -153,11 +251,35 @@ fn bench_json_has_llama_bench_fields() {
 #[test]
 fn resident_memory_after_load_stays_near_file_size() {
     let m = model();
-    let o = shoal(&["run", "-m", m.to_str().unwrap(), "--no-template", "--temp", "0", "-n", "1", "-t", "1", "--verbose", "Hi"]);
+    let o = shoal(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "--no-template",
+        "--temp",
+        "0",
+        "-n",
+        "1",
+        "-t",
+        "1",
+        "--verbose",
+        "Hi",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     let line = err.lines().find(|l| l.starts_with("memory: ")).expect(&err);
-    let rss: f64 = line.split("rss ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let rss: f64 = line
+        .split("rss ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let file_mib = std::fs::metadata(Path::new(&m)).unwrap().len() as f64 / (1 << 20) as f64;
-    assert!(rss <= 1.3 * file_mib, "rss {rss} MiB for a {file_mib:.1} MiB model: {line}");
+    assert!(
+        rss <= 1.3 * file_mib,
+        "rss {rss} MiB for a {file_mib:.1} MiB model: {line}"
+    );
 }

@@ -65,7 +65,13 @@ impl GenerationStats {
     /// The stats line in llama.cpp's spirit:
     /// `prompt 12 tok, 350.2 tok/s | gen 64 tok, 88.1 tok/s | ttft 41 ms`.
     pub fn summary_line(&self) -> String {
-        let rate = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1000.0 / ms } else { 0.0 };
+        let rate = |n: usize, ms: f64| {
+            if ms > 0.0 {
+                n as f64 * 1000.0 / ms
+            } else {
+                0.0
+            }
+        };
         // The first generated token's time is in ttft, so gen speed counts the rest.
         let gen_timed = self.gen_tokens.saturating_sub(1);
         format!(
@@ -127,7 +133,14 @@ impl Engine {
         // The parsed header (vocabulary arrays included) is dropped here:
         // everything needed was copied out, and it is megabytes.
         drop(gguf);
-        Ok(Engine { path: path.to_path_buf(), layout, stage, tokenizer, template })
+        release_freed_heap();
+        Ok(Engine {
+            path: path.to_path_buf(),
+            layout,
+            stage,
+            tokenizer,
+            template,
+        })
     }
 
     /// The model file.
@@ -188,7 +201,10 @@ impl Engine {
             return Err(EngineError::EmptyInput);
         }
         if cache.len() + tokens.len() > cache.max_len() {
-            return Err(EngineError::ContextFull { needed: cache.len() + tokens.len(), max: cache.max_len() });
+            return Err(EngineError::ContextFull {
+                needed: cache.len() + tokens.len(),
+                max: cache.max_len(),
+            });
         }
         let mut last = None;
         for chunk in tokens.chunks(PROMPT_CHUNK_TOKENS) {
@@ -198,9 +214,21 @@ impl Engine {
     }
 
     /// One forward pass over `tokens`; logits `[rows, vocab]`.
-    pub fn step(&self, tokens: &[u32], cache: &mut KvCache, want: LogitsFor) -> Result<candle_core::Tensor, EngineError> {
-        match self.stage.forward(StageInput::Tokens(tokens), cache, want)? {
-            StageOutput::Logits(l) => Ok(if want == LogitsFor::Last { l.squeeze(0)? } else { l }),
+    pub fn step(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        want: LogitsFor,
+    ) -> Result<candle_core::Tensor, EngineError> {
+        match self
+            .stage
+            .forward(StageInput::Tokens(tokens), cache, want)?
+        {
+            StageOutput::Logits(l) => Ok(if want == LogitsFor::Last {
+                l.squeeze(0)?
+            } else {
+                l
+            }),
             StageOutput::Hidden(_) => unreachable!("a whole-model stage ends with logits"),
         }
     }
@@ -234,7 +262,10 @@ impl Engine {
             return Err(EngineError::EmptyInput);
         }
         if prompt.len() >= cache.max_len() {
-            return Err(EngineError::ContextFull { needed: prompt.len() + 1, max: cache.max_len() });
+            return Err(EngineError::ContextFull {
+                needed: prompt.len() + 1,
+                max: cache.max_len(),
+            });
         }
         // Keep at least one prompt token to run: its logits pick the first reply token.
         let reuse = common_prefix(&session.tokens, prompt).min(prompt.len() - 1);
@@ -297,7 +328,10 @@ pub struct Session {
 impl Session {
     /// A session over an empty cache.
     pub fn new(cache: KvCache) -> Self {
-        Session { cache, tokens: Vec::new() }
+        Session {
+            cache,
+            tokens: Vec::new(),
+        }
     }
 
     /// Tokens processed so far.
@@ -308,6 +342,17 @@ impl Session {
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Hands memory freed while loading (header arrays, tokenizer build
+/// scratch, ~10 MB) back to the OS, so resident memory after loading is the
+/// weights plus what is really kept.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn ms_since(t: Instant) -> f64 {

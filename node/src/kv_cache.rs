@@ -87,7 +87,10 @@ impl KvCache {
         let total = self.len + t;
         assert!(total <= self.max_len, "caller checks the context limit");
         if total > self.capacity {
-            let new_cap = (self.capacity * 2).max(total).max(MIN_CAPACITY_TOKENS).min(self.max_len);
+            let new_cap = (self.capacity * 2)
+                .max(total)
+                .max(MIN_CAPACITY_TOKENS)
+                .min(self.max_len);
             for l in &mut self.layers {
                 l.k = grow(l.k.take(), new_cap, self.len, k.device())?;
                 l.v = grow(l.v.take(), new_cap, self.len, k.device())?;
@@ -98,9 +101,20 @@ impl KvCache {
         let (kb, vb) = match (&entry.k, &entry.v) {
             (Some(kb), Some(vb)) => (kb, vb),
             _ => {
-                entry.k = Some(Tensor::zeros((n_kv, self.capacity, hd), DType::F32, k.device())?);
-                entry.v = Some(Tensor::zeros((n_kv, self.capacity, hd), DType::F32, k.device())?);
-                (entry.k.as_ref().expect("set"), entry.v.as_ref().expect("set"))
+                entry.k = Some(Tensor::zeros(
+                    (n_kv, self.capacity, hd),
+                    DType::F32,
+                    k.device(),
+                )?);
+                entry.v = Some(Tensor::zeros(
+                    (n_kv, self.capacity, hd),
+                    DType::F32,
+                    k.device(),
+                )?);
+                (
+                    entry.k.as_ref().expect("set"),
+                    entry.v.as_ref().expect("set"),
+                )
             }
         };
         kb.slice_set(&k.contiguous()?, 1, self.len)?;
@@ -115,7 +129,12 @@ impl KvCache {
     }
 }
 
-fn grow(old: Option<Tensor>, cap: usize, len: usize, device: &Device) -> candle_core::Result<Option<Tensor>> {
+fn grow(
+    old: Option<Tensor>,
+    cap: usize,
+    len: usize,
+    device: &Device,
+) -> candle_core::Result<Option<Tensor>> {
     let Some(old) = old else { return Ok(None) };
     let (n_kv, _, hd) = old.dims3()?;
     let new = Tensor::zeros((n_kv, cap, hd), DType::F32, device)?;

@@ -9,8 +9,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType};
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 use sharding::gguf::MappedSpan;
 use sharding::{GgmlType, TensorInfo};
@@ -27,7 +27,11 @@ pub struct WeightBytes {
 impl WeightBytes {
     /// The bytes of `info`, which must lie in `span`.
     pub fn new(span: Arc<MappedSpan>, info: TensorInfo) -> Self {
-        assert!(span.contains(&info), "tensor {} outside its span", info.name);
+        assert!(
+            span.contains(&info),
+            "tensor {} outside its span",
+            info.name
+        );
         WeightBytes { span, info }
     }
 
@@ -45,7 +49,11 @@ impl WeightBytes {
     pub fn to_f32_tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
         let n = self.info.elements() as usize;
         let data = match self.info.ggml_type {
-            GgmlType::F32 => self.bytes().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            GgmlType::F32 => self
+                .bytes()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
             _ => dequantize_rows(self, 1, n, 0, 1)?,
         };
         Tensor::from_vec(data, n, device)
@@ -88,7 +96,10 @@ pub(crate) fn dequantize_rows(
             Some(nt) => quant::dequantize_row(nt, w.bytes(), k, row, o),
             None => {
                 let raw = &w.bytes()[row * row_bytes..(row + 1) * row_bytes];
-                match candle_dtype(ty).from_data(Cow::Borrowed(raw)).dequantize(k)? {
+                match candle_dtype(ty)
+                    .from_data(Cow::Borrowed(raw))
+                    .dequantize(k)?
+                {
                     CpuStorage::F32(v) => o.copy_from_slice(&v),
                     other => candle_core::bail!("unexpected dequantized dtype {:?}", other.dtype()),
                 }
@@ -123,9 +134,16 @@ impl CustomOp1 for CpuGroupOp {
         "shoal-qmatmul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("shoal-qmatmul: input must be f32, got {:?}", storage.dtype())
+            candle_core::bail!(
+                "shoal-qmatmul: input must be f32, got {:?}",
+                storage.dtype()
+            )
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("shoal-qmatmul: input must be contiguous")
@@ -137,19 +155,34 @@ impl CustomOp1 for CpuGroupOp {
         }
         let t = x.len() / self.k;
         let mut out = vec![0f32; t * self.n_total];
-        let needs_q8 = self.parts.iter().any(|p| matches!(p.matrix, CpuMatrix::Native(..)));
-        let acts = if needs_q8 { quant::quantize_activations(x, self.k) } else { Vec::new() };
+        let needs_q8 = self
+            .parts
+            .iter()
+            .any(|p| matches!(p.matrix, CpuMatrix::Native(..)));
+        let acts = if needs_q8 {
+            quant::quantize_activations(x, self.k)
+        } else {
+            Vec::new()
+        };
         let mut col = 0;
         for part in &self.parts {
             match &part.matrix {
                 CpuMatrix::Native(w, ty) => {
-                    let view = WeightView { ty: *ty, bytes: w.bytes(), n: part.n, k: self.k };
+                    let view = WeightView {
+                        ty: *ty,
+                        bytes: w.bytes(),
+                        n: part.n,
+                        k: self.k,
+                    };
                     quant::matmul(view, &acts, &mut out, self.n_total, col);
                 }
                 CpuMatrix::Candle(m) => {
                     let mut tmp = vec![0f32; t * part.n];
                     m.matmul_t((t, self.k, part.n), x, &mut tmp)?;
-                    for (dst, src) in out.chunks_exact_mut(self.n_total).zip(tmp.chunks_exact(part.n)) {
+                    for (dst, src) in out
+                        .chunks_exact_mut(self.n_total)
+                        .zip(tmp.chunks_exact(part.n))
+                    {
                         dst[col..col + part.n].copy_from_slice(src);
                     }
                 }
@@ -179,7 +212,10 @@ impl LinearGroup {
         assert!(!weights.is_empty());
         let k = weights[0].info.dims[0] as usize;
         let widths: Vec<usize> = weights.iter().map(|w| w.info.dims[1] as usize).collect();
-        assert!(weights.iter().all(|w| w.info.dims[0] as usize == k), "group inputs differ");
+        assert!(
+            weights.iter().all(|w| w.info.dims[0] as usize == k),
+            "group inputs differ"
+        );
         let imp = if device.is_cpu() {
             let parts = weights
                 .into_iter()
@@ -188,18 +224,28 @@ impl LinearGroup {
                     let ty = w.info.ggml_type;
                     let matrix = match NativeType::from_ggml(ty) {
                         Some(nt) => CpuMatrix::Native(w, nt),
-                        None => CpuMatrix::Candle(candle_dtype(ty).from_data(Cow::Borrowed(w.bytes()))),
+                        None => {
+                            CpuMatrix::Candle(candle_dtype(ty).from_data(Cow::Borrowed(w.bytes())))
+                        }
                     };
                     CpuPart { matrix, n }
                 })
                 .collect();
-            GroupImpl::Cpu(CpuGroupOp { parts, k, n_total: widths.iter().sum() })
+            GroupImpl::Cpu(CpuGroupOp {
+                parts,
+                k,
+                n_total: widths.iter().sum(),
+            })
         } else {
             let mats = weights
                 .iter()
                 .map(|w| {
                     let dims: Vec<usize> = w.info.dims.iter().rev().map(|&d| d as usize).collect();
-                    let storage = QStorage::from_data(Cow::Borrowed(w.bytes()), device, candle_dtype(w.info.ggml_type))?;
+                    let storage = QStorage::from_data(
+                        Cow::Borrowed(w.bytes()),
+                        device,
+                        candle_dtype(w.info.ggml_type),
+                    )?;
                     QMatMul::from_qtensor(QTensor::new(storage, dims)?)
                 })
                 .collect::<candle_core::Result<_>>()?;
@@ -260,7 +306,13 @@ impl Embedding {
             if id as usize >= self.vocab {
                 candle_core::bail!("token id {id} outside the vocabulary of {}", self.vocab)
             }
-            out.extend(dequantize_rows(&self.table, self.vocab, self.dim, id as usize, 1)?);
+            out.extend(dequantize_rows(
+                &self.table,
+                self.vocab,
+                self.dim,
+                id as usize,
+                1,
+            )?);
         }
         Tensor::from_vec(out, (ids.len(), self.dim), device)?.to_dtype(DType::F32)
     }

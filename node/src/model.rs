@@ -34,7 +34,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, max_context: 4096 }
+        LoadOptions {
+            device: Device::Cpu,
+            max_context: 4096,
+        }
     }
 }
 
@@ -106,12 +109,18 @@ impl Stage {
     ) -> Result<Stage, EngineError> {
         let n_layers = layout.layers.len();
         if layers.start >= layers.end || layers.end > n_layers {
-            return Err(EngineError::BadLayerRange { range: layers, n_layers });
+            return Err(EngineError::BadLayerRange {
+                range: layers,
+                n_layers,
+            });
         }
         let tensors = layout.stage_tensors(layers.clone());
         let spans = map_spans(gguf, &tensors)?;
         let get = |info: &TensorInfo| -> WeightBytes {
-            let span = spans.iter().find(|s| s.contains(info)).expect("every stage tensor is mapped");
+            let span = spans
+                .iter()
+                .find(|s| s.contains(info))
+                .expect("every stage tensor is mapped");
             WeightBytes::new(span.clone(), info.clone())
         };
         let dev = &opts.device;
@@ -122,13 +131,20 @@ impl Stage {
         for l in &layout.layers[layers.clone()] {
             let t = |s: &str| get(l.tensor(s).expect("layout checked required tensors"));
             let bias = |s: &str| l.tensor(s).map(|i| get(i).to_f32_tensor(dev)).transpose();
-            let qkv_bias = match (bias("attn_q.bias")?, bias("attn_k.bias")?, bias("attn_v.bias")?) {
+            let qkv_bias = match (
+                bias("attn_q.bias")?,
+                bias("attn_k.bias")?,
+                bias("attn_v.bias")?,
+            ) {
                 (Some(q), Some(k), Some(v)) => Some([q, k, v]),
                 _ => None,
             };
             blocks.push(Block {
                 attn_norm: t("attn_norm.weight").to_f32_tensor(dev)?,
-                qkv: LinearGroup::new(vec![t("attn_q.weight"), t("attn_k.weight"), t("attn_v.weight")], dev)?,
+                qkv: LinearGroup::new(
+                    vec![t("attn_q.weight"), t("attn_k.weight"), t("attn_v.weight")],
+                    dev,
+                )?,
                 qkv_bias,
                 attn_out: LinearGroup::new(vec![t("attn_output.weight")], dev)?,
                 ffn_norm: t("ffn_norm.weight").to_f32_tensor(dev)?,
@@ -233,6 +249,23 @@ impl Stage {
         cache: &mut KvCache,
         logits: LogitsFor,
     ) -> Result<StageOutput, EngineError> {
+        // Every matmul and many candle ops fan out on rayon's pool. Called
+        // from outside the pool, each of those hundreds of calls per token
+        // would hand work to a pool thread and sleep on a latch; running the
+        // whole pass on a pool thread makes them direct calls (and, with
+        // one thread, inline).
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_on_pool(input, cache, logits));
+        }
+        self.forward_on_pool(input, cache, logits)
+    }
+
+    fn forward_on_pool(
+        &self,
+        input: StageInput<'_>,
+        cache: &mut KvCache,
+        logits: LogitsFor,
+    ) -> Result<StageOutput, EngineError> {
         let x = match input {
             StageInput::Tokens(ids) => {
                 let emb = self.embedding.as_ref().ok_or(EngineError::NotFirstStage)?;
@@ -247,7 +280,10 @@ impl Stage {
                 }
                 let (t, dim) = h.dims2()?;
                 if dim != self.config.dim || t == 0 || h.dtype() != DType::F32 {
-                    return Err(EngineError::BadHidden { shape: h.dims().to_vec(), dim: self.config.dim });
+                    return Err(EngineError::BadHidden {
+                        shape: h.dims().to_vec(),
+                        dim: self.config.dim,
+                    });
                 }
                 h.to_device(&self.device)?
             }
@@ -255,11 +291,18 @@ impl Stage {
         let t = x.dim(0)?;
         let pos = cache.len();
         if pos + t > cache.max_len() {
-            return Err(EngineError::ContextFull { needed: pos + t, max: cache.max_len() });
+            return Err(EngineError::ContextFull {
+                needed: pos + t,
+                max: cache.max_len(),
+            });
         }
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        let mask = if t > 1 { Some(causal_mask(t, pos, &self.device)?) } else { None };
+        let mask = if t > 1 {
+            Some(causal_mask(t, pos, &self.device)?)
+        } else {
+            None
+        };
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
             let _span = trace_span!("layer", index = self.layers.start + i).entered();
@@ -300,11 +343,22 @@ impl Stage {
         }
         let [q, k, v]: [Tensor; 3] = qkv.try_into().expect("three projections");
         // [t, heads * hd] -> [1, heads, t, hd], the layout candle's rope wants.
-        let heads_first = |y: Tensor, n: usize| y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (heads_first(q, nh)?, heads_first(k, nkv)?, heads_first(v, nkv)?);
+        let heads_first =
+            |y: Tensor, n: usize| y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (
+            heads_first(q, nh)?,
+            heads_first(k, nkv)?,
+            heads_first(v, nkv)?,
+        );
         let (q, k) = match c.rope_style {
-            RopeStyle::Interleaved => (candle_nn::rotary_emb::rope_i(&q, cos, sin)?, candle_nn::rotary_emb::rope_i(&k, cos, sin)?),
-            RopeStyle::Neox => (candle_nn::rotary_emb::rope(&q, cos, sin)?, candle_nn::rotary_emb::rope(&k, cos, sin)?),
+            RopeStyle::Interleaved => (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            ),
+            RopeStyle::Neox => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
         };
         let (k_all, v_all) = cache.append(layer, &k.squeeze(0)?, &v.squeeze(0)?)?;
         let len = k_all.dim(1)?;
@@ -316,12 +370,18 @@ impl Stage {
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (q.matmul(&k_all.t()?)? * scale)?;
         let att = match mask {
-            Some(m) => att.reshape((nkv, rep, t, len))?.broadcast_add(m)?.reshape((nkv, rep * t, len))?,
+            Some(m) => att
+                .reshape((nkv, rep, t, len))?
+                .broadcast_add(m)?
+                .reshape((nkv, rep * t, len))?,
             None => att,
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v_all)?;
-        let y = y.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        let y = y
+            .reshape((nh, t, hd))?
+            .transpose(0, 1)?
+            .reshape((t, nh * hd))?;
         let x = (x + b.attn_out.forward_one(&y)?)?;
         let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps)?;
         let gu = b.gate_up.forward(&h)?;
@@ -374,8 +434,14 @@ fn rope_tables(
 /// [`SPAN_GAP_BYTES_MAX`] share a mapping, so a layer range is one mapping
 /// while a distant embedding/head gets its own and the layers of other
 /// stages are never mapped.
-fn map_spans(gguf: &GgufFile, tensors: &[&TensorInfo]) -> Result<Vec<Arc<MappedSpan>>, EngineError> {
-    let mut ranges: Vec<(u64, u64)> = tensors.iter().map(|t| (t.offset, t.offset + t.size_bytes)).collect();
+fn map_spans(
+    gguf: &GgufFile,
+    tensors: &[&TensorInfo],
+) -> Result<Vec<Arc<MappedSpan>>, EngineError> {
+    let mut ranges: Vec<(u64, u64)> = tensors
+        .iter()
+        .map(|t| (t.offset, t.offset + t.size_bytes))
+        .collect();
     ranges.sort_unstable();
     let mut merged: Vec<(u64, u64)> = Vec::new();
     for (s, e) in ranges {

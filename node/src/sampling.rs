@@ -54,7 +54,10 @@ impl SamplingParams {
     /// Checks ranges; returns a message naming the bad setting.
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -63,7 +66,10 @@ impl SamplingParams {
             return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
-            return Err(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+            return Err(format!(
+                "repeat_penalty must be > 0, got {}",
+                self.repeat_penalty
+            ));
         }
         Ok(())
     }
@@ -99,7 +105,11 @@ impl Sampler {
             for &tok in &history[start..] {
                 if let Some(l) = logits.get_mut(tok as usize) {
                     if seen.insert(tok) {
-                        *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                        *l = if *l > 0.0 {
+                            *l / p.repeat_penalty
+                        } else {
+                            *l * p.repeat_penalty
+                        };
                     }
                 }
             }
@@ -165,7 +175,10 @@ pub fn argmax(logits: &[f32]) -> u32 {
 fn softmax(cand: &[(u32, f32)], temperature: f32) -> Vec<f64> {
     let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max) as f64;
     let t = temperature as f64;
-    let e: Vec<f64> = cand.iter().map(|c| ((c.1 as f64 - max) / t).exp()).collect();
+    let e: Vec<f64> = cand
+        .iter()
+        .map(|c| ((c.1 as f64 - max) / t).exp())
+        .collect();
     let sum: f64 = e.iter().sum();
     e.into_iter().map(|v| v / sum).collect()
 }
@@ -189,19 +202,35 @@ mod tests {
     #[test]
     fn same_seed_same_tokens() {
         let l = logits();
-        let params = SamplingParams { seed: 42, top_k: 0, min_p: 0.0, temperature: 1.5, ..Default::default() };
+        let params = SamplingParams {
+            seed: 42,
+            top_k: 0,
+            min_p: 0.0,
+            temperature: 1.5,
+            ..Default::default()
+        };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
             (0..50).map(|_| s.sample(&l, &[])).collect::<Vec<_>>()
         };
         assert_eq!(run(&params), run(&params));
-        assert_ne!(run(&params), run(&SamplingParams { seed: 43, ..params.clone() }));
+        assert_ne!(
+            run(&params),
+            run(&SamplingParams {
+                seed: 43,
+                ..params.clone()
+            })
+        );
     }
 
     #[test]
     fn top_k_one_is_greedy() {
         let l = logits();
-        let mut s = Sampler::new(SamplingParams { top_k: 1, temperature: 5.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            temperature: 5.0,
+            ..Default::default()
+        });
         for _ in 0..20 {
             assert_eq!(s.sample(&l, &[]), argmax(&l));
         }
@@ -213,11 +242,22 @@ mod tests {
         l[3] = 10.0;
         l[7] = 9.9;
         // min_p 0.5 keeps only tokens with prob >= half the best: 3 and 7.
-        let mut s = Sampler::new(SamplingParams { min_p: 0.5, top_k: 0, temperature: 1.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.5,
+            top_k: 0,
+            temperature: 1.0,
+            ..Default::default()
+        });
         for _ in 0..50 {
             assert!([3, 7].contains(&s.sample(&l, &[])));
         }
-        let mut s = Sampler::new(SamplingParams { top_p: 0.5, top_k: 0, min_p: 0.0, temperature: 1.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            top_k: 0,
+            min_p: 0.0,
+            temperature: 1.0,
+            ..Default::default()
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&l, &[]), 3);
         }
@@ -226,14 +266,20 @@ mod tests {
     #[test]
     fn repetition_penalty_steers_away() {
         let l = vec![2.0f32, 1.9, 0.0];
-        let mut s = Sampler::new(SamplingParams { repeat_penalty: 1.5, ..SamplingParams::greedy() });
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 1.5,
+            ..SamplingParams::greedy()
+        });
         assert_eq!(s.sample(&l, &[0]), 1);
         assert_eq!(s.sample(&l, &[]), 0);
     }
 
     #[test]
     fn validate_names_the_setting() {
-        let bad = SamplingParams { top_p: 0.0, ..Default::default() };
+        let bad = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().contains("top_p"));
         assert!(SamplingParams::default().validate().is_ok());
     }

@@ -243,12 +243,13 @@ impl GgufFile {
         let mut tensors = Vec::with_capacity(raw_tensors.len());
         let mut tensor_index = BTreeMap::new();
         for (name, dims, type_id, rel_offset) in raw_tensors {
-            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnsupportedType {
-                path: path.clone(),
-                tensor: name.clone(),
-                type_id,
-                name: crate::ggml::type_name(type_id),
-            })?;
+            let ggml_type =
+                GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnsupportedType {
+                    path: path.clone(),
+                    tensor: name.clone(),
+                    type_id,
+                    name: crate::ggml::type_name(type_id),
+                })?;
             let info = tensor_info(&path, name, dims, ggml_type, data_start, rel_offset)?;
             if info.offset + info.size_bytes > file_len {
                 return Err(GgufError::Truncated {
@@ -260,7 +261,10 @@ impl GgufFile {
                     ),
                 });
             }
-            if tensor_index.insert(info.name.clone(), tensors.len()).is_some() {
+            if tensor_index
+                .insert(info.name.clone(), tensors.len())
+                .is_some()
+            {
                 return Err(GgufError::Invalid {
                     path,
                     what: format!("duplicate tensor name '{}'", info.name),
@@ -317,7 +321,10 @@ impl GgufFile {
     /// widened to page boundaries internally; the returned [`MappedSpan`]
     /// hides that.
     pub fn map_span(&self, start: u64, end: u64) -> Result<MappedSpan, GgufError> {
-        assert!(start <= end && end <= self.file_len, "span outside the file");
+        assert!(
+            start <= end && end <= self.file_len,
+            "span outside the file"
+        );
         let page = page_size();
         let map_start = start / page * page;
         let file = File::open(&self.path).map_err(|source| GgufError::Io {
@@ -512,7 +519,9 @@ impl HeaderReader<'_> {
     fn count(&mut self, what: &str, max: Option<u64>) -> Result<u64, GgufError> {
         let n = self.u64(what)?;
         match max {
-            Some(max) if n > max => Err(self.invalid(format!("{what} {n} exceeds the limit {max}"))),
+            Some(max) if n > max => {
+                Err(self.invalid(format!("{what} {n} exceeds the limit {max}")))
+            }
             None if n > self.file_len - self.pos => Err(GgufError::Truncated {
                 path: self.path.to_path_buf(),
                 what: format!("{what}: length {n} runs past the end of the file"),

@@ -165,10 +165,12 @@ impl ModelLayout {
         let config = read_config(gguf)?;
         let path = gguf.path().to_path_buf();
         let tensor = |name: &str| {
-            gguf.tensor(name).cloned().ok_or(LayoutError::MissingTensor {
-                path: path.clone(),
-                tensor: name.to_string(),
-            })
+            gguf.tensor(name)
+                .cloned()
+                .ok_or(LayoutError::MissingTensor {
+                    path: path.clone(),
+                    tensor: name.to_string(),
+                })
         };
         let c = &config;
         let (dim, ffn) = (c.dim as u64, c.ffn_dim as u64);
@@ -251,7 +253,10 @@ impl ModelLayout {
 
     /// Bytes of weights a stage running `layers` holds.
     pub fn stage_bytes(&self, layers: Range<usize>) -> u64 {
-        self.stage_tensors(layers).iter().map(|t| t.size_bytes).sum()
+        self.stage_tensors(layers)
+            .iter()
+            .map(|t| t.size_bytes)
+            .sum()
     }
 
     /// Bytes of the KV cache per token of context for `layers` (f32 K and V).
@@ -261,7 +266,11 @@ impl ModelLayout {
     }
 }
 
-fn check_shape(path: &std::path::Path, t: &TensorInfo, expected: &[u64]) -> Result<(), LayoutError> {
+fn check_shape(
+    path: &std::path::Path,
+    t: &TensorInfo,
+    expected: &[u64],
+) -> Result<(), LayoutError> {
     if t.dims != expected {
         return Err(LayoutError::BadShape {
             path: path.to_path_buf(),
@@ -349,7 +358,11 @@ fn read_config(gguf: &GgufFile) -> Result<ModelConfig, LayoutError> {
         Some("linear") => float_key("rope.scaling.factor", 1.0)?,
         // Llama 3.1 declares its scaling through the rope_freqs tensor.
         Some("llama3") => 1.0,
-        Some(other) => return Err(unsupported(format!("RoPE scaling '{other}' is not supported"))),
+        Some(other) => {
+            return Err(unsupported(format!(
+                "RoPE scaling '{other}' is not supported"
+            )))
+        }
     };
     Ok(ModelConfig {
         name: gguf

@@ -21,7 +21,10 @@ fn string(s: &str) -> Vec<u8> {
 
 impl Writer {
     fn new() -> Self {
-        Writer { kv: vec![], tensors: vec![] }
+        Writer {
+            kv: vec![],
+            tensors: vec![],
+        }
     }
     fn str(mut self, k: &str, v: &str) -> Self {
         self.kv.push((k.into(), 8, string(v)));
@@ -33,11 +36,13 @@ impl Writer {
     }
     fn f32_tensor(mut self, name: &str, dims: &[u64]) -> Self {
         let n: u64 = dims.iter().product();
-        self.tensors.push((name.into(), dims.to_vec(), 0, vec![0u8; n as usize * 4]));
+        self.tensors
+            .push((name.into(), dims.to_vec(), 0, vec![0u8; n as usize * 4]));
         self
     }
     fn raw_tensor(mut self, name: &str, dims: &[u64], ty: u32, bytes: usize) -> Self {
-        self.tensors.push((name.into(), dims.to_vec(), ty, vec![0u8; bytes]));
+        self.tensors
+            .push((name.into(), dims.to_vec(), ty, vec![0u8; bytes]));
         self
     }
     fn bytes(&self) -> Vec<u8> {
@@ -116,11 +121,20 @@ fn parses_a_complete_model() {
     assert_eq!(layout.config.n_layers, 1);
     assert_eq!(layout.config.head_dim, 8);
     assert_eq!(layout.config.n_kv_heads, 2);
-    assert_eq!(layout.layers[0].bytes(), 4 * (32 + 32 * 32 * 2 + 32 * 16 * 2 + 32 + 32 * 64 * 3));
+    assert_eq!(
+        layout.layers[0].bytes(),
+        4 * (32 + 32 * 32 * 2 + 32 * 16 * 2 + 32 + 32 * 64 * 3)
+    );
     // Tied head: the last stage needs the embedding again.
-    let names: Vec<_> = layout.stage_tensors(0..1).iter().map(|t| t.name.clone()).collect();
+    let names: Vec<_> = layout
+        .stage_tensors(0..1)
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
     assert!(names.contains(&"token_embd.weight".to_string()));
-    let span = g.map_span(layout.token_embd.offset, layout.token_embd.offset + 64).unwrap();
+    let span = g
+        .map_span(layout.token_embd.offset, layout.token_embd.offset + 64)
+        .unwrap();
     assert!(!span.contains(&layout.layers[0].tensors[1]));
 }
 
@@ -129,7 +143,10 @@ fn not_gguf_names_the_file() {
     let (_d, path) = write("notes.txt", b"hello world, this is not a model");
     let e = GgufFile::open(&path).unwrap_err();
     assert!(matches!(e, GgufError::NotGguf { .. }), "{e}");
-    assert!(e.to_string().contains("notes.txt") && e.to_string().contains("not a GGUF"), "{e}");
+    assert!(
+        e.to_string().contains("notes.txt") && e.to_string().contains("not a GGUF"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -178,7 +195,10 @@ fn lying_lengths_do_not_allocate() {
     bytes.extend(1u64.to_le_bytes());
     bytes.extend(u64::MAX.to_le_bytes()); // key length
     let (_d, path) = write("huge.gguf", &bytes);
-    assert!(matches!(GgufFile::open(&path), Err(GgufError::Truncated { .. })));
+    assert!(matches!(
+        GgufFile::open(&path),
+        Err(GgufError::Truncated { .. })
+    ));
 }
 
 #[test]

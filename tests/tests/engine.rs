@@ -18,7 +18,10 @@ fn run_pipeline(path: &Path, cuts: &[usize], steps: &[Vec<u32>], want: LogitsFor
     let mut bounds = vec![0];
     bounds.extend_from_slice(cuts);
     bounds.push(n);
-    let opts = LoadOptions { max_context: 256, ..LoadOptions::default() };
+    let opts = LoadOptions {
+        max_context: 256,
+        ..LoadOptions::default()
+    };
     let stages: Vec<Stage> = bounds
         .windows(2)
         .map(|w| Stage::load(&gguf, &layout, w[0]..w[1], &opts).unwrap())
@@ -37,7 +40,14 @@ fn run_pipeline(path: &Path, cuts: &[usize], steps: &[Vec<u32>], want: LogitsFor
                 }
             }
         }
-        out.push(logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        out.push(
+            logits
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
     }
     out
 }
@@ -45,15 +55,29 @@ fn run_pipeline(path: &Path, cuts: &[usize], steps: &[Vec<u32>], want: LogitsFor
 fn assert_splits_equal(path: &Path, cut_sets: &[Vec<usize>]) {
     // A prompt, then decode steps that reuse the KV cache, then a second
     // multi-token chunk on top of the cache.
-    let steps = vec![vec![5, 17, 42, 99, 3, 250, 7, 8, 9], vec![11], vec![12], vec![40, 41, 42], vec![13]];
+    let steps = vec![
+        vec![5, 17, 42, 99, 3, 250, 7, 8, 9],
+        vec![11],
+        vec![12],
+        vec![40, 41, 42],
+        vec![13],
+    ];
     for want in [LogitsFor::Last, LogitsFor::All] {
         let full = run_pipeline(path, &[], &steps, want);
         for cuts in cut_sets {
             let split = run_pipeline(path, cuts, &steps, want);
             for (i, (a, b)) in full.iter().zip(&split).enumerate() {
                 assert_eq!(a.len(), b.len());
-                let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-                assert!(diff == 0.0, "{}: cuts {cuts:?} step {i}: max |diff| {diff}", path.display());
+                let diff = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff == 0.0,
+                    "{}: cuts {cuts:?} step {i}: max |diff| {diff}",
+                    path.display()
+                );
             }
         }
     }
@@ -62,7 +86,10 @@ fn assert_splits_equal(path: &Path, cut_sets: &[Vec<usize>]) {
 #[test]
 fn real_model_splits_equal_full_run() {
     let path = node::models::default_model().unwrap();
-    assert_splits_equal(&path, &[vec![1], vec![15], vec![29], vec![7, 22], vec![10, 20]]);
+    assert_splits_equal(
+        &path,
+        &[vec![1], vec![15], vec![29], vec![7, 22], vec![10, 20]],
+    );
 }
 
 #[test]
@@ -82,7 +109,12 @@ fn synthetic_models_of_every_quant_type_split_exactly() {
     ];
     for (i, dtype) in types.into_iter().enumerate() {
         let path = dir.path().join(format!("m{i}.gguf"));
-        let spec = SynthSpec { dtype, n_layers: 3, seed: i as u64, ..SynthSpec::default() };
+        let spec = SynthSpec {
+            dtype,
+            n_layers: 3,
+            seed: i as u64,
+            ..SynthSpec::default()
+        };
         write_synthetic_gguf(&path, &spec).unwrap();
         assert_splits_equal(&path, &[vec![1], vec![1, 2]]);
     }
@@ -116,14 +148,26 @@ fn stage_maps_only_its_layers() {
 
 fn load_default() -> Engine {
     let path = node::models::default_model().unwrap();
-    Engine::load(&path, &LoadOptions { max_context: 64, ..LoadOptions::default() }, &mut |_, _| {}).unwrap()
+    Engine::load(
+        &path,
+        &LoadOptions {
+            max_context: 64,
+            ..LoadOptions::default()
+        },
+        &mut |_, _| {},
+    )
+    .unwrap()
 }
 
 #[test]
 fn prompt_longer_than_context_is_an_error() {
     let engine = load_default();
     let prompt: Vec<u32> = (0..100).collect();
-    let opts = node::GenerateOptions { max_tokens: 4, sampling: node::SamplingParams::greedy(), context: 64 };
+    let opts = node::GenerateOptions {
+        max_tokens: 4,
+        sampling: node::SamplingParams::greedy(),
+        context: 64,
+    };
     let err = engine.generate(&prompt, &opts, &mut |_| true).unwrap_err();
     assert!(err.to_string().contains("context full"), "{err}");
 }
@@ -132,12 +176,20 @@ fn prompt_longer_than_context_is_an_error() {
 fn tokenizer_round_trips_and_chat_template_renders() {
     let engine = load_default();
     let tok = engine.tokenizer();
-    for text in ["Hello, world!", "  two  spaces\tand tabs\n", "naïve café — 東京 🦀", "1234567 + 89 = ?"] {
+    for text in [
+        "Hello, world!",
+        "  two  spaces\tand tabs\n",
+        "naïve café — 東京 🦀",
+        "1234567 + 89 = ?",
+    ] {
         let ids = tok.encode(text, false, false).unwrap();
         assert_eq!(tok.decode(&ids), text);
     }
     let ids = engine
-        .chat_tokens(&[node::chat::Message { role: "user".into(), content: "Hi".into() }])
+        .chat_tokens(&[node::chat::Message {
+            role: "user".into(),
+            content: "Hi".into(),
+        }])
         .unwrap();
     // ChatML: starts with <|im_start|> (id 1) and ends ready for the assistant.
     assert_eq!(ids[0], 1);
@@ -148,7 +200,11 @@ fn tokenizer_round_trips_and_chat_template_renders() {
 fn greedy_generation_is_deterministic_and_stops() {
     let engine = load_default();
     let prompt = engine.raw_tokens("The capital of France is").unwrap();
-    let opts = node::GenerateOptions { max_tokens: 12, sampling: node::SamplingParams::greedy(), context: 64 };
+    let opts = node::GenerateOptions {
+        max_tokens: 12,
+        sampling: node::SamplingParams::greedy(),
+        context: 64,
+    };
     let run = || {
         let mut text = String::new();
         let stats = engine

@@ -130,10 +130,16 @@ const ACT_ROWS_PER_PASS: usize = 4;
 pub fn matmul(w: WeightView<'_>, acts: &[BlockQ8], out: &mut [f32], out_stride: usize, col: usize) {
     let bpr = w.k / QK;
     let row_bytes = bpr * w.ty.block_bytes();
-    assert!(w.k % QK == 0 && w.bytes.len() == w.n * row_bytes, "weight shape");
+    assert!(
+        w.k % QK == 0 && w.bytes.len() == w.n * row_bytes,
+        "weight shape"
+    );
     assert!(acts.len() % bpr == 0, "activation shape");
     let t = acts.len() / bpr;
-    assert!(col + w.n <= out_stride && out.len() >= t * out_stride, "output shape");
+    assert!(
+        col + w.n <= out_stride && out.len() >= t * out_stride,
+        "output shape"
+    );
     let rows: Vec<&[BlockQ8]> = acts.chunks_exact(bpr).collect();
     let dst = OutPtr {
         ptr: out.as_mut_ptr(),
@@ -149,7 +155,11 @@ pub fn matmul(w: WeightView<'_>, acts: &[BlockQ8], out: &mut [f32], out_stride: 
             let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
             let mut r = 0;
             while r < t {
-                let take = if t - r >= ACT_ROWS_PER_PASS { ACT_ROWS_PER_PASS } else { 1 };
+                let take = if t - r >= ACT_ROWS_PER_PASS {
+                    ACT_ROWS_PER_PASS
+                } else {
+                    1
+                };
                 let mut vals = [0f32; ACT_ROWS_PER_PASS];
                 if take == ACT_ROWS_PER_PASS {
                     let a = [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]];
@@ -217,7 +227,11 @@ mod tests {
         };
         let t = candle_core::Tensor::from_slice(w, (w.len() / k, k), &candle_core::Device::Cpu)
             .unwrap();
-        QTensor::quantize(&t, dtype).unwrap().data().unwrap().into_owned()
+        QTensor::quantize(&t, dtype)
+            .unwrap()
+            .data()
+            .unwrap()
+            .into_owned()
     }
 
     fn check(ty: NativeType, n: usize, k: usize, t: usize) {
@@ -225,7 +239,12 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
         let x: Vec<f32> = (0..t * k).map(|_| rng.random_range(-2.0..2.0)).collect();
         let bytes = quantize_weights(ty, &w, k);
-        let view = WeightView { ty, bytes: &bytes, n, k };
+        let view = WeightView {
+            ty,
+            bytes: &bytes,
+            n,
+            k,
+        };
         let acts = quantize_activations(&x, k);
         let mut out = vec![0f32; t * (n + 3)];
         matmul(view, &acts, &mut out, n + 3, 3);
@@ -235,11 +254,21 @@ mod tests {
             dequantize_row(ty, &bytes, k, j, &mut wrow);
             for r in 0..t {
                 let exact: f32 = (0..k).map(|i| wrow[i] * x[r * k + i]).sum();
-                let scalar = scalar::dot(ty, &bytes[j * k / QK * ty.block_bytes()..], &acts[r * k / QK..(r + 1) * k / QK]);
+                let scalar = scalar::dot(
+                    ty,
+                    &bytes[j * k / QK * ty.block_bytes()..],
+                    &acts[r * k / QK..(r + 1) * k / QK],
+                );
                 let got = out[r * (n + 3) + 3 + j];
-                assert!((got - scalar).abs() <= 1e-3 * (1.0 + scalar.abs()), "{ty:?} simd {got} vs scalar {scalar}");
+                assert!(
+                    (got - scalar).abs() <= 1e-3 * (1.0 + scalar.abs()),
+                    "{ty:?} simd {got} vs scalar {scalar}"
+                );
                 // 8-bit activations cost ~1% relative error on sums of this size.
-                assert!((got - exact).abs() <= 0.05 * (1.0 + exact.abs()) + 0.02 * (k as f32).sqrt(), "{ty:?} {got} vs exact {exact}");
+                assert!(
+                    (got - exact).abs() <= 0.05 * (1.0 + exact.abs()) + 0.02 * (k as f32).sqrt(),
+                    "{ty:?} {got} vs exact {exact}"
+                );
             }
         }
     }
@@ -258,7 +287,10 @@ mod tests {
         let x: Vec<f32> = (0..32).map(|i| i as f32 - 10.0).collect();
         let q = quantize_activations(&x, 32);
         assert_eq!(q[0].qs[31], 127);
-        assert_eq!(q[0].qs[0], (-10.0f32 * 127.0 / 21.0).round_ties_even() as i8);
+        assert_eq!(
+            q[0].qs[0],
+            (-10.0f32 * 127.0 / 21.0).round_ties_even() as i8
+        );
         let zero = quantize_activations(&[0.0; 32], 32);
         assert_eq!((zero[0].d, zero[0].s), (0.0, 0.0));
     }

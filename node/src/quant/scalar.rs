@@ -17,7 +17,9 @@ pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8]) -> f32 {
         let b = &w[i * bb..(i + 1) * bb];
         sum += match ty {
             NativeType::Q8_0 => {
-                let q: i32 = (0..QK).map(|j| b[2 + j] as i8 as i32 * act.qs[j] as i32).sum();
+                let q: i32 = (0..QK)
+                    .map(|j| b[2 + j] as i8 as i32 * act.qs[j] as i32)
+                    .sum();
                 f16_at(b, 0) * act.d * q as f32
             }
             NativeType::Q4_0 => {
