@@ -137,7 +137,12 @@ unsafe fn dot_q4_1<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: &mut [
     let mut i = 0;
     while i + 1 < nb {
         q4_1_block(p.add(i * 20), acts, i, &mut even, &mut mins_e);
-        q4_1_block(p.add((i + 1) * 20), acts, i + 1, &mut odd, &mut mins_o);
+        if R == 1 {
+            q4_1_block(p.add((i + 1) * 20), acts, i + 1, &mut odd, &mut mins_o);
+        } else {
+            // R chains are already independent; more would spill registers.
+            q4_1_block(p.add((i + 1) * 20), acts, i + 1, &mut even, &mut mins_e);
+        }
         i += 2;
     }
     if i < nb {
@@ -189,7 +194,7 @@ unsafe fn dot_sym<const R: usize>(
     let mut i = 0;
     while i + 1 < nb {
         block(i, &mut even);
-        block(i + 1, &mut odd);
+        block(i + 1, if R == 1 { &mut odd } else { &mut even });
         i += 2;
     }
     if i < nb {

@@ -150,16 +150,16 @@ pub fn matmul(w: WeightView<'_>, acts: &[BlockQ8], out: &mut [f32], out_stride: 
     let n_tasks = w.n.div_ceil(ROWS_PER_TASK);
     (0..n_tasks).into_par_iter().for_each(|task| {
         let dst = &dst;
-        let first = task * ROWS_PER_TASK;
-        for j in first..(first + ROWS_PER_TASK).min(w.n) {
-            let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
-            let mut r = 0;
-            while r < t {
-                let take = if t - r >= ACT_ROWS_PER_PASS {
-                    ACT_ROWS_PER_PASS
-                } else {
-                    1
-                };
+        let weight_rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(w.n);
+        // Activation rows outside, weight rows inside: the task's weight rows
+        // (~10 KB) and one group of activation rows stay in L1 while every
+        // pair is computed. The other order streams all activations from L2
+        // once per weight row, which made prompt processing bandwidth-bound.
+        let mut r = 0;
+        while r < t {
+            let take = if t - r >= ACT_ROWS_PER_PASS { ACT_ROWS_PER_PASS } else { 1 };
+            for j in weight_rows.clone() {
+                let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
                 let mut vals = [0f32; ACT_ROWS_PER_PASS];
                 if take == ACT_ROWS_PER_PASS {
                     let a = [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]];
@@ -175,8 +175,8 @@ pub fn matmul(w: WeightView<'_>, acts: &[BlockQ8], out: &mut [f32], out_stride: 
                     // task that owns weight row `j`.
                     unsafe { *dst.ptr.add((r + i) * dst.stride + dst.col + j) = *v };
                 }
-                r += take;
             }
+            r += take;
         }
     });
 }
