@@ -5,11 +5,13 @@
 //! - `run`: `shoal run` — chat or completion, streaming to stdout.
 //! - `perplexity`: `shoal perplexity` — llama.cpp's definition.
 //! - `bench`: `shoal bench` — prompt and generation throughput like llama-bench.
+//! - `tokenize`: `shoal tokenize` — token ids of a text.
 
 mod bench;
 mod common;
 mod perplexity;
 mod run;
+mod tokenize;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +31,8 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Prompt-processing and generation throughput, like llama-bench.
     Bench(bench::BenchArgs),
+    /// Token ids of a text (like llama-tokenize).
+    Tokenize(tokenize::TokenizeArgs),
 }
 
 fn main() {
@@ -38,6 +42,7 @@ fn main() {
         Command::Run(a) => run::main(a),
         Command::Perplexity(a) => perplexity::main(a),
         Command::Bench(a) => bench::main(a),
+        Command::Tokenize(a) => tokenize::main(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

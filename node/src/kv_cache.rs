@@ -2,11 +2,15 @@
 //!
 //! Each stage keeps the K and V of *its own* layers for every sequence it
 //! serves; a sequence's cache lives as long as the request. Buffers grow by
-//! doubling (written in place with `slice_set`), so a step appends in O(new
-//! tokens) rather than copying the whole history, and a short chat does not
-//! reserve memory for the full context window.
+//! doubling, so a step appends in O(new tokens) rather than copying the whole
+//! history, and a short chat does not reserve memory for the full context.
+//!
+//! On the CPU the cache is f16 in plain vectors (llama.cpp's default type,
+//! read by [`crate::attention`]); on a GPU it is f32 candle tensors written
+//! in place with `slice_set`.
 
 use candle_core::{DType, Device, Tensor};
+use half::f16;
 
 /// Smallest allocation, in positions: avoids regrowing on every early token.
 const MIN_CAPACITY_TOKENS: usize = 64;
@@ -18,10 +22,18 @@ struct LayerKv {
     v: Option<Tensor>,
 }
 
+/// K and V of one layer on the host: `[n_kv_heads, capacity, head_dim]` f16.
+#[derive(Debug, Default)]
+struct HostKv {
+    k: Vec<f16>,
+    v: Vec<f16>,
+}
+
 /// The cache of one sequence for the layers of one stage.
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
+    host: Vec<HostKv>,
     len: usize,
     capacity: usize,
     max_len: usize,
@@ -32,6 +44,7 @@ impl KvCache {
     pub fn new(n_layers: usize, max_len: usize) -> Self {
         KvCache {
             layers: (0..n_layers).map(|_| LayerKv::default()).collect(),
+            host: (0..n_layers).map(|_| HostKv::default()).collect(),
             len: 0,
             capacity: 0,
             max_len,
@@ -65,12 +78,73 @@ impl KvCache {
 
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
-        self.layers
+        let device: usize = self
+            .layers
             .iter()
             .flat_map(|l| [&l.k, &l.v])
             .flatten()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+            .sum();
+        let host: usize = self.host.iter().map(|l| (l.k.len() + l.v.len()) * 2).sum();
+        device + host
+    }
+
+    /// The capacity needed for `t` more positions, grown by doubling.
+    fn reserve(&self, t: usize) -> Option<usize> {
+        let total = self.len + t;
+        assert!(total <= self.max_len, "caller checks the context limit");
+        (total > self.capacity).then(|| {
+            (self.capacity * 2)
+                .max(total)
+                .max(MIN_CAPACITY_TOKENS)
+                .min(self.max_len)
+        })
+    }
+
+    /// Host path: stores `k`, `v` (`[n_kv_heads, t, head_dim]` f32, rounded
+    /// to f16) for `layer` at position `self.len()`; returns the layer's
+    /// buffers `[n_kv_heads, capacity, head_dim]` and the capacity. Call
+    /// [`KvCache::advance`] once every layer of the step is appended.
+    pub(crate) fn append_host(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        n_kv: usize,
+        hd: usize,
+    ) -> (&[f16], &[f16], usize) {
+        let t = k.len() / (n_kv * hd);
+        assert!(k.len() == n_kv * t * hd && v.len() == k.len(), "kv shape");
+        if let Some(cap) = self.reserve(t) {
+            for l in &mut self.host {
+                l.k = regrow(&l.k, n_kv, self.capacity, cap, hd, self.len);
+                l.v = regrow(&l.v, n_kv, self.capacity, cap, hd, self.len);
+            }
+            self.capacity = cap;
+        }
+        let cap = self.capacity;
+        let entry = &mut self.host[layer];
+        if entry.k.is_empty() {
+            entry.k = vec![f16::ZERO; n_kv * cap * hd];
+            entry.v = vec![f16::ZERO; n_kv * cap * hd];
+        }
+        for h in 0..n_kv {
+            let dst = (h * cap + self.len) * hd;
+            let src = h * t * hd;
+            for (d, s) in entry.k[dst..dst + t * hd]
+                .iter_mut()
+                .zip(&k[src..src + t * hd])
+            {
+                *d = f16::from_f32(*s);
+            }
+            for (d, s) in entry.v[dst..dst + t * hd]
+                .iter_mut()
+                .zip(&v[src..src + t * hd])
+            {
+                *d = f16::from_f32(*s);
+            }
+        }
+        (&entry.k, &entry.v, cap)
     }
 
     /// Appends `k`, `v` (`[n_kv_heads, t, head_dim]`) for layer `layer` at
@@ -127,6 +201,18 @@ impl KvCache {
         self.len += t;
         debug_assert!(self.len <= self.capacity.max(self.len));
     }
+}
+
+/// Copies the first `len` positions of each head into buffers of `cap`.
+fn regrow(old: &[f16], n_kv: usize, old_cap: usize, cap: usize, hd: usize, len: usize) -> Vec<f16> {
+    if old.is_empty() {
+        return Vec::new();
+    }
+    let mut new = vec![f16::ZERO; n_kv * cap * hd];
+    for h in 0..n_kv {
+        new[h * cap * hd..][..len * hd].copy_from_slice(&old[h * old_cap * hd..][..len * hd]);
+    }
+    new
 }
 
 fn grow(

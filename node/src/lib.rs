@@ -4,8 +4,10 @@
 //! # Layout
 //! - [`model`]: the forward pass of a pipeline stage (layers `[start, end)`).
 //! - [`kv_cache`]: per-sequence key/value cache of a stage.
+//! - [`attention`]: CPU attention over the f16 cache, with llama.cpp's arithmetic.
 //! - [`linear`]: projection weights and embeddings read from the mapped GGUF.
 //! - [`quant`]: shoal's SIMD kernels for Q4_0/Q4_1/Q8_0 products.
+//! - [`ggml_ops`]: norm, SwiGLU and RoPE angles with ggml's exact arithmetic.
 //! - [`tokenizer`], [`chat`]: text in and out, built from the GGUF's metadata.
 //! - [`sampling`]: choosing the next token (pure).
 //! - [`engine`]: a whole model on one machine: load, prompt, generate, score.
@@ -14,8 +16,10 @@
 //! Architecture Invariant: the model code never reads files or sockets
 //! itself; weights come in as mapped spans, activations as tensors.
 
+pub mod attention;
 pub mod chat;
 pub mod engine;
+pub mod ggml_ops;
 pub mod kv_cache;
 pub mod linear;
 pub mod model;

@@ -18,6 +18,8 @@ use sharding::gguf::MappedSpan;
 use sharding::{GgufFile, ModelConfig, ModelLayout, RopeStyle, TensorInfo};
 use tracing::trace_span;
 
+use crate::attention::{self, AttnShape};
+use crate::ggml_ops;
 use crate::kv_cache::KvCache;
 use crate::linear::{Embedding, LinearGroup, WeightBytes};
 use crate::EngineError;
@@ -91,8 +93,11 @@ pub struct Stage {
     embedding: Option<Embedding>,
     blocks: Vec<Block>,
     head: Option<Head>,
+    /// RoPE tables `[max_context, head_dim / 2]` (host copies drive the CPU path).
     cos: Tensor,
     sin: Tensor,
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
     max_context: usize,
     weight_bytes: u64,
     spans: Vec<Arc<MappedSpan>>,
@@ -167,7 +172,16 @@ impl Stage {
             Some(info) => Some(get(info).to_f32_tensor(&Device::Cpu)?.to_vec1::<f32>()?),
             None => None,
         };
-        let (cos, sin) = rope_tables(&config, max_context, freq_factors.as_deref(), dev)?;
+        let half = config.head_dim / 2;
+        let (cos_host, sin_host) = ggml_ops::rope_angles(
+            max_context,
+            half,
+            config.rope_theta,
+            1.0 / config.rope_scale,
+            freq_factors.as_deref(),
+        );
+        let cos = Tensor::from_slice(&cos_host, (max_context, half), dev)?;
+        let sin = Tensor::from_slice(&sin_host, (max_context, half), dev)?;
         Ok(Stage {
             weight_bytes: tensors.iter().map(|t| t.size_bytes).sum(),
             config,
@@ -178,6 +192,8 @@ impl Stage {
             head,
             cos,
             sin,
+            cos_host,
+            sin_host,
             max_context,
             spans,
         })
@@ -298,7 +314,8 @@ impl Stage {
         }
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        let mask = if t > 1 {
+        // The CPU path masks by construction (each row reads keys up to itself).
+        let mask = if t > 1 && !self.device.is_cpu() {
             Some(causal_mask(t, pos, &self.device)?)
         } else {
             None
@@ -316,7 +333,7 @@ impl Stage {
             LogitsFor::Last => x.narrow(0, t - 1, 1)?,
             LogitsFor::All => x,
         };
-        let x = candle_nn::ops::rms_norm(&x, &head.norm, self.config.rms_eps)?;
+        let x = self.rms_norm(&x, &head.norm)?;
         Ok(StageOutput::Logits(head.output.forward_one(&x)?))
     }
 
@@ -334,7 +351,7 @@ impl Stage {
         let c = &self.config;
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        let h = candle_nn::ops::rms_norm(x, &b.attn_norm, c.rms_eps)?;
+        let h = self.rms_norm(x, &b.attn_norm)?;
         let mut qkv = b.qkv.forward(&h)?;
         if let Some(bias) = &b.qkv_bias {
             for (y, bias) in qkv.iter_mut().zip(bias) {
@@ -350,16 +367,87 @@ impl Stage {
             heads_first(k, nkv)?,
             heads_first(v, nkv)?,
         );
-        let (q, k) = match c.rope_style {
-            RopeStyle::Interleaved => (
-                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-            ),
-            RopeStyle::Neox => (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            ),
+        let scale = 1.0 / (hd as f64).sqrt();
+        let y = if self.device.is_cpu() {
+            let pos = cache.len();
+            let neox = c.rope_style == RopeStyle::Neox;
+            let (mut q, mut k) = (
+                q.flatten_all()?.to_vec1::<f32>()?,
+                k.flatten_all()?.to_vec1::<f32>()?,
+            );
+            ggml_ops::rope_in_place(&mut q, t, hd, pos, &self.cos_host, &self.sin_host, neox);
+            ggml_ops::rope_in_place(&mut k, t, hd, pos, &self.cos_host, &self.sin_host, neox);
+            let v = v.flatten_all()?.to_vec1::<f32>()?;
+            let (kb, vb, capacity) = cache.append_host(layer, &k, &v, nkv, hd);
+            let shape = AttnShape {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                capacity,
+            };
+            let mut out = vec![0f32; t * nh * hd];
+            attention::attend(shape, &q, kb, vb, pos, scale as f32, &mut out);
+            Tensor::from_vec(out, (t, nh * hd), &self.device)?
+        } else {
+            let (q, k) = match c.rope_style {
+                RopeStyle::Interleaved => (
+                    candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+                ),
+                RopeStyle::Neox => (
+                    candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                    candle_nn::rotary_emb::rope(&k, cos, sin)?,
+                ),
+            };
+            self.attend_on_device(&q, &k, &v, layer, cache, mask, scale)?
         };
+        let x = (x + b.attn_out.forward_one(&y)?)?;
+        let h = self.rms_norm(&x, &b.ffn_norm)?;
+        let gu = b.gate_up.forward(&h)?;
+        let m = self.swiglu(&gu[0], &gu[1])?;
+        x + b.down.forward_one(&m)?
+    }
+
+    /// RMSNorm times weight; ggml's arithmetic on the CPU ([`ggml_ops`]).
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.device.is_cpu() {
+            return candle_nn::ops::rms_norm(x, w, self.config.rms_eps);
+        }
+        let y = ggml_ops::rms_norm_mul(
+            &x.flatten_all()?.to_vec1()?,
+            &w.to_vec1()?,
+            self.config.rms_eps,
+        );
+        Tensor::from_vec(y, x.shape(), &self.device)
+    }
+
+    /// `silu(gate) * up`; ggml's arithmetic on the CPU ([`ggml_ops`]).
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.device.is_cpu() {
+            return candle_nn::ops::silu(gate)? * up;
+        }
+        let y = ggml_ops::swiglu(
+            &gate.flatten_all()?.to_vec1()?,
+            &up.flatten_all()?.to_vec1()?,
+        );
+        Tensor::from_vec(y, gate.shape(), &self.device)
+    }
+
+    /// Attention with candle ops on an f32 device cache (CUDA, Metal).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_on_device(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        mask: Option<&Tensor>,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let t = q.dim(2)?;
         let (k_all, v_all) = cache.append(layer, &k.squeeze(0)?, &v.squeeze(0)?)?;
         let len = k_all.dim(1)?;
         // Grouped-query attention without copying K/V per query head: query
@@ -367,7 +455,6 @@ impl Stage {
         // adjacent and fold into the row dimension.
         let rep = nh / nkv;
         let q = q.reshape((nkv, rep * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let att = (q.matmul(&k_all.t()?)? * scale)?;
         let att = match mask {
             Some(m) => att
@@ -378,15 +465,9 @@ impl Stage {
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v_all)?;
-        let y = y
-            .reshape((nh, t, hd))?
+        y.reshape((nh, t, hd))?
             .transpose(0, 1)?
-            .reshape((t, nh * hd))?;
-        let x = (x + b.attn_out.forward_one(&y)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps)?;
-        let gu = b.gate_up.forward(&h)?;
-        let m = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
-        x + b.down.forward_one(&m)?
+            .reshape((t, nh * hd))
     }
 }
 
@@ -397,37 +478,6 @@ fn causal_mask(t: usize, pos: usize, device: &Device) -> candle_core::Result<Ten
         .flat_map(|i| (0..len).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(mask, (t, len), device)
-}
-
-/// cos/sin tables `[max_pos, head_dim / 2]` as llama.cpp computes them:
-/// theta_i = pos / scale * base^(-2i/d) / freq_factor_i.
-fn rope_tables(
-    c: &ModelConfig,
-    max_pos: usize,
-    freq_factors: Option<&[f32]>,
-    device: &Device,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let half = c.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| {
-            let f = 1.0 / c.rope_theta.powf(2.0 * i as f32 / c.head_dim as f32);
-            f / freq_factors.map_or(1.0, |ff| ff[i])
-        })
-        .collect();
-    let mut cos = Vec::with_capacity(max_pos * half);
-    let mut sin = Vec::with_capacity(max_pos * half);
-    for p in 0..max_pos {
-        let p = p as f32 / c.rope_scale;
-        for &f in &inv_freq {
-            let a = p * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (max_pos, half), device)?,
-        Tensor::from_vec(sin, (max_pos, half), device)?,
-    ))
 }
 
 /// Maps the stage's tensors in as few spans as sensible: tensors closer than

@@ -424,6 +424,8 @@ fn tensor_info(
 }
 
 type RawTensor = (String, Vec<u64>, u32, u64);
+/// What the header holds before tensor offsets are resolved: version, metadata, tensors.
+type RawHeader = (u32, BTreeMap<String, Value>, Vec<RawTensor>);
 
 /// Sequential reader over the header, tracking the position for errors and
 /// bounds-checking every length against the file size.
@@ -435,7 +437,7 @@ struct HeaderReader<'a> {
 }
 
 impl HeaderReader<'_> {
-    fn header(&mut self) -> Result<(u32, BTreeMap<String, Value>, Vec<RawTensor>), GgufError> {
+    fn header(&mut self) -> Result<RawHeader, GgufError> {
         let mut magic = [0u8; 4];
         self.bytes(&mut magic, "magic")?;
         if u32::from_le_bytes(magic) != GGUF_MAGIC {

@@ -104,9 +104,12 @@ unsafe fn load_act(a: &BlockQ8) -> __m256i {
     _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)
 }
 
-// The kernels below keep two accumulators per activation row, even blocks
-// in one and odd in the other: a single FMA chain per row would cap a decode
-// step at one block per FMA latency (4 cycles).
+// The kernels below keep one accumulator per activation row and walk the
+// blocks in order, exactly as ggml's `ggml_vec_dot_*` do. Two accumulators
+// (even/odd blocks) decode ~5% faster but sum in another order, and SmolLM-
+// style models carry activations in the thousands: a last-bit difference
+// flips an 8-bit rounding a few layers later and greedy outputs part from
+// llama.cpp's within a dozen tokens. Same order, same bits.
 
 #[inline(always)]
 unsafe fn q4_1_block<const R: usize>(
@@ -130,27 +133,15 @@ unsafe fn q4_1_block<const R: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_1<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: &mut [f32; R]) {
     let nb = acts[0].len();
-    let (mut even, mut odd) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    let mut acc = [_mm256_setzero_ps(); R];
     // Lane 1 collects m * s (the blocks' min times the activation sum).
-    let (mut mins_e, mut mins_o) = ([_mm_setzero_ps(); R], [_mm_setzero_ps(); R]);
+    let mut mins = [_mm_setzero_ps(); R];
     let p = w.as_ptr();
-    let mut i = 0;
-    while i + 1 < nb {
-        q4_1_block(p.add(i * 20), acts, i, &mut even, &mut mins_e);
-        if R == 1 {
-            q4_1_block(p.add((i + 1) * 20), acts, i + 1, &mut odd, &mut mins_o);
-        } else {
-            // R chains are already independent; more would spill registers.
-            q4_1_block(p.add((i + 1) * 20), acts, i + 1, &mut even, &mut mins_e);
-        }
-        i += 2;
-    }
-    if i < nb {
-        q4_1_block(p.add(i * 20), acts, i, &mut even, &mut mins_e);
+    for i in 0..nb {
+        q4_1_block(p.add(i * 20), acts, i, &mut acc, &mut mins);
     }
     for r in 0..R {
-        let m = _mm_cvtss_f32(_mm_movehdup_ps(_mm_add_ps(mins_e[r], mins_o[r])));
-        out[r] = hsum(_mm256_add_ps(even[r], odd[r])) + m;
+        out[r] = hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(mins[r]));
     }
 }
 
@@ -190,17 +181,11 @@ unsafe fn dot_sym<const R: usize>(
         };
         sym_block(half_at(b), wq, acts, i, acc);
     };
-    let (mut even, mut odd) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-    let mut i = 0;
-    while i + 1 < nb {
-        block(i, &mut even);
-        block(i + 1, if R == 1 { &mut odd } else { &mut even });
-        i += 2;
-    }
-    if i < nb {
-        block(i, &mut even);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for i in 0..nb {
+        block(i, &mut acc);
     }
     for r in 0..R {
-        out[r] = hsum(_mm256_add_ps(even[r], odd[r]));
+        out[r] = hsum(acc[r]);
     }
 }

@@ -73,7 +73,10 @@ impl NativeType {
 
 /// Quantizes `x` (rows of `k` values, `k` a multiple of [`QK`]) to 8-bit blocks.
 pub fn quantize_activations(x: &[f32], k: usize) -> Vec<BlockQ8> {
-    assert!(k % QK == 0 && x.len() % k == 0, "bad activation shape");
+    assert!(
+        k.is_multiple_of(QK) && x.len().is_multiple_of(k),
+        "bad activation shape"
+    );
     let mut out = vec![BlockQ8::default(); x.len() / QK];
     let blocks_per_row = k / QK;
     if x.len() / k >= 4 {
@@ -131,10 +134,10 @@ pub fn matmul(w: WeightView<'_>, acts: &[BlockQ8], out: &mut [f32], out_stride: 
     let bpr = w.k / QK;
     let row_bytes = bpr * w.ty.block_bytes();
     assert!(
-        w.k % QK == 0 && w.bytes.len() == w.n * row_bytes,
+        w.k.is_multiple_of(QK) && w.bytes.len() == w.n * row_bytes,
         "weight shape"
     );
-    assert!(acts.len() % bpr == 0, "activation shape");
+    assert!(acts.len().is_multiple_of(bpr), "activation shape");
     let t = acts.len() / bpr;
     assert!(
         col + w.n <= out_stride && out.len() >= t * out_stride,
@@ -157,7 +160,11 @@ pub fn matmul(w: WeightView<'_>, acts: &[BlockQ8], out: &mut [f32], out_stride: 
         // once per weight row, which made prompt processing bandwidth-bound.
         let mut r = 0;
         while r < t {
-            let take = if t - r >= ACT_ROWS_PER_PASS { ACT_ROWS_PER_PASS } else { 1 };
+            let take = if t - r >= ACT_ROWS_PER_PASS {
+                ACT_ROWS_PER_PASS
+            } else {
+                1
+            };
             for j in weight_rows.clone() {
                 let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
                 let mut vals = [0f32; ACT_ROWS_PER_PASS];

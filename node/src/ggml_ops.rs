@@ -1,0 +1,218 @@
+//! The element-wise parts of a llama layer with ggml's exact arithmetic (CPU).
+//!
+//! Models like SmolLM carry activations in the thousands; the 8-bit
+//! quantization of activations before every matmul then turns a last-bit
+//! difference into a different rounding, and greedy outputs drift apart from
+//! llama.cpp's within a few tokens. So on the CPU shoal computes RMSNorm,
+//! SwiGLU and the RoPE angles in the same order and with the same
+//! approximations as ggml's x86 code (`ggml_compute_forward_rms_norm_f32`,
+//! `ggml_vec_swiglu_f32` with `ggml_v_expf`, `ggml_rope_cache_init`).
+
+/// `y = (x * 1/sqrt(mean(x²) + eps)) * w` per row of `x` (`[rows, w.len()]`),
+/// the sum of squares accumulated in f64 in order, as ggml does.
+pub fn rms_norm_mul(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(n) {
+        let sum: f64 = row.iter().fold(0f64, |s, &v| s + (v * v) as f64);
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0f32 / (mean + eps).sqrt();
+        y.extend(row.iter().zip(w).map(|(&v, &g)| (v * scale) * g));
+    }
+    y
+}
+
+/// `silu(gate) * up`, element-wise, as `ggml_vec_swiglu_f32`: 8-wide SIMD
+/// with ggml's `expf` approximation, the tail with libm's `expf`.
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    assert_eq!(gate.len(), up.len());
+    let mut y = vec![0f32; gate.len()];
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::simd_available() {
+        // SAFETY: AVX2/FMA checked at run time; bounds by the loop condition.
+        unsafe { i = x86::swiglu(gate, up, &mut y) };
+    }
+    for j in i..gate.len() {
+        y[j] = gate[j] / (1.0 + (-gate[j]).exp()) * up[j];
+    }
+    y
+}
+
+/// RoPE angle table `[positions, half]`: theta_i = pos * scale^i accumulated
+/// by repeated multiplication (ggml's `ggml_rope_cache_init`), with
+/// `scale = base^(-2/dims)`, frequency factors dividing, positions scaled.
+pub fn rope_angles(
+    positions: usize,
+    half: usize,
+    base: f32,
+    freq_scale: f32,
+    factors: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let theta_scale = base.powf(-2.0 / (2 * half) as f32);
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        let mut theta = p as f32;
+        for i in 0..half {
+            let ff = factors.map_or(1.0, |f| f[i]);
+            let t = freq_scale * (theta / ff);
+            cos.push(t.cos());
+            sin.push(t.sin());
+            theta *= theta_scale;
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotates `x` (`[heads, t, head_dim]`, rows at positions `pos..pos + t`)
+/// in place with angle tables from [`rope_angles`]. `neox` pairs `i` with
+/// `i + head_dim/2`; otherwise adjacent elements pair up. Each output is one
+/// fused multiply-add on top of a rounded product, as GCC compiles ggml's
+/// `rotate_pairs` (`x0*cos - x1*sin` becomes `fma(x0, cos, -(x1*sin))`).
+pub fn rope_in_place(
+    x: &mut [f32],
+    t: usize,
+    hd: usize,
+    pos: usize,
+    cos: &[f32],
+    sin: &[f32],
+    neox: bool,
+) {
+    let half = hd / 2;
+    for (row_idx, row) in x.chunks_exact_mut(hd).enumerate() {
+        let p = pos + row_idx % t;
+        let (c, s) = (
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
+        for i in 0..half {
+            let (a, b) = if neox {
+                (i, i + half)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
+            let (x0, x1) = (row[a], row[b]);
+            row[a] = x0.mul_add(c[i], -(x1 * s[i]));
+            row[b] = x1.mul_add(c[i], x0 * s[i]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// SwiGLU over the 8-aligned prefix; returns how many elements it did.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn swiglu(gate: &[f32], up: &[f32], y: &mut [f32]) -> usize {
+        let mut i = 0;
+        while i + 7 < gate.len() {
+            let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let g = _mm256_loadu_ps(up.as_ptr().add(i));
+            _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_mul_ps(silu(x), g));
+            i += 8;
+        }
+        i
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn silu(x: __m256) -> __m256 {
+        let neg = _mm256_sub_ps(_mm256_setzero_ps(), x);
+        _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), expf(neg)))
+    }
+
+    /// ggml's `ggml_v_expf` (AVX2), constant for constant.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn expf(x: __m256) -> __m256 {
+        let r = _mm256_set1_ps(f32::from_bits(0x4B40_0000)); // 0x1.8p23
+        let z = _mm256_fmadd_ps(x, _mm256_set1_ps(f32::from_bits(0x3FB8_AA3B)), r); // 0x1.715476p+0
+        let n = _mm256_sub_ps(z, r);
+        let b = _mm256_fnmadd_ps(
+            n,
+            _mm256_set1_ps(f32::from_bits(0x35BF_BE8E)), // 0x1.7f7d1cp-20
+            _mm256_fnmadd_ps(n, _mm256_set1_ps(f32::from_bits(0x3F31_7200)), x), // 0x1.62e4p-1
+        );
+        let e = _mm256_slli_epi32(_mm256_castps_si256(z), 23);
+        let k = _mm256_castsi256_ps(_mm256_add_epi32(
+            e,
+            _mm256_castps_si256(_mm256_set1_ps(1.0)),
+        ));
+        let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+        let c = _mm256_castps_si256(_mm256_cmp_ps(abs_n, _mm256_set1_ps(126.0), _CMP_GT_OQ));
+        let u = _mm256_mul_ps(b, b);
+        let j = _mm256_fmadd_ps(
+            _mm256_fmadd_ps(
+                _mm256_fmadd_ps(
+                    _mm256_set1_ps(f32::from_bits(0x3C07_2010)),
+                    b,
+                    _mm256_set1_ps(f32::from_bits(0x3D2B_9F17)),
+                ), // 0x1.0e4020p-7, 0x1.573e2ep-5
+                u,
+                _mm256_fmadd_ps(
+                    _mm256_set1_ps(f32::from_bits(0x3E2A_AF33)),
+                    b,
+                    _mm256_set1_ps(f32::from_bits(0x3EFF_FEDB)),
+                ), // 0x1.555e66p-3, 0x1.fffdb6p-2
+            ),
+            u,
+            _mm256_mul_ps(_mm256_set1_ps(f32::from_bits(0x3F7F_FFF6)), b), // 0x1.ffffecp-1
+        );
+        if _mm256_movemask_ps(_mm256_castsi256_ps(c)) == 0 {
+            return _mm256_fmadd_ps(j, k, k);
+        }
+        let g = _mm256_and_si256(
+            _mm256_castps_si256(_mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_LE_OQ)),
+            _mm256_set1_epi32(0x8200_0000u32 as i32),
+        );
+        let s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f00_0000)));
+        let s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+        let d = _mm256_castps_si256(_mm256_cmp_ps(abs_n, _mm256_set1_ps(192.0), _CMP_GT_OQ));
+        _mm256_or_ps(
+            _mm256_and_ps(_mm256_castsi256_ps(d), _mm256_mul_ps(s1, s1)),
+            _mm256_andnot_ps(
+                _mm256_castsi256_ps(d),
+                _mm256_or_ps(
+                    _mm256_and_ps(
+                        _mm256_castsi256_ps(c),
+                        _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1),
+                    ),
+                    _mm256_andnot_ps(_mm256_castsi256_ps(c), _mm256_fmadd_ps(k, j, k)),
+                ),
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swiglu_is_close_to_the_definition() {
+        let gate: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.7).collect();
+        let up: Vec<f32> = (0..37).map(|i| 1.0 + i as f32 * 0.1).collect();
+        for ((y, g), u) in swiglu(&gate, &up).iter().zip(&gate).zip(&up) {
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!(
+                (y - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{y} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_and_rope_tables() {
+        let y = rms_norm_mul(&[3.0, 4.0], &[1.0, 2.0], 0.0);
+        let s = 1.0 / 12.5f32.sqrt();
+        assert_eq!(y, [3.0 * s, 4.0 * s * 2.0]);
+        // eps keeps an all-zero row finite.
+        assert_eq!(rms_norm_mul(&[0.0, 0.0], &[1.0, 2.0], 1e-5), [0.0, 0.0]);
+        let (cos, sin) = rope_angles(3, 4, 10000.0, 1.0, None);
+        assert_eq!((cos[0], sin[0]), (1.0, 0.0));
+        let t = 2.0 * 10000f32.powf(-0.25);
+        assert!((cos[9] - t.cos()).abs() < 1e-6 && (sin[9] - t.sin()).abs() < 1e-6);
+    }
+}
