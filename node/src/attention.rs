@@ -99,7 +99,8 @@ fn attend_row(q: &[f32], k: &[f16], v: &[f16], hd: usize, scale: f32, out: &mut 
         for (a, &x) in acc.iter_mut().zip(vrow) {
             *a = f16::from_f32(x.to_f32().mul_add(vs, a.to_f32()));
         }
-        sum = sum * ms + vs;
+        // ggml's `S = S*ms + vs` compiles to one FMA.
+        sum = sum.mul_add(ms, vs);
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
     for (o, a) in out.iter_mut().zip(&acc) {

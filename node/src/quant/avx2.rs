@@ -123,8 +123,10 @@ unsafe fn q4_1_block<const R: usize>(
     let wq = unpack_nibbles(b.add(4));
     for r in 0..R {
         let a = acts[r].get_unchecked(i);
-        let scales = _mm_mul_ps(dm, act_scales(a));
-        mins[r] = _mm_add_ps(mins[r], scales);
+        let act = act_scales(a);
+        let scales = _mm_mul_ps(dm, act);
+        // ggml's `summs += m * s` is compiled to one FMA: do the same.
+        mins[r] = _mm_fmadd_ps(dm, act, mins[r]);
         let dot = dot_u8_i8(wq, load_act(a));
         acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), dot, acc[r]);
     }

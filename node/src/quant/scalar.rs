@@ -40,7 +40,7 @@ pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8]) -> f32 {
                         lo * act.qs[j] as i32 + hi * act.qs[j + QK / 2] as i32
                     })
                     .sum();
-                f16_at(b, 0) * act.d * q as f32 + f16_at(b, 2) * act.s
+                f16_at(b, 2).mul_add(act.s, f16_at(b, 0) * act.d * q as f32)
             }
         };
     }
