@@ -14,6 +14,11 @@ use rayon::prelude::*;
 /// Query heads × query rows below which attention runs on one thread: a
 /// decode step (one row) is a few microseconds, less than a fan-out costs.
 const PARALLEL_ROWS_MIN: usize = 16;
+/// Query rows from which ggml switches to its tiled f32 flash attention
+/// (`GGML_FA_TILE_Q`); below it, the f16-accumulating one-row kernel.
+const TILED_ROWS_MIN: usize = 64;
+/// Keys per tile of the tiled kernel (`GGML_FA_TILE_KV`).
+const KV_TILE: usize = 64;
 
 /// Shape of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -57,14 +62,12 @@ pub(crate) fn attend(
         let base = kvh * s.capacity * hd;
         let qrow = &q[(h * t + i) * hd..(h * t + i + 1) * hd];
         let keys = pos + i + 1; // causal: this row sees positions 0..=pos+i
-        attend_row(
-            qrow,
-            &k[base..base + keys * hd],
-            &v[base..base + keys * hd],
-            hd,
-            scale,
-            dst,
-        );
+        let (kr, vr) = (&k[base..base + keys * hd], &v[base..base + keys * hd]);
+        if t >= TILED_ROWS_MIN {
+            attend_row_tiled(qrow, kr, vr, hd, scale, dst);
+        } else {
+            attend_row(qrow, kr, vr, hd, scale, dst);
+        }
     };
     if t * nh < PARALLEL_ROWS_MIN {
         for (idx, dst) in out.chunks_exact_mut(hd).enumerate() {
@@ -105,6 +108,50 @@ fn attend_row(q: &[f32], k: &[f16], v: &[f16], hd: usize, scale: f32, out: &mut 
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
     for (o, a) in out.iter_mut().zip(&acc) {
         *o = a.to_f32() * inv;
+    }
+}
+
+/// One query row as ggml's tiled kernel computes it for long prompts: f32
+/// throughout, keys in tiles of [`KV_TILE`], the softmax rescaled per tile.
+fn attend_row_tiled(q: &[f32], k: &[f16], v: &[f16], hd: usize, scale: f32, out: &mut [f32]) {
+    let mut acc = vec![0f32; hd];
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+    let mut scores = [0f32; KV_TILE];
+    for (kt, vt) in k.chunks(KV_TILE * hd).zip(v.chunks(KV_TILE * hd)) {
+        let n = kt.len() / hd;
+        for (s, krow) in scores.iter_mut().zip(kt.chunks_exact(hd)) {
+            *s = q
+                .iter()
+                .zip(krow)
+                .fold(0f32, |a, (&x, &y)| x.mul_add(y.to_f32(), a))
+                * scale;
+        }
+        let tile_max = scores[..n]
+            .iter()
+            .cloned()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let new_max = max.max(tile_max);
+        if new_max > max {
+            let ms = (max - new_max).exp();
+            acc.iter_mut().for_each(|a| *a *= ms);
+            sum *= ms;
+        }
+        max = new_max;
+        let mut tile_sum = 0f64;
+        for s in scores[..n].iter_mut() {
+            *s = (*s - max).exp();
+            tile_sum += *s as f64;
+        }
+        sum += tile_sum as f32;
+        for (p, vrow) in scores[..n].iter().zip(vt.chunks_exact(hd)) {
+            for (a, &x) in acc.iter_mut().zip(vrow) {
+                *a = p.mul_add(x.to_f32(), *a);
+            }
+        }
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = a * inv;
     }
 }
 
@@ -186,14 +233,14 @@ mod tests {
             n_heads: 6,
             n_kv_heads: 2,
             head_dim: 40,
-            capacity: 24,
+            capacity: 80,
         };
         let val = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
-        let k: Vec<f16> = (0..2 * 24 * 40).map(|i| f16::from_f32(val(i))).collect();
-        let v: Vec<f16> = (0..2 * 24 * 40)
+        let k: Vec<f16> = (0..2 * 80 * 40).map(|i| f16::from_f32(val(i))).collect();
+        let v: Vec<f16> = (0..2 * 80 * 40)
             .map(|i| f16::from_f32(val(i + 13)))
             .collect();
-        for (t, pos) in [(1, 0), (1, 17), (5, 3), (20, 4)] {
+        for (t, pos) in [(1, 0), (1, 17), (5, 3), (20, 4), (70, 2)] {
             let q: Vec<f32> = (0..6 * t * 40).map(|i| val(i + 101)).collect();
             let mut out = vec![0f32; t * 6 * 40];
             attend(s, &q, &k, &v, pos, 0.3, &mut out);

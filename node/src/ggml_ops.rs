@@ -69,7 +69,8 @@ pub fn rope_angles(
 /// in place with angle tables from [`rope_angles`]. `neox` pairs `i` with
 /// `i + head_dim/2`; otherwise adjacent elements pair up. Each output is one
 /// fused multiply-add on top of a rounded product, as GCC compiles ggml's
-/// `rotate_pairs` (`x0*cos - x1*sin` becomes `fma(x0, cos, -(x1*sin))`).
+/// `rotate_pairs`: the first product of each sum is fused, `x0*cos - x1*sin`
+/// becomes `fma(x0, cos, -(x1*sin))` and `x0*sin + x1*cos` `fma(x0, sin, x1*cos)`.
 pub fn rope_in_place(
     x: &mut [f32],
     t: usize,
@@ -94,7 +95,7 @@ pub fn rope_in_place(
             };
             let (x0, x1) = (row[a], row[b]);
             row[a] = x0.mul_add(c[i], -(x1 * s[i]));
-            row[b] = x1.mul_add(c[i], x0 * s[i]);
+            row[b] = x0.mul_add(s[i], x1 * c[i]);
         }
     }
 }
