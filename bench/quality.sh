@@ -6,18 +6,12 @@
 #
 #   bench/quality.sh [MODEL.gguf] [TEXT]
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
 N=${N:-16}
 CTX=${CTX:-256}
 CHUNKS=${CHUNKS:-20}
-cargo build --release -q -p shoal --manifest-path "$root/Cargo.toml"
-shoal="$root/target/release/shoal"
-cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
-model=${1:-$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
-[ -f "$model" ] || "$shoal" run --no-template -n 1 --temp 0 "hi" >/dev/null
+source "$(dirname "$0")/setup.sh"
 # English prose present on every Debian machine.
 text=${2:-/usr/share/common-licenses/GPL-3}
-llama=$("$root/../shared/peers/llama-cpp.sh")
 threads=${THREADS:-2}
 
 echo "== perplexity, ctx $CTX, $CHUNKS chunks of $(basename "$text")"

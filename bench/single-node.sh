@@ -5,17 +5,11 @@
 #   bench/single-node.sh [MODEL.gguf]      (default: the default model)
 #   THREADS="1 2" PROMPT=128 GEN=64 REPS=5 bench/single-node.sh
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
 THREADS=${THREADS:-"1 2"}
 PROMPT=${PROMPT:-128}
 GEN=${GEN:-64}
 REPS=${REPS:-5}
-cargo build --release -q -p shoal --manifest-path "$root/Cargo.toml"
-shoal="$root/target/release/shoal"
-cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
-model=${1:-$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
-[ -f "$model" ] || "$shoal" run --no-template -n 1 --temp 0 "hi" >/dev/null  # fetches the default model
-llama=$("$root/../shared/peers/llama-cpp.sh")
+source "$(dirname "$0")/setup.sh"
 out=$(mktemp -d)
 for t in $THREADS; do
   "$shoal" bench -m "$model" -t "$t" -p "$PROMPT" -n "$GEN" -r "$REPS" --json > "$out/shoal-$t.json"

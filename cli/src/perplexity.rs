@@ -12,8 +12,9 @@ use node::LogitsFor;
 
 use crate::common::ModelArgs;
 
-/// Largest text file read; the standard wikitext-2 test set is ~1.3 MB.
-const TEXT_BYTES_MAX: u64 = 256 << 20;
+/// Largest text file read: what the tokenizer takes in one piece
+/// (the standard wikitext-2 test set is ~1.3 MB).
+const TEXT_BYTES_MAX: u64 = node::tokenizer::MAX_INPUT_BYTES as u64;
 
 /// `shoal perplexity` flags.
 #[derive(Args, Debug)]

@@ -1,6 +1,6 @@
 //! The `shoal` binary end to end: real model runs, stats lines, bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn shoal(args: &[&str]) -> Output {
@@ -9,6 +9,14 @@ fn shoal(args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run shoal")
+}
+
+/// `shoal SUB -m <default model> ARGS...`
+fn shoal_default(sub: &str, args: &[&str]) -> Output {
+    let m = model();
+    let mut all = vec![sub, "-m", m.to_str().unwrap()];
+    all.extend_from_slice(args);
+    shoal(&all)
 }
 
 fn model() -> PathBuf {
@@ -42,21 +50,20 @@ fn assert_clear_error(o: &Output, needle: &str) {
 
 #[test]
 fn greedy_completion_streams_and_reports_stats() {
-    let m = model();
-    let o = shoal(&[
+    let o = shoal_default(
         "run",
-        "-m",
-        m.to_str().unwrap(),
-        "--no-template",
-        "--temp",
-        "0",
-        "-n",
-        "16",
-        "-t",
-        "1",
-        "--verbose",
-        "The capital of France is",
-    ]);
+        &[
+            "--no-template",
+            "--temp",
+            "0",
+            "-n",
+            "16",
+            "-t",
+            "1",
+            "--verbose",
+            "The capital of France is",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("Paris"), "{}", stdout(&o));
     let last = stderr(&o).lines().last().unwrap_or_default().to_string();
@@ -162,24 +169,14 @@ fn unknown_architecture() {
 
 #[test]
 fn prompt_longer_than_context() {
-    let m = model();
     let long = "word ".repeat(200);
-    let o = shoal(&[
-        "run",
-        "-m",
-        m.to_str().unwrap(),
-        "--ctx",
-        "64",
-        "--no-template",
-        &long,
-    ]);
+    let o = shoal_default("run", &["--ctx", "64", "--no-template", &long]);
     assert_clear_error(&o, "context full");
 }
 
 #[test]
 fn bad_flags_are_rejected() {
-    let m = model();
-    let o = shoal(&["run", "-m", m.to_str().unwrap(), "--top-p", "0", "hi"]);
+    let o = shoal_default("run", &["--top-p", "0", "hi"]);
     assert_clear_error(&o, "top_p");
 }
 
@@ -189,18 +186,10 @@ fn perplexity_prints_final_estimate() {
     let text = dir.path().join("text.txt");
     let para = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ";
     std::fs::write(&text, para.repeat(12)).unwrap();
-    let m = model();
-    let o = shoal(&[
+    let o = shoal_default(
         "perplexity",
-        "-m",
-        m.to_str().unwrap(),
-        "-f",
-        text.to_str().unwrap(),
-        "--ctx",
-        "64",
-        "-t",
-        "1",
-    ]);
+        &["-f", text.to_str().unwrap(), "--ctx", "64", "-t", "1"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     let line = out
@@ -219,21 +208,10 @@ fn perplexity_prints_final_estimate() {
 
 #[test]
 fn bench_json_has_llama_bench_fields() {
-    let m = model();
-    let o = shoal(&[
+    let o = shoal_default(
         "bench",
-        "-m",
-        m.to_str().unwrap(),
-        "-t",
-        "1",
-        "-p",
-        "16",
-        "-n",
-        "4",
-        "-r",
-        "1",
-        "--json",
-    ]);
+        &["-t", "1", "-p", "16", "-n", "4", "-r", "1", "--json"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let rows: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let rows = rows.as_array().unwrap();
@@ -250,21 +228,20 @@ fn bench_json_has_llama_bench_fields() {
 
 #[test]
 fn resident_memory_after_load_stays_near_file_size() {
-    let m = model();
-    let o = shoal(&[
+    let o = shoal_default(
         "run",
-        "-m",
-        m.to_str().unwrap(),
-        "--no-template",
-        "--temp",
-        "0",
-        "-n",
-        "1",
-        "-t",
-        "1",
-        "--verbose",
-        "Hi",
-    ]);
+        &[
+            "--no-template",
+            "--temp",
+            "0",
+            "-n",
+            "1",
+            "-t",
+            "1",
+            "--verbose",
+            "Hi",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     let line = err.lines().find(|l| l.starts_with("memory: ")).expect(&err);
@@ -277,7 +254,7 @@ fn resident_memory_after_load_stays_near_file_size() {
         .unwrap()
         .parse()
         .unwrap();
-    let file_mib = std::fs::metadata(Path::new(&m)).unwrap().len() as f64 / (1 << 20) as f64;
+    let file_mib = std::fs::metadata(model()).unwrap().len() as f64 / (1 << 20) as f64;
     assert!(
         rss <= 1.3 * file_mib,
         "rss {rss} MiB for a {file_mib:.1} MiB model: {line}"
