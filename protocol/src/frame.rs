@@ -1,0 +1,292 @@
+//! Frames: a 4-byte little-endian length, then a bincode-encoded
+//! [`Message`]. Decoding is a pure function over a byte buffer, so the
+//! transport owns the socket and the buffer and tests need neither.
+
+use crate::limits::FRAME_BYTES_MAX;
+use crate::message::Message;
+
+/// Bytes of the length prefix.
+pub const HEADER_BYTES: usize = 4;
+
+/// bincode's own allocation bound: no length inside a frame can make the
+/// decoder reserve more than a whole frame.
+fn config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<FRAME_BYTES_MAX>,
+> {
+    bincode::config::standard().with_limit::<FRAME_BYTES_MAX>()
+}
+
+/// Why a message could not be framed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The message breaks a limit or invariant.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// The encoded message is larger than a frame may be.
+    #[error("message of {0} bytes exceeds the {FRAME_BYTES_MAX}-byte frame limit")]
+    TooLarge(usize),
+    /// bincode failed (should not happen for these types).
+    #[error("encoding failed: {0}")]
+    Bincode(String),
+}
+
+/// Why bytes could not be decoded. The connection that sent them should be closed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The length prefix announces more than a frame may hold.
+    #[error("frame of {0} bytes exceeds the {FRAME_BYTES_MAX}-byte limit")]
+    TooLarge(usize),
+    /// The body is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The message decoded but breaks a limit or invariant.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// Encodes `msg` as one frame (validated first: a node never sends what it
+/// would refuse to receive).
+pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
+    msg.validate().map_err(EncodeError::Invalid)?;
+    let body = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|e| EncodeError::Bincode(e.to_string()))?;
+    if body.len() > FRAME_BYTES_MAX {
+        return Err(EncodeError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes the first frame in `buf`: `Ok(Some((message, bytes used)))`,
+/// `Ok(None)` when more bytes are needed, or an error for bytes no valid
+/// peer sends. Never allocates more than the announced, bounded frame size.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
+    let Some(header) = buf.get(..HEADER_BYTES) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(header.try_into().expect("4 bytes")) as usize;
+    if len > FRAME_BYTES_MAX {
+        return Err(DecodeError::TooLarge(len));
+    }
+    let Some(body) = buf.get(HEADER_BYTES..HEADER_BYTES + len) else {
+        return Ok(None);
+    };
+    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(body, config())
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if used != len {
+        return Err(DecodeError::Malformed(format!(
+            "{} trailing bytes in frame",
+            len - used
+        )));
+    }
+    msg.validate().map_err(DecodeError::Invalid)?;
+    Ok(Some((msg, HEADER_BYTES + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::*;
+    use proptest::prelude::*;
+
+    fn arb_name() -> impl Strategy<Value = String> {
+        "[a-z0-9/.:]{0,40}"
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let hello = (
+            any::<u32>(),
+            arb_name(),
+            arb_name(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            prop::collection::vec(arb_name(), 0..4),
+        )
+            .prop_map(
+                |(version, node_id, cluster, memory_bytes, cert_fingerprint, addrs)| {
+                    Message::Hello(Hello {
+                        version,
+                        node_id,
+                        cluster,
+                        capabilities: Capabilities {
+                            device: DeviceKind::Cpu,
+                            threads: 2,
+                            memory_bytes,
+                            layer_us: 300,
+                            data_addr: "10.0.0.2:7000".into(),
+                            cert_fingerprint,
+                            addrs,
+                        },
+                    })
+                },
+            );
+        let plan =
+            (prop::collection::vec(1u32..8, 1..6), any::<u64>()).prop_map(|(sizes, epoch)| {
+                let mut start = 0;
+                let stages = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| {
+                        let s = StageAssignment {
+                            node_id: format!("node{i}"),
+                            layers_start: start,
+                            layers_end: start + n,
+                        };
+                        start += n;
+                        s
+                    })
+                    .collect();
+                Message::Plan(Plan {
+                    epoch,
+                    model_hash: [7; 32],
+                    n_layers: start,
+                    stages,
+                })
+            });
+        let acts = (
+            prop::collection::vec((any::<u64>(), any::<u32>(), 1u32..4), 1..4),
+            1u32..16,
+            prop::bool::ANY,
+        )
+            .prop_flat_map(|(seqs, dim, half)| {
+                let dtype = if half { DType::F16 } else { DType::F32 };
+                let rows: u32 = seqs.iter().map(|s| s.2).sum();
+                let bytes = rows as usize * dim as usize * dtype.size();
+                prop::collection::vec(any::<u8>(), bytes).prop_map(move |payload| {
+                    Message::Activations(Activations {
+                        batch: seqs
+                            .iter()
+                            .map(|&(request_id, position, rows)| SeqRows {
+                                request_id,
+                                position,
+                                rows,
+                            })
+                            .collect(),
+                        dim,
+                        dtype,
+                        payload,
+                    })
+                })
+            });
+        let tokens = prop::collection::vec((any::<u64>(), any::<u32>(), any::<u32>()), 0..8)
+            .prop_map(|v| {
+                Message::Tokens(Tokens {
+                    entries: v
+                        .into_iter()
+                        .map(|(request_id, position, token)| SampledToken {
+                            request_id,
+                            position,
+                            token,
+                        })
+                        .collect(),
+                })
+            });
+        prop_oneof![
+            hello,
+            plan,
+            acts,
+            tokens,
+            any::<u64>().prop_map(|request_id| Message::Cancel { request_id }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(seq, sent_at_ms)| Message::Heartbeat { seq, sent_at_ms }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(msg in arb_message()) {
+            let bytes = encode(&msg).unwrap();
+            let (back, used) = decode(&bytes).unwrap().unwrap();
+            prop_assert_eq!(used, bytes.len());
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn truncated_frames_ask_for_more(msg in arb_message(), cut in 0usize..1000) {
+            let bytes = encode(&msg).unwrap();
+            let cut = cut % bytes.len();
+            prop_assert_eq!(decode(&bytes[..cut]), Ok(None));
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn corrupted_bodies_are_errors_or_valid(msg in arb_message(), at in any::<usize>(), bit in 0u8..8) {
+            let mut bytes = encode(&msg).unwrap();
+            let i = HEADER_BYTES + at % (bytes.len() - HEADER_BYTES).max(1);
+            if i < bytes.len() {
+                bytes[i] ^= 1 << bit;
+            }
+            if let Ok(Some((m, _))) = decode(&bytes) {
+                prop_assert!(m.validate().is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_reading() {
+        let mut bytes = ((FRAME_BYTES_MAX + 1) as u32).to_le_bytes().to_vec();
+        bytes.extend([0; 16]);
+        assert_eq!(
+            decode(&bytes),
+            Err(DecodeError::TooLarge(FRAME_BYTES_MAX + 1))
+        );
+    }
+
+    #[test]
+    fn lying_inner_lengths_do_not_allocate() {
+        // A Tokens message claiming 2^60 entries inside a 12-byte frame.
+        let body = [3u8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F, 0, 0, 0];
+        let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
+        bytes.extend(body);
+        assert!(matches!(decode(&bytes), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn invalid_messages_are_refused_both_ways() {
+        let bad_plan = Message::Plan(Plan {
+            epoch: 1,
+            model_hash: [0; 32],
+            n_layers: 10,
+            stages: vec![
+                StageAssignment {
+                    node_id: "a".into(),
+                    layers_start: 0,
+                    layers_end: 4,
+                },
+                StageAssignment {
+                    node_id: "b".into(),
+                    layers_start: 5,
+                    layers_end: 10,
+                },
+            ],
+        });
+        assert!(matches!(encode(&bad_plan), Err(EncodeError::Invalid(_))));
+        let bad_acts = Message::Activations(Activations {
+            batch: vec![SeqRows {
+                request_id: 1,
+                position: 0,
+                rows: 2,
+            }],
+            dim: 4,
+            dtype: DType::F32,
+            payload: vec![0; 31],
+        });
+        let e = encode(&bad_acts).unwrap_err();
+        assert!(e.to_string().contains("needs 32"), "{e}");
+        // The receiver checks too: hand-encode the bad message.
+        let body = bincode::serde::encode_to_vec(&bad_acts, config()).unwrap();
+        let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
+        bytes.extend(body);
+        assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
+    }
+}

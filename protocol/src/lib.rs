@@ -1,0 +1,23 @@
+//! shoal's wire protocol: every message between nodes, how it is framed,
+//! and the limits a receiver enforces.
+//!
+//! # Layout
+//! - [`message`]: the messages (hello, plan, activations, tokens, cancel,
+//!   heartbeat) and their validation.
+//! - [`frame`]: length-prefixed bincode frames; [`frame::decode`] is a pure
+//!   function over bytes answering "a message", "need more bytes" or "invalid".
+//! - [`limits`]: the hard bounds, each with the reason for its value.
+//!
+//! Architecture Invariant: this crate does no I/O and holds no state. The
+//! node's transport owns sockets and buffers and calls these functions; tests
+//! and the simulator call them with plain bytes.
+
+pub mod frame;
+pub mod limits;
+pub mod message;
+
+pub use frame::{decode, encode, DecodeError, EncodeError};
+pub use message::{
+    Activations, Capabilities, DType, DeviceKind, Hello, Message, Plan, SampledToken, SeqRows,
+    StageAssignment, Tokens, PROTOCOL_VERSION,
+};

@@ -1,0 +1,28 @@
+//! Hard limits on everything a peer can send. A receiver checks them before
+//! allocating, so a broken or hostile peer costs an error, never memory.
+
+/// Largest frame body. 64 MiB: the activations of a 512-token prompt chunk
+/// of a model with hidden size 8192 are 16 MiB in f32; four times that
+/// leaves room for batches without letting one frame exhaust a node.
+pub const FRAME_BYTES_MAX: usize = 64 << 20;
+
+/// Largest activation payload. 48 MiB keeps a full frame's overhead (ids,
+/// shapes) well inside [`FRAME_BYTES_MAX`].
+pub const TENSOR_BYTES_MAX: usize = 48 << 20;
+
+/// Most sequences in one activations or tokens message: the scheduler's
+/// batch bound (continuous batching rarely goes past a few dozen).
+pub const REQUESTS_PER_MESSAGE_MAX: usize = 256;
+
+/// Most token positions one message carries for one sequence: the prompt
+/// chunk size (512) with a wide margin for longer chunks.
+pub const TOKENS_PER_MESSAGE_MAX: usize = 8192;
+
+/// Most stages in a plan: more than any office has machines.
+pub const STAGES_MAX: usize = 64;
+
+/// Longest identifier or name string (node ids, cluster names, addresses).
+pub const NAME_BYTES_MAX: usize = 256;
+
+/// Most addresses a node advertises (interfaces × transports).
+pub const ADDRS_MAX: usize = 32;
