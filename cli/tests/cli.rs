@@ -19,6 +19,11 @@ fn shoal_default(sub: &str, args: &[&str]) -> Output {
     shoal(&all)
 }
 
+/// `shoal run -m PATH hi`: what a user with a bad file would type.
+fn run_hi(path: &std::path::Path) -> Output {
+    shoal(&["run", "-m", path.to_str().unwrap(), "hi"])
+}
+
 fn model() -> PathBuf {
     node::models::default_model().expect("default model")
 }
@@ -116,7 +121,7 @@ fn chat_mode_reads_stdin_and_seeded_sampling_repeats() {
 #[test]
 fn missing_file() {
     assert_clear_error(
-        &shoal(&["run", "-m", "/no/such/model.gguf", "hi"]),
+        &run_hi(std::path::Path::new("/no/such/model.gguf")),
         "/no/such/model.gguf",
     );
 }
@@ -126,10 +131,7 @@ fn not_a_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("readme.gguf");
     std::fs::write(&p, "# just text, not a model\n").unwrap();
-    assert_clear_error(
-        &shoal(&["run", "-m", p.to_str().unwrap(), "hi"]),
-        "not a GGUF file",
-    );
+    assert_clear_error(&run_hi(&p), "not a GGUF file");
 }
 
 #[test]
@@ -139,16 +141,10 @@ fn truncated_gguf() {
     let bytes = std::fs::read(model()).unwrap();
     // Cut inside the tensor data: the header parses, the last tensors are missing.
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    assert_clear_error(
-        &shoal(&["run", "-m", p.to_str().unwrap(), "hi"]),
-        "truncated",
-    );
+    assert_clear_error(&run_hi(&p), "truncated");
     // Cut inside the header (the vocabulary).
     std::fs::write(&p, &bytes[..100_000]).unwrap();
-    assert_clear_error(
-        &shoal(&["run", "-m", p.to_str().unwrap(), "hi"]),
-        "truncated",
-    );
+    assert_clear_error(&run_hi(&p), "truncated");
 }
 
 #[test]
@@ -161,10 +157,7 @@ fn unknown_architecture() {
         ..Default::default()
     };
     node::models::write_synthetic_gguf(&p, &spec).unwrap();
-    assert_clear_error(
-        &shoal(&["run", "-m", p.to_str().unwrap(), "hi"]),
-        "unsupported model architecture 'mamba'",
-    );
+    assert_clear_error(&run_hi(&p), "unsupported model architecture 'mamba'");
 }
 
 #[test]
