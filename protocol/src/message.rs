@@ -145,7 +145,9 @@ pub struct Activations {
     pub dim: u32,
     /// Element type.
     pub dtype: DType,
-    /// Little-endian elements, `Σ rows × dim`.
+    /// Little-endian elements, `Σ rows × dim`. Encoded as one length and
+    /// raw bytes (not element by element): megabytes per step on the data plane.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
