@@ -80,6 +80,15 @@ struct Block {
     down: LinearGroup,
 }
 
+/// Per-forward inputs of the device (candle-op) attention path.
+struct DeviceStep {
+    /// RoPE rows for the step's positions.
+    cos: Tensor,
+    sin: Tensor,
+    /// Causal mask `[t, pos + t]` when the step has several rows.
+    mask: Option<Tensor>,
+}
+
 struct Head {
     norm: Tensor,
     output: LinearGroup,
@@ -93,11 +102,11 @@ pub struct Stage {
     embedding: Option<Embedding>,
     blocks: Vec<Block>,
     head: Option<Head>,
-    /// RoPE tables `[max_context, head_dim / 2]` (host copies drive the CPU path).
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE tables `[max_context, head_dim / 2]`, as the CPU path reads them.
     cos_host: Vec<f32>,
     sin_host: Vec<f32>,
+    /// The same tables as tensors on a GPU device (`None` on the CPU).
+    device_rope: Option<(Tensor, Tensor)>,
     max_context: usize,
     weight_bytes: u64,
     spans: Vec<Arc<MappedSpan>>,
@@ -180,8 +189,14 @@ impl Stage {
             1.0 / config.rope_scale,
             freq_factors.as_deref(),
         );
-        let cos = Tensor::from_slice(&cos_host, (max_context, half), dev)?;
-        let sin = Tensor::from_slice(&sin_host, (max_context, half), dev)?;
+        let device_rope = if dev.is_cpu() {
+            None
+        } else {
+            Some((
+                Tensor::from_slice(&cos_host, (max_context, half), dev)?,
+                Tensor::from_slice(&sin_host, (max_context, half), dev)?,
+            ))
+        };
         Ok(Stage {
             weight_bytes: tensors.iter().map(|t| t.size_bytes).sum(),
             config,
@@ -190,10 +205,9 @@ impl Stage {
             embedding,
             blocks,
             head,
-            cos,
-            sin,
             cos_host,
             sin_host,
+            device_rope,
             max_context,
             spans,
         })
@@ -312,18 +326,25 @@ impl Stage {
                 max: cache.max_len(),
             });
         }
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        // The CPU path masks by construction (each row reads keys up to itself).
-        let mask = if t > 1 && !self.device.is_cpu() {
-            Some(causal_mask(t, pos, &self.device)?)
-        } else {
-            None
+        // RoPE rows and the causal mask for the device path; the CPU path
+        // reads the host tables and masks by construction (each row reads
+        // keys up to itself).
+        let step = match &self.device_rope {
+            Some((cos, sin)) => Some(DeviceStep {
+                cos: cos.narrow(0, pos, t)?,
+                sin: sin.narrow(0, pos, t)?,
+                mask: if t > 1 {
+                    Some(causal_mask(t, pos, &self.device)?)
+                } else {
+                    None
+                },
+            }),
+            None => None,
         };
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
             let _span = trace_span!("layer", index = self.layers.start + i).entered();
-            x = self.block_forward(block, &x, i, cache, &cos, &sin, mask.as_ref())?;
+            x = self.block_forward(block, &x, i, cache, step.as_ref())?;
         }
         cache.advance(t);
         let Some(head) = &self.head else {
@@ -337,16 +358,13 @@ impl Stage {
         Ok(StageOutput::Logits(head.output.forward_one(&x)?))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
         b: &Block,
         x: &Tensor,
         layer: usize,
         cache: &mut KvCache,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
+        step: Option<&DeviceStep>,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (t, _) = x.dims2()?;
@@ -389,6 +407,8 @@ impl Stage {
             attention::attend(shape, &q, kb, vb, pos, scale as f32, &mut out);
             Tensor::from_vec(out, (t, nh * hd), &self.device)?
         } else {
+            let step = step.expect("non-CPU stages build a device step");
+            let (cos, sin) = (&step.cos, &step.sin);
             let (q, k) = match c.rope_style {
                 RopeStyle::Interleaved => (
                     candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
@@ -399,7 +419,7 @@ impl Stage {
                     candle_nn::rotary_emb::rope(&k, cos, sin)?,
                 ),
             };
-            self.attend_on_device(&q, &k, &v, layer, cache, mask, scale)?
+            self.attend_on_device(&q, &k, &v, layer, cache, step.mask.as_ref(), scale)?
         };
         let x = (x + b.attn_out.forward_one(&y)?)?;
         let h = self.rms_norm(&x, &b.ffn_norm)?;
