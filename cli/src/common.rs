@@ -8,10 +8,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use node::{Engine, LoadOptions, SamplingParams};
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only, so
-/// stdout carries nothing but the model's text).
-pub fn init_tracing() {
+/// stdout carries nothing but the model's text; `shoal node` logs at info).
+pub fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

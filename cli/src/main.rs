@@ -6,11 +6,16 @@
 //! - `perplexity`: `shoal perplexity` — llama.cpp's definition.
 //! - `bench`: `shoal bench` — prompt and generation throughput like llama-bench.
 //! - `tokenize`: `shoal tokenize` — token ids of a text.
+//! - `node`: `shoal node` — join or start a cluster and serve.
+//! - `ask`, `status`: clients of a node's HTTP API.
 
+mod ask;
 mod bench;
 mod common;
+mod node;
 mod perplexity;
 mod run;
+mod status;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -33,16 +38,36 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Token ids of a text (like llama-tokenize).
     Tokenize(tokenize::TokenizeArgs),
+    /// Join (or start) a cluster on this machine and serve the model with it.
+    Node(node::NodeArgs),
+    /// Ask a cluster: send a prompt to a node and stream the answer.
+    Ask(ask::AskArgs),
+    /// Show the cluster: nodes, devices, memory, layer split, links.
+    Status(status::StatusArgs),
+    /// Print a new cluster secret (for --cluster-key-file).
+    Keygen,
 }
 
 fn main() {
     let cli = Cli::parse();
-    common::init_tracing();
+    // A node's log is for a person watching it: info by default.
+    common::init_tracing(if matches!(cli.command, Command::Node(_)) {
+        "info"
+    } else {
+        "warn"
+    });
     let result = match cli.command {
         Command::Run(a) => run::main(a),
         Command::Perplexity(a) => perplexity::main(a),
         Command::Bench(a) => bench::main(a),
         Command::Tokenize(a) => tokenize::main(a),
+        Command::Node(a) => node::main(a),
+        Command::Ask(a) => ask::main(a),
+        Command::Status(a) => status::main(a),
+        Command::Keygen => {
+            println!("{}", ::node::cluster::key::ClusterKey::generate().to_hex());
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

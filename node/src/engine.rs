@@ -11,6 +11,7 @@ use tracing::{debug_span, info};
 use crate::chat::{ChatTemplate, Message};
 use crate::model::{LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::text::TextModel;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{EngineError, KvCache};
 
@@ -31,7 +32,7 @@ pub struct GenerateOptions {
 }
 
 /// Why generation stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// The model produced an end-of-generation token.
@@ -45,7 +46,7 @@ pub enum StopReason {
 }
 
 /// Timings of one generation, the numbers of `--verbose`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GenerationStats {
     /// Prompt tokens processed.
     pub prompt_tokens: usize,
@@ -107,8 +108,7 @@ pub struct Engine {
     path: PathBuf,
     layout: ModelLayout,
     stage: Stage,
-    tokenizer: Tokenizer,
-    template: Option<ChatTemplate>,
+    text: TextModel,
 }
 
 impl Engine {
@@ -120,8 +120,7 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let gguf = GgufFile::open(path)?;
         let layout = ModelLayout::from_gguf(&gguf)?;
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        let template = ChatTemplate::from_gguf(&gguf)?;
+        let text = TextModel::from_gguf(&gguf)?;
         let stage = Stage::load(&gguf, &layout, 0..layout.layers.len(), opts)?;
         stage.prefault(progress);
         info!(
@@ -138,8 +137,7 @@ impl Engine {
             path: path.to_path_buf(),
             layout,
             stage,
-            tokenizer,
-            template,
+            text,
         })
     }
 
@@ -160,34 +158,22 @@ impl Engine {
 
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.text.tokenizer()
     }
 
     /// The chat template, if the GGUF has one.
     pub fn template(&self) -> Option<&ChatTemplate> {
-        self.template.as_ref()
+        self.text.template()
     }
 
-    /// Tokens of a chat conversation, rendered with the model's template and
-    /// ready for the assistant's reply. Without a template, the messages'
-    /// contents are joined and fed raw.
+    /// Tokens of a chat conversation; see [`TextModel::chat_tokens`].
     pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
-        match &self.template {
-            Some(t) => {
-                let text = t.render(messages, true)?;
-                // The template writes BOS itself when the model wants one.
-                Ok(self.tokenizer.encode(&text, false, true)?)
-            }
-            None => {
-                let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-                self.raw_tokens(&text.join("\n"))
-            }
-        }
+        self.text.chat_tokens(messages)
     }
 
     /// Tokens of raw text (completion mode), with BOS if the model wants one.
     pub fn raw_tokens(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        Ok(self.tokenizer.encode(text, true, false)?)
+        self.text.raw_tokens(text)
     }
 
     /// A fresh per-sequence cache.
@@ -274,48 +260,97 @@ impl Engine {
         let mut sampler = Sampler::new(opts.sampling.clone());
         let mut logits = self.prefill(&prompt[reuse..], cache)?;
         session.tokens.extend_from_slice(&prompt[reuse..]);
-        let mut stats = GenerationStats {
-            prompt_tokens: prompt.len() - reuse,
-            prompt_ms: ms_since(start),
-            gen_tokens: 0,
-            gen_ms: 0.0,
-            ttft_ms: 0.0,
-            stop: StopReason::MaxTokens,
-        };
-        let mut decoder = StreamDecoder::new();
-        let mut first_at = None;
-        while stats.gen_tokens < opts.max_tokens {
+        let mut progress = Progress::new(prompt.len() - reuse, start);
+        loop {
             let id = sampler.sample(&logits, &session.tokens);
-            stats.gen_tokens += 1;
-            if first_at.is_none() {
-                first_at = Some(Instant::now());
-                stats.ttft_ms = ms_since(start);
-            }
-            if self.tokenizer.is_eog(id) {
-                stats.stop = StopReason::EndOfText;
-                break;
-            }
-            let text = decoder.push(&self.tokenizer, id);
-            if !on_event(GenerateEvent::Token { id, text: &text }) {
-                stats.stop = StopReason::Cancelled;
-                break;
-            }
-            if stats.gen_tokens == opts.max_tokens {
-                break;
-            }
-            if cache.len() + 1 > cache.max_len() {
-                stats.stop = StopReason::ContextFull;
+            let room = cache.len() < cache.max_len();
+            if !progress.on_token(self.text.tokenizer(), id, opts.max_tokens, room, on_event) {
                 break;
             }
             logits = self.step(&[id], cache, LogitsFor::Last)?.to_vec1()?;
             session.tokens.push(id);
         }
-        let rest = decoder.finish();
+        Ok(progress.finish(on_event))
+    }
+}
+
+/// The bookkeeping of one generation — stop conditions, streaming text,
+/// timings — shared by the engine and the cluster's request origin so both
+/// stop, stream and count alike.
+pub struct Progress {
+    stats: GenerationStats,
+    decoder: StreamDecoder,
+    start: Instant,
+    first_at: Option<Instant>,
+}
+
+impl Progress {
+    /// Starts counting once `prompt_tokens` were processed (the prompt time
+    /// ends now).
+    pub fn new(prompt_tokens: usize, start: Instant) -> Progress {
+        Progress {
+            stats: GenerationStats {
+                prompt_tokens,
+                prompt_ms: ms_since(start),
+                gen_tokens: 0,
+                gen_ms: 0.0,
+                ttft_ms: 0.0,
+                stop: StopReason::MaxTokens,
+            },
+            decoder: StreamDecoder::new(),
+            start,
+            first_at: None,
+        }
+    }
+
+    /// Takes a sampled token: streams its text and says whether to feed it
+    /// back for another one (`room`: the context has space for it).
+    pub fn on_token(
+        &mut self,
+        tokenizer: &Tokenizer,
+        id: u32,
+        max_tokens: usize,
+        room: bool,
+        on_event: &mut dyn FnMut(GenerateEvent<'_>) -> bool,
+    ) -> bool {
+        if self.stats.gen_tokens >= max_tokens {
+            return false;
+        }
+        self.stats.gen_tokens += 1;
+        if self.first_at.is_none() {
+            self.first_at = Some(Instant::now());
+            self.stats.ttft_ms = ms_since(self.start);
+        }
+        if tokenizer.is_eog(id) {
+            self.stats.stop = StopReason::EndOfText;
+            return false;
+        }
+        let text = self.decoder.push(tokenizer, id);
+        if !on_event(GenerateEvent::Token { id, text: &text }) {
+            self.stats.stop = StopReason::Cancelled;
+            return false;
+        }
+        if self.stats.gen_tokens == max_tokens {
+            return false;
+        }
+        if !room {
+            self.stats.stop = StopReason::ContextFull;
+            return false;
+        }
+        true
+    }
+
+    /// Flushes the text left and returns the stats.
+    pub fn finish(
+        mut self,
+        on_event: &mut dyn FnMut(GenerateEvent<'_>) -> bool,
+    ) -> GenerationStats {
+        let rest = self.decoder.finish();
         if !rest.is_empty() {
             on_event(GenerateEvent::Tail { text: &rest });
         }
-        stats.gen_ms = first_at.map_or(0.0, ms_since);
-        Ok(stats)
+        self.stats.gen_ms = self.first_at.map_or(0.0, ms_since);
+        self.stats
     }
 }
 
@@ -347,7 +382,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// Hands memory freed while loading (header arrays, tokenizer build
 /// scratch, ~10 MB) back to the OS, so resident memory after loading is the
 /// weights plus what is really kept.
-fn release_freed_heap() {
+pub(crate) fn release_freed_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {

@@ -11,6 +11,8 @@
 //! - [`tokenizer`], [`chat`]: text in and out, built from the GGUF's metadata.
 //! - [`sampling`]: choosing the next token (pure).
 //! - [`engine`]: a whole model on one machine: load, prompt, generate, score.
+//! - [`text`]: tokenizer and chat template together (text in, tokens out).
+//! - [`cluster`]: a node of a cluster: discovery, plan, QUIC pipeline, HTTP API.
 //! - [`models`]: the default model (fetched and cached) and test-model synthesis.
 //!
 //! Architecture Invariant: the model code never reads files or sockets
@@ -18,6 +20,7 @@
 
 pub mod attention;
 pub mod chat;
+pub mod cluster;
 pub mod engine;
 pub mod ggml_ops;
 pub mod kv_cache;
@@ -26,6 +29,7 @@ pub mod model;
 pub mod models;
 pub mod quant;
 pub mod sampling;
+pub mod text;
 pub mod tokenizer;
 
 use std::ops::Range;

@@ -114,12 +114,14 @@ mod tests {
                         version,
                         node_id,
                         cluster,
+                        model_hash: [3; 32],
                         capabilities: Capabilities {
                             device: DeviceKind::Cpu,
                             threads: 2,
                             memory_bytes,
-                            layer_us: 300,
+                            us_per_mib: 300.0,
                             data_addr: "10.0.0.2:7000".into(),
+                            http_addr: "127.0.0.1:8080".into(),
                             cert_fingerprint,
                             addrs,
                         },
@@ -147,6 +149,8 @@ mod tests {
                     model_hash: [7; 32],
                     n_layers: start,
                     stages,
+                    token_latency_us: 1000.0,
+                    throughput_tokens_per_s: 100.0,
                 })
             });
         let acts = (
@@ -166,6 +170,7 @@ mod tests {
                                 request_id,
                                 position,
                                 rows,
+                                sample: rows == 1,
                             })
                             .collect(),
                         dim,
@@ -195,6 +200,57 @@ mod tests {
             any::<u64>().prop_map(|request_id| Message::Cancel { request_id }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(seq, sent_at_ms)| Message::Heartbeat { seq, sent_at_ms }),
+            arb_name().prop_map(|reason| Message::Refused { reason }),
+            (
+                any::<u64>(),
+                prop::collection::vec(any::<u32>(), 1..20),
+                any::<u64>()
+            )
+                .prop_map(|(request_id, prompt, seed)| Message::Begin(Begin {
+                    request_id,
+                    epoch: 3,
+                    origin: "n1".into(),
+                    context: 4096,
+                    sampling: Sampling {
+                        temperature: 0.7,
+                        top_k: 40,
+                        top_p: 0.9,
+                        min_p: 0.05,
+                        repeat_penalty: 1.1,
+                        repeat_last_n: 64,
+                        seed,
+                    },
+                    prompt,
+                })),
+            (
+                any::<u64>(),
+                any::<u32>(),
+                prop::collection::vec(any::<u32>(), 1..20),
+                prop::bool::ANY
+            )
+                .prop_map(|(request_id, position, tokens, sample)| Message::Input(
+                    Input {
+                        request_id,
+                        position,
+                        tokens,
+                        sample
+                    }
+                )),
+            (
+                arb_name(),
+                prop::collection::vec((arb_name(), any::<u32>()), 0..4)
+            )
+                .prop_map(|(reason, rtts)| {
+                    if rtts.is_empty() {
+                        Message::Failed {
+                            request_id: 9,
+                            reason,
+                        }
+                    } else {
+                        Message::LinkReport { rtts }
+                    }
+                }),
+            Just(Message::Ack),
         ]
     }
 
@@ -257,6 +313,8 @@ mod tests {
             epoch: 1,
             model_hash: [0; 32],
             n_layers: 10,
+            token_latency_us: 0.0,
+            throughput_tokens_per_s: 0.0,
             stages: vec![
                 StageAssignment {
                     node_id: "a".into(),
@@ -276,6 +334,7 @@ mod tests {
                 request_id: 1,
                 position: 0,
                 rows: 2,
+                sample: true,
             }],
             dim: 4,
             dtype: DType::F32,

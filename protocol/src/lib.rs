@@ -18,6 +18,6 @@ pub mod message;
 
 pub use frame::{decode, encode, DecodeError, EncodeError};
 pub use message::{
-    Activations, Capabilities, DType, DeviceKind, Hello, Message, Plan, SampledToken, SeqRows,
-    StageAssignment, Tokens, PROTOCOL_VERSION,
+    Activations, Begin, Capabilities, DType, DeviceKind, Hello, Input, Join, MemberAddrs, Message,
+    Plan, SampledToken, Sampling, SeqRows, StageAssignment, Tokens, Welcome, PROTOCOL_VERSION,
 };

@@ -26,3 +26,14 @@ pub const NAME_BYTES_MAX: usize = 256;
 
 /// Most addresses a node advertises (interfaces × transports).
 pub const ADDRS_MAX: usize = 32;
+
+/// Most members a cluster tracks: an office, with room to spare; bounds
+/// member lists and link reports.
+pub const MEMBERS_MAX: usize = 64;
+
+/// Longest free-text field (refusal and failure reasons).
+pub const TEXT_BYTES_MAX: usize = 4096;
+
+/// Longest context a request may ask for: 1 Mi tokens, beyond any model's
+/// window, so the bound only stops nonsense.
+pub const CONTEXT_TOKENS_MAX: usize = 1 << 20;

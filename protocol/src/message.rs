@@ -35,6 +35,123 @@ pub enum Message {
         /// Sender's clock, milliseconds (only compared with itself).
         sent_at_ms: u64,
     },
+    /// Control plane: ask to join, proving knowledge of the cluster key.
+    Join(Join),
+    /// Control plane: the answer to [`Join`] from a member, with its own proof.
+    Welcome(Welcome),
+    /// Control plane: a join or request refused, and why.
+    Refused {
+        /// Human-readable reason, logged by the refused node.
+        reason: String,
+    },
+    /// Control plane: the leader's plan and the members it knows.
+    PlanUpdate {
+        /// The plan.
+        plan: Plan,
+        /// Every member the leader knows, so nodes that joined through one
+        /// peer can reach all others.
+        members: Vec<MemberAddrs>,
+    },
+    /// Control plane: link latencies measured by a node, for the leader's planner.
+    LinkReport {
+        /// `(node id, round-trip time in microseconds)` per connected peer.
+        rtts: Vec<(String, u32)>,
+    },
+    /// Control plane: a request was accepted.
+    Ack,
+    /// Data plane: a new request enters the pipeline.
+    Begin(Begin),
+    /// Data plane: tokens for the first stage to run.
+    Input(Input),
+    /// Data plane: a request failed at some stage; sent to its origin.
+    Failed {
+        /// The request.
+        request_id: u64,
+        /// What went wrong, for the client.
+        reason: String,
+    },
+}
+
+/// A node asking a member to let it into the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    /// Who is asking.
+    pub hello: Hello,
+    /// `keyed_blake3(cluster key, "join" | cluster | sender id | receiver id)`:
+    /// proves the key without revealing it, bound to both peer ids so it
+    /// cannot be replayed to another node or by another node.
+    pub proof: [u8; 32],
+}
+
+/// A member's answer to [`Join`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Who answers.
+    pub hello: Hello,
+    /// The answerer's own proof (same construction, ids swapped).
+    pub proof: [u8; 32],
+    /// Members the answerer knows, to dial.
+    pub members: Vec<MemberAddrs>,
+}
+
+/// A member and where to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberAddrs {
+    /// Its node id.
+    pub node_id: String,
+    /// Its libp2p multiaddrs.
+    pub addrs: Vec<String>,
+}
+
+/// Sampling settings, as the last stage needs them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// Temperature; 0 is greedy.
+    pub temperature: f32,
+    /// Top-k (0 = off).
+    pub top_k: u32,
+    /// Top-p (1 = off).
+    pub top_p: f32,
+    /// Min-p (0 = off).
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    pub repeat_penalty: f32,
+    /// Tokens the penalty looks back on.
+    pub repeat_last_n: u32,
+    /// RNG seed.
+    pub seed: u64,
+}
+
+/// Opens a request on every stage: each allocates its KV cache, the last
+/// one its sampler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Begin {
+    /// The request (random, chosen by the origin).
+    pub request_id: u64,
+    /// The plan epoch the origin saw; a stage on another epoch refuses.
+    pub epoch: u64,
+    /// The node that gets the sampled tokens.
+    pub origin: String,
+    /// Context window to reserve, tokens.
+    pub context: u32,
+    /// How the last stage picks tokens.
+    pub sampling: Sampling,
+    /// The prompt (the sampler's repetition history starts with it).
+    pub prompt: Vec<u32>,
+}
+
+/// Tokens for the first stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Input {
+    /// The request.
+    pub request_id: u64,
+    /// Position of the first token.
+    pub position: u32,
+    /// Token ids.
+    pub tokens: Vec<u32>,
+    /// Whether the last stage samples after this chunk (false for all but
+    /// the last chunk of a prompt).
+    pub sample: bool,
 }
 
 /// A node introducing itself.
@@ -46,6 +163,8 @@ pub struct Hello {
     pub node_id: String,
     /// Cluster name.
     pub cluster: String,
+    /// blake3 manifest hash of the model it holds.
+    pub model_hash: [u8; 32],
     /// What the node offers.
     pub capabilities: Capabilities,
 }
@@ -70,10 +189,13 @@ pub struct Capabilities {
     pub threads: u32,
     /// Memory it may use for weights and caches, bytes.
     pub memory_bytes: u64,
-    /// Measured time per layer per generated token, microseconds.
-    pub layer_us: u32,
-    /// Its QUIC data-plane address (`ip:port`).
+    /// Measured decode time per MiB of this model's weights, microseconds.
+    pub us_per_mib: f32,
+    /// Its QUIC data-plane address (`ip:port`; an unspecified ip means
+    /// "the address you reach me on").
     pub data_addr: String,
+    /// Its HTTP API address (`ip:port`).
+    pub http_addr: String,
     /// SHA-256 fingerprint of its data-plane certificate.
     pub cert_fingerprint: [u8; 32],
     /// Its libp2p multiaddrs.
@@ -92,7 +214,7 @@ pub struct StageAssignment {
 }
 
 /// The leader's assignment of layers to nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     /// Increases with every replan; older plans are ignored.
     pub epoch: u64,
@@ -102,6 +224,10 @@ pub struct Plan {
     pub n_layers: u32,
     /// Stages in pipeline order; contiguous and covering `0..n_layers`.
     pub stages: Vec<StageAssignment>,
+    /// Predicted time per token of one request, microseconds.
+    pub token_latency_us: f64,
+    /// Predicted tokens per second with the pipeline full.
+    pub throughput_tokens_per_s: f64,
 }
 
 /// Element type of an activation payload.
@@ -134,6 +260,8 @@ pub struct SeqRows {
     pub position: u32,
     /// Rows (token positions) of this sequence in the payload.
     pub rows: u32,
+    /// Whether the last stage samples a token from the last row.
+    pub sample: bool,
 }
 
 /// Hidden states of a batch of sequences, rows concatenated in batch order.
@@ -178,6 +306,7 @@ impl Message {
                 name(&h.node_id, "node id")?;
                 name(&h.cluster, "cluster name")?;
                 name(&h.capabilities.data_addr, "data address")?;
+                name(&h.capabilities.http_addr, "http address")?;
                 if h.capabilities.addrs.len() > ADDRS_MAX {
                     return Err(format!(
                         "{} addresses, at most {ADDRS_MAX}",
@@ -200,9 +329,77 @@ impl Message {
                 }
                 Ok(())
             }
-            Message::Cancel { .. } | Message::Heartbeat { .. } => Ok(()),
+            Message::Join(j) => Message::Hello(j.hello.clone()).validate(),
+            Message::Welcome(w) => {
+                Message::Hello(w.hello.clone()).validate()?;
+                validate_members(&w.members)
+            }
+            Message::Refused { reason } => text(reason, "reason"),
+            Message::PlanUpdate { plan, members } => {
+                validate_plan(plan)?;
+                validate_members(members)
+            }
+            Message::LinkReport { rtts } => {
+                if rtts.len() > MEMBERS_MAX {
+                    return Err(format!("{} links, at most {MEMBERS_MAX}", rtts.len()));
+                }
+                rtts.iter().try_for_each(|(id, _)| name(id, "node id"))
+            }
+            Message::Begin(b) => {
+                name(&b.origin, "origin")?;
+                if b.prompt.is_empty() || b.prompt.len() > CONTEXT_TOKENS_MAX {
+                    return Err(format!(
+                        "prompt of {} tokens (1..={CONTEXT_TOKENS_MAX})",
+                        b.prompt.len()
+                    ));
+                }
+                if b.context as usize > CONTEXT_TOKENS_MAX || (b.context as usize) < b.prompt.len()
+                {
+                    return Err(format!(
+                        "context of {} tokens for a {}-token prompt (at most {CONTEXT_TOKENS_MAX})",
+                        b.context,
+                        b.prompt.len()
+                    ));
+                }
+                Ok(())
+            }
+            Message::Input(i) => {
+                if i.tokens.is_empty() || i.tokens.len() > TOKENS_PER_MESSAGE_MAX {
+                    return Err(format!(
+                        "{} input tokens (1..={TOKENS_PER_MESSAGE_MAX})",
+                        i.tokens.len()
+                    ));
+                }
+                Ok(())
+            }
+            Message::Failed { reason, .. } => text(reason, "reason"),
+            Message::Cancel { .. } | Message::Heartbeat { .. } | Message::Ack => Ok(()),
         }
     }
+}
+
+fn text(s: &str, what: &str) -> Result<(), String> {
+    if s.len() > TEXT_BYTES_MAX {
+        return Err(format!(
+            "{what} of {} bytes, at most {TEXT_BYTES_MAX}",
+            s.len()
+        ));
+    }
+    Ok(())
+}
+
+fn validate_members(members: &[MemberAddrs]) -> Result<(), String> {
+    if members.len() > MEMBERS_MAX {
+        return Err(format!("{} members, at most {MEMBERS_MAX}", members.len()));
+    }
+    for m in members {
+        name(&m.node_id, "node id")?;
+        if m.addrs.len() > ADDRS_MAX {
+            return Err(format!("{} addresses, at most {ADDRS_MAX}", m.addrs.len()));
+        }
+        m.addrs.iter().try_for_each(|a| name(a, "address"))?;
+    }
+    Ok(())
 }
 
 fn name(s: &str, what: &str) -> Result<(), String> {

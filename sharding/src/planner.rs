@@ -102,6 +102,33 @@ impl ModelSpec {
         bytes
     }
 
+    /// The planner's view of a model: `kv_bytes_per_element` is 2 for an f16
+    /// cache (CPU), 4 for f32 (GPU).
+    pub fn from_layout(
+        layout: &crate::ModelLayout,
+        context_tokens: u64,
+        kv_bytes_per_element: u64,
+    ) -> ModelSpec {
+        let c = &layout.config;
+        let n = layout.layers.len();
+        let all = layout.stage_bytes(0..n);
+        let layers: u64 = layout.layers.iter().map(|l| l.bytes()).sum();
+        let last = layout.output_norm.size_bytes
+            + layout
+                .output
+                .as_ref()
+                .unwrap_or(&layout.token_embd)
+                .size_bytes;
+        ModelSpec {
+            layer_bytes: layout.layers.iter().map(|l| l.bytes()).collect(),
+            first_bytes: all.saturating_sub(layers + last),
+            last_bytes: last,
+            kv_bytes_per_token_layer: (2 * c.n_kv_heads * c.head_dim) as u64 * kv_bytes_per_element,
+            context_tokens,
+            activation_bytes: c.dim as u64 * 4,
+        }
+    }
+
     /// Memory to hold the whole model on one node.
     pub fn total_memory(&self) -> u64 {
         self.stage_memory(0..self.layer_bytes.len())

@@ -1,0 +1,136 @@
+//! `shoal ask`: send a prompt to a cluster node and stream the answer.
+
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+
+use anyhow::Context;
+use clap::Args;
+use node::cluster::origin::AskEvent;
+
+use crate::common::GenArgs;
+
+/// Largest prompt read from stdin.
+const PROMPT_BYTES_MAX: usize = 1 << 20;
+
+/// Longest NDJSON line accepted from the node: one token's text and its
+/// framing, or the final stats, with a wide margin.
+const LINE_BYTES_MAX: u64 = 1 << 20;
+
+/// `shoal ask` flags.
+#[derive(Args, Debug)]
+pub struct AskArgs {
+    /// The node's HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    node: String,
+    #[command(flatten)]
+    gen: GenArgs,
+    /// Feed the prompt raw (completion mode) instead of through the chat template.
+    #[arg(long)]
+    no_template: bool,
+    /// System message for chat mode.
+    #[arg(long)]
+    system: Option<String>,
+    /// Context window (default: the node's).
+    #[arg(short = 'c', long = "ctx")]
+    ctx: Option<usize>,
+    /// Print timings to stderr.
+    #[arg(short, long)]
+    verbose: bool,
+    /// The prompt (default: read stdin).
+    prompt: Option<String>,
+}
+
+/// An HTTP agent that hands error statuses back as responses (their JSON
+/// bodies carry the message).
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// The error message of a non-2xx response.
+pub fn error_of(resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
+    let status = resp.status();
+    let body = resp.into_body().read_to_string().unwrap_or_default();
+    let msg = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+        .unwrap_or(body);
+    anyhow::anyhow!("node answered {status}: {msg}")
+}
+
+pub fn main(args: AskArgs) -> anyhow::Result<()> {
+    let prompt = match &args.prompt {
+        Some(p) => p.clone(),
+        None => {
+            anyhow::ensure!(
+                !std::io::stdin().is_terminal(),
+                "give a prompt: shoal ask \"...\" (or pipe one on stdin)"
+            );
+            let mut s = String::new();
+            std::io::stdin()
+                .take(PROMPT_BYTES_MAX as u64 + 1)
+                .read_to_string(&mut s)?;
+            anyhow::ensure!(
+                s.len() <= PROMPT_BYTES_MAX,
+                "prompt exceeds {PROMPT_BYTES_MAX} bytes"
+            );
+            s
+        }
+    };
+    let s = args.gen.sampling()?;
+    let body = serde_json::json!({
+        "prompt": prompt,
+        "raw": args.no_template,
+        "system": args.system,
+        "max_tokens": args.gen.max_tokens,
+        "temperature": s.temperature,
+        "top_k": s.top_k,
+        "top_p": s.top_p,
+        "min_p": s.min_p,
+        "repeat_penalty": s.repeat_penalty,
+        "seed": s.seed,
+        "context": args.ctx,
+    });
+    let url = format!("{}/api/generate", args.node.trim_end_matches('/'));
+    let resp = agent()
+        .post(&url)
+        .send_json(&body)
+        .with_context(|| format!("cannot reach the node at {}", args.node))?;
+    if !resp.status().is_success() {
+        return Err(error_of(resp));
+    }
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut out = std::io::stdout().lock();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = (&mut reader).take(LINE_BYTES_MAX).read_line(&mut line)?;
+        anyhow::ensure!(n > 0, "the node closed the stream before the answer ended");
+        let event: AskEvent = serde_json::from_str(line.trim_end())
+            .with_context(|| format!("bad line from the node: {}", line.trim_end()))?;
+        match event {
+            AskEvent::Token { text, .. } | AskEvent::Tail { text } => {
+                if out
+                    .write_all(text.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            AskEvent::Done { stats } => {
+                println!();
+                if args.verbose {
+                    eprintln!("stop: {:?}", stats.stop);
+                    eprintln!("{}", stats.summary_line());
+                }
+                return Ok(());
+            }
+            AskEvent::Error { message } => {
+                println!();
+                anyhow::bail!("{message}");
+            }
+        }
+    }
+}

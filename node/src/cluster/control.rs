@@ -1,0 +1,697 @@
+//! The control plane: libp2p (TCP + Noise + Yamux) with mDNS discovery,
+//! identify, ping for liveness and link latency, and a request-response
+//! protocol carrying shoal's own frames: joins proven with the cluster key,
+//! plans from the leader, link reports to it.
+//!
+//! Node ids are libp2p peer ids of a keypair made fresh at every start, so a
+//! copied configuration can never give two machines one id. A peer is a
+//! member only while a connection to it is up and after the key proof both
+//! ways; mDNS only suggests whom to dial.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use protocol::{Hello, Join, Message, Welcome, PROTOCOL_VERSION};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::dataplane::{short, PeerData};
+use super::key::ClusterKey;
+use super::membership::Membership;
+use super::wire::{read_frame_futures, write_frame_futures};
+use super::Shared;
+
+/// The request-response protocol name, versioned.
+const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/control/1");
+
+/// How often mDNS queries: libp2p's default is 5 minutes, far too slow
+/// for a node to find its cluster when it starts.
+const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Ping period and timeout: a silent peer is dropped within ~5 s.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Membership settles this long before the leader replans, so a burst of
+/// joins (three nodes starting together) gives one plan, not three.
+const REPLAN_SETTLE: Duration = Duration::from_millis(400);
+
+/// A peer that refused us (or that we refused) is not redialled for this long.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
+
+/// `--peer` addresses not connected are redialled this often.
+const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Link reports go to the leader this often.
+const REPORT_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Control requests time out after this: a peer that does not answer a
+/// join in 10 s is not one to run a pipeline with.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    control: request_response::Behaviour<FrameCodec>,
+}
+
+/// request-response codec: one shoal frame each way.
+#[derive(Debug, Clone, Default)]
+struct FrameCodec;
+
+#[async_trait::async_trait]
+impl request_response::Codec for FrameCodec {
+    type Protocol = StreamProtocol;
+    type Request = Message;
+    type Response = Message;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Message>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        Ok(read_frame_futures(io).await?)
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Message>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        Ok(read_frame_futures(io).await?)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        m: Message,
+    ) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        Ok(write_frame_futures(io, &m).await?)
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        m: Message,
+    ) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        Ok(write_frame_futures(io, &m).await?)
+    }
+}
+
+/// Settings of the control plane.
+pub struct ControlConfig {
+    /// libp2p listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial (for networks without multicast).
+    pub peers: Vec<Multiaddr>,
+    /// Whether to discover peers with mDNS.
+    pub mdns: bool,
+    /// Cluster name.
+    pub cluster: String,
+    /// Cluster secret.
+    pub key: ClusterKey,
+}
+
+/// Builds the swarm; the returned future runs the control loop until `stop`.
+pub fn start(
+    keypair: libp2p::identity::Keypair,
+    cfg: ControlConfig,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let peer_id = keypair.public().to_peer_id();
+    let mdns_on = cfg.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| e.to_string())?
+        .with_behaviour(|key| {
+            let mdns = if mdns_on {
+                let config = mdns::Config {
+                    query_interval: MDNS_QUERY_INTERVAL,
+                    ..Default::default()
+                };
+                Some(mdns::tokio::Behaviour::new(config, peer_id)?)
+            } else {
+                None
+            };
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
+                mdns: mdns.into(),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    format!("/shoal/{PROTOCOL_VERSION}"),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::new(
+                    ping::Config::new()
+                        .with_interval(PING_INTERVAL)
+                        .with_timeout(PING_TIMEOUT),
+                ),
+                control: request_response::Behaviour::with_codec(
+                    FrameCodec,
+                    [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+                ),
+            })
+        })
+        .map_err(|e| e.to_string())?
+        // Membership follows connections, so they stay open while idle;
+        // ping failures and the peer's kernel closing the socket end them.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(365 * 86400)))
+        .build();
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    }
+    let mut ctl = Control {
+        swarm,
+        cfg,
+        shared,
+        pending_joins: HashMap::new(),
+        refused: HashMap::new(),
+        peer_addrs: HashMap::new(),
+        last_redial: Instant::now() - REDIAL_INTERVAL,
+        replan_at: Some(Instant::now()),
+        last_report: Instant::now(),
+        ips: HashMap::new(),
+    };
+    for addr in ctl.cfg.peers.clone() {
+        ctl.peer_addrs.insert(addr, None);
+    }
+    Ok(tokio::spawn(async move { ctl.run(stop).await }))
+}
+
+struct Control {
+    swarm: Swarm<Behaviour>,
+    cfg: ControlConfig,
+    shared: Arc<Shared>,
+    /// Joins sent and not answered yet.
+    pending_joins: HashMap<OutboundRequestId, PeerId>,
+    /// Peers refused (either way), and when.
+    refused: HashMap<PeerId, Instant>,
+    /// `--peer` addresses and the peer each is connected to.
+    peer_addrs: HashMap<Multiaddr, Option<PeerId>>,
+    last_redial: Instant,
+    replan_at: Option<Instant>,
+    last_report: Instant,
+    /// Remote ip of each connected peer.
+    ips: HashMap<PeerId, IpAddr>,
+}
+
+impl Control {
+    async fn run(&mut self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                event = self.swarm.select_next_some() => self.on_event(event),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn membership(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.shared.membership.lock().expect("membership lock")
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_redial) >= REDIAL_INTERVAL {
+            self.last_redial = now;
+            let addrs: Vec<Multiaddr> = self
+                .peer_addrs
+                .iter()
+                .filter(|(_, p)| p.is_none())
+                .map(|(a, _)| a.clone())
+                .collect();
+            for addr in addrs {
+                debug!(%addr, "dialling --peer");
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    debug!(%addr, "dial failed: {e}");
+                }
+            }
+        }
+        if self.replan_at.is_some_and(|t| now >= t) {
+            self.replan_at = None;
+            self.replan();
+        }
+        if now.duration_since(self.last_report) >= REPORT_INTERVAL {
+            self.last_report = now;
+            let (leader, rtts, is_leader) = {
+                let m = self.membership();
+                (m.leader().to_string(), m.my_rtts(), m.is_leader())
+            };
+            if !is_leader && !rtts.is_empty() {
+                if let Ok(peer) = leader.parse::<PeerId>() {
+                    self.swarm
+                        .behaviour_mut()
+                        .control
+                        .send_request(&peer, Message::LinkReport { rtts });
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let me = *self.swarm.local_peer_id();
+                let full = address.with(Protocol::P2p(me));
+                info!(addr = %full, "listening");
+                let mut m = self.shared.membership.lock().expect("lock");
+                m.add_my_addr(full.to_string());
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => self.on_connected(peer_id, endpoint),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                cause,
+                ..
+            } => self.on_disconnected(peer_id, cause.map(|c| c.to_string())),
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, "dial failed: {error}");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                self.on_discovered(found)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.add_peer_address(peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result, .. })) => {
+                match result {
+                    Ok(rtt) => {
+                        let us = rtt.as_micros().min(u32::MAX as u128) as u32;
+                        self.membership().set_rtt(&peer.to_string(), us);
+                    }
+                    Err(e) => {
+                        warn!(peer = %short(&peer.to_string()), "ping failed ({e}): disconnecting");
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Control(ev)) => self.on_control(ev),
+            _ => {}
+        }
+    }
+
+    fn on_discovered(&mut self, found: Vec<(PeerId, Multiaddr)>) {
+        let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for (peer, addr) in found {
+            by_peer.entry(peer).or_default().push(addr);
+        }
+        let me = *self.swarm.local_peer_id();
+        for (peer, addrs) in by_peer {
+            if peer == me || self.swarm.is_connected(&peer) || self.backing_off(&peer) {
+                continue;
+            }
+            debug!(peer = %short(&peer.to_string()), ?addrs, "discovered by mDNS");
+            let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!("dial failed: {e}");
+            }
+        }
+    }
+
+    fn backing_off(&self, peer: &PeerId) -> bool {
+        self.refused
+            .get(peer)
+            .is_some_and(|t| t.elapsed() < REFUSED_BACKOFF)
+    }
+
+    fn on_connected(&mut self, peer: PeerId, endpoint: ConnectedPoint) {
+        let remote = match &endpoint {
+            ConnectedPoint::Dialer { address, .. } => address.clone(),
+            ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+        };
+        if let Some(ip) = ip_of(&remote) {
+            self.ips.insert(peer, ip);
+        }
+        if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+            for (addr, p) in self.peer_addrs.iter_mut() {
+                if same_dial_target(addr, address) {
+                    *p = Some(peer);
+                }
+            }
+        }
+        let is_member = self.membership().members().contains_key(&peer.to_string());
+        if !is_member && !self.pending_joins.values().any(|p| *p == peer) {
+            self.send_join(peer);
+        }
+    }
+
+    fn send_join(&mut self, peer: PeerId) {
+        let me = self.swarm.local_peer_id().to_string();
+        let hello = self.membership().me().clone();
+        let proof = self
+            .cfg
+            .key
+            .proof(&self.cfg.cluster, &me, &peer.to_string());
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .control
+            .send_request(&peer, Message::Join(Join { hello, proof }));
+        self.pending_joins.insert(id, peer);
+    }
+
+    fn on_disconnected(&mut self, peer: PeerId, cause: Option<String>) {
+        self.ips.remove(&peer);
+        for p in self.peer_addrs.values_mut() {
+            if *p == Some(peer) {
+                *p = None;
+            }
+        }
+        let id = peer.to_string();
+        let left = self.membership().leave(&id);
+        if left {
+            warn!(peer = %short(&id), cause = cause.as_deref().unwrap_or("closed"), "node left the cluster");
+            self.members_changed();
+        }
+    }
+
+    fn on_control(&mut self, ev: request_response::Event<Message, Message>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let (resp, refuse) = self.on_request(peer, request);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .control
+                        .send_response(channel, resp);
+                    if refuse {
+                        self.refused.insert(peer, Instant::now());
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    let was_join = self.pending_joins.remove(&request_id).is_some();
+                    self.on_response(peer, response, was_join);
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if self.pending_joins.remove(&request_id).is_some() {
+                    info!(peer = %short(&peer.to_string()), "join failed: {error}");
+                } else {
+                    debug!(peer = %short(&peer.to_string()), "control request failed: {error}");
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                // Malformed frames and timeouts land here: that stream is gone, nothing else.
+                info!(peer = %short(&peer.to_string()), "bad control request: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Answers a request; the flag says whether the peer was refused.
+    fn on_request(&mut self, peer: PeerId, req: Message) -> (Message, bool) {
+        let pid = peer.to_string();
+        if let Message::Join(j) = req {
+            if let Err(reason) = self.check_hello(&pid, &j.hello, &j.proof, false) {
+                warn!(peer = %short(&pid), "refused join: {reason}");
+                return (Message::Refused { reason }, true);
+            }
+            let me = self.swarm.local_peer_id().to_string();
+            let proof = self.cfg.key.proof(&self.cfg.cluster, &me, &pid);
+            self.admit(peer, j.hello);
+            let m = self.membership();
+            let welcome = Welcome {
+                hello: m.me().clone(),
+                proof,
+                members: m.member_addrs(),
+            };
+            return (Message::Welcome(welcome), false);
+        }
+        if !self.membership().members().contains_key(&pid) {
+            return (
+                Message::Refused {
+                    reason: "not a member of this cluster".into(),
+                },
+                false,
+            );
+        }
+        match req {
+            Message::PlanUpdate { plan, members } => {
+                self.dial_unknown(&members);
+                let accepted = self.membership().accept_plan(&pid, plan);
+                match accepted {
+                    Ok(true) => self.apply_plan(),
+                    Ok(false) => {}
+                    Err(e) => debug!("{e}"),
+                }
+                (Message::Ack, false)
+            }
+            Message::LinkReport { rtts } => {
+                self.membership().set_reported(&pid, &rtts);
+                (Message::Ack, false)
+            }
+            other => (
+                Message::Refused {
+                    reason: format!("unexpected control message {:?}", variant(&other)),
+                },
+                false,
+            ),
+        }
+    }
+
+    fn on_response(&mut self, peer: PeerId, resp: Message, was_join: bool) {
+        let pid = peer.to_string();
+        match resp {
+            Message::Welcome(w) if was_join => {
+                if let Err(reason) = self.check_hello(&pid, &w.hello, &w.proof, true) {
+                    warn!(peer = %short(&pid), "refusing the node that welcomed us: {reason}");
+                    self.refused.insert(peer, Instant::now());
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    return;
+                }
+                self.admit(peer, w.hello);
+                self.dial_unknown(&w.members);
+            }
+            Message::Refused { reason } => {
+                warn!(peer = %short(&pid), "refused by peer: {reason}");
+                self.refused.insert(peer, Instant::now());
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks a peer's introduction: its id, protocol version, cluster and key proof.
+    fn check_hello(
+        &self,
+        pid: &str,
+        h: &Hello,
+        proof: &[u8; 32],
+        answer: bool,
+    ) -> Result<(), String> {
+        if h.version != PROTOCOL_VERSION {
+            return Err(format!(
+                "protocol version {} but this node speaks {PROTOCOL_VERSION}: run the same shoal version on every node",
+                h.version
+            ));
+        }
+        if h.node_id != pid {
+            return Err(format!(
+                "claims to be {} but its connection is {pid}",
+                h.node_id
+            ));
+        }
+        if h.cluster != self.cfg.cluster {
+            return Err(format!(
+                "it belongs to cluster '{}', this node to '{}'",
+                h.cluster, self.cfg.cluster
+            ));
+        }
+        let me = self.swarm.local_peer_id().to_string();
+        // A join proves (sender -> receiver); a welcome answers with (answerer -> joiner).
+        if !self.cfg.key.verify(proof, &self.cfg.cluster, pid, &me) {
+            let who = if answer { "it" } else { "the joining node" };
+            return Err(format!(
+                "{who} does not hold this cluster's key (--cluster-key-file)"
+            ));
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, peer: PeerId, hello: Hello) {
+        let ip = self.ips.get(&peer).copied();
+        let pid = peer.to_string();
+        let (new, other_model) = {
+            let mut m = self.membership();
+            let other = hello.model_hash != m.me().model_hash;
+            (m.join(hello, ip), other)
+        };
+        if new {
+            info!(peer = %short(&pid), ?ip, "node joined the cluster");
+            if other_model {
+                warn!(peer = %short(&pid), "it holds a different model (blake3 manifest differs): it will not serve");
+            }
+            self.members_changed();
+        }
+    }
+
+    fn dial_unknown(&mut self, members: &[protocol::MemberAddrs]) {
+        let me = *self.swarm.local_peer_id();
+        for m in members {
+            let Ok(peer) = m.node_id.parse::<PeerId>() else {
+                continue;
+            };
+            if peer == me || self.swarm.is_connected(&peer) || self.backing_off(&peer) {
+                continue;
+            }
+            let addrs: Vec<Multiaddr> = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            let _ = self
+                .swarm
+                .dial(DialOpts::peer_id(peer).addresses(addrs).build());
+        }
+    }
+
+    /// Members changed: update the data plane's allow list, drop a plan
+    /// naming a node that left, and (if leading) replan after settling.
+    fn members_changed(&mut self) {
+        let (peers, stale) = {
+            let mut m = self.membership();
+            let peers: HashMap<String, PeerData> = m
+                .members()
+                .iter()
+                .filter_map(|(id, mem)| {
+                    Some((
+                        id.clone(),
+                        PeerData {
+                            addr: mem.data_addr()?,
+                            fingerprint: mem.hello.capabilities.cert_fingerprint,
+                        },
+                    ))
+                })
+                .collect();
+            (peers, m.clear_plan_if_stale())
+        };
+        self.shared.data.set_members(peers);
+        if stale {
+            self.apply_plan();
+        }
+        self.replan_at = Some(Instant::now() + REPLAN_SETTLE);
+    }
+
+    /// The leader plans and tells every member; others wait for it.
+    fn replan(&mut self) {
+        let (result, members, ids) = {
+            let mut m = self.membership();
+            if !m.is_leader() {
+                return;
+            }
+            let r = m.replan();
+            let ids: BTreeSet<String> = m.members().keys().cloned().collect();
+            (r, m.member_addrs(), ids)
+        };
+        match result {
+            Ok(Some(_)) => self.apply_plan(),
+            Ok(None) => {}
+            Err(e) => {
+                {
+                    let mut last = self.shared.last_plan_error.lock().expect("lock");
+                    if last.as_deref() != Some(&e.to_string()) {
+                        warn!("cannot plan: {e}");
+                        *last = Some(e.to_string());
+                    }
+                }
+                self.apply_plan();
+                return;
+            }
+        }
+        let Some(plan) = self.membership().plan().cloned() else {
+            return;
+        };
+        // Everyone gets the plan, changed or not: a node that just joined needs it.
+        for id in ids {
+            if let Ok(peer) = id.parse::<PeerId>() {
+                self.swarm.behaviour_mut().control.send_request(
+                    &peer,
+                    Message::PlanUpdate {
+                        plan: plan.clone(),
+                        members: members.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Hands the plan in force to the rest of the node.
+    fn apply_plan(&mut self) {
+        let plan = self.membership().plan().cloned();
+        self.shared.apply_plan(plan);
+    }
+}
+
+fn variant(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "Hello",
+        Message::Plan(_) => "Plan",
+        Message::Activations(_) => "Activations",
+        Message::Tokens(_) => "Tokens",
+        _ => "other",
+    }
+}
+
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+/// Whether a dialled address is the `--peer` address (ignoring a `/p2p` suffix).
+fn same_dial_target(peer_arg: &Multiaddr, dialled: &Multiaddr) -> bool {
+    let strip = |a: &Multiaddr| -> Vec<String> {
+        a.iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
+            .map(|p| p.to_string())
+            .collect()
+    };
+    strip(peer_arg) == strip(dialled)
+}

@@ -1,0 +1,269 @@
+//! The node's HTTP API: `POST /api/generate` (NDJSON stream of tokens, used
+//! by `shoal ask`) and `GET /api/status` (the cluster, for `shoal status`).
+//! Handlers only translate: the work is in [`super::origin`].
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::origin::AskRequest;
+use super::Shared;
+use crate::sampling::SamplingParams;
+
+/// Largest request body: a prompt of up to 1 MiB of text (the tokenizer's
+/// own limit) plus its JSON.
+pub const BODY_BYTES_MAX: usize = (1 << 20) + 4096;
+
+/// Most tokens one request may ask for.
+pub const MAX_TOKENS_MAX: usize = 1 << 20;
+
+/// Serves the API until `stop`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/api/generate", post(generate))
+        .route("/api/status", get(status))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(shared);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+}
+
+/// The body of `POST /api/generate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateBody {
+    /// Prompt text.
+    pub prompt: String,
+    /// Skip the chat template.
+    #[serde(default)]
+    pub raw: bool,
+    /// System message.
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    pub max_tokens: Option<usize>,
+    /// Temperature.
+    pub temperature: Option<f32>,
+    /// Top-k.
+    pub top_k: Option<usize>,
+    /// Top-p.
+    pub top_p: Option<f32>,
+    /// Min-p.
+    pub min_p: Option<f32>,
+    /// Repetition penalty.
+    pub repeat_penalty: Option<f32>,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Context window.
+    pub context: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(ErrorBody { error: msg.into() })).into_response()
+}
+
+async fn generate(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<GenerateBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => return error(e.status(), e.body_text()),
+    };
+    let d = SamplingParams::default();
+    let sampling = SamplingParams {
+        temperature: b.temperature.unwrap_or(d.temperature),
+        top_k: b.top_k.unwrap_or(d.top_k),
+        top_p: b.top_p.unwrap_or(d.top_p),
+        min_p: b.min_p.unwrap_or(d.min_p),
+        repeat_penalty: b.repeat_penalty.unwrap_or(d.repeat_penalty),
+        repeat_last_n: d.repeat_last_n,
+        seed: b.seed.unwrap_or_else(rand::random),
+    };
+    if let Err(e) = sampling.validate() {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let max_tokens = b.max_tokens.unwrap_or(512);
+    if max_tokens > MAX_TOKENS_MAX {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("max_tokens {max_tokens} is above {MAX_TOKENS_MAX}"),
+        );
+    }
+    let req = AskRequest {
+        prompt: b.prompt,
+        raw: b.raw,
+        system: b.system,
+        max_tokens,
+        sampling,
+        context: b.context,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task_shared = shared.clone();
+    tokio::spawn(async move { task_shared.ask(req, tx).await });
+    // One JSON object per line; the stream ends after `done` or `error`.
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        let mut line = serde_json::to_vec(&ev).expect("events serialize");
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(line), rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .expect("valid response")
+}
+
+/// The cluster as `GET /api/status` shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// Cluster name.
+    pub cluster: String,
+    /// The answering node.
+    pub node_id: String,
+    /// The leader.
+    pub leader: String,
+    /// The model.
+    pub model: ModelStatus,
+    /// The plan in force.
+    pub plan: Option<PlanStatus>,
+    /// Why there is no plan, if there is none.
+    pub plan_error: Option<String>,
+    /// Every member, this node first.
+    pub nodes: Vec<NodeStatus>,
+    /// This node's request counters.
+    pub requests: super::origin::NodeStats,
+}
+
+/// The model in status.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// Its name from the GGUF.
+    pub name: Option<String>,
+    /// Architecture.
+    pub architecture: String,
+    /// Layers.
+    pub layers: usize,
+    /// blake3 manifest hash, hex.
+    pub hash: String,
+    /// Weight bytes.
+    pub bytes: u64,
+}
+
+/// The plan in status.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlanStatus {
+    /// Epoch.
+    pub epoch: u64,
+    /// `abc123[0..15) -> def456[15..30)`.
+    pub summary: String,
+    /// Predicted ms per token.
+    pub token_latency_ms: f64,
+    /// Predicted tokens/s with the pipeline full.
+    pub throughput_tokens_per_s: f64,
+}
+
+/// One node in status.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node id (libp2p peer id).
+    pub id: String,
+    /// libp2p multiaddrs, each dialable with `--peer`.
+    pub addrs: Vec<String>,
+    /// `cpu`, `cuda` or `metal`.
+    pub device: String,
+    /// Compute threads.
+    pub threads: u32,
+    /// Memory it may use, bytes.
+    pub memory_bytes: u64,
+    /// Measured µs per MiB of weights.
+    pub us_per_mib: f32,
+    /// Its layers `[start, end)` in the plan.
+    pub layers: Option<[u32; 2]>,
+    /// Round trip from the answering node, ms.
+    pub rtt_ms: Option<f64>,
+    /// Its HTTP API.
+    pub http: String,
+    /// Whether it holds the same model as the answering node.
+    pub same_model: bool,
+    /// Whether it leads.
+    pub leader: bool,
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
+    Json(build_status(&shared))
+}
+
+/// The status snapshot.
+pub fn build_status(shared: &Shared) -> Status {
+    let plan = shared.plan.borrow().clone();
+    let m = shared.membership.lock().expect("lock");
+    let leader = m.leader().to_string();
+    let layers_of = |id: &str| {
+        plan.as_ref()?
+            .stages
+            .iter()
+            .find(|s| s.node_id == id)
+            .map(|s| [s.layers_start, s.layers_end])
+    };
+    let me = m.me();
+    let node = |h: &protocol::Hello, rtt: Option<u32>| NodeStatus {
+        id: h.node_id.clone(),
+        addrs: h.capabilities.addrs.clone(),
+        device: format!("{:?}", h.capabilities.device).to_lowercase(),
+        threads: h.capabilities.threads,
+        memory_bytes: h.capabilities.memory_bytes,
+        us_per_mib: h.capabilities.us_per_mib,
+        layers: layers_of(&h.node_id),
+        rtt_ms: rtt.map(|r| f64::from(r) / 1000.0),
+        http: h.capabilities.http_addr.clone(),
+        same_model: h.model_hash == me.model_hash,
+        leader: h.node_id == leader,
+    };
+    let mut nodes = vec![node(me, None)];
+    nodes.extend(m.members().values().map(|mem| node(&mem.hello, mem.rtt_us)));
+    let cfg = &shared.layout.config;
+    Status {
+        cluster: shared.config.cluster.clone(),
+        node_id: shared.node_id.clone(),
+        leader,
+        model: ModelStatus {
+            name: cfg.name.clone(),
+            architecture: cfg.architecture.clone(),
+            layers: cfg.n_layers,
+            hash: shared
+                .manifest
+                .model_hash
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            bytes: shared.layout.stage_bytes(0..cfg.n_layers),
+        },
+        plan: plan.as_ref().map(|p| PlanStatus {
+            epoch: p.epoch,
+            summary: super::plan_line(p),
+            token_latency_ms: p.token_latency_us / 1000.0,
+            throughput_tokens_per_s: p.throughput_tokens_per_s,
+        }),
+        plan_error: m.plan_error().map(str::to_string),
+        nodes,
+        requests: shared.stats.lock().expect("lock").clone(),
+    }
+}

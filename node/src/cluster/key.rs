@@ -1,0 +1,147 @@
+//! The cluster secret: a node proves it holds it before it may join, see
+//! the plan or reach the data plane.
+
+use std::path::Path;
+
+use rand::RngCore;
+
+/// Length of the secret, bytes (256 bits).
+pub const CLUSTER_KEY_BYTES: usize = 32;
+
+/// A shared cluster secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterKey([u8; CLUSTER_KEY_BYTES]);
+
+impl std::fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKey(..)")
+    }
+}
+
+/// Why a key file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The file could not be read or written.
+    #[error("cluster key file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file does not hold a key.
+    #[error("cluster key file {path}: expected {} hex digits (make one with `shoal keygen`)", CLUSTER_KEY_BYTES * 2)]
+    Malformed {
+        /// The file.
+        path: String,
+    },
+}
+
+impl ClusterKey {
+    /// A fresh random key.
+    pub fn generate() -> ClusterKey {
+        let mut k = [0u8; CLUSTER_KEY_BYTES];
+        rand::rng().fill_bytes(&mut k);
+        ClusterKey(k)
+    }
+
+    /// Parses hex text (surrounding whitespace allowed).
+    pub fn from_hex(text: &str) -> Option<ClusterKey> {
+        let t = text.trim();
+        if t.len() != CLUSTER_KEY_BYTES * 2 || !t.is_ascii() {
+            return None;
+        }
+        let mut k = [0u8; CLUSTER_KEY_BYTES];
+        for (i, b) in k.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(ClusterKey(k))
+    }
+
+    /// The key as hex, the format of key files.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Reads a key file.
+    pub fn read(path: &Path) -> Result<ClusterKey, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        ClusterKey::from_hex(&text).ok_or_else(|| KeyError::Malformed {
+            path: path.display().to_string(),
+        })
+    }
+
+    /// Reads the key file, or creates it with a new key when it does not
+    /// exist yet (returns whether it was created, so the caller can print it once).
+    pub fn read_or_create(path: &Path) -> Result<(ClusterKey, bool), KeyError> {
+        if path.exists() {
+            return Ok((ClusterKey::read(path)?, false));
+        }
+        let key = ClusterKey::generate();
+        let io = |source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        write_private(path, &format!("{}\n", key.to_hex())).map_err(io)?;
+        Ok((key, true))
+    }
+
+    /// Proof that the sender of a join holds the key, bound to the cluster
+    /// name and both peer ids so it cannot be replayed elsewhere.
+    pub fn proof(&self, cluster: &str, from: &str, to: &str) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(b"shoal-join-v1\0");
+        for part in [cluster, from, to] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// Checks a proof in constant time.
+    pub fn verify(&self, proof: &[u8; 32], cluster: &str, from: &str, to: &str) -> bool {
+        blake3::Hash::from(self.proof(cluster, from, to)) == blake3::Hash::from(*proof)
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)?.write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_rejects_garbage() {
+        let k = ClusterKey::generate();
+        assert_eq!(ClusterKey::from_hex(&format!(" {}\n", k.to_hex())), Some(k));
+        assert!(ClusterKey::from_hex("abc").is_none());
+        assert!(ClusterKey::from_hex(&"zz".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn proofs_bind_key_cluster_and_peers() {
+        let k = ClusterKey::generate();
+        let p = k.proof("office", "a", "b");
+        assert!(k.verify(&p, "office", "a", "b"));
+        assert!(!k.verify(&p, "office", "b", "a"));
+        assert!(!k.verify(&p, "lab", "a", "b"));
+        assert!(!ClusterKey::generate().verify(&p, "office", "a", "b"));
+    }
+}

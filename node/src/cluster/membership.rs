@@ -1,0 +1,398 @@
+//! Who is in the cluster, who leads, and the plan: a pure state machine the
+//! control loop feeds with events (joins, leaves, plans, link reports).
+//!
+//! The leader is the member with the smallest node id. Every member knows
+//! every other (the control plane is a full mesh, and member lists travel
+//! with welcomes and plans), so all agree on the leader without a vote; a
+//! plan is only accepted from the node this member thinks leads.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use protocol::{Hello, MemberAddrs, Plan, StageAssignment};
+use sharding::{plan, LinkSpec, ModelSpec, NodeSpec, PlanError, PlanGoal, PlanInput};
+
+/// Assumed bandwidth of a LAN link between machines, bytes per second
+/// (1 Gbit/s Ethernet): only latency is measured so far.
+pub const LAN_BYTES_PER_SECOND: f64 = 125e6;
+
+/// An authenticated member other than this node.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Its introduction (capabilities, data-plane address, model hash).
+    pub hello: Hello,
+    /// The address its control connection comes from: where its data plane
+    /// is reached when it listens on all interfaces.
+    pub ip: Option<IpAddr>,
+    /// Round-trip time this node measured to it, microseconds.
+    pub rtt_us: Option<u32>,
+    /// Round-trip times it reported to others, microseconds.
+    pub reported: BTreeMap<String, u32>,
+}
+
+impl Member {
+    /// Its data-plane socket address: the advertised one, with the observed
+    /// ip when it advertised an unspecified one.
+    pub fn data_addr(&self) -> Option<std::net::SocketAddr> {
+        let mut addr: std::net::SocketAddr = self.hello.capabilities.data_addr.parse().ok()?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(self.ip?);
+        }
+        Some(addr)
+    }
+}
+
+/// The cluster as this node sees it.
+#[derive(Debug)]
+pub struct Membership {
+    me: Hello,
+    members: BTreeMap<String, Member>,
+    plan: Option<Plan>,
+    plan_error: Option<String>,
+    /// Highest plan epoch seen: epochs only grow, across leaders too.
+    epoch: u64,
+    model: ModelSpec,
+    goal: PlanGoal,
+}
+
+impl Membership {
+    /// A cluster of one: this node.
+    pub fn new(me: Hello, model: ModelSpec, goal: PlanGoal) -> Membership {
+        Membership {
+            me,
+            members: BTreeMap::new(),
+            plan: None,
+            plan_error: None,
+            epoch: 0,
+            model,
+            goal,
+        }
+    }
+
+    /// This node's introduction.
+    pub fn me(&self) -> &Hello {
+        &self.me
+    }
+
+    /// Records one of this node's listen addresses (they appear after start).
+    pub fn add_my_addr(&mut self, addr: String) {
+        let addrs = &mut self.me.capabilities.addrs;
+        if !addrs.contains(&addr) && addrs.len() < protocol::limits::ADDRS_MAX {
+            addrs.push(addr);
+        }
+    }
+
+    /// The other members.
+    pub fn members(&self) -> &BTreeMap<String, Member> {
+        &self.members
+    }
+
+    /// The plan in force.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    /// Why the leader could not plan, if it could not.
+    pub fn plan_error(&self) -> Option<&str> {
+        self.plan_error.as_deref()
+    }
+
+    /// The leader's node id.
+    pub fn leader(&self) -> &str {
+        self.members
+            .keys()
+            .map(String::as_str)
+            .chain([self.me.node_id.as_str()])
+            .min()
+            .expect("at least this node")
+    }
+
+    /// Whether this node leads.
+    pub fn is_leader(&self) -> bool {
+        self.leader() == self.me.node_id
+    }
+
+    /// Adds or refreshes a member; true when it is new.
+    pub fn join(&mut self, hello: Hello, ip: Option<IpAddr>) -> bool {
+        let id = hello.node_id.clone();
+        match self.members.get_mut(&id) {
+            Some(m) => {
+                m.hello = hello;
+                m.ip = ip.or(m.ip);
+                false
+            }
+            None => {
+                self.members.insert(
+                    id,
+                    Member {
+                        hello,
+                        ip,
+                        rtt_us: None,
+                        reported: BTreeMap::new(),
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Removes a member; true when it was one.
+    pub fn leave(&mut self, id: &str) -> bool {
+        self.members.remove(id).is_some()
+    }
+
+    /// Records a round-trip time this node measured.
+    pub fn set_rtt(&mut self, id: &str, rtt_us: u32) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.rtt_us = Some(rtt_us);
+        }
+    }
+
+    /// Records the round-trip times a member measured.
+    pub fn set_reported(&mut self, id: &str, rtts: &[(String, u32)]) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.reported = rtts.iter().cloned().collect();
+        }
+    }
+
+    /// The round-trip times this node measured, to report to the leader.
+    pub fn my_rtts(&self) -> Vec<(String, u32)> {
+        self.members
+            .iter()
+            .filter_map(|(id, m)| Some((id.clone(), m.rtt_us?)))
+            .collect()
+    }
+
+    /// Every member with its addresses (this node included), for peers to dial.
+    pub fn member_addrs(&self) -> Vec<MemberAddrs> {
+        std::iter::once(&self.me)
+            .chain(self.members.values().map(|m| &m.hello))
+            .map(|h| MemberAddrs {
+                node_id: h.node_id.clone(),
+                addrs: h.capabilities.addrs.clone(),
+            })
+            .collect()
+    }
+
+    /// Accepts a plan from `from` if it leads and the plan is new; true when
+    /// the plan in force changed.
+    pub fn accept_plan(&mut self, from: &str, plan: Plan) -> Result<bool, String> {
+        if from != self.leader() {
+            return Err(format!(
+                "plan from {from} ignored: the leader is {}",
+                self.leader()
+            ));
+        }
+        if self.plan.as_ref() == Some(&plan) || plan.epoch < self.epoch {
+            return Ok(false);
+        }
+        self.epoch = plan.epoch;
+        self.plan = Some(plan);
+        self.plan_error = None;
+        Ok(true)
+    }
+
+    /// The leader's decision: a plan over the members holding this node's
+    /// model. `Ok(Some(plan))` when the assignment changed (a new epoch),
+    /// `Ok(None)` when it stays.
+    pub fn replan(&mut self) -> Result<Option<Plan>, PlanError> {
+        let ids: Vec<&Hello> = std::iter::once(&self.me)
+            .chain(
+                self.members
+                    .values()
+                    .map(|m| &m.hello)
+                    .filter(|h| h.model_hash == self.me.model_hash),
+            )
+            .collect();
+        let nodes: Vec<NodeSpec> = ids
+            .iter()
+            .map(|h| NodeSpec {
+                id: h.node_id.clone(),
+                us_per_mib: f64::from(h.capabilities.us_per_mib),
+                memory_bytes: h.capabilities.memory_bytes,
+            })
+            .collect();
+        let links = ids
+            .iter()
+            .map(|a| {
+                ids.iter()
+                    .map(|b| self.link(&a.node_id, &b.node_id))
+                    .collect()
+            })
+            .collect();
+        let input = PlanInput {
+            model: self.model.clone(),
+            nodes,
+            links,
+            goal: self.goal,
+        };
+        let planned = match plan(&input) {
+            Ok(p) => p,
+            Err(e) => {
+                self.plan_error = Some(e.to_string());
+                self.plan = None;
+                return Err(e);
+            }
+        };
+        let stages: Vec<StageAssignment> = planned
+            .stages
+            .iter()
+            .map(|s| StageAssignment {
+                node_id: s.node_id.clone(),
+                layers_start: s.layers.start as u32,
+                layers_end: s.layers.end as u32,
+            })
+            .collect();
+        if self.plan.as_ref().is_some_and(|p| p.stages == stages) {
+            return Ok(None);
+        }
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let plan = Plan {
+            epoch,
+            model_hash: self.me.model_hash,
+            n_layers: self.model.layer_bytes.len() as u32,
+            stages,
+            token_latency_us: planned.token_latency_us,
+            throughput_tokens_per_s: planned.throughput_tokens_per_s,
+        };
+        self.plan = Some(plan.clone());
+        self.plan_error = None;
+        Ok(Some(plan))
+    }
+
+    /// Forgets the plan (e.g. when the leader changed and a new one is due).
+    pub fn clear_plan_if_stale(&mut self) -> bool {
+        let stale = self.plan.as_ref().is_some_and(|p| {
+            p.stages
+                .iter()
+                .any(|s| s.node_id != self.me.node_id && !self.members.contains_key(&s.node_id))
+        });
+        if stale {
+            self.plan = None;
+        }
+        stale
+    }
+
+    /// The planner's view of the link from `a` to `b`: half the measured
+    /// round trip (either end's measurement), LAN bandwidth between
+    /// machines, loopback costs on one machine.
+    fn link(&self, a: &str, b: &str) -> LinkSpec {
+        if a == b {
+            return LinkSpec::LOCAL;
+        }
+        let rtt = self.rtt_between(a, b).or_else(|| self.rtt_between(b, a));
+        let same_host = self
+            .ip_of(a)
+            .zip(self.ip_of(b))
+            .is_some_and(|(x, y)| x == y)
+            || self.ip_of(a).is_some_and(|x| x.is_loopback())
+            || self.ip_of(b).is_some_and(|x| x.is_loopback());
+        let base = if same_host {
+            LinkSpec::LOCAL
+        } else {
+            LinkSpec {
+                latency_us: 200.0,
+                bytes_per_second: LAN_BYTES_PER_SECOND,
+            }
+        };
+        LinkSpec {
+            latency_us: rtt.map_or(base.latency_us, |r| f64::from(r) / 2.0),
+            ..base
+        }
+    }
+
+    fn rtt_between(&self, a: &str, b: &str) -> Option<u32> {
+        if a == self.me.node_id {
+            return self.members.get(b)?.rtt_us;
+        }
+        self.members.get(a)?.reported.get(b).copied()
+    }
+
+    fn ip_of(&self, id: &str) -> Option<IpAddr> {
+        if id == self.me.node_id {
+            return None;
+        }
+        self.members.get(id)?.ip
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::{Capabilities, DeviceKind, PROTOCOL_VERSION};
+
+    fn hello(id: &str, memory_mib: u64) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            node_id: id.into(),
+            cluster: "c".into(),
+            model_hash: [1; 32],
+            capabilities: Capabilities {
+                device: DeviceKind::Cpu,
+                threads: 1,
+                memory_bytes: memory_mib << 20,
+                us_per_mib: 100.0,
+                data_addr: "0.0.0.0:7000".into(),
+                http_addr: "127.0.0.1:8080".into(),
+                cert_fingerprint: [0; 32],
+                addrs: vec![],
+            },
+        }
+    }
+
+    fn model() -> ModelSpec {
+        ModelSpec {
+            layer_bytes: vec![3 << 20; 30],
+            first_bytes: 4 << 20,
+            last_bytes: 8 << 20,
+            kv_bytes_per_token_layer: 1024,
+            context_tokens: 1024,
+            activation_bytes: 2304,
+        }
+    }
+
+    #[test]
+    fn smallest_id_leads_and_plans_are_only_taken_from_it() {
+        let mut a = Membership::new(hello("b", 50), model(), PlanGoal::Latency);
+        assert!(a.is_leader());
+        assert!(a.join(hello("a", 50), None));
+        assert!(!a.join(hello("a", 50), None));
+        assert_eq!(a.leader(), "a");
+        let mut leader = Membership::new(hello("a", 50), model(), PlanGoal::Latency);
+        leader.join(hello("b", 50), None);
+        leader.join(hello("c", 50), None);
+        let p = leader.replan().unwrap().unwrap();
+        assert_eq!(p.stages.len(), 3);
+        assert_eq!(leader.replan().unwrap(), None, "same members, same plan");
+        assert!(a.accept_plan("a", p.clone()).unwrap());
+        assert!(!a.accept_plan("a", p.clone()).unwrap());
+        assert!(a.accept_plan("c", p).is_err());
+    }
+
+    #[test]
+    fn a_member_leaving_makes_the_plan_stale_and_replans() {
+        let mut m = Membership::new(hello("a", 50), model(), PlanGoal::Latency);
+        m.join(hello("b", 50), None);
+        m.join(hello("c", 50), None);
+        let p1 = m.replan().unwrap().unwrap();
+        assert!(m.leave("c"));
+        assert!(m.clear_plan_if_stale());
+        let err = m.replan().unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+        assert!(m.plan_error().is_some());
+        m.join(hello("d", 500), None);
+        let p2 = m.replan().unwrap().unwrap();
+        assert!(p2.epoch > p1.epoch);
+    }
+
+    #[test]
+    fn members_with_another_model_are_left_out() {
+        let mut m = Membership::new(hello("a", 500), model(), PlanGoal::Throughput);
+        let mut other = hello("b", 500);
+        other.model_hash = [9; 32];
+        m.join(other, None);
+        let p = m.replan().unwrap().unwrap();
+        assert!(p.stages.iter().all(|s| s.node_id == "a"));
+    }
+}

@@ -1,0 +1,358 @@
+//! A cluster node: discovery and membership (libp2p), the plan, the QUIC
+//! data plane, the stage worker, request origins and the HTTP API.
+//!
+//! # Layout
+//! - [`key`]: the cluster secret and join proofs.
+//! - [`membership`]: members, leader, plans (pure state).
+//! - [`control`]: the libp2p control loop driving membership.
+//! - [`tls`], [`wire`], [`dataplane`]: QUIC links between stages.
+//! - [`worker`]: the thread that runs this node's layers.
+//! - [`calibrate`]: a short speed measurement at start.
+//! - [`origin`]: a request from prompt to streamed tokens, through the pipeline.
+//! - [`http`]: the node's HTTP API (`/api/generate`, `/api/status`).
+//!
+//! Architecture Invariant: only the control loop mutates membership; the
+//! data plane and HTTP read snapshots of it.
+
+pub mod calibrate;
+pub mod control;
+pub mod dataplane;
+pub mod http;
+pub mod key;
+pub mod membership;
+pub mod origin;
+pub mod tls;
+pub mod wire;
+
+pub use libp2p::Multiaddr;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use protocol::{Capabilities, DType, DeviceKind, Hello, Plan, PROTOCOL_VERSION};
+use sharding::{GgufFile, Manifest, ModelLayout, ModelSpec, PlanGoal};
+use tokio::sync::{watch, OnceCell};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::model::LoadOptions;
+use crate::text::TextModel;
+use dataplane::{short, DataPlane};
+use key::ClusterKey;
+use membership::Membership;
+use worker::WorkerMsg;
+
+/// Everything `shoal node` is started with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The GGUF model file.
+    pub model: PathBuf,
+    /// Cluster name.
+    pub cluster: String,
+    /// Cluster secret.
+    pub key: ClusterKey,
+    /// libp2p listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial.
+    pub peers: Vec<Multiaddr>,
+    /// Discover peers with mDNS.
+    pub mdns: bool,
+    /// HTTP API address.
+    pub http: SocketAddr,
+    /// QUIC data-plane address.
+    pub data: SocketAddr,
+    /// Memory this node may use for weights and KV cache (default: what is available).
+    pub max_memory: Option<u64>,
+    /// Context window per request, tokens.
+    pub context: usize,
+    /// Compute threads (reported; the caller sizes the pool).
+    pub threads: usize,
+    /// What the planner optimises.
+    pub goal: PlanGoal,
+    /// Element type of activations between stages.
+    pub activations: DType,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The model could not be read.
+    #[error(transparent)]
+    Engine(#[from] crate::EngineError),
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The control plane could not start.
+    #[error("control plane: {0}")]
+    Control(String),
+}
+
+/// State shared by the control loop, the data plane, origins and HTTP.
+pub struct Shared {
+    /// Membership and plan (written by the control loop only).
+    pub membership: Mutex<Membership>,
+    /// The data plane.
+    pub data: Arc<DataPlane>,
+    /// The plan in force, watched by origins.
+    pub plan: watch::Sender<Option<Plan>>,
+    /// The last planning error logged (to log each once).
+    pub last_plan_error: Mutex<Option<String>>,
+    /// Node settings.
+    pub config: NodeConfig,
+    /// This node's id.
+    pub node_id: String,
+    /// The model's layout.
+    pub layout: Arc<ModelLayout>,
+    /// The model's manifest.
+    pub manifest: Manifest,
+    /// Tokenizer and template, loaded when this node first originates a request.
+    text: OnceCell<Arc<TextModel>>,
+    /// Request counters for status.
+    pub stats: Mutex<origin::NodeStats>,
+}
+
+impl Shared {
+    /// Installs a plan (or none): logs it, fails requests of the old one,
+    /// reconfigures the worker, and tells origins.
+    pub fn apply_plan(&self, plan: Option<Plan>) {
+        let old = self.plan.borrow().clone();
+        if old == plan {
+            return;
+        }
+        if old.is_some() {
+            self.data.fail_all_requests(
+                "the cluster changed during the request (a node left or joined); retry",
+            );
+        }
+        let (layers, next, epoch) = match &plan {
+            Some(p) => {
+                let pos = p.stages.iter().position(|s| s.node_id == self.node_id);
+                let layers =
+                    pos.map(|i| p.stages[i].layers_start as usize..p.stages[i].layers_end as usize);
+                let next = pos
+                    .filter(|&i| i + 1 < p.stages.len())
+                    .map(|i| p.stages[i + 1].node_id.clone());
+                info!(
+                    "plan epoch {}: {} | {:.1} ms/token, {:.1} tok/s full{}",
+                    p.epoch,
+                    plan_line(p),
+                    p.token_latency_us / 1000.0,
+                    p.throughput_tokens_per_s,
+                    match &layers {
+                        Some(l) => format!(" (this node: layers {}..{})", l.start, l.end),
+                        None => " (this node: none)".into(),
+                    }
+                );
+                (layers, next, p.epoch)
+            }
+            None => {
+                warn!("no plan in force: waiting for the leader");
+                (None, None, 0)
+            }
+        };
+        // Without a plan the worker keeps its layers loaded (the next plan
+        // is likely to give them back) but drops its requests.
+        let msg = match plan {
+            Some(_) => WorkerMsg::Reconfigure {
+                epoch,
+                layers,
+                next,
+            },
+            None => WorkerMsg::Pause,
+        };
+        let data = self.data.clone();
+        tokio::spawn(async move { data.to_worker(msg).await });
+        self.plan.send_replace(plan);
+    }
+
+    /// The tokenizer and template, loaded on first use.
+    pub async fn text(&self) -> Result<Arc<TextModel>, crate::EngineError> {
+        let path = self.config.model.clone();
+        self.text
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || {
+                    let gguf = GgufFile::open(&path)?;
+                    Ok(Arc::new(TextModel::from_gguf(&gguf)?))
+                })
+                .await
+                .expect("tokenizer load task")
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// `abc123[0..10) -> def456[10..30)`.
+pub fn plan_line(p: &Plan) -> String {
+    p.stages
+        .iter()
+        .map(|s| {
+            format!(
+                "{}[{}..{})",
+                short(&s.node_id),
+                s.layers_start,
+                s.layers_end
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
+/// A running node.
+pub struct Node {
+    /// Shared state (status, plan).
+    pub shared: Arc<Shared>,
+    /// Where its HTTP API listens.
+    pub http_addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts a node: reads and hashes the model, calibrates, binds the data
+    /// plane and HTTP, and joins the cluster.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let path = config.model.clone();
+        let context = config.context;
+        let (layout, manifest, us_per_mib) = tokio::task::spawn_blocking(move || {
+            let gguf = GgufFile::open(&path)?;
+            let layout = ModelLayout::from_gguf(&gguf)?;
+            let manifest = Manifest::compute(&path, &layout)?;
+            let speed = calibrate::measure(&gguf, &layout, context)?;
+            Ok::<_, crate::EngineError>((Arc::new(layout), manifest, speed))
+        })
+        .await
+        .expect("model load task")?;
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let node_id = keypair.public().to_peer_id().to_string();
+        let data =
+            DataPlane::bind(node_id.clone(), config.data).map_err(|source| NodeError::Bind {
+                what: "the data plane (QUIC)",
+                addr: config.data,
+                source,
+            })?;
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .map_err(|source| NodeError::Bind {
+                what: "the HTTP API",
+                addr: config.http,
+                source,
+            })?;
+        let http_addr = listener.local_addr().expect("bound listener");
+        let memory_bytes = config.max_memory.unwrap_or_else(available_memory);
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            node_id: node_id.clone(),
+            cluster: config.cluster.clone(),
+            model_hash: manifest.model_hash,
+            capabilities: Capabilities {
+                device: DeviceKind::Cpu,
+                threads: config.threads as u32,
+                memory_bytes,
+                us_per_mib: us_per_mib as f32,
+                data_addr: data.local_addr().to_string(),
+                http_addr: http_addr.to_string(),
+                cert_fingerprint: data.fingerprint(),
+                addrs: Vec::new(),
+            },
+        };
+        info!(
+            node = %short(&node_id),
+            model = layout.config.name.as_deref().unwrap_or("?"),
+            hash = %manifest.short_hash(),
+            us_per_mib = format!("{us_per_mib:.0}"),
+            memory_mib = memory_bytes >> 20,
+            data = %data.local_addr(),
+            http = %http_addr,
+            "node starting"
+        );
+        let spec = ModelSpec::from_layout(&layout, context as u64, 2);
+        let membership = Membership::new(hello, spec, config.goal);
+        let worker = worker::spawn(
+            worker::WorkerConfig {
+                me: node_id.clone(),
+                model: config.model.clone(),
+                layout: layout.clone(),
+                load: LoadOptions {
+                    max_context: context,
+                    ..LoadOptions::default()
+                },
+                dtype: config.activations,
+            },
+            Arc::new(data.clone()),
+        );
+        data.set_worker(worker);
+        let shared = Arc::new(Shared {
+            membership: Mutex::new(membership),
+            data,
+            plan: watch::channel(None).0,
+            last_plan_error: Mutex::new(None),
+            config: config.clone(),
+            node_id,
+            layout,
+            manifest,
+            text: OnceCell::new(),
+            stats: Mutex::default(),
+        });
+        let stop = CancellationToken::new();
+        let control = control::start(
+            keypair,
+            control::ControlConfig {
+                listen: config.listen.clone(),
+                peers: config.peers.clone(),
+                mdns: config.mdns,
+                cluster: config.cluster.clone(),
+                key: config.key.clone(),
+            },
+            shared.clone(),
+            stop.clone(),
+        )
+        .map_err(NodeError::Control)?;
+        let http = tokio::spawn(http::serve(listener, shared.clone(), stop.clone()));
+        Ok(Node {
+            shared,
+            http_addr,
+            stop,
+            tasks: vec![control, http],
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    /// Stops the node (its peers see it leave).
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Memory available to a new process (Linux `MemAvailable`), or 4 GiB
+/// where it cannot be read.
+pub fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(4 << 30, |kb| kb * 1024)
+}

@@ -1,0 +1,296 @@
+//! A request's origin: the node a client asked. It tokenizes the prompt,
+//! opens the request along the pipeline, feeds the first stage, and turns
+//! the tokens the last stage sends back into streamed text.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::{Begin, Input, Message, Sampling};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{info, info_span, Instrument};
+
+use super::Shared;
+use crate::chat;
+use crate::engine::{GenerateEvent, GenerationStats, Progress, PROMPT_CHUNK_TOKENS};
+use crate::sampling::SamplingParams;
+
+/// Longest a request waits for one token: a stage that takes longer is
+/// stuck, and the client gets an error instead of a hang. Generous, since a
+/// big model on slow machines can take seconds per token.
+pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Recent requests kept for status.
+const RECENT_MAX: usize = 32;
+
+/// What a client asks for.
+#[derive(Debug, Clone)]
+pub struct AskRequest {
+    /// The prompt text.
+    pub prompt: String,
+    /// Feed the prompt as is, without the chat template.
+    pub raw: bool,
+    /// An optional system message (chat mode).
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Context window (default: the node's).
+    pub context: Option<usize>,
+}
+
+/// What the client sees, in order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AskEvent {
+    /// Text of one token (possibly empty mid-character).
+    Token {
+        /// The token id.
+        id: u32,
+        /// Its text.
+        text: String,
+    },
+    /// Text left at the end.
+    Tail {
+        /// The text.
+        text: String,
+    },
+    /// Finished.
+    Done {
+        /// Timings and why it stopped.
+        stats: GenerationStats,
+    },
+    /// Failed.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Counters for the status page.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// Requests running now.
+    pub running: usize,
+    /// Requests finished.
+    pub finished: u64,
+    /// Requests failed.
+    pub failed: u64,
+    /// Tokens generated.
+    pub tokens: u64,
+    /// Recent requests: (prompt tokens, generated, ttft ms, tok/s).
+    pub recent: VecDeque<RecentRequest>,
+}
+
+/// One finished request, for status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecentRequest {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub gen_tokens: usize,
+    /// Time to first token, ms.
+    pub ttft_ms: f64,
+    /// Generation speed, tokens per second.
+    pub tokens_per_s: f64,
+}
+
+impl Shared {
+    /// Runs `req` through the pipeline, streaming events to `events`.
+    /// Dropping the receiver cancels the request along the chain.
+    pub async fn ask(self: &Arc<Self>, req: AskRequest, events: mpsc::UnboundedSender<AskEvent>) {
+        let request_id: u64 = rand::random();
+        let span = info_span!("request", request_id);
+        self.stats.lock().expect("lock").running += 1;
+        let result = self.run(request_id, req, &events).instrument(span).await;
+        let mut stats = self.stats.lock().expect("lock");
+        stats.running -= 1;
+        match result {
+            Ok(s) => {
+                stats.finished += 1;
+                stats.tokens += s.gen_tokens as u64;
+                let rate = if s.gen_ms > 0.0 {
+                    s.gen_tokens.saturating_sub(1) as f64 * 1000.0 / s.gen_ms
+                } else {
+                    0.0
+                };
+                stats.recent.push_front(RecentRequest {
+                    prompt_tokens: s.prompt_tokens,
+                    gen_tokens: s.gen_tokens,
+                    ttft_ms: s.ttft_ms,
+                    tokens_per_s: rate,
+                });
+                stats.recent.truncate(RECENT_MAX);
+                let _ = events.send(AskEvent::Done { stats: s });
+            }
+            Err(message) => {
+                stats.failed += 1;
+                let _ = events.send(AskEvent::Error { message });
+            }
+        }
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        request_id: u64,
+        req: AskRequest,
+        events: &mpsc::UnboundedSender<AskEvent>,
+    ) -> Result<GenerationStats, String> {
+        let start = Instant::now();
+        let text = self.text().await.map_err(|e| e.to_string())?;
+        let prompt = if req.raw {
+            text.raw_tokens(&req.prompt)
+        } else {
+            let mut msgs = Vec::new();
+            if let Some(s) = &req.system {
+                msgs.push(chat::Message::new("system", s));
+            }
+            msgs.push(chat::Message::new("user", &req.prompt));
+            text.chat_tokens(&msgs)
+        }
+        .map_err(|e| e.to_string())?;
+        let context = req
+            .context
+            .unwrap_or(self.config.context)
+            .min(self.config.context);
+        if prompt.is_empty() {
+            return Err("empty prompt: nothing to run".into());
+        }
+        if prompt.len() >= context {
+            return Err(format!(
+                "context full: the prompt has {} tokens, the context holds {context} (raise --ctx)",
+                prompt.len()
+            ));
+        }
+        let plan = self
+            .plan
+            .borrow()
+            .clone()
+            .ok_or_else(|| self.no_plan_reason())?;
+        let head = plan.stages[0].node_id.clone();
+        let mut rx = self.data.open_request(request_id);
+        let guard = RequestGuard {
+            shared: self.clone(),
+            id: request_id,
+            head: head.clone(),
+        };
+        let s = &req.sampling;
+        let begin = Begin {
+            request_id,
+            epoch: plan.epoch,
+            origin: self.node_id.clone(),
+            context: context as u32,
+            sampling: Sampling {
+                temperature: s.temperature,
+                top_k: s.top_k as u32,
+                top_p: s.top_p,
+                min_p: s.min_p,
+                repeat_penalty: s.repeat_penalty,
+                repeat_last_n: s.repeat_last_n as u32,
+                seed: s.seed,
+            },
+            prompt: prompt.clone(),
+        };
+        self.data.send(&head, Message::Begin(begin)).await?;
+        let chunks = prompt.chunks(PROMPT_CHUNK_TOKENS).count();
+        for (i, chunk) in prompt.chunks(PROMPT_CHUNK_TOKENS).enumerate() {
+            let input = Input {
+                request_id,
+                position: (i * PROMPT_CHUNK_TOKENS) as u32,
+                tokens: chunk.to_vec(),
+                sample: i + 1 == chunks,
+            };
+            self.data.send(&head, Message::Input(input)).await?;
+        }
+        let mut first = true;
+        let mut progress = None;
+        let mut position = prompt.len();
+        loop {
+            let id = next_token(&mut rx).await?;
+            let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
+            if first {
+                first = false;
+                info!(prompt_tokens = prompt.len(), "first token");
+            }
+            let mut on_event = |e: GenerateEvent<'_>| match e {
+                GenerateEvent::Token { id, text } => events
+                    .send(AskEvent::Token {
+                        id,
+                        text: text.to_string(),
+                    })
+                    .is_ok(),
+                GenerateEvent::Tail { text } => events
+                    .send(AskEvent::Tail {
+                        text: text.to_string(),
+                    })
+                    .is_ok(),
+            };
+            let room = position < context;
+            if !p.on_token(text.tokenizer(), id, req.max_tokens, room, &mut on_event) {
+                break;
+            }
+            let input = Input {
+                request_id,
+                position: position as u32,
+                tokens: vec![id],
+                sample: true,
+            };
+            self.data.send(&head, Message::Input(input)).await?;
+            position += 1;
+        }
+        drop(guard);
+        let mut on_event = |e: GenerateEvent<'_>| {
+            if let GenerateEvent::Tail { text } = e {
+                let _ = events.send(AskEvent::Tail {
+                    text: text.to_string(),
+                });
+            }
+            true
+        };
+        Ok(progress.expect("at least one token").finish(&mut on_event))
+    }
+
+    fn no_plan_reason(&self) -> String {
+        match self.membership.lock().expect("lock").plan_error() {
+            Some(e) => format!("the cluster cannot serve this model: {e}"),
+            None => "no plan yet: the cluster is still forming (see `shoal status`)".into(),
+        }
+    }
+}
+
+async fn next_token(rx: &mut mpsc::Receiver<Message>) -> Result<u32, String> {
+    match tokio::time::timeout(TOKEN_TIMEOUT, rx.recv()).await {
+        Err(_) => Err(format!(
+            "no token from the cluster in {} s: a stage is stuck",
+            TOKEN_TIMEOUT.as_secs()
+        )),
+        Ok(None) => Err("the request was dropped".into()),
+        Ok(Some(Message::Tokens(t))) => Ok(t.entries[0].token),
+        Ok(Some(Message::Failed { reason, .. })) => Err(reason),
+        Ok(Some(other)) => Err(format!("unexpected message {other:?}")),
+    }
+}
+
+/// Frees the request along the chain when the origin is done with it, on
+/// every path out (finished, failed, client gone).
+struct RequestGuard {
+    shared: Arc<Shared>,
+    id: u64,
+    head: String,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.shared.data.close_request(self.id);
+        let shared = self.shared.clone();
+        let (id, head) = (self.id, self.head.clone());
+        tokio::spawn(async move {
+            let _ = shared
+                .data
+                .send(&head, Message::Cancel { request_id: id })
+                .await;
+        });
+    }
+}
