@@ -1,1 +1,336 @@
+//! Harness for shoal's multi-node tests: real `shoal` processes on
+//! loopback or in Linux network namespaces, and helpers to talk to them.
+//!
+//! Everything started here is stopped on drop (processes killed,
+//! namespaces deleted), also when a test fails.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `shoal` binary next to the test executable (built by `cargo test --workspace`).
+pub fn shoal_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("shoal");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build -p shoal` (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// The default model, fetched and cached.
+pub fn default_model() -> PathBuf {
+    node::models::default_model().expect("default model")
+}
+
+/// A `shoal node` process.
+pub struct NodeProc {
+    child: Child,
+    /// Its HTTP API, `http://ip:port`.
+    pub http: String,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Network namespace it runs in, if any.
+    pub netns: Option<String>,
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+impl NodeProc {
+    /// Starts `shoal node` with `args` (in namespace `netns` if given), and
+    /// waits for its API line.
+    pub fn start(dir: &Path, netns: Option<&str>, args: &[&str]) -> NodeProc {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let log = dir.join(format!("node{n}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(shoal_bin());
+                c
+            }
+            None => Command::new(shoal_bin()),
+        };
+        cmd.arg("node")
+            .args(args)
+            .env("RUST_LOG", "info,libp2p_mdns=warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(file);
+        let child = cmd.spawn().expect("spawn shoal node");
+        let mut p = NodeProc {
+            child,
+            http: String::new(),
+            log,
+            netns: netns.map(str::to_string),
+        };
+        p.http = p.wait_log("API on ", Duration::from_secs(60));
+        p
+    }
+
+    /// Waits for a log line containing `marker`; returns what follows it.
+    pub fn wait_log(&mut self, marker: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(marker)) {
+                let at = line.find(marker).expect("found") + marker.len();
+                return line[at..].trim().to_string();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("node exited ({status}):\n{text}");
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no '{marker}' in the log:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory, MiB.
+    pub fn rss_mib(&self) -> f64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    /// Kills the node at once (SIGKILL: no goodbye to its peers).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs a `shoal` client command (`ask`, `status`) against this node,
+    /// inside its namespace.
+    pub fn client(&self, sub: &str, args: &[&str]) -> Output {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(shoal_bin());
+                c
+            }
+            None => Command::new(shoal_bin()),
+        };
+        cmd.arg(sub)
+            .args(["--node", &self.http])
+            .args(args)
+            .output()
+            .expect("run shoal client")
+    }
+
+    /// `shoal status --json`.
+    pub fn status(&self) -> Value {
+        let out = self.client("status", &["--json"]);
+        if !out.status.success() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// Polls status until `pred` holds; panics with the last status and log after `timeout`.
+    pub fn wait_status(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            if start.elapsed() > timeout {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("status never matched in {timeout:?}: {s:#}\nlog:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `shoal ask` with `args` and the prompt; (stdout, stderr, success).
+    pub fn ask(&self, args: &[&str], prompt: &str) -> (String, String, bool) {
+        let mut a = args.to_vec();
+        a.push(prompt);
+        let out = self.client("ask", &a);
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.success(),
+        )
+    }
+
+    /// The node's own libp2p address on `ip` (from its status).
+    pub fn addr_on(&self, ip: &str) -> String {
+        let s = self.status();
+        s["nodes"][0]["addrs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .find(|a| a.contains(&format!("/{ip}/")))
+            .unwrap_or_else(|| panic!("no address on {ip}: {s:#}"))
+            .to_string()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Number of nodes in a status, and how many hold layers.
+pub fn plan_size(s: &Value) -> (usize, usize) {
+    let nodes = s["nodes"].as_array().map_or(0, Vec::len);
+    let staged = s["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| !n["layers"].is_null())
+        .count();
+    (nodes, staged)
+}
+
+/// `shoal run` on one machine; stdout.
+pub fn run_single(model: &Path, args: &[&str], prompt: &str) -> String {
+    let out = Command::new(shoal_bin())
+        .arg("run")
+        .arg("-m")
+        .arg(model)
+        .args(["-t", "1"])
+        .args(args)
+        .arg(prompt)
+        .output()
+        .expect("shoal run");
+    assert!(
+        out.status.success(),
+        "shoal run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Reads a stream's lines into a string (for child output in tests).
+pub fn read_all(r: impl std::io::Read) -> String {
+    BufReader::new(r)
+        .lines()
+        .map_while(Result::ok)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Linux network namespaces joined by a bridge: real hosts for tests.
+///
+/// A "switch" namespace holds the bridge; each host namespace has one
+/// veth into it, address `10.<net>.0.<i+1>/24`. Dropping deletes them all.
+pub struct Lan {
+    /// Host namespace names.
+    pub hosts: Vec<String>,
+    /// Host addresses, same order.
+    pub ips: Vec<String>,
+    switch: String,
+}
+
+impl Lan {
+    /// Whether this machine lets us make namespaces (root and `ip`).
+    pub fn available() -> bool {
+        let ok = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok && unsafe_is_root()
+    }
+
+    /// Makes `n` hosts on one bridge.
+    pub fn new(n: usize) -> Lan {
+        let id = std::process::id() % 10_000;
+        let net = 100 + (id % 100) as usize;
+        let switch = format!("shoal{id}-sw");
+        let mut lan = Lan {
+            hosts: Vec::new(),
+            ips: Vec::new(),
+            switch: switch.clone(),
+        };
+        sh(&format!("ip netns add {switch}"));
+        sh(&format!("ip -n {switch} link add br0 type bridge"));
+        sh(&format!("ip -n {switch} link set br0 up"));
+        sh(&format!("ip -n {switch} link set lo up"));
+        for i in 0..n {
+            let host = format!("shoal{id}-h{i}");
+            let ip = format!("10.{net}.0.{}", i + 1);
+            sh(&format!("ip netns add {host}"));
+            sh(&format!(
+                "ip -n {host} link add eth0 type veth peer name p{i} netns {switch}"
+            ));
+            sh(&format!("ip -n {switch} link set p{i} master br0"));
+            sh(&format!("ip -n {switch} link set p{i} up"));
+            sh(&format!("ip -n {host} addr add {ip}/24 dev eth0"));
+            sh(&format!("ip -n {host} link set eth0 up"));
+            sh(&format!("ip -n {host} link set lo up"));
+            lan.hosts.push(host);
+            lan.ips.push(ip);
+        }
+        lan
+    }
+
+    /// Stops the bridge from flooding multicast to host `i` (mDNS no longer reaches it).
+    pub fn drop_multicast(&self, i: usize) {
+        sh(&format!(
+            "ip netns exec {} bridge link set dev p{i} mcast_flood off",
+            self.switch
+        ));
+    }
+
+    /// Limits what host `i` sends to `rate` (e.g. `20mbit`) with a token bucket.
+    pub fn limit_rate(&self, i: usize, rate: &str) {
+        sh(&format!(
+            "ip netns exec {} tc qdisc add dev eth0 root tbf rate {rate} burst 32kbit latency 50ms",
+            self.hosts[i]
+        ));
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for h in self.hosts.iter().chain([&self.switch]) {
+            // Kill anything left in the namespace, then delete it.
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "ip netns pids {h} | xargs -r kill -9; ip netns del {h}"
+                ))
+                .status();
+        }
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,349 @@
+//! Multi-node tests: real `shoal node` processes on loopback (`--peer`) and
+//! in network namespaces (mDNS), checked against `shoal run` on one machine.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shoal_tests::{default_model, plan_size, run_single, Lan, NodeProc};
+
+const PROMPTS: [&str; 2] = ["Why is the sky blue?", "Write a haiku about fish."];
+
+/// Greedy and seeded sampling, the flags `shoal run` and `shoal ask` share.
+const SETTINGS: [&[&str]; 2] = [
+    &["--temp", "0", "-n", "24"],
+    &["--temp", "0.8", "--seed", "42", "-n", "24"],
+];
+
+fn keyfile(dir: &Path, name: &str) -> String {
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .arg("keygen")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let path = dir.join(name);
+    std::fs::write(&path, &out.stdout).unwrap();
+    path.display().to_string()
+}
+
+/// Starts `n` nodes on loopback, each dialling the first with `--peer`.
+fn loopback_cluster(
+    dir: &Path,
+    model: &Path,
+    n: usize,
+    max_memory: &str,
+    extra: &[&str],
+) -> Vec<NodeProc> {
+    let key = keyfile(dir, "key");
+    let model = model.display().to_string();
+    let base = [
+        "-m",
+        &model,
+        "--cluster-key-file",
+        &key,
+        "--no-mdns",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--http",
+        "127.0.0.1:0",
+        "-t",
+        "1",
+        "--ctx",
+        "512",
+        "--max-memory",
+        max_memory,
+    ];
+    let mut nodes = vec![NodeProc::start(dir, None, &[&base[..], extra].concat())];
+    let first = nodes[0].addr_on("127.0.0.1");
+    for _ in 1..n {
+        let args = [&base[..], extra, &["--peer", &first]].concat();
+        nodes.push(NodeProc::start(dir, None, &args));
+    }
+    nodes
+}
+
+fn wait_plan(node: &mut NodeProc, nodes: usize, stages: usize) -> Value {
+    node.wait_status(Duration::from_secs(20), |s| {
+        plan_size(s) == (nodes, stages) && !s["plan"].is_null()
+    })
+}
+
+/// Every prompt and setting gives the same text through `via` as on one machine.
+fn assert_same_as_one_machine(model: &Path, via: &[&NodeProc]) {
+    for prompt in PROMPTS {
+        for settings in SETTINGS {
+            let want = run_single(model, settings, prompt);
+            for node in via {
+                let (got, err, ok) = node.ask(settings, prompt);
+                assert!(ok, "ask failed: {err}");
+                assert_eq!(
+                    got, want,
+                    "prompt {prompt:?} with {settings:?} via {}",
+                    node.http
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn loopback_clusters_of_two_and_three_match_one_machine() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    // 80 MiB each: no node holds the model (103 MiB at this context), two do.
+    let mut two = loopback_cluster(dir.path(), &model, 2, "80M", &[]);
+    let s = wait_plan(&mut two[0], 2, 2);
+    for n in s["nodes"].as_array().unwrap() {
+        assert!(n["id"].as_str().unwrap().starts_with("12D3"), "{n}");
+        let layers = n["layers"].as_array().unwrap();
+        assert!(layers[0].as_u64() < layers[1].as_u64());
+        assert!(n["addrs"].as_array().unwrap()[0]
+            .as_str()
+            .unwrap()
+            .contains("/p2p/"));
+    }
+    assert_same_as_one_machine(&model, &[&two[0], &two[1]]);
+    drop(two);
+    // 50 MiB each: only all three together hold it.
+    let mut three = loopback_cluster(dir.path(), &model, 3, "50M", &[]);
+    wait_plan(&mut three[1], 3, 3);
+    assert_same_as_one_machine(&model, &[&three[2]]);
+}
+
+#[test]
+fn a_model_no_node_can_hold_is_refused_with_how_much_is_missing() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut one = loopback_cluster(dir.path(), &model, 1, "60M", &[]);
+    let s = one[0].wait_status(Duration::from_secs(10), |s| s["plan_error"].is_string());
+    let e = s["plan_error"].as_str().unwrap();
+    assert!(e.contains("MiB missing"), "{e}");
+    let (_, err, ok) = one[0].ask(&["-n", "4"], "hello");
+    assert!(!ok);
+    assert!(err.contains("cannot serve this model"), "{err}");
+}
+
+#[test]
+fn a_node_with_the_wrong_key_is_refused() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = loopback_cluster(dir.path(), &model, 1, "1G", &[]).remove(0);
+    let wrong = keyfile(dir.path(), "wrong");
+    let m = model.display().to_string();
+    let peer = a.addr_on("127.0.0.1");
+    let mut b = NodeProc::start(
+        dir.path(),
+        None,
+        &[
+            "-m",
+            &m,
+            "--cluster-key-file",
+            &wrong,
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--http",
+            "127.0.0.1:0",
+            "-t",
+            "1",
+            "--ctx",
+            "512",
+            "--peer",
+            &peer,
+        ],
+    );
+    a.wait_log("does not hold this cluster's key", Duration::from_secs(10));
+    b.wait_log("refused by peer", Duration::from_secs(10));
+    assert_eq!(plan_size(&a.status()).0, 1);
+    assert_eq!(plan_size(&b.status()).0, 1);
+}
+
+#[test]
+fn killing_a_stage_fails_its_request_and_the_cluster_replans() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    // Any two of the three hold the model: the plan uses two, the third is spare.
+    let mut nodes = loopback_cluster(dir.path(), &model, 3, "80M", &[]);
+    let s = wait_plan(&mut nodes[0], 3, 2);
+    let staged: Vec<String> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| !n["layers"].is_null())
+        .map(|n| n["http"].as_str().unwrap().to_string())
+        .collect();
+    let find = |http: &str| nodes.iter().position(|n| n.http.ends_with(http)).unwrap();
+    let (asked, victim) = (find(&staged[0]), find(&staged[1]));
+    let survivor = (0..3).find(|i| *i != victim).unwrap();
+    let mut cmd = std::process::Command::new(shoal_tests::shoal_bin());
+    cmd.args([
+        "ask",
+        "--node",
+        &nodes[asked].http,
+        "--temp",
+        "0",
+        "-n",
+        "2000",
+        "--no-template",
+    ])
+    .arg("Once upon a time")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = Instant::now();
+    nodes[victim].kill();
+    let out = child.wait_with_output().unwrap();
+    let took = killed_at.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the request should fail");
+    assert!(err.contains("error:"), "{err}");
+    assert!(took < Duration::from_secs(15), "took {took:?} to fail");
+    wait_plan(&mut nodes[survivor], 2, 2);
+    let want = run_single(&model, SETTINGS[0], PROMPTS[0]);
+    let (got, err, ok) = nodes[survivor].ask(SETTINGS[0], PROMPTS[0]);
+    assert!(ok, "{err}");
+    assert_eq!(got, want);
+}
+
+fn synthetic_big_model(dir: &Path) -> std::path::PathBuf {
+    use node::models::{write_synthetic_gguf, SynthSpec};
+    let path = dir.join("big.gguf");
+    let spec = SynthSpec {
+        n_layers: 36,
+        dim: 1024,
+        ffn_dim: 2816,
+        n_heads: 16,
+        n_kv_heads: 4,
+        dtype: candle_core::quantized::GgmlDType::Q8_0,
+        seed: 5,
+        ..SynthSpec::default()
+    };
+    write_synthetic_gguf(&path, &spec).unwrap();
+    path
+}
+
+#[test]
+fn a_model_several_times_one_nodes_memory_is_served_and_rss_follows_the_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_big_model(dir.path());
+    let file_mib = std::fs::metadata(&model).unwrap().len() >> 20;
+    let cap_mib = 160;
+    assert!(file_mib > 5 * cap_mib / 2, "model of {file_mib} MiB");
+    // Spread evenly, so every share is large next to the process's own ~25 MiB.
+    let mut nodes = loopback_cluster(
+        dir.path(),
+        &model,
+        3,
+        &format!("{cap_mib}M"),
+        &["--plan-for", "throughput"],
+    );
+    let s = wait_plan(&mut nodes[0], 3, 3);
+    let settings = ["--no-template", "--temp", "0", "-n", "8"];
+    let want = run_single(&model, &settings, "abc");
+    let (got, err, ok) = nodes[0].ask(&settings, "abc");
+    assert!(ok, "{err}");
+    assert_eq!(got, want);
+    let gguf = sharding::GgufFile::open(&model).unwrap();
+    let layout = sharding::ModelLayout::from_gguf(&gguf).unwrap();
+    for n in s["nodes"].as_array().unwrap() {
+        let l = n["layers"].as_array().unwrap();
+        let range = l[0].as_u64().unwrap() as usize..l[1].as_u64().unwrap() as usize;
+        let share = layout.stage_bytes(range.clone()) as f64 / 1048576.0;
+        let kv = (layout.kv_bytes_per_token(range) / 2 * 512) as f64 / 1048576.0;
+        let node = nodes
+            .iter()
+            .find(|p| p.http.ends_with(n["http"].as_str().unwrap()))
+            .unwrap();
+        let rss = node.rss_mib();
+        eprintln!(
+            "node {}: rss {rss:.1} MiB, share {share:.1} MiB, kv {kv:.1} MiB",
+            node.http
+        );
+        assert!(
+            rss <= 1.2 * share + kv,
+            "rss {rss:.1} MiB for a {share:.1} MiB share"
+        );
+    }
+}
+
+/// Real hosts: namespaces on a bridge; skipped where this machine cannot make them.
+fn lan_or_skip(n: usize) -> Option<Lan> {
+    if !Lan::available() {
+        eprintln!("skipped: network namespaces need root and iproute2");
+        return None;
+    }
+    Some(Lan::new(n))
+}
+
+fn ns_node(dir: &Path, lan: &Lan, i: usize, key: &str, model: &str, extra: &[&str]) -> NodeProc {
+    let base = [
+        "-m",
+        model,
+        "--cluster-key-file",
+        key,
+        "--http",
+        "127.0.0.1:0",
+        "-t",
+        "1",
+        "--ctx",
+        "512",
+    ];
+    NodeProc::start(dir, Some(&lan.hosts[i]), &[&base[..], extra].concat())
+}
+
+#[test]
+fn namespaces_form_a_cluster_by_mdns_and_match_one_machine() {
+    let Some(lan) = lan_or_skip(3) else { return };
+    let model = default_model();
+    let m = model.display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "key");
+    // One host sends through a 50 Mbit/s token bucket.
+    lan.limit_rate(2, "50mbit");
+    let mut nodes: Vec<NodeProc> = (0..3)
+        .map(|i| ns_node(dir.path(), &lan, i, &key, &m, &["--max-memory", "50M"]))
+        .collect();
+    let started = Instant::now();
+    wait_plan(&mut nodes[0], 3, 3);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "cluster formed in {took:?}");
+    assert_same_as_one_machine(&model, &[&nodes[1]]);
+}
+
+#[test]
+fn peer_joins_where_multicast_is_dropped() {
+    let Some(lan) = lan_or_skip(3) else { return };
+    let model = default_model();
+    let m = model.display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "key");
+    for i in 0..3 {
+        lan.drop_multicast(i);
+    }
+    let mut a = ns_node(dir.path(), &lan, 0, &key, &m, &["--max-memory", "80M"]);
+    let a_addr = a.addr_on(&lan.ips[0]);
+    let mut b = ns_node(
+        dir.path(),
+        &lan,
+        1,
+        &key,
+        &m,
+        &["--max-memory", "80M", "--peer", &a_addr],
+    );
+    // No --peer: with multicast dropped it must stay alone.
+    let c = ns_node(dir.path(), &lan, 2, &key, &m, &["--max-memory", "80M"]);
+    wait_plan(&mut b, 2, 2);
+    let s = a.wait_status(Duration::from_secs(5), |s| plan_size(s).0 == 2);
+    assert_eq!(plan_size(&s), (2, 2));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        plan_size(&c.status()).0,
+        1,
+        "mDNS got through: multicast was not dropped"
+    );
+    let want = run_single(&model, SETTINGS[0], PROMPTS[0]);
+    let (got, err, ok) = b.ask(SETTINGS[0], PROMPTS[0]);
+    assert!(ok, "{err}");
+    assert_eq!(got, want);
+}
