@@ -53,6 +53,10 @@ pub struct NodeArgs {
     /// QUIC data-plane address.
     #[arg(long, default_value = "0.0.0.0:0")]
     data: SocketAddr,
+    /// The data-plane address peers should dial, if not the bound one
+    /// (a port forward or relay in front of this node).
+    #[arg(long)]
+    data_advertise: Option<SocketAddr>,
     /// Compute threads (default: all cores).
     #[arg(short, long)]
     threads: Option<usize>,
@@ -144,6 +148,7 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
         mdns: !args.no_mdns,
         http: args.http,
         data: args.data,
+        data_advertise: args.data_advertise,
         max_memory: args.max_memory,
         context: args.ctx,
         threads,
@@ -157,9 +162,11 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
             Precision::Bf16 => protocol::DType::BF16,
         },
     };
-    // I/O only: compute runs on the stage worker and rayon's pool.
+    // I/O only (compute runs on rayon's pool): one thread keeps every
+    // hand-off between the QUIC, HTTP and origin tasks on one core, without
+    // cross-thread wake-ups on the per-token path.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("tokio runtime")?;

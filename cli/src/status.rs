@@ -70,7 +70,10 @@ fn render(s: &Status) -> String {
         let layers = n
             .layers
             .map_or("-".to_string(), |[a, b]| format!("{a}..{b}"));
-        let rtt = n.rtt_ms.map_or("-".to_string(), |r| format!("{r:.2}ms"));
+        let rtt = n
+            .link_rtt_ms
+            .or(n.rtt_ms)
+            .map_or("-".to_string(), |r| format!("{r:.2}ms"));
         let id = format!("{}{}", short(&n.id), if n.leader { "*" } else { "" });
         out += &format!(
             "{:<8} {:<6} {:>7} {:>6} MiB {:>9} {:>8}  {}{}\n",

@@ -52,10 +52,10 @@ pub enum Message {
         /// peer can reach all others.
         members: Vec<MemberAddrs>,
     },
-    /// Control plane: link latencies measured by a node, for the leader's planner.
+    /// Control plane: links measured by a node, for the leader's planner.
     LinkReport {
-        /// `(node id, round-trip time in microseconds)` per connected peer.
-        rtts: Vec<(String, u32)>,
+        /// One entry per peer it measured.
+        links: Vec<LinkMeasure>,
     },
     /// Control plane: a request was accepted.
     Ack,
@@ -92,6 +92,17 @@ pub struct Welcome {
     pub proof: [u8; 32],
     /// Members the answerer knows, to dial.
     pub members: Vec<MemberAddrs>,
+}
+
+/// A link from the reporting node to a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkMeasure {
+    /// The peer at the other end.
+    pub node_id: String,
+    /// Round-trip time, microseconds (data plane when probed, else ping).
+    pub rtt_us: u32,
+    /// Throughput measured on the data plane, bytes per second (0: not yet).
+    pub bytes_per_second: f64,
 }
 
 /// A member and where to reach it.
@@ -339,11 +350,11 @@ impl Message {
                 validate_plan(plan)?;
                 validate_members(members)
             }
-            Message::LinkReport { rtts } => {
-                if rtts.len() > MEMBERS_MAX {
-                    return Err(format!("{} links, at most {MEMBERS_MAX}", rtts.len()));
+            Message::LinkReport { links } => {
+                if links.len() > MEMBERS_MAX {
+                    return Err(format!("{} links, at most {MEMBERS_MAX}", links.len()));
                 }
-                rtts.iter().try_for_each(|(id, _)| name(id, "node id"))
+                links.iter().try_for_each(|l| name(&l.node_id, "node id"))
             }
             Message::Begin(b) => {
                 name(&b.origin, "origin")?;

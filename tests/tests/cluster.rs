@@ -308,6 +308,16 @@ fn namespaces_form_a_cluster_by_mdns_and_match_one_machine() {
     wait_plan(&mut nodes[0], 3, 3);
     let took = started.elapsed();
     assert!(took < Duration::from_secs(10), "cluster formed in {took:?}");
+    // The shaped host measures its own links at the bucket's rate.
+    nodes[2].wait_status(Duration::from_secs(10), |s| {
+        let others = &s["nodes"].as_array().map_or(&[][..], |v| &v[1..]);
+        !others.is_empty()
+            && others.iter().all(|n| {
+                n["link_mbit_s"]
+                    .as_f64()
+                    .is_some_and(|m| m > 5.0 && m < 80.0)
+            })
+    });
     assert_same_as_one_machine(&model, &[&nodes[1]]);
 }
 
@@ -346,4 +356,70 @@ fn peer_joins_where_multicast_is_dropped() {
     let (got, err, ok) = b.ask(SETTINGS[0], PROMPTS[0]);
     assert!(ok, "{err}");
     assert_eq!(got, want);
+}
+
+#[test]
+fn a_slow_link_measured_on_the_data_plane_keeps_its_node_out_of_the_plan() {
+    let model = default_model();
+    let m = model.display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    // Four nodes, any three hold the model; the fourth is behind a relay
+    // adding 20 ms (+ up to 4 ms jitter) to every datagram sent to it.
+    let mut nodes = loopback_cluster(dir.path(), &model, 3, "50M", &[]);
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let target: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let relay =
+        shoal_tests::UdpRelay::start(target, Duration::from_millis(20), Duration::from_millis(4));
+    let key = dir.path().join("key").display().to_string();
+    let first = nodes[0].addr_on("127.0.0.1");
+    let data = target.to_string();
+    let advertise = relay.addr.to_string();
+    let slow = NodeProc::start(
+        dir.path(),
+        None,
+        &[
+            "-m",
+            &m,
+            "--cluster-key-file",
+            &key,
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--http",
+            "127.0.0.1:0",
+            "-t",
+            "1",
+            "--ctx",
+            "512",
+            "--max-memory",
+            "50M",
+            "--data",
+            &data,
+            "--data-advertise",
+            &advertise,
+            "--peer",
+            &first,
+        ],
+    );
+    let slow_http = slow.http.clone();
+    let slow_entry = move |s: &Value| -> Option<Value> {
+        s["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| slow_http.ends_with(n["http"].as_str().unwrap_or("?")))
+            .cloned()
+    };
+    let s = nodes[0].wait_status(Duration::from_secs(30), |s| {
+        plan_size(s) == (4, 3)
+            && slow_entry(s).is_some_and(|n| {
+                n["layers"].is_null() && n["link_rtt_ms"].as_f64().is_some_and(|r| r >= 30.0)
+            })
+    });
+    eprintln!("{s:#}");
+    assert_same_as_one_machine(&model, &[&nodes[1]]);
+    drop(relay);
 }

@@ -193,10 +193,12 @@ pub fn start(
         pending_joins: HashMap::new(),
         refused: HashMap::new(),
         peer_addrs: HashMap::new(),
+        refused_addrs: HashMap::new(),
         last_redial: Instant::now() - REDIAL_INTERVAL,
         replan_at: Some(Instant::now()),
         last_report: Instant::now(),
         ips: HashMap::new(),
+        probes: tokio::sync::mpsc::channel(64),
     };
     for addr in ctl.cfg.peers.clone() {
         ctl.peer_addrs.insert(addr, None);
@@ -214,11 +216,18 @@ struct Control {
     refused: HashMap<PeerId, Instant>,
     /// `--peer` addresses and the peer each is connected to.
     peer_addrs: HashMap<Multiaddr, Option<PeerId>>,
+    /// `--peer` addresses whose node refused us (or we it), and when.
+    refused_addrs: HashMap<Multiaddr, Instant>,
     last_redial: Instant,
     replan_at: Option<Instant>,
     last_report: Instant,
     /// Remote ip of each connected peer.
     ips: HashMap<PeerId, IpAddr>,
+    /// Results of data-plane link probes: (peer, (rtt µs, bytes/s)).
+    probes: (
+        tokio::sync::mpsc::Sender<(String, Result<(u32, f64), String>)>,
+        tokio::sync::mpsc::Receiver<(String, Result<(u32, f64), String>)>,
+    ),
 }
 
 impl Control {
@@ -228,6 +237,7 @@ impl Control {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 event = self.swarm.select_next_some() => self.on_event(event),
+                Some((peer, result)) = self.probes.1.recv() => self.on_probe(peer, result),
                 _ = tick.tick() => self.on_tick(),
             }
         }
@@ -244,7 +254,13 @@ impl Control {
             let addrs: Vec<Multiaddr> = self
                 .peer_addrs
                 .iter()
-                .filter(|(_, p)| p.is_none())
+                .filter(|(a, p)| {
+                    p.is_none()
+                        && !self
+                            .refused_addrs
+                            .get(*a)
+                            .is_some_and(|t| t.elapsed() < REFUSED_BACKOFF)
+                })
                 .map(|(a, _)| a.clone())
                 .collect();
             for addr in addrs {
@@ -260,18 +276,47 @@ impl Control {
         }
         if now.duration_since(self.last_report) >= REPORT_INTERVAL {
             self.last_report = now;
-            let (leader, rtts, is_leader) = {
+            let (leader, links, is_leader) = {
                 let m = self.membership();
-                (m.leader().to_string(), m.my_rtts(), m.is_leader())
+                (m.leader().to_string(), m.my_links(), m.is_leader())
             };
-            if !is_leader && !rtts.is_empty() {
+            if !is_leader && !links.is_empty() {
                 if let Ok(peer) = leader.parse::<PeerId>() {
                     self.swarm
                         .behaviour_mut()
                         .control
-                        .send_request(&peer, Message::LinkReport { rtts });
+                        .send_request(&peer, Message::LinkReport { links });
                 }
             }
+        }
+    }
+
+    /// Measures the data-plane link to a new member in the background.
+    fn start_probe(&self, peer: String) {
+        let data = self.shared.data.clone();
+        let tx = self.probes.0.clone();
+        tokio::spawn(async move {
+            let result = data.probe(&peer).await;
+            let _ = tx.send((peer, result)).await;
+        });
+    }
+
+    fn on_probe(&mut self, peer: String, result: Result<(u32, f64), String>) {
+        match result {
+            Ok((rtt_us, bps)) => {
+                info!(
+                    peer = %short(&peer),
+                    rtt_ms = format!("{:.2}", f64::from(rtt_us) / 1000.0),
+                    mbit_s = format!("{:.0}", bps * 8.0 / 1e6),
+                    "link measured"
+                );
+                let changed = self.membership().set_probe(&peer, rtt_us, bps);
+                if changed {
+                    self.last_report = Instant::now() - REPORT_INTERVAL;
+                    self.replan_at = Some(Instant::now() + REPLAN_SETTLE);
+                }
+            }
+            Err(e) => info!("{e}"),
         }
     }
 
@@ -339,6 +384,17 @@ impl Control {
             let opts = DialOpts::peer_id(peer).addresses(addrs).build();
             if let Err(e) = self.swarm.dial(opts) {
                 debug!("dial failed: {e}");
+            }
+        }
+    }
+
+    /// Remembers a refusal so neither mDNS nor `--peer` redials it at once.
+    fn mark_refused(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        self.refused.insert(peer, now);
+        for (addr, p) in &self.peer_addrs {
+            if *p == Some(peer) {
+                self.refused_addrs.insert(addr.clone(), now);
             }
         }
     }
@@ -413,7 +469,7 @@ impl Control {
                         .control
                         .send_response(channel, resp);
                     if refuse {
-                        self.refused.insert(peer, Instant::now());
+                        self.mark_refused(peer);
                     }
                 }
                 request_response::Message::Response {
@@ -482,8 +538,10 @@ impl Control {
                 }
                 (Message::Ack, false)
             }
-            Message::LinkReport { rtts } => {
-                self.membership().set_reported(&pid, &rtts);
+            Message::LinkReport { links } => {
+                if self.membership().set_reported(&pid, &links) {
+                    self.replan_at = Some(Instant::now() + REPLAN_SETTLE);
+                }
                 (Message::Ack, false)
             }
             other => (
@@ -501,7 +559,7 @@ impl Control {
             Message::Welcome(w) if was_join => {
                 if let Err(reason) = self.check_hello(&pid, &w.hello, &w.proof, true) {
                     warn!(peer = %short(&pid), "refusing the node that welcomed us: {reason}");
-                    self.refused.insert(peer, Instant::now());
+                    self.mark_refused(peer);
                     let _ = self.swarm.disconnect_peer_id(peer);
                     return;
                 }
@@ -510,7 +568,7 @@ impl Control {
             }
             Message::Refused { reason } => {
                 warn!(peer = %short(&pid), "refused by peer: {reason}");
-                self.refused.insert(peer, Instant::now());
+                self.mark_refused(peer);
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
             _ => {}
@@ -568,6 +626,7 @@ impl Control {
                 warn!(peer = %short(&pid), "it holds a different model (blake3 manifest differs): it will not serve");
             }
             self.members_changed();
+            self.start_probe(pid);
         }
     }
 

@@ -22,6 +22,20 @@ pub const LINK_QUEUE: usize = 32;
 /// for one token at a time, so a few slots are plenty.
 pub const ORIGIN_QUEUE: usize = 8;
 
+/// Bytes of the first bandwidth probe: measures a slow link in well under a
+/// second (64 KiB at 1 Mbit/s is 0.5 s).
+const PROBE_BYTES_SMALL: usize = 64 << 10;
+
+/// Bytes of the second probe, sent when the first took under
+/// [`PROBE_FAST`]: enough to see past QUIC's slow start on a fast link.
+const PROBE_BYTES_LARGE: usize = 2 << 20;
+
+/// A first probe faster than this is followed by the large one.
+const PROBE_FAST: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Most bytes a probe stream may carry (the receiver's bound).
+const PROBE_BYTES_MAX: usize = 4 << 20;
+
 /// Where to reach a member's data plane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerData {
@@ -85,6 +99,19 @@ impl DataPlane {
         let w = self.worker.lock().expect("lock").clone();
         if let Some(w) = w {
             let _ = w.send(msg).await;
+        }
+    }
+
+    /// Sends to this node's own worker without waiting (from synchronous
+    /// code); a full queue hands the message to a task.
+    pub fn to_worker_now(&self, msg: WorkerMsg) {
+        let w = self.worker.lock().expect("lock").clone();
+        if let Some(w) = w {
+            if let Err(mpsc::error::TrySendError::Full(msg)) = w.try_send(msg) {
+                tokio::spawn(async move {
+                    let _ = w.send(msg).await;
+                });
+            }
         }
     }
 
@@ -161,6 +188,44 @@ impl DataPlane {
         tokio::spawn(write_loop(self.clone(), peer, rx).instrument(span));
         links.insert(to.to_string(), tx.clone());
         Ok(tx)
+    }
+
+    /// Measures the link to `to` on a connection of its own: the best of
+    /// three small round trips, then throughput of a bulk transfer (small,
+    /// and a large one on a fast link). Returns (rtt µs, bytes per second).
+    pub async fn probe(&self, to: &str) -> Result<(u32, f64), String> {
+        let peer = *self
+            .peers
+            .lock()
+            .expect("lock")
+            .get(to)
+            .ok_or_else(|| format!("node {to} is not a member"))?;
+        let err = |e: &dyn std::fmt::Display| format!("probe of {}: {e}", short(to));
+        let config = self.identity.client_config(peer.fingerprint);
+        let conn = self
+            .endpoint
+            .connect_with(config, peer.addr, "shoal")
+            .map_err(|e| err(&e))?
+            .await
+            .map_err(|e| err(&e))?;
+        let mut rtt = std::time::Duration::MAX;
+        for _ in 0..3 {
+            rtt = rtt.min(probe_transfer(&conn, 1).await.map_err(|e| err(&e))?);
+        }
+        let mut took = probe_transfer(&conn, PROBE_BYTES_SMALL)
+            .await
+            .map_err(|e| err(&e))?;
+        let mut bytes = PROBE_BYTES_SMALL;
+        if took < PROBE_FAST {
+            bytes = PROBE_BYTES_LARGE;
+            took = probe_transfer(&conn, bytes).await.map_err(|e| err(&e))?;
+        }
+        conn.close(0u32.into(), b"probe done");
+        let transfer = took
+            .saturating_sub(rtt)
+            .max(std::time::Duration::from_micros(1));
+        let rtt_us = rtt.as_micros().min(u32::MAX as u128) as u32;
+        Ok((rtt_us, bytes as f64 / transfer.as_secs_f64()))
     }
 
     /// Routes a message that arrived for this node.
@@ -259,8 +324,71 @@ async fn accept_loop(plane: Arc<DataPlane>) {
     }
 }
 
+/// Sends `bytes` on a new stream and waits for the receiver's one-byte
+/// answer; the time it took.
+async fn probe_transfer(
+    conn: &quinn::Connection,
+    bytes: usize,
+) -> std::io::Result<std::time::Duration> {
+    let t = std::time::Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let chunk = vec![0u8; bytes.min(64 << 10)];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        send.write_all(&chunk[..n]).await?;
+        left -= n;
+    }
+    send.finish()?;
+    let mut ack = [0u8; 1];
+    recv.read_exact(&mut ack)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(t.elapsed())
+}
+
+/// The receiving end of a probe: counts bytes to the end of the stream
+/// (at most [`PROBE_BYTES_MAX`]) and answers with one byte.
+async fn answer_probe(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0usize;
+    loop {
+        let Some(n) = recv.read(&mut buf).await.map_err(std::io::Error::from)? else {
+            break;
+        };
+        total += n;
+        if total > PROBE_BYTES_MAX {
+            return Err(std::io::Error::other("probe too large"));
+        }
+    }
+    send.write_all(&[1]).await?;
+    send.finish()?;
+    Ok(())
+}
+
 async fn serve_connection(plane: Arc<DataPlane>, conn: quinn::Connection) {
-    while let Ok(mut stream) = conn.accept_uni().await {
+    loop {
+        let mut stream = tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    let conn = conn.clone();
+                    tokio::spawn(async move {
+                        if answer_probe(send, recv).await.is_err() {
+                            conn.close(1u32.into(), b"bad probe");
+                        }
+                    });
+                    continue;
+                }
+                Err(_) => return,
+            },
+        };
         let plane = plane.clone();
         let conn = conn.clone();
         tokio::spawn(
@@ -287,4 +415,105 @@ async fn serve_connection(plane: Arc<DataPlane>, conn: quinn::Connection) {
 /// The tail of a node id, for logs.
 pub fn short(id: &str) -> &str {
     &id[id.len().saturating_sub(6)..]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use protocol::{SampledToken, Tokens};
+
+    fn members(of: &[&Arc<DataPlane>]) -> HashMap<String, PeerData> {
+        of.iter()
+            .map(|p| {
+                (
+                    p.me.clone(),
+                    PeerData {
+                        addr: p.local_addr(),
+                        fingerprint: p.fingerprint(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn token(request_id: u64, token: u32) -> Message {
+        Message::Tokens(Tokens {
+            entries: vec![SampledToken {
+                request_id,
+                position: 0,
+                token,
+            }],
+        })
+    }
+
+    #[tokio::test]
+    async fn members_talk_strangers_are_refused_and_garbage_closes_only_its_connection() {
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let a = DataPlane::bind("a".into(), local).unwrap();
+        let b = DataPlane::bind("b".into(), local).unwrap();
+        a.set_members(members(&[&b]));
+        b.set_members(members(&[&a]));
+        let mut rx = a.open_request(7);
+        b.send("a", token(7, 42)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(got, Some(token(7, 42)));
+
+        // A stranger's certificate is refused at the handshake.
+        let stranger = Identity::generate();
+        let ep = quinn::Endpoint::client(local).unwrap();
+        let conn = ep
+            .connect_with(
+                stranger.client_config(a.fingerprint()),
+                a.local_addr(),
+                "shoal",
+            )
+            .unwrap()
+            .await;
+        let refused = match conn {
+            Err(_) => true,
+            Ok(c) => {
+                c.open_uni().await.is_err() || {
+                    // TLS 1.3 client auth fails after the client's handshake completes.
+                    tokio::time::timeout(Duration::from_secs(5), c.closed())
+                        .await
+                        .is_ok()
+                }
+            }
+        };
+        assert!(refused, "a stranger reached the data plane");
+
+        // A member sending garbage loses its connection; others keep working.
+        let member = Identity::generate();
+        a.allowed.write().unwrap().insert(member.fingerprint);
+        let conn = ep
+            .connect_with(
+                member.client_config(a.fingerprint()),
+                a.local_addr(),
+                "shoal",
+            )
+            .unwrap()
+            .await
+            .unwrap();
+        let mut s = conn.open_uni().await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        s.write_all(&[8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .expect("garbage closes the connection");
+        assert!(
+            matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+            "{closed}"
+        );
+        b.send("a", token(7, 43)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(got, Some(token(7, 43)));
+    }
 }

@@ -197,8 +197,12 @@ pub struct NodeStatus {
     pub us_per_mib: f32,
     /// Its layers `[start, end)` in the plan.
     pub layers: Option<[u32; 2]>,
-    /// Round trip from the answering node, ms.
+    /// Control-plane round trip from the answering node (libp2p ping), ms.
     pub rtt_ms: Option<f64>,
+    /// Data-plane link from the answering node as probed: round trip, ms.
+    pub link_rtt_ms: Option<f64>,
+    /// Data-plane link from the answering node as probed: Mbit/s.
+    pub link_mbit_s: Option<f64>,
     /// Its HTTP API.
     pub http: String,
     /// Whether it holds the same model as the answering node.
@@ -224,7 +228,7 @@ pub fn build_status(shared: &Shared) -> Status {
             .map(|s| [s.layers_start, s.layers_end])
     };
     let me = m.me();
-    let node = |h: &protocol::Hello, rtt: Option<u32>| NodeStatus {
+    let node = |h: &protocol::Hello, rtt: Option<u32>, probe: Option<(u32, f64)>| NodeStatus {
         id: h.node_id.clone(),
         addrs: h.capabilities.addrs.clone(),
         device: format!("{:?}", h.capabilities.device).to_lowercase(),
@@ -233,12 +237,18 @@ pub fn build_status(shared: &Shared) -> Status {
         us_per_mib: h.capabilities.us_per_mib,
         layers: layers_of(&h.node_id),
         rtt_ms: rtt.map(|r| f64::from(r) / 1000.0),
+        link_rtt_ms: probe.map(|p| f64::from(p.0) / 1000.0),
+        link_mbit_s: probe.map(|p| p.1 * 8.0 / 1e6),
         http: h.capabilities.http_addr.clone(),
         same_model: h.model_hash == me.model_hash,
         leader: h.node_id == leader,
     };
-    let mut nodes = vec![node(me, None)];
-    nodes.extend(m.members().values().map(|mem| node(&mem.hello, mem.rtt_us)));
+    let mut nodes = vec![node(me, None, None)];
+    nodes.extend(
+        m.members()
+            .values()
+            .map(|mem| node(&mem.hello, mem.rtt_us, mem.probe)),
+    );
     let cfg = &shared.layout.config;
     Status {
         cluster: shared.config.cluster.clone(),

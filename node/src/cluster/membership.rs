@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use protocol::{Hello, MemberAddrs, Plan, StageAssignment};
+use protocol::{Hello, LinkMeasure, MemberAddrs, Plan, StageAssignment};
 use sharding::{plan, LinkSpec, ModelSpec, NodeSpec, PlanError, PlanGoal, PlanInput};
 
 /// Assumed bandwidth of a LAN link between machines, bytes per second
@@ -24,10 +24,12 @@ pub struct Member {
     /// The address its control connection comes from: where its data plane
     /// is reached when it listens on all interfaces.
     pub ip: Option<IpAddr>,
-    /// Round-trip time this node measured to it, microseconds.
+    /// Round-trip time of the control connection (libp2p ping), microseconds.
     pub rtt_us: Option<u32>,
-    /// Round-trip times it reported to others, microseconds.
-    pub reported: BTreeMap<String, u32>,
+    /// The data-plane probe to it: round trip (µs) and bytes per second.
+    pub probe: Option<(u32, f64)>,
+    /// The links it reported to others: round trip (µs), bytes per second (0: unknown).
+    pub reported: BTreeMap<String, (u32, f64)>,
 }
 
 impl Member {
@@ -128,6 +130,7 @@ impl Membership {
                         hello,
                         ip,
                         rtt_us: None,
+                        probe: None,
                         reported: BTreeMap::new(),
                     },
                 );
@@ -148,18 +151,53 @@ impl Membership {
         }
     }
 
-    /// Records the round-trip times a member measured.
-    pub fn set_reported(&mut self, id: &str, rtts: &[(String, u32)]) {
-        if let Some(m) = self.members.get_mut(id) {
-            m.reported = rtts.iter().cloned().collect();
-        }
+    /// Records a data-plane probe to a member; true when it changed the
+    /// picture enough to replan (first measurement, or latency or
+    /// bandwidth off by more than 2x).
+    pub fn set_probe(&mut self, id: &str, rtt_us: u32, bytes_per_second: f64) -> bool {
+        let Some(m) = self.members.get_mut(id) else {
+            return false;
+        };
+        let changed = match m.probe {
+            None => true,
+            Some((r, bw)) => {
+                far(f64::from(r.max(100)), f64::from(rtt_us.max(100))) || far(bw, bytes_per_second)
+            }
+        };
+        m.probe = Some((rtt_us, bytes_per_second));
+        changed
     }
 
-    /// The round-trip times this node measured, to report to the leader.
-    pub fn my_rtts(&self) -> Vec<(String, u32)> {
+    /// Records the links a member measured; true when one is new or moved
+    /// by more than 2x (worth a replan).
+    pub fn set_reported(&mut self, id: &str, links: &[LinkMeasure]) -> bool {
+        let Some(m) = self.members.get_mut(id) else {
+            return false;
+        };
+        let new: BTreeMap<String, (u32, f64)> = links
+            .iter()
+            .map(|l| (l.node_id.clone(), (l.rtt_us, l.bytes_per_second)))
+            .collect();
+        let changed = new.iter().any(|(k, &(r, bw))| match m.reported.get(k) {
+            None => true,
+            Some(&(r0, bw0)) => far(f64::from(r0.max(100)), f64::from(r.max(100))) || far(bw0, bw),
+        });
+        m.reported = new;
+        changed
+    }
+
+    /// The links this node measured, to report to the leader.
+    pub fn my_links(&self) -> Vec<LinkMeasure> {
         self.members
             .iter()
-            .filter_map(|(id, m)| Some((id.clone(), m.rtt_us?)))
+            .filter_map(|(id, m)| {
+                let (rtt_us, bytes_per_second) = m.probe.or(m.rtt_us.map(|r| (r, 0.0)))?;
+                Some(LinkMeasure {
+                    node_id: id.clone(),
+                    rtt_us,
+                    bytes_per_second,
+                })
+            })
             .collect()
     }
 
@@ -275,13 +313,12 @@ impl Membership {
     }
 
     /// The planner's view of the link from `a` to `b`: half the measured
-    /// round trip (either end's measurement), LAN bandwidth between
-    /// machines, loopback costs on one machine.
-    fn link(&self, a: &str, b: &str) -> LinkSpec {
+    /// round trip and the measured bandwidth (either end's measurement);
+    /// unmeasured, LAN figures between machines, loopback's on one machine.
+    pub fn link(&self, a: &str, b: &str) -> LinkSpec {
         if a == b {
             return LinkSpec::LOCAL;
         }
-        let rtt = self.rtt_between(a, b).or_else(|| self.rtt_between(b, a));
         let same_host = self
             .ip_of(a)
             .zip(self.ip_of(b))
@@ -296,15 +333,20 @@ impl Membership {
                 bytes_per_second: LAN_BYTES_PER_SECOND,
             }
         };
+        let (rtt, bw) = match self.measured(a, b).or_else(|| self.measured(b, a)) {
+            Some(m) => m,
+            None => return base,
+        };
         LinkSpec {
-            latency_us: rtt.map_or(base.latency_us, |r| f64::from(r) / 2.0),
-            ..base
+            latency_us: f64::from(rtt) / 2.0,
+            bytes_per_second: if bw > 0.0 { bw } else { base.bytes_per_second },
         }
     }
 
-    fn rtt_between(&self, a: &str, b: &str) -> Option<u32> {
+    fn measured(&self, a: &str, b: &str) -> Option<(u32, f64)> {
         if a == self.me.node_id {
-            return self.members.get(b)?.rtt_us;
+            let m = self.members.get(b)?;
+            return m.probe.or(m.rtt_us.map(|r| (r, 0.0)));
         }
         self.members.get(a)?.reported.get(b).copied()
     }
@@ -315,6 +357,11 @@ impl Membership {
         }
         self.members.get(id)?.ip
     }
+}
+
+/// Whether two measurements differ by more than 2x.
+fn far(a: f64, b: f64) -> bool {
+    a > 2.0 * b || b > 2.0 * a
 }
 
 #[cfg(test)]

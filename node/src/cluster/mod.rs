@@ -63,6 +63,9 @@ pub struct NodeConfig {
     pub http: SocketAddr,
     /// QUIC data-plane address.
     pub data: SocketAddr,
+    /// The data-plane address peers should dial, when not the bound one
+    /// (a port forward, a relay).
+    pub data_advertise: Option<SocketAddr>,
     /// Memory this node may use for weights and KV cache (default: what is available).
     pub max_memory: Option<u64>,
     /// Context window per request, tokens.
@@ -129,11 +132,6 @@ impl Shared {
         if old == plan {
             return;
         }
-        if old.is_some() {
-            self.data.fail_all_requests(
-                "the cluster changed during the request (a node left or joined); retry",
-            );
-        }
         let (layers, next, epoch) = match &plan {
             Some(p) => {
                 let pos = p.stages.iter().position(|s| s.node_id == self.node_id);
@@ -170,9 +168,16 @@ impl Shared {
             },
             None => WorkerMsg::Pause,
         };
-        let data = self.data.clone();
-        tokio::spawn(async move { data.to_worker(msg).await });
+        // The worker hears of the plan before any request of it can reach it.
+        self.data.to_worker_now(msg);
         self.plan.send_replace(plan);
+        // Requests see the new plan (or none) by the time they fail: one
+        // that had no token yet runs again on the new plan.
+        if old.is_some() {
+            self.data.fail_all_requests(
+                "the cluster changed during the request (a node left or joined); retry",
+            );
+        }
     }
 
     /// The tokenizer and template, loaded on first use.
@@ -260,7 +265,10 @@ impl Node {
                 threads: config.threads as u32,
                 memory_bytes,
                 us_per_mib: us_per_mib as f32,
-                data_addr: data.local_addr().to_string(),
+                data_addr: config
+                    .data_advertise
+                    .unwrap_or_else(|| data.local_addr())
+                    .to_string(),
                 http_addr: http_addr.to_string(),
                 cert_fingerprint: data.fingerprint(),
                 addrs: Vec::new(),

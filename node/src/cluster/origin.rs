@@ -24,6 +24,34 @@ pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Recent requests kept for status.
 const RECENT_MAX: usize = 32;
 
+/// How long a request whose plan changed before its first token waits for
+/// the next plan before giving up.
+const PLAN_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a request ended without finishing.
+#[derive(Debug)]
+enum Failure {
+    /// The plan changed before the first token: safe to run again.
+    Replanned,
+    /// Anything else, as the client should read it.
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure::Other(s)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Replanned => f.write_str("the cluster changed during the request; retry"),
+            Failure::Other(s) => f.write_str(s),
+        }
+    }
+}
+
 /// What a client asks for.
 #[derive(Debug, Clone)]
 pub struct AskRequest {
@@ -104,7 +132,19 @@ impl Shared {
         let request_id: u64 = rand::random();
         let span = info_span!("request", request_id);
         self.stats.lock().expect("lock").running += 1;
-        let result = self.run(request_id, req, &events).instrument(span).await;
+        let mut result = self
+            .run(request_id, req.clone(), &events)
+            .instrument(span.clone())
+            .await;
+        // A plan that changed before the first token (a node joined, links
+        // were measured) costs the client nothing: run again on the new one.
+        if let Err(Failure::Replanned) = result {
+            if self.wait_for_plan(PLAN_WAIT).await {
+                let retry_id: u64 = rand::random();
+                result = self.run(retry_id, req, &events).instrument(span).await;
+            }
+        }
+        let result = result.map_err(|f| f.to_string());
         let mut stats = self.stats.lock().expect("lock");
         stats.running -= 1;
         match result {
@@ -132,14 +172,23 @@ impl Shared {
         }
     }
 
+    /// Waits until a plan is in force; false after `timeout`.
+    async fn wait_for_plan(&self, timeout: Duration) -> bool {
+        let mut rx = self.plan.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     async fn run(
         self: &Arc<Self>,
         request_id: u64,
         req: AskRequest,
         events: &mpsc::UnboundedSender<AskEvent>,
-    ) -> Result<GenerationStats, String> {
+    ) -> Result<GenerationStats, Failure> {
         let start = Instant::now();
         let text = self.text().await.map_err(|e| e.to_string())?;
+        let epoch = self.plan.borrow().as_ref().map(|p| p.epoch);
         let prompt = if req.raw {
             text.raw_tokens(&req.prompt)
         } else {
@@ -156,13 +205,13 @@ impl Shared {
             .unwrap_or(self.config.context)
             .min(self.config.context);
         if prompt.is_empty() {
-            return Err("empty prompt: nothing to run".into());
+            return Err(Failure::Other("empty prompt: nothing to run".into()));
         }
         if prompt.len() >= context {
-            return Err(format!(
+            return Err(Failure::Other(format!(
                 "context full: the prompt has {} tokens, the context holds {context} (raise --ctx)",
                 prompt.len()
-            ));
+            )));
         }
         let plan = self
             .plan
@@ -208,7 +257,14 @@ impl Shared {
         let mut progress = None;
         let mut position = prompt.len();
         loop {
-            let id = next_token(&mut rx).await?;
+            let id = match next_token(&mut rx).await {
+                Ok(id) => id,
+                Err(e) if first && self.plan.borrow().as_ref().map(|p| p.epoch) != epoch => {
+                    tracing::info!("plan changed before the first token ({e}): retrying");
+                    return Err(Failure::Replanned);
+                }
+                Err(e) => return Err(e.into()),
+            };
             let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
             if first {
                 first = false;

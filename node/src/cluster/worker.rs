@@ -89,7 +89,7 @@ pub struct Worker {
     seqs: HashMap<u64, Sequence>,
 }
 
-/// Starts the worker thread; it runs until the sender is dropped.
+/// Starts the worker; it runs until the sender is dropped.
 pub fn spawn(cfg: WorkerConfig, out: Arc<dyn Outbox>) -> mpsc::Sender<WorkerMsg> {
     let (tx, mut rx) = mpsc::channel(WORKER_QUEUE);
     let mut w = Worker {
@@ -100,6 +100,9 @@ pub fn spawn(cfg: WorkerConfig, out: Arc<dyn Outbox>) -> mpsc::Sender<WorkerMsg>
         next: None,
         seqs: HashMap::new(),
     };
+    // The loop lives on a thread of rayon's pool (the one shoal's kernels
+    // use): a forward pass then starts without handing work to another
+    // thread and waiting for it, a wake-up saved twice per token.
     std::thread::Builder::new()
         .name("shoal-stage".into())
         .spawn(move || {
@@ -270,7 +273,10 @@ impl Worker {
             self.fail(id, why);
             return;
         }
-        let out = match stage.forward(input, &mut seq.cache, LogitsFor::Last) {
+        let t = Instant::now();
+        let result = stage.forward(input, &mut seq.cache, LogitsFor::Last);
+        tracing::trace!(us = t.elapsed().as_micros() as u64, "forward");
+        let out = match result {
             Ok(o) => o,
             Err(e) => {
                 let why = format!("node {}: {e}", self.cfg.me);
