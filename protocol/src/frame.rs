@@ -247,7 +247,16 @@ mod tests {
                             reason,
                         }
                     } else {
-                        Message::LinkReport { rtts }
+                        Message::LinkReport {
+                            links: rtts
+                                .into_iter()
+                                .map(|(node_id, rtt_us)| LinkMeasure {
+                                    node_id,
+                                    rtt_us,
+                                    bytes_per_second: f64::from(rtt_us) * 10.0,
+                                })
+                                .collect(),
+                        }
                     }
                 }),
             Just(Message::Ack),
