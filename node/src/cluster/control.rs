@@ -206,6 +206,9 @@ pub fn start(
     Ok(tokio::spawn(async move { ctl.run(stop).await }))
 }
 
+/// A data-plane probe's outcome: (peer, (rtt µs, bytes per second)).
+type ProbeResult = (String, Result<(u32, f64), String>);
+
 struct Control {
     swarm: Swarm<Behaviour>,
     cfg: ControlConfig,
@@ -223,10 +226,10 @@ struct Control {
     last_report: Instant,
     /// Remote ip of each connected peer.
     ips: HashMap<PeerId, IpAddr>,
-    /// Results of data-plane link probes: (peer, (rtt µs, bytes/s)).
+    /// Results of data-plane link probes.
     probes: (
-        tokio::sync::mpsc::Sender<(String, Result<(u32, f64), String>)>,
-        tokio::sync::mpsc::Receiver<(String, Result<(u32, f64), String>)>,
+        tokio::sync::mpsc::Sender<ProbeResult>,
+        tokio::sync::mpsc::Receiver<ProbeResult>,
     ),
 }
 
@@ -255,11 +258,11 @@ impl Control {
                 .peer_addrs
                 .iter()
                 .filter(|(a, p)| {
-                    p.is_none()
-                        && !self
-                            .refused_addrs
-                            .get(*a)
-                            .is_some_and(|t| t.elapsed() < REFUSED_BACKOFF)
+                    let refused = self
+                        .refused_addrs
+                        .get(*a)
+                        .is_some_and(|t| t.elapsed() < REFUSED_BACKOFF);
+                    p.is_none() && !refused
                 })
                 .map(|(a, _)| a.clone())
                 .collect();

@@ -499,7 +499,6 @@ mod tests {
             .await
             .unwrap();
         let mut s = conn.open_uni().await.unwrap();
-        use tokio::io::AsyncWriteExt;
         s.write_all(&[8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
             .await
             .unwrap();
