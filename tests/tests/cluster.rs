@@ -423,3 +423,112 @@ fn a_slow_link_measured_on_the_data_plane_keeps_its_node_out_of_the_plan() {
     assert_same_as_one_machine(&model, &[&nodes[1]]);
     drop(relay);
 }
+
+#[test]
+fn a_client_that_goes_away_frees_the_cache_along_the_chain() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = loopback_cluster(dir.path(), &model, 3, "50M", &[]);
+    wait_plan(&mut nodes[0], 3, 3);
+    let mut child = std::process::Command::new(shoal_tests::shoal_bin())
+        .args([
+            "ask",
+            "--node",
+            &nodes[0].http,
+            "--temp",
+            "0",
+            "-n",
+            "5000",
+            "--no-template",
+        ])
+        .arg("Once upon a time")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let busy = |n: &NodeProc| n.status()["sequences"].as_u64() == Some(1);
+    let start = Instant::now();
+    while !nodes.iter().all(busy) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "request never reached every stage"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for n in &mut nodes {
+        n.wait_status(Duration::from_secs(5), |s| {
+            s["sequences"].as_u64() == Some(0)
+        });
+    }
+    assert_eq!(nodes[0].status()["requests"]["running"].as_u64(), Some(0));
+}
+
+#[test]
+fn nodes_holding_different_models_do_not_serve_together() {
+    use node::models::{write_synthetic_gguf, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let (x, y) = (dir.path().join("x.gguf"), dir.path().join("y.gguf"));
+    write_synthetic_gguf(
+        &x,
+        &SynthSpec {
+            seed: 1,
+            ..SynthSpec::default()
+        },
+    )
+    .unwrap();
+    write_synthetic_gguf(
+        &y,
+        &SynthSpec {
+            seed: 2,
+            ..SynthSpec::default()
+        },
+    )
+    .unwrap();
+    let mut a = loopback_cluster(dir.path(), &x, 1, "1G", &[]).remove(0);
+    let key = dir.path().join("key").display().to_string();
+    let (ys, first) = (y.display().to_string(), a.addr_on("127.0.0.1"));
+    let mut b = NodeProc::start(
+        dir.path(),
+        None,
+        &[
+            "-m",
+            &ys,
+            "--cluster-key-file",
+            &key,
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--http",
+            "127.0.0.1:0",
+            "-t",
+            "1",
+            "--ctx",
+            "512",
+            "--peer",
+            &first,
+        ],
+    );
+    let other_model = |s: &Value| {
+        plan_size(s).0 == 2
+            && s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["same_model"] == false)
+    };
+    let sa = a.wait_status(Duration::from_secs(10), other_model);
+    let sb = b.wait_status(Duration::from_secs(10), other_model);
+    // The leader serves its own model alone; the other node refuses its plan.
+    let (served, idle) = if sa["leader"] == sa["node_id"] {
+        (&sa, &mut b)
+    } else {
+        (&sb, &mut a)
+    };
+    assert_eq!(plan_size(served), (2, 1), "{served:#}");
+    let s = idle.wait_status(Duration::from_secs(10), |s| s["plan_error"].is_string());
+    assert!(
+        s["plan_error"].as_str().unwrap().contains("another model"),
+        "{s:#}"
+    );
+}

@@ -537,7 +537,10 @@ impl Control {
                 match accepted {
                     Ok(true) => self.apply_plan(),
                     Ok(false) => {}
-                    Err(e) => debug!("{e}"),
+                    Err(e) => {
+                        debug!("{e}");
+                        self.apply_plan();
+                    }
                 }
                 (Message::Ack, false)
             }

@@ -150,6 +150,8 @@ pub struct Status {
     pub nodes: Vec<NodeStatus>,
     /// This node's request counters.
     pub requests: super::origin::NodeStats,
+    /// Requests holding a KV cache on this node's stage.
+    pub sequences: usize,
 }
 
 /// The model in status.
@@ -275,5 +277,8 @@ pub fn build_status(shared: &Shared) -> Status {
         plan_error: m.plan_error().map(str::to_string),
         nodes,
         requests: shared.stats.lock().expect("lock").clone(),
+        sequences: shared
+            .live_sequences
+            .load(std::sync::atomic::Ordering::Relaxed),
     }
 }

@@ -221,6 +221,16 @@ impl Membership {
                 self.leader()
             ));
         }
+        if plan.model_hash != self.me.model_hash {
+            let e = format!(
+                "the cluster's leader serves another model (blake3 {}), this node holds {}: start it with the same GGUF",
+                sharding::manifest::short_hex(&plan.model_hash),
+                sharding::manifest::short_hex(&self.me.model_hash)
+            );
+            self.plan = None;
+            self.plan_error = Some(e.clone());
+            return Err(e);
+        }
         if self.plan.as_ref() == Some(&plan) || plan.epoch < self.epoch {
             return Ok(false);
         }

@@ -122,6 +122,8 @@ pub struct Shared {
     text: OnceCell<Arc<TextModel>>,
     /// Request counters for status.
     pub stats: Mutex<origin::NodeStats>,
+    /// Requests with a KV cache on this node's stage right now.
+    pub live_sequences: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shared {
@@ -286,6 +288,7 @@ impl Node {
         );
         let spec = ModelSpec::from_layout(&layout, context as u64, 2);
         let membership = Membership::new(hello, spec, config.goal);
+        let live_sequences = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let worker = worker::spawn(
             worker::WorkerConfig {
                 me: node_id.clone(),
@@ -296,6 +299,7 @@ impl Node {
                     ..LoadOptions::default()
                 },
                 dtype: config.activations,
+                live: live_sequences.clone(),
             },
             Arc::new(data.clone()),
         );
@@ -311,6 +315,7 @@ impl Node {
             manifest,
             text: OnceCell::new(),
             stats: Mutex::default(),
+            live_sequences,
         });
         let stop = CancellationToken::new();
         let control = control::start(

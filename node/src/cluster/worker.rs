@@ -70,6 +70,8 @@ pub struct WorkerConfig {
     pub load: LoadOptions,
     /// Element type of outgoing activations.
     pub dtype: DType,
+    /// Requests holding a KV cache here right now (read by status).
+    pub live: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct Sequence {
@@ -116,6 +118,13 @@ pub fn spawn(cfg: WorkerConfig, out: Arc<dyn Outbox>) -> mpsc::Sender<WorkerMsg>
 
 impl Worker {
     fn handle(&mut self, msg: WorkerMsg) {
+        self.dispatch(msg);
+        self.cfg
+            .live
+            .store(self.seqs.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn dispatch(&mut self, msg: WorkerMsg) {
         match msg {
             WorkerMsg::Reconfigure {
                 epoch,
