@@ -56,6 +56,11 @@ impl BpeEngine {
         Ok(Self { inner })
     }
 
+    /// The id of a vocabulary string.
+    pub(crate) fn token_to_id(&self, text: &str) -> Option<u32> {
+        self.inner.token_to_id(text)
+    }
+
     /// Appends the ids of `text` (plain text, no special-token parsing) to `out`.
     pub(crate) fn tokenize(&self, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
         let encoding = self.inner.encode_fast(text, false).map_err(backend)?;

@@ -390,7 +390,10 @@ impl Tokenizer {
 
     /// The id of the token whose raw vocabulary string is `text`.
     pub fn token_to_id(&self, text: &str) -> Option<u32> {
-        self.vocab.ids.get(text).copied()
+        match &self.algorithm {
+            Algorithm::Bpe(engine) => engine.token_to_id(text),
+            Algorithm::Spm => self.vocab.ids.get(text).copied(),
+        }
     }
 }
 

@@ -400,12 +400,11 @@ pub(super) fn build(mut p: TokenizerParts) -> Result<Tokenizer, TokenizerError> 
         None => Algorithm::Spm,
         Some((regexes, ignore_merges)) => {
             let merges = p.merges.as_deref().unwrap_or(&[]);
-            Algorithm::Bpe(Box::new(bpe::BpeEngine::new(
-                &vocab,
-                merges,
-                regexes,
-                ignore_merges,
-            )?))
+            let engine = bpe::BpeEngine::new(&vocab, merges, regexes, ignore_merges)?;
+            // The engine holds its own text -> id map: a second one would
+            // cost ~4 MB of resident memory for nothing.
+            vocab.ids = HashMap::new();
+            Algorithm::Bpe(Box::new(engine))
         }
     };
     Ok(Tokenizer {
