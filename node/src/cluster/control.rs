@@ -56,6 +56,10 @@ const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
 /// Link reports go to the leader this often.
 const REPORT_INTERVAL: Duration = Duration::from_secs(3);
 
+/// Link probes tried before giving up, and the wait between them (growing).
+const PROBE_ATTEMPTS: u32 = 5;
+const PROBE_RETRY: Duration = Duration::from_millis(300);
+
 /// Control requests time out after this: a peer that does not answer a
 /// join in 10 s is not one to run a pipeline with.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -299,7 +303,16 @@ impl Control {
         let data = self.shared.data.clone();
         let tx = self.probes.0.clone();
         tokio::spawn(async move {
-            let result = data.probe(&peer).await;
+            // The peer may not have admitted us yet (its allow list lags
+            // its answer to our join by a moment): retry a few times.
+            let mut result = Err(String::new());
+            for attempt in 1..=PROBE_ATTEMPTS {
+                result = data.probe(&peer).await;
+                if result.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(PROBE_RETRY * attempt).await;
+            }
             let _ = tx.send((peer, result)).await;
         });
     }
