@@ -254,8 +254,11 @@ impl Lan {
 
     /// Makes `n` hosts on one bridge.
     pub fn new(n: usize) -> Lan {
-        let id = std::process::id() % 10_000;
-        let net = 100 + (id % 100) as usize;
+        // Unique per process and per Lan: tests run in parallel threads.
+        static LANS: AtomicUsize = AtomicUsize::new(0);
+        let k = LANS.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}x{k}", std::process::id() % 100_000);
+        let net = 100 + (std::process::id() as usize * 7 + k) % 150;
         let switch = format!("shoal{id}-sw");
         let mut lan = Lan {
             hosts: Vec::new(),
