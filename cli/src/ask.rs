@@ -35,6 +35,9 @@ pub struct AskArgs {
     /// Print timings to stderr.
     #[arg(short, long)]
     verbose: bool,
+    /// The node's API key, if it has one (also SHOAL_API_KEY).
+    #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// The prompt (default: read stdin).
     prompt: Option<String>,
 }
@@ -93,8 +96,11 @@ pub fn main(args: AskArgs) -> anyhow::Result<()> {
         "context": args.ctx,
     });
     let url = format!("{}/api/generate", args.node.trim_end_matches('/'));
-    let resp = agent()
-        .post(&url)
+    let mut req = agent().post(&url);
+    if let Some(k) = &args.api_key {
+        req = req.header("Authorization", &format!("Bearer {k}"));
+    }
+    let resp = req
         .send_json(&body)
         .with_context(|| format!("cannot reach the node at {}", args.node))?;
     if !resp.status().is_success() {

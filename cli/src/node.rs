@@ -76,6 +76,10 @@ pub struct NodeArgs {
     /// Activation precision between stages.
     #[arg(long, value_enum, default_value = "f32")]
     activations: Precision,
+    /// Require `Authorization: Bearer KEY` on the generation endpoints
+    /// (also read from SHOAL_API_KEY).
+    #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 /// Multiaddr as a clap value.
@@ -161,6 +165,7 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
             Precision::F16 => protocol::DType::F16,
             Precision::Bf16 => protocol::DType::BF16,
         },
+        api_key: args.api_key.clone(),
     };
     // I/O only (compute runs on rayon's pool): one thread keeps every
     // hand-off between the QUIC, HTTP and origin tasks on one core, without

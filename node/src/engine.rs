@@ -43,6 +43,8 @@ pub enum StopReason {
     ContextFull,
     /// The caller asked to stop.
     Cancelled,
+    /// A stop sequence matched.
+    StopSequence,
 }
 
 /// Timings of one generation, the numbers of `--verbose`.

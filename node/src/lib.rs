@@ -10,6 +10,7 @@
 //! - [`ggml_ops`]: norm, SwiGLU and RoPE angles with ggml's exact arithmetic.
 //! - [`tokenizer`], [`chat`]: text in and out, built from the GGUF's metadata.
 //! - [`sampling`]: choosing the next token (pure).
+//! - [`stop`]: stop sequences over streamed text (pure).
 //! - [`engine`]: a whole model on one machine: load, prompt, generate, score.
 //! - [`text`]: tokenizer and chat template together (text in, tokens out).
 //! - [`cluster`]: a node of a cluster: discovery, plan, QUIC pipeline, HTTP API.
@@ -29,6 +30,7 @@ pub mod model;
 pub mod models;
 pub mod quant;
 pub mod sampling;
+pub mod stop;
 pub mod text;
 pub mod tokenizer;
 

@@ -532,3 +532,130 @@ fn nodes_holding_different_models_do_not_serve_together() {
         "{s:#}"
     );
 }
+
+/// The official `openai` Python package, installed once into the cache.
+fn openai_python() -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("SHOAL_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/shoal")
+        });
+    let dir = cache.join("py/openai-1");
+    if !dir.join("openai").exists() {
+        let tmp = cache.join(format!("py/openai-1.tmp{}", std::process::id()));
+        let ok = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&tmp)
+            .arg("openai>=1.40,<2")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "pip install openai failed");
+        let _ = std::fs::rename(&tmp, &dir);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Some(dir)
+}
+
+#[test]
+fn the_official_openai_client_and_curl_work_against_a_two_node_cluster() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = loopback_cluster(dir.path(), &model, 2, "80M", &[]);
+    wait_plan(&mut nodes[0], 2, 2);
+    let strip = |s: String| s.strip_suffix('\n').unwrap_or(&s).to_string();
+    let chat = strip(run_single(
+        &model,
+        &["--temp", "0", "-n", "24"],
+        "Why is the sky blue?",
+    ));
+    let completion = strip(run_single(
+        &model,
+        &["--temp", "0", "-n", "16", "--no-template"],
+        "Once upon a time",
+    ));
+    let (chat_file, completion_file) = (
+        dir.path().join("chat.txt"),
+        dir.path().join("completion.txt"),
+    );
+    std::fs::write(&chat_file, &chat).unwrap();
+    std::fs::write(&completion_file, &completion).unwrap();
+    let model_id = model.file_stem().unwrap().to_string_lossy().into_owned();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/openai_client.py");
+    let py = openai_python().unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(format!("{}/v1", nodes[1].http))
+        .arg(&model_id)
+        .arg(&chat_file)
+        .arg(&completion_file)
+        .env("PYTHONPATH", &py)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai client: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // curl, streaming.
+    let body = format!(
+        r#"{{"model":"{model_id}","messages":[{{"role":"user","content":"Why is the sky blue?"}}],"temperature":0,"max_tokens":24,"stream":true}}"#
+    );
+    if let Ok(out) = std::process::Command::new("curl")
+        .args(["-sN", "-H", "Content-Type: application/json", "-d", &body])
+        .arg(format!("{}/v1/chat/completions", nodes[0].http))
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        let streamed: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        assert_eq!(streamed, chat);
+    }
+    // Bad input: wrong types, unknown fields, not JSON.
+    for (body, want) in [
+        (r#"{"model":"x","messages":"hi"}"#.to_string(), 400),
+        (
+            format!(r#"{{"model":"{model_id}","messages":[],"bogus":1}}"#),
+            400,
+        ),
+        ("not json".to_string(), 400),
+    ] {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body,
+            ])
+            .arg(format!("{}/v1/chat/completions", nodes[0].http))
+            .output();
+        if let Ok(out) = out {
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                want.to_string(),
+                "{body}"
+            );
+        }
+    }
+}

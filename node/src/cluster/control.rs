@@ -204,8 +204,15 @@ pub fn start(
         ips: HashMap::new(),
         probes: tokio::sync::mpsc::channel(64),
     };
+    // Dialled without their `/p2p/<id>` part: ids are fresh at every start,
+    // so a copied address would stop working after that node restarts; the
+    // key proof, not the id, decides who joins.
     for addr in ctl.cfg.peers.clone() {
-        ctl.peer_addrs.insert(addr, None);
+        let bare: Multiaddr = addr
+            .iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
+            .collect();
+        ctl.peer_addrs.insert(bare, None);
     }
     Ok(tokio::spawn(async move { ctl.run(stop).await }))
 }

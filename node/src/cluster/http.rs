@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::origin::AskRequest;
+use super::origin::{AskRequest, Prompt};
 use super::Shared;
+use crate::chat;
 use crate::sampling::SamplingParams;
 
 /// Largest request body: a prompt of up to 1 MiB of text (the tokenizer's
@@ -31,14 +32,47 @@ pub async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    let app = Router::new()
+    // Generation needs the API key when one is set; status stays readable.
+    let guarded = Router::new()
         .route("/api/generate", post(generate))
+        .merge(super::openai::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            require_key,
+        ));
+    let app = Router::new()
+        .merge(guarded)
         .route("/api/status", get(status))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(shared);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
+}
+
+/// Refuses requests without `Authorization: Bearer <--api-key>` when the
+/// node has a key (401, OpenAI's shape).
+async fn require_key(
+    State(shared): State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(key) = &shared.config.api_key else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compared through blake3 so the time taken does not depend on the prefix matched.
+    if given.is_some_and(|g| blake3::hash(g.as_bytes()) == blake3::hash(key.as_bytes())) {
+        return next.run(req).await;
+    }
+    let body = serde_json::json!({"error": {
+        "message": "missing or wrong API key (Authorization: Bearer ...)",
+        "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
 
 /// The body of `POST /api/generate`.
@@ -107,10 +141,20 @@ async fn generate(
             format!("max_tokens {max_tokens} is above {MAX_TOKENS_MAX}"),
         );
     }
+    let prompt = if b.raw {
+        Prompt::Raw(b.prompt)
+    } else {
+        let mut msgs: Vec<chat::Message> = b
+            .system
+            .iter()
+            .map(|s| chat::Message::new("system", s))
+            .collect();
+        msgs.push(chat::Message::new("user", b.prompt));
+        Prompt::Chat(msgs)
+    };
     let req = AskRequest {
-        prompt: b.prompt,
-        raw: b.raw,
-        system: b.system,
+        prompt,
+        stop: Vec::new(),
         max_tokens,
         sampling,
         context: b.context,

@@ -10,6 +10,7 @@
 //! - [`calibrate`]: a short speed measurement at start.
 //! - [`origin`]: a request from prompt to streamed tokens, through the pipeline.
 //! - [`http`]: the node's HTTP API (`/api/generate`, `/api/status`).
+//! - [`openai`]: OpenAI-compatible endpoints (`/v1/...`).
 //!
 //! Architecture Invariant: only the control loop mutates membership; the
 //! data plane and HTTP read snapshots of it.
@@ -20,6 +21,7 @@ pub mod dataplane;
 pub mod http;
 pub mod key;
 pub mod membership;
+pub mod openai;
 pub mod origin;
 pub mod tls;
 pub mod wire;
@@ -76,6 +78,8 @@ pub struct NodeConfig {
     pub goal: PlanGoal,
     /// Element type of activations between stages.
     pub activations: DType,
+    /// Bearer token required by the generation endpoints (none: open).
+    pub api_key: Option<String>,
 }
 
 /// Why a node could not start.

@@ -15,6 +15,7 @@ use super::Shared;
 use crate::chat;
 use crate::engine::{GenerateEvent, GenerationStats, Progress, PROMPT_CHUNK_TOKENS};
 use crate::sampling::SamplingParams;
+use crate::stop::StopMatcher;
 
 /// Longest a request waits for one token: a stage that takes longer is
 /// stuck, and the client gets an error instead of a hang. Generous, since a
@@ -55,18 +56,25 @@ impl std::fmt::Display for Failure {
 /// What a client asks for.
 #[derive(Debug, Clone)]
 pub struct AskRequest {
-    /// The prompt text.
-    pub prompt: String,
-    /// Feed the prompt as is, without the chat template.
-    pub raw: bool,
-    /// An optional system message (chat mode).
-    pub system: Option<String>,
+    /// What to continue.
+    pub prompt: Prompt,
+    /// Stop sequences: generation ends before the first one (not shown).
+    pub stop: Vec<String>,
     /// Most tokens to generate.
     pub max_tokens: usize,
     /// Sampling settings.
     pub sampling: SamplingParams,
     /// Context window (default: the node's).
     pub context: Option<usize>,
+}
+
+/// A request's input.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Text fed as is (completion).
+    Raw(String),
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<chat::Message>),
 }
 
 /// What the client sees, in order.
@@ -189,15 +197,9 @@ impl Shared {
         let start = Instant::now();
         let text = self.text().await.map_err(|e| e.to_string())?;
         let epoch = self.plan.borrow().as_ref().map(|p| p.epoch);
-        let prompt = if req.raw {
-            text.raw_tokens(&req.prompt)
-        } else {
-            let mut msgs = Vec::new();
-            if let Some(s) = &req.system {
-                msgs.push(chat::Message::new("system", s));
-            }
-            msgs.push(chat::Message::new("user", &req.prompt));
-            text.chat_tokens(&msgs)
+        let prompt = match &req.prompt {
+            Prompt::Raw(t) => text.raw_tokens(t),
+            Prompt::Chat(msgs) => text.chat_tokens(msgs),
         }
         .map_err(|e| e.to_string())?;
         let context = req
@@ -256,6 +258,8 @@ impl Shared {
         let mut first = true;
         let mut progress = None;
         let mut position = prompt.len();
+        let mut stop = StopMatcher::new(req.stop.clone());
+        let mut stopped = false;
         loop {
             let id = match next_token(&mut rx).await {
                 Ok(id) => id,
@@ -271,17 +275,16 @@ impl Shared {
                 info!(prompt_tokens = prompt.len(), "first token");
             }
             let mut on_event = |e: GenerateEvent<'_>| match e {
-                GenerateEvent::Token { id, text } => events
-                    .send(AskEvent::Token {
-                        id,
-                        text: text.to_string(),
-                    })
-                    .is_ok(),
-                GenerateEvent::Tail { text } => events
-                    .send(AskEvent::Tail {
-                        text: text.to_string(),
-                    })
-                    .is_ok(),
+                GenerateEvent::Token { id, text } => {
+                    let (text, hit) = stop.push(text);
+                    stopped |= hit;
+                    events.send(AskEvent::Token { id, text }).is_ok() && !hit
+                }
+                GenerateEvent::Tail { text } => {
+                    let (text, hit) = stop.push(text);
+                    stopped |= hit;
+                    events.send(AskEvent::Tail { text }).is_ok()
+                }
             };
             let room = position < context;
             if !p.on_token(text.tokenizer(), id, req.max_tokens, room, &mut on_event) {
@@ -299,13 +302,22 @@ impl Shared {
         drop(guard);
         let mut on_event = |e: GenerateEvent<'_>| {
             if let GenerateEvent::Tail { text } = e {
-                let _ = events.send(AskEvent::Tail {
-                    text: text.to_string(),
-                });
+                if !stopped {
+                    let (text, hit) = stop.push(text);
+                    stopped |= hit;
+                    let _ = events.send(AskEvent::Tail { text });
+                }
             }
             true
         };
-        Ok(progress.expect("at least one token").finish(&mut on_event))
+        let mut stats = progress.expect("at least one token").finish(&mut on_event);
+        let rest = stop.finish();
+        if stopped {
+            stats.stop = crate::engine::StopReason::StopSequence;
+        } else if !rest.is_empty() {
+            let _ = events.send(AskEvent::Tail { text: rest });
+        }
+        Ok(stats)
     }
 
     fn no_plan_reason(&self) -> String {
