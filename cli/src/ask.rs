@@ -95,14 +95,24 @@ pub fn main(args: AskArgs) -> anyhow::Result<()> {
         "seed": s.seed,
         "context": args.ctx,
     });
-    let url = format!("{}/api/generate", args.node.trim_end_matches('/'));
+    stream_answer(&args.node, args.api_key.as_deref(), &body, args.verbose)
+}
+
+/// Posts `body` to the node's `/api/generate` and prints the answer as it streams.
+pub fn stream_answer(
+    node: &str,
+    api_key: Option<&str>,
+    body: &serde_json::Value,
+    verbose: bool,
+) -> anyhow::Result<()> {
+    let url = format!("{}/api/generate", node.trim_end_matches('/'));
     let mut req = agent().post(&url);
-    if let Some(k) = &args.api_key {
+    if let Some(k) = api_key {
         req = req.header("Authorization", &format!("Bearer {k}"));
     }
     let resp = req
-        .send_json(&body)
-        .with_context(|| format!("cannot reach the node at {}", args.node))?;
+        .send_json(body)
+        .with_context(|| format!("cannot reach the node at {node}"))?;
     if !resp.status().is_success() {
         return Err(error_of(resp));
     }
@@ -127,7 +137,7 @@ pub fn main(args: AskArgs) -> anyhow::Result<()> {
             }
             AskEvent::Done { stats } => {
                 println!();
-                if args.verbose {
+                if verbose {
                     eprintln!("stop: {:?}", stats.stop);
                     eprintln!("{}", stats.summary_line());
                 }

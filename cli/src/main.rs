@@ -8,10 +8,12 @@
 //! - `tokenize`: `shoal tokenize` — token ids of a text.
 //! - `node`: `shoal node` — join or start a cluster and serve.
 //! - `ask`, `status`: clients of a node's HTTP API.
+//! - `demo`: a local multi-node cluster answering a question.
 
 mod ask;
 mod bench;
 mod common;
+mod demo;
 mod node;
 mod perplexity;
 mod run;
@@ -46,6 +48,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Print a new cluster secret (for --cluster-key-file).
     Keygen,
+    /// Start a cluster of several nodes on this machine, ask it, keep its status page up.
+    Demo(demo::DemoArgs),
 }
 
 fn main() {
@@ -64,6 +68,7 @@ fn main() {
         Command::Node(a) => node::main(a),
         Command::Ask(a) => ask::main(a),
         Command::Status(a) => status::main(a),
+        Command::Demo(a) => demo::main(a),
         Command::Keygen => {
             println!("{}", ::node::cluster::key::ClusterKey::generate().to_hex());
             Ok(())

@@ -253,3 +253,35 @@ fn resident_memory_after_load_stays_near_file_size() {
         "rss {rss} MiB for a {file_mib:.1} MiB model: {line}"
     );
 }
+
+#[test]
+fn demo_starts_a_local_cluster_answers_and_prints_the_status_page() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let o = shoal_default(
+        "demo",
+        &[
+            "--nodes",
+            "2",
+            "--port",
+            &port.to_string(),
+            "--exit",
+            "--temp",
+            "0",
+            "-n",
+            "8",
+            "Hi",
+        ],
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+    assert!(err.contains("cluster formed"), "{err}");
+    assert!(
+        err.contains(&format!("status page: http://127.0.0.1:{port}/")),
+        "{err}"
+    );
+}

@@ -627,6 +627,30 @@ fn the_official_openai_client_and_curl_work_against_a_two_node_cluster() {
             .collect();
         assert_eq!(streamed, chat);
     }
+    // The status page and its live feed.
+    let curl = |args: &[&str]| {
+        std::process::Command::new("curl")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    if let Ok(html) = curl(&["-s", &format!("{}/", nodes[0].http)]) {
+        assert!(
+            html.contains("<title>shoal</title>") && html.contains("/api/events"),
+            "{html}"
+        );
+        let feed = curl(&[
+            "-sN",
+            "--max-time",
+            "2",
+            &format!("{}/api/events", nodes[0].http),
+        ])
+        .unwrap();
+        let first: Value =
+            serde_json::from_str(feed.lines().next().unwrap().strip_prefix("data: ").unwrap())
+                .unwrap();
+        assert_eq!(plan_size(&first), (2, 2));
+    }
     // Bad input: wrong types, unknown fields, not JSON.
     for (body, want) in [
         (r#"{"model":"x","messages":"hi"}"#.to_string(), 400),

@@ -1,5 +1,7 @@
 //! The node's HTTP API: `POST /api/generate` (NDJSON stream of tokens, used
-//! by `shoal ask`) and `GET /api/status` (the cluster, for `shoal status`).
+//! by `shoal ask`), `GET /api/status` (the cluster, for `shoal status`),
+//! `GET /api/events` (the same, live, as server-sent events) and the status
+//! page at `/`; the OpenAI endpoints are in [`super::openai`].
 //! Handlers only translate: the work is in [`super::origin`].
 
 use std::sync::Arc;
@@ -42,7 +44,9 @@ pub async fn serve(
         ));
     let app = Router::new()
         .merge(guarded)
+        .route("/", get(page))
         .route("/api/status", get(status))
+        .route("/api/events", get(events))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(shared);
     let _ = axum::serve(listener, app)
@@ -255,6 +259,52 @@ pub struct NodeStatus {
     pub same_model: bool,
     /// Whether it leads.
     pub leader: bool,
+}
+
+/// The status page, embedded in the binary (works offline, no CDN).
+const PAGE: &str = include_str!("page/index.html");
+
+/// Live status streams open at once: each costs a task and a snapshot per
+/// second; beyond this many, new ones get 503.
+pub const EVENT_STREAMS_MAX: usize = 64;
+
+/// How often a live stream gets a fresh snapshot: membership changes show
+/// within this (the page promises 2 s).
+const EVENT_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+}
+
+/// `GET /api/events`: the status as server-sent events, one per second.
+async fn events(State(shared): State<Arc<Shared>>) -> Response {
+    static STREAMS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    let sem = STREAMS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(EVENT_STREAMS_MAX)));
+    let Ok(permit) = sem.clone().try_acquire_owned() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many live status streams",
+        );
+    };
+    let stream = futures::stream::unfold(
+        (shared, permit, true),
+        |(shared, permit, first)| async move {
+            if !first {
+                tokio::time::sleep(EVENT_PERIOD).await;
+            }
+            let json = serde_json::to_string(&build_status(&shared)).expect("status serializes");
+            let chunk = format!("data: {json}\n\n").into_bytes();
+            Some((
+                Ok::<_, std::convert::Infallible>(chunk),
+                (shared, permit, false),
+            ))
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .expect("valid response")
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
