@@ -683,3 +683,43 @@ fn the_official_openai_client_and_curl_work_against_a_two_node_cluster() {
         }
     }
 }
+
+#[test]
+fn the_status_page_renders_the_cluster_in_chromium() {
+    let Some(chromium) = shoal_tests::chromium() else {
+        eprintln!("skipped: Chromium could not be installed (apt-get install chromium)");
+        return;
+    };
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = loopback_cluster(dir.path(), &model, 2, "80M", &[]);
+    let s = wait_plan(&mut nodes[0], 2, 2);
+    let url = format!("{}/", nodes[0].http);
+    let dom = shoal_tests::headless(&chromium, &url, &["--dump-dom"]);
+    // Rendered by the page's script from the live status: every node and the plan.
+    assert!(dom.contains("plan epoch"), "{dom}");
+    for n in s["nodes"].as_array().unwrap() {
+        let id = n["id"].as_str().unwrap();
+        assert!(
+            dom.contains(&id[id.len() - 6..]),
+            "node {id} missing from the page"
+        );
+    }
+    // The screenshot is kept as a test artifact.
+    let artifacts =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    shoal_tests::headless(
+        &chromium,
+        &url,
+        &[&format!("--screenshot={}", shot.display())],
+    );
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
+}
