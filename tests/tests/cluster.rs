@@ -651,6 +651,22 @@ fn the_official_openai_client_and_curl_work_against_a_two_node_cluster() {
                 .unwrap();
         assert_eq!(plan_size(&first), (2, 2));
     }
+    // Prometheus metrics count what just ran, and the bytes each link carried.
+    if let Ok(m) = curl(&["-s", &format!("{}/metrics", nodes[1].http)]) {
+        let value = |name: &str| {
+            m.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        assert!(value("shoal_tokens_generated_total") >= 24.0, "{m}");
+        assert!(value("shoal_requests_finished_total") >= 3.0, "{m}");
+        assert!(
+            m.contains("shoal_time_to_first_token_seconds_bucket"),
+            "{m}"
+        );
+        assert!(m.contains("shoal_link_sent_bytes_total{peer="), "{m}");
+    }
     // Bad input: wrong types, unknown fields, not JSON.
     for (body, want) in [
         (r#"{"model":"x","messages":"hi"}"#.to_string(), 400),

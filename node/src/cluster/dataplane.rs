@@ -56,11 +56,16 @@ pub struct DataPlane {
     worker: Mutex<Option<mpsc::Sender<WorkerMsg>>>,
     requests: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
     runtime: tokio::runtime::Handle,
+    metrics: Arc<super::metrics::Metrics>,
 }
 
 impl DataPlane {
     /// Binds the QUIC endpoint on `bind` and starts accepting members.
-    pub fn bind(me: String, bind: SocketAddr) -> std::io::Result<Arc<DataPlane>> {
+    pub fn bind(
+        me: String,
+        bind: SocketAddr,
+        metrics: Arc<super::metrics::Metrics>,
+    ) -> std::io::Result<Arc<DataPlane>> {
         let identity = Identity::generate();
         let allowed = AllowList::default();
         let endpoint = quinn::Endpoint::server(identity.server_config(allowed.clone()), bind)?;
@@ -74,6 +79,7 @@ impl DataPlane {
             worker: Mutex::default(),
             requests: Mutex::default(),
             runtime: tokio::runtime::Handle::current(),
+            metrics,
         });
         tokio::spawn(accept_loop(plane.clone()));
         Ok(plane)
@@ -185,7 +191,7 @@ impl DataPlane {
             .ok_or_else(|| format!("node {to} is not a member"))?;
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let span = info_span!("link", peer = %short(to), addr = %peer.addr);
-        tokio::spawn(write_loop(self.clone(), peer, rx).instrument(span));
+        tokio::spawn(write_loop(self.clone(), to.to_string(), peer, rx).instrument(span));
         links.insert(to.to_string(), tx.clone());
         Ok(tx)
     }
@@ -273,7 +279,12 @@ impl Outbox for Arc<DataPlane> {
     }
 }
 
-async fn write_loop(plane: Arc<DataPlane>, peer: PeerData, mut rx: mpsc::Receiver<Message>) {
+async fn write_loop(
+    plane: Arc<DataPlane>,
+    peer_id: String,
+    peer: PeerData,
+    mut rx: mpsc::Receiver<Message>,
+) {
     let config = plane.identity.client_config(peer.fingerprint);
     let conn = match plane.endpoint.connect_with(config, peer.addr, "shoal") {
         Ok(c) => c.await,
@@ -298,9 +309,12 @@ async fn write_loop(plane: Arc<DataPlane>, peer: PeerData, mut rx: mpsc::Receive
     };
     debug!("link up");
     while let Some(msg) = rx.recv().await {
-        if let Err(e) = write_frame(&mut stream, &msg).await {
-            warn!("link lost: {e}");
-            return;
+        match write_frame(&mut stream, &msg).await {
+            Ok(bytes) => plane.metrics.sent(&peer_id, bytes),
+            Err(e) => {
+                warn!("link lost: {e}");
+                return;
+            }
         }
     }
     let _ = stream.finish();
@@ -451,8 +465,8 @@ mod tests {
     #[tokio::test]
     async fn members_talk_strangers_are_refused_and_garbage_closes_only_its_connection() {
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let a = DataPlane::bind("a".into(), local).unwrap();
-        let b = DataPlane::bind("b".into(), local).unwrap();
+        let a = DataPlane::bind("a".into(), local, Default::default()).unwrap();
+        let b = DataPlane::bind("b".into(), local, Default::default()).unwrap();
         a.set_members(members(&[&b]));
         b.set_members(members(&[&a]));
         let mut rx = a.open_request(7);

@@ -47,6 +47,7 @@ pub async fn serve(
         .route("/", get(page))
         .route("/api/status", get(status))
         .route("/api/events", get(events))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(shared);
     let _ = axum::serve(listener, app)
@@ -305,6 +306,18 @@ async fn events(State(shared): State<Arc<Shared>>) -> Response {
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .expect("valid response")
+}
+
+/// `GET /metrics`: Prometheus/OpenMetrics text.
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`key`]: the cluster secret and join proofs.
 //! - [`membership`]: members, leader, plans (pure state).
+//! - [`metrics`]: Prometheus metrics (`/metrics`).
 //! - [`control`]: the libp2p control loop driving membership.
 //! - [`tls`], [`wire`], [`dataplane`]: QUIC links between stages.
 //! - [`worker`]: the thread that runs this node's layers.
@@ -21,6 +22,7 @@ pub mod dataplane;
 pub mod http;
 pub mod key;
 pub mod membership;
+pub mod metrics;
 pub mod openai;
 pub mod origin;
 pub mod tls;
@@ -128,6 +130,8 @@ pub struct Shared {
     pub stats: Mutex<origin::NodeStats>,
     /// Requests with a KV cache on this node's stage right now.
     pub live_sequences: Arc<std::sync::atomic::AtomicUsize>,
+    /// Prometheus metrics.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Shared {
@@ -246,11 +250,14 @@ impl Node {
         .expect("model load task")?;
         let keypair = libp2p::identity::Keypair::generate_ed25519();
         let node_id = keypair.public().to_peer_id().to_string();
+        let metrics = Arc::new(metrics::Metrics::default());
         let data =
-            DataPlane::bind(node_id.clone(), config.data).map_err(|source| NodeError::Bind {
-                what: "the data plane (QUIC)",
-                addr: config.data,
-                source,
+            DataPlane::bind(node_id.clone(), config.data, metrics.clone()).map_err(|source| {
+                NodeError::Bind {
+                    what: "the data plane (QUIC)",
+                    addr: config.data,
+                    source,
+                }
             })?;
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
@@ -304,6 +311,7 @@ impl Node {
                 },
                 dtype: config.activations,
                 live: live_sequences.clone(),
+                metrics: metrics.clone(),
             },
             Arc::new(data.clone()),
         );
@@ -320,6 +328,7 @@ impl Node {
             text: OnceCell::new(),
             stats: Mutex::default(),
             live_sequences,
+            metrics,
         });
         let stop = CancellationToken::new();
         let control = control::start(

@@ -140,6 +140,7 @@ impl Shared {
         let request_id: u64 = rand::random();
         let span = info_span!("request", request_id);
         self.stats.lock().expect("lock").running += 1;
+        self.metrics.requests_running.inc();
         let mut result = self
             .run(request_id, req.clone(), &events)
             .instrument(span.clone())
@@ -155,8 +156,12 @@ impl Shared {
         let result = result.map_err(|f| f.to_string());
         let mut stats = self.stats.lock().expect("lock");
         stats.running -= 1;
+        self.metrics.requests_running.dec();
         match result {
             Ok(s) => {
+                self.metrics.requests_finished.inc();
+                self.metrics.tokens.inc_by(s.gen_tokens as u64);
+                self.metrics.ttft.observe(s.ttft_ms / 1000.0);
                 stats.finished += 1;
                 stats.tokens += s.gen_tokens as u64;
                 let rate = if s.gen_ms > 0.0 {
@@ -174,6 +179,7 @@ impl Shared {
                 let _ = events.send(AskEvent::Done { stats: s });
             }
             Err(message) => {
+                self.metrics.requests_failed.inc();
                 stats.failed += 1;
                 let _ = events.send(AskEvent::Error { message });
             }
@@ -260,6 +266,7 @@ impl Shared {
         let mut position = prompt.len();
         let mut stop = StopMatcher::new(req.stop.clone());
         let mut stopped = false;
+        let mut last_token_at: Option<Instant> = None;
         loop {
             let id = match next_token(&mut rx).await {
                 Ok(id) => id,
@@ -270,6 +277,11 @@ impl Shared {
                 Err(e) => return Err(e.into()),
             };
             let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
+            if let Some(t) = last_token_at.replace(Instant::now()) {
+                self.metrics
+                    .token_latency
+                    .observe(t.elapsed().as_secs_f64());
+            }
             if first {
                 first = false;
                 info!(prompt_tokens = prompt.len(), "first token");

@@ -64,15 +64,15 @@ where
     finish(buf).map(Some)
 }
 
-/// Writes one frame to a tokio stream.
-pub async fn write_frame<W>(w: &mut W, msg: &Message) -> Result<(), WireError>
+/// Writes one frame to a tokio stream; the bytes written.
+pub async fn write_frame<W>(w: &mut W, msg: &Message) -> Result<usize, WireError>
 where
     W: tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::AsyncWriteExt;
     let bytes = protocol::encode(msg)?;
     w.write_all(&bytes).await?;
-    Ok(())
+    Ok(bytes.len())
 }
 
 /// Reads one whole frame from a futures stream (libp2p), which must hold exactly one.

@@ -72,6 +72,8 @@ pub struct WorkerConfig {
     pub dtype: DType,
     /// Requests holding a KV cache here right now (read by status).
     pub live: Arc<std::sync::atomic::AtomicUsize>,
+    /// Prometheus metrics.
+    pub metrics: Arc<super::metrics::Metrics>,
 }
 
 struct Sequence {
@@ -122,6 +124,7 @@ impl Worker {
         self.cfg
             .live
             .store(self.seqs.len(), std::sync::atomic::Ordering::Relaxed);
+        self.cfg.metrics.kv_sequences.set(self.seqs.len() as i64);
     }
 
     fn dispatch(&mut self, msg: WorkerMsg) {
@@ -285,6 +288,10 @@ impl Worker {
         let t = Instant::now();
         let result = stage.forward(input, &mut seq.cache, LogitsFor::Last);
         tracing::trace!(us = t.elapsed().as_micros() as u64, "forward");
+        self.cfg
+            .metrics
+            .stage_compute
+            .observe(t.elapsed().as_secs_f64());
         let out = match result {
             Ok(o) => o,
             Err(e) => {

@@ -1,0 +1,142 @@
+//! Prometheus metrics of a node (`GET /metrics`, text format): requests,
+//! tokens, time to first token, per-token latency, stage compute time, KV
+//! sequences, bytes sent per link.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a per-peer metric.
+pub type PeerLabels = Vec<(String, String)>;
+
+/// Every metric of a node, cheap to update from any thread.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests this node originated that finished.
+    pub requests_finished: Counter,
+    /// Requests this node originated that failed.
+    pub requests_failed: Counter,
+    /// Requests running from this node.
+    pub requests_running: Gauge,
+    /// Tokens generated for requests from this node.
+    pub tokens: Counter,
+    /// Time to first token, seconds.
+    pub ttft: Histogram,
+    /// Time between generated tokens, seconds.
+    pub token_latency: Histogram,
+    /// Time of one forward pass of this node's stage, seconds.
+    pub stage_compute: Histogram,
+    /// Requests holding a KV cache on this node's stage.
+    pub kv_sequences: Gauge,
+    /// Bytes sent on the data plane, per peer.
+    pub link_bytes: Family<PeerLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = Registry::with_prefix("shoal");
+        // 1 ms .. ~33 s: a token on a fast node to a long prompt on a slow cluster.
+        let secs = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let m = Metrics {
+            requests_finished: Counter::default(),
+            requests_failed: Counter::default(),
+            requests_running: Gauge::default(),
+            tokens: Counter::default(),
+            ttft: secs(),
+            token_latency: secs(),
+            stage_compute: secs(),
+            kv_sequences: Gauge::default(),
+            link_bytes: Family::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "requests_finished",
+            "Requests from this node that finished",
+            m.requests_finished.clone(),
+        );
+        r.register(
+            "requests_failed",
+            "Requests from this node that failed",
+            m.requests_failed.clone(),
+        );
+        r.register(
+            "requests_running",
+            "Requests from this node running now",
+            m.requests_running.clone(),
+        );
+        r.register(
+            "tokens_generated",
+            "Tokens generated for requests from this node",
+            m.tokens.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "Time to first token",
+            m.ttft.clone(),
+        );
+        r.register(
+            "token_latency_seconds",
+            "Time between generated tokens",
+            m.token_latency.clone(),
+        );
+        r.register(
+            "stage_compute_seconds",
+            "One forward pass of this node's stage",
+            m.stage_compute.clone(),
+        );
+        r.register(
+            "kv_sequences",
+            "Requests holding a KV cache on this stage",
+            m.kv_sequences.clone(),
+        );
+        r.register(
+            "link_sent_bytes",
+            "Bytes sent on the data plane, per peer",
+            m.link_bytes.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+}
+
+impl Metrics {
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("encoding to a String");
+        out
+    }
+
+    /// Counts bytes sent to `peer`.
+    pub fn sent(&self, peer: &str, bytes: usize) {
+        self.link_bytes
+            .get_or_create(&vec![("peer".to_string(), peer.to_string())])
+            .inc_by(bytes as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.tokens.inc_by(5);
+        m.ttft.observe(0.05);
+        m.sent("abc", 100);
+        let t = m.render();
+        assert!(t.contains("shoal_tokens_generated_total 5"), "{t}");
+        assert!(
+            t.contains("shoal_time_to_first_token_seconds_bucket"),
+            "{t}"
+        );
+        assert!(
+            t.contains("shoal_link_sent_bytes_total{peer=\"abc\"} 100"),
+            "{t}"
+        );
+        assert!(t.trim_end().ends_with("# EOF"), "{t}");
+    }
+}
