@@ -57,7 +57,12 @@ pub fn error_of(resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
     let body = resp.into_body().read_to_string().unwrap_or_default();
     let msg = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
-        .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+        .and_then(|v| {
+            let e = v.get("error")?;
+            e.as_str()
+                .or_else(|| e.get("message")?.as_str())
+                .map(str::to_string)
+        })
         .unwrap_or(body);
     anyhow::anyhow!("node answered {status}: {msg}")
 }

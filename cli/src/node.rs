@@ -80,6 +80,12 @@ pub struct NodeArgs {
     /// (also read from SHOAL_API_KEY).
     #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Requests this node runs at once (as their origin); more wait in line.
+    #[arg(long, default_value_t = 16)]
+    max_running: usize,
+    /// Requests that may wait in line before new ones get 429 Too Many Requests.
+    #[arg(long, default_value_t = 64)]
+    max_queued: usize,
 }
 
 /// Multiaddr as a clap value.
@@ -166,6 +172,8 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
             Precision::Bf16 => protocol::DType::BF16,
         },
         api_key: args.api_key.clone(),
+        max_running: args.max_running,
+        max_queued: args.max_queued,
     };
     // I/O only (compute runs on rayon's pool): one thread keeps every
     // hand-off between the QUIC, HTTP and origin tasks on one core, without

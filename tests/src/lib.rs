@@ -77,19 +77,26 @@ impl NodeProc {
 
     /// Waits for a log line containing `marker`; returns what follows it.
     pub fn wait_log(&mut self, marker: &str, timeout: Duration) -> String {
+        self.wait_log_any(&[marker], timeout)
+    }
+
+    /// Waits for a log line containing any of `markers`; returns what follows it.
+    pub fn wait_log_any(&mut self, markers: &[&str], timeout: Duration) -> String {
         let start = Instant::now();
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| l.contains(marker)) {
-                let at = line.find(marker).expect("found") + marker.len();
-                return line[at..].trim().to_string();
+            for marker in markers {
+                if let Some(line) = text.lines().find(|l| l.contains(marker)) {
+                    let at = line.find(marker).expect("found") + marker.len();
+                    return line[at..].trim().to_string();
+                }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("node exited ({status}):\n{text}");
             }
             assert!(
                 start.elapsed() < timeout,
-                "no '{marker}' in the log:\n{text}"
+                "none of {markers:?} in the log:\n{text}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }

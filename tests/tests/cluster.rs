@@ -152,8 +152,11 @@ fn a_node_with_the_wrong_key_is_refused() {
             &peer,
         ],
     );
-    a.wait_log("does not hold this cluster's key", Duration::from_secs(10));
-    b.wait_log("refused by peer", Duration::from_secs(10));
+    // Both sides try to join each other: whichever answers first refuses
+    // (and logs why), the other sees the refusal.
+    let markers = ["does not hold this cluster's key", "refused by peer"];
+    a.wait_log_any(&markers, Duration::from_secs(10));
+    b.wait_log_any(&markers, Duration::from_secs(10));
     assert_eq!(plan_size(&a.status()).0, 1);
     assert_eq!(plan_size(&b.status()).0, 1);
 }
@@ -738,4 +741,66 @@ fn the_status_page_renders_the_cluster_in_chromium() {
         "{} bytes",
         png.len()
     );
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = ["--max-running", "1", "--max-queued", "1"];
+    let mut node = loopback_cluster(dir.path(), &model, 1, "1G", &extra).remove(0);
+    wait_plan(&mut node, 1, 1);
+    let long = |n: &NodeProc| {
+        std::process::Command::new(shoal_tests::shoal_bin())
+            .args([
+                "ask",
+                "--node",
+                &n.http,
+                "--temp",
+                "0",
+                "-n",
+                "3000",
+                "--no-template",
+                "Once",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut running, mut waiting) = (long(&node), long(&node));
+    node.wait_status(Duration::from_secs(10), |s| {
+        s["requests"]["running"].as_u64() == Some(1) && s["queued"].as_u64() == Some(1)
+    });
+    let (_, err, ok) = node.ask(&["-n", "4"], "hello");
+    assert!(!ok && err.contains("429") && err.contains("busy"), "{err}");
+    if let Ok(out) = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args(["-d", r#"{"prompt":"hi"}"#])
+        .arg(format!("{}/api/generate", node.http))
+        .output()
+    {
+        let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(
+            head.starts_with("http/1.1 429") && head.contains("retry-after: 1"),
+            "{head}"
+        );
+    }
+    running.kill().unwrap();
+    waiting.kill().unwrap();
+    let _ = (running.wait(), waiting.wait());
+    // Both slots free again once their clients are gone.
+    node.wait_status(Duration::from_secs(10), |s| {
+        s["requests"]["running"].as_u64() == Some(0) && s["queued"].as_u64() == Some(0)
+    });
+    let (_, err, ok) = node.ask(&["-n", "4"], "hello");
+    assert!(ok, "{err}");
 }

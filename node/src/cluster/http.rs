@@ -114,6 +114,22 @@ struct ErrorBody {
     error: String,
 }
 
+/// Seconds a client refused for a full queue is told to wait.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+/// 429 with `Retry-After`, in OpenAI's error shape (which `shoal ask` reads too).
+pub fn too_busy(busy: &super::origin::Busy) -> Response {
+    let body = serde_json::json!({"error": {
+        "message": format!("this node is busy: {} requests are waiting already; retry shortly", busy.queued),
+        "type": "rate_limit_error", "param": null, "code": "queue_full"}});
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())],
+        Json(body),
+    )
+        .into_response()
+}
+
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
     (code, Json(ErrorBody { error: msg.into() })).into_response()
 }
@@ -165,8 +181,9 @@ async fn generate(
         context: b.context,
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let task_shared = shared.clone();
-    tokio::spawn(async move { task_shared.ask(req, tx).await });
+    if let Err(busy) = shared.submit(req, tx) {
+        return too_busy(&busy);
+    }
     // One JSON object per line; the stream ends after `done` or `error`.
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let ev = rx.recv().await?;
@@ -199,6 +216,8 @@ pub struct Status {
     pub nodes: Vec<NodeStatus>,
     /// This node's request counters.
     pub requests: super::origin::NodeStats,
+    /// Requests waiting for a running slot on this node.
+    pub queued: usize,
     /// Requests holding a KV cache on this node's stage.
     pub sequences: usize,
 }
@@ -273,8 +292,13 @@ pub const EVENT_STREAMS_MAX: usize = 64;
 /// within this (the page promises 2 s).
 const EVENT_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn page() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+/// The page with the current status inlined, so it renders complete on
+/// first paint (the live feed takes over from there).
+async fn page(State(shared): State<Arc<Shared>>) -> Response {
+    let json = serde_json::to_string(&build_status(&shared)).expect("status serializes");
+    // Inside a <script>: no "</" may close it early.
+    let html = PAGE.replacen("/*STATUS*/null", &json.replace("</", "<\\/"), 1);
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
 }
 
 /// `GET /api/events`: the status as server-sent events, one per second.
@@ -384,6 +408,7 @@ pub fn build_status(shared: &Shared) -> Status {
         plan_error: m.plan_error().map(str::to_string),
         nodes,
         requests: shared.stats.lock().expect("lock").clone(),
+        queued: shared.queued.load(std::sync::atomic::Ordering::Relaxed),
         sequences: shared
             .live_sequences
             .load(std::sync::atomic::Ordering::Relaxed),

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub requests_failed: Counter,
     /// Requests running from this node.
     pub requests_running: Gauge,
+    /// Requests waiting for a running slot.
+    pub requests_queued: Gauge,
     /// Tokens generated for requests from this node.
     pub tokens: Counter,
     /// Time to first token, seconds.
@@ -44,6 +46,7 @@ impl Default for Metrics {
             requests_finished: Counter::default(),
             requests_failed: Counter::default(),
             requests_running: Gauge::default(),
+            requests_queued: Gauge::default(),
             tokens: Counter::default(),
             ttft: secs(),
             token_latency: secs(),

@@ -82,6 +82,10 @@ pub struct NodeConfig {
     pub activations: DType,
     /// Bearer token required by the generation endpoints (none: open).
     pub api_key: Option<String>,
+    /// Requests this node runs at once as their origin.
+    pub max_running: usize,
+    /// Requests waiting for a running slot before new ones get 429.
+    pub max_queued: usize,
 }
 
 /// Why a node could not start.
@@ -132,6 +136,10 @@ pub struct Shared {
     pub live_sequences: Arc<std::sync::atomic::AtomicUsize>,
     /// Prometheus metrics.
     pub metrics: Arc<metrics::Metrics>,
+    /// Running slots for requests originated here (FIFO).
+    pub running: Arc<tokio::sync::Semaphore>,
+    /// Requests admitted and waiting for a slot.
+    pub queued: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -329,6 +337,8 @@ impl Node {
             stats: Mutex::default(),
             live_sequences,
             metrics,
+            running: Arc::new(tokio::sync::Semaphore::new(config.max_running.max(1))),
+            queued: std::sync::atomic::AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();
         let control = control::start(

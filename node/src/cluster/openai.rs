@@ -381,8 +381,9 @@ async fn serve(
         context: None,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let task = shared.clone();
-    tokio::spawn(async move { task.ask(req, tx).await });
+    if let Err(busy) = shared.submit(req, tx) {
+        return Ok(super::http::too_busy(&busy));
+    }
     let id = format!(
         "{}-{:016x}",
         if kind == Kind::Chat {

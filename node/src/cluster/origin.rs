@@ -133,7 +133,49 @@ pub struct RecentRequest {
     pub tokens_per_s: f64,
 }
 
+/// Why a request was not admitted.
+#[derive(Debug)]
+pub struct Busy {
+    /// Requests waiting already.
+    pub queued: usize,
+}
+
 impl Shared {
+    /// Admits `req` (or refuses it when the wait queue is full) and runs it
+    /// in the background once a running slot is free, first come first
+    /// served. Events arrive on `events`.
+    pub fn submit(
+        self: &Arc<Self>,
+        req: AskRequest,
+        events: mpsc::UnboundedSender<AskEvent>,
+    ) -> Result<(), Busy> {
+        let queued = self
+            .queued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if queued >= self.config.max_queued {
+            self.queued
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Busy { queued });
+        }
+        self.metrics.requests_queued.inc();
+        let shared = self.clone();
+        tokio::spawn(async move {
+            // Waiting is given up when the client goes away meanwhile.
+            let permit = tokio::select! {
+                p = shared.running.clone().acquire_owned() => p.ok(),
+                _ = events.closed() => None,
+            };
+            shared
+                .queued
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            shared.metrics.requests_queued.dec();
+            if let Some(_permit) = permit {
+                shared.ask(req, events).await;
+            }
+        });
+        Ok(())
+    }
+
     /// Runs `req` through the pipeline, streaming events to `events`.
     /// Dropping the receiver cancels the request along the chain.
     pub async fn ask(self: &Arc<Self>, req: AskRequest, events: mpsc::UnboundedSender<AskEvent>) {
