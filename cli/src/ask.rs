@@ -86,21 +86,26 @@ pub fn main(args: AskArgs) -> anyhow::Result<()> {
             s
         }
     };
-    let s = args.gen.sampling()?;
-    let body = serde_json::json!({
+    let mut body = generate_body(&prompt, &args.gen)?;
+    body["raw"] = args.no_template.into();
+    body["system"] = serde_json::json!(args.system);
+    body["context"] = serde_json::json!(args.ctx);
+    stream_answer(&args.node, args.api_key.as_deref(), &body, args.verbose)
+}
+
+/// The `/api/generate` body for `prompt` with the generation flags.
+pub fn generate_body(prompt: &str, gen: &GenArgs) -> anyhow::Result<serde_json::Value> {
+    let s = gen.sampling()?;
+    Ok(serde_json::json!({
         "prompt": prompt,
-        "raw": args.no_template,
-        "system": args.system,
-        "max_tokens": args.gen.max_tokens,
+        "max_tokens": gen.max_tokens,
         "temperature": s.temperature,
         "top_k": s.top_k,
         "top_p": s.top_p,
         "min_p": s.min_p,
         "repeat_penalty": s.repeat_penalty,
         "seed": s.seed,
-        "context": args.ctx,
-    });
-    stream_answer(&args.node, args.api_key.as_deref(), &body, args.verbose)
+    }))
 }
 
 /// Posts `body` to the node's `/api/generate` and prints the answer as it streams.

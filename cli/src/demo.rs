@@ -144,17 +144,7 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
     };
     eprintln!("shoal: cluster formed: {plan}");
     eprintln!("> {}", args.prompt);
-    let s = args.gen.sampling()?;
-    let body = serde_json::json!({
-        "prompt": args.prompt,
-        "max_tokens": args.gen.max_tokens,
-        "temperature": s.temperature,
-        "top_k": s.top_k,
-        "top_p": s.top_p,
-        "min_p": s.min_p,
-        "repeat_penalty": s.repeat_penalty,
-        "seed": s.seed,
-    });
+    let body = crate::ask::generate_body(&args.prompt, &args.gen)?;
     let url = format!("http://127.0.0.1:{}", args.port);
     crate::ask::stream_answer(&url, None, &body, true)?;
     eprintln!("\nstatus page: {url}/   (OpenAI API: {url}/v1)");

@@ -26,6 +26,26 @@ fn keyfile(dir: &Path, name: &str) -> String {
     path.display().to_string()
 }
 
+/// Starts one node on loopback (no mDNS, any ports, one thread, 512-token context).
+fn loopback_node(dir: &Path, model: &str, key: &str, extra: &[&str]) -> NodeProc {
+    let base = [
+        "-m",
+        model,
+        "--cluster-key-file",
+        key,
+        "--no-mdns",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--http",
+        "127.0.0.1:0",
+        "-t",
+        "1",
+        "--ctx",
+        "512",
+    ];
+    NodeProc::start(dir, None, &[&base[..], extra].concat())
+}
+
 /// Starts `n` nodes on loopback, each dialling the first with `--peer`.
 fn loopback_cluster(
     dir: &Path,
@@ -36,28 +56,12 @@ fn loopback_cluster(
 ) -> Vec<NodeProc> {
     let key = keyfile(dir, "key");
     let model = model.display().to_string();
-    let base = [
-        "-m",
-        &model,
-        "--cluster-key-file",
-        &key,
-        "--no-mdns",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--http",
-        "127.0.0.1:0",
-        "-t",
-        "1",
-        "--ctx",
-        "512",
-        "--max-memory",
-        max_memory,
-    ];
-    let mut nodes = vec![NodeProc::start(dir, None, &[&base[..], extra].concat())];
+    let base = [&["--max-memory", max_memory][..], extra].concat();
+    let mut nodes = vec![loopback_node(dir, &model, &key, &base)];
     let first = nodes[0].addr_on("127.0.0.1");
     for _ in 1..n {
-        let args = [&base[..], extra, &["--peer", &first]].concat();
-        nodes.push(NodeProc::start(dir, None, &args));
+        let args = [&base[..], &["--peer", &first]].concat();
+        nodes.push(loopback_node(dir, &model, &key, &args));
     }
     nodes
 }
@@ -131,27 +135,7 @@ fn a_node_with_the_wrong_key_is_refused() {
     let wrong = keyfile(dir.path(), "wrong");
     let m = model.display().to_string();
     let peer = a.addr_on("127.0.0.1");
-    let mut b = NodeProc::start(
-        dir.path(),
-        None,
-        &[
-            "-m",
-            &m,
-            "--cluster-key-file",
-            &wrong,
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--http",
-            "127.0.0.1:0",
-            "-t",
-            "1",
-            "--ctx",
-            "512",
-            "--peer",
-            &peer,
-        ],
-    );
+    let mut b = loopback_node(dir.path(), &m, &wrong, &["--peer", &peer]);
     // Both sides try to join each other: whichever answers first refuses
     // (and logs why), the other sees the refusal.
     let markers = ["does not hold this cluster's key", "refused by peer"];
@@ -381,23 +365,11 @@ fn a_slow_link_measured_on_the_data_plane_keeps_its_node_out_of_the_plan() {
     let first = nodes[0].addr_on("127.0.0.1");
     let data = target.to_string();
     let advertise = relay.addr.to_string();
-    let slow = NodeProc::start(
+    let slow = loopback_node(
         dir.path(),
-        None,
+        &m,
+        &key,
         &[
-            "-m",
-            &m,
-            "--cluster-key-file",
-            &key,
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--http",
-            "127.0.0.1:0",
-            "-t",
-            "1",
-            "--ctx",
-            "512",
             "--max-memory",
             "50M",
             "--data",
@@ -491,27 +463,7 @@ fn nodes_holding_different_models_do_not_serve_together() {
     let mut a = loopback_cluster(dir.path(), &x, 1, "1G", &[]).remove(0);
     let key = dir.path().join("key").display().to_string();
     let (ys, first) = (y.display().to_string(), a.addr_on("127.0.0.1"));
-    let mut b = NodeProc::start(
-        dir.path(),
-        None,
-        &[
-            "-m",
-            &ys,
-            "--cluster-key-file",
-            &key,
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--http",
-            "127.0.0.1:0",
-            "-t",
-            "1",
-            "--ctx",
-            "512",
-            "--peer",
-            &first,
-        ],
-    );
+    let mut b = loopback_node(dir.path(), &ys, &key, &["--peer", &first]);
     let other_model = |s: &Value| {
         plan_size(s).0 == 2
             && s["nodes"]
