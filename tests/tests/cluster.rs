@@ -756,3 +756,59 @@ fn a_full_queue_answers_429_with_retry_after() {
     let (_, err, ok) = node.ask(&["-n", "4"], "hello");
     assert!(ok, "{err}");
 }
+
+#[test]
+fn slow_and_huge_http_requests_do_not_take_the_node_down() {
+    use std::io::{Read, Write};
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = loopback_cluster(dir.path(), &model, 1, "1G", &[]).remove(0);
+    wait_plan(&mut node, 1, 1);
+    let addr = node.http.trim_start_matches("http://").to_string();
+    // Slowloris: headers that never finish are cut off after the header timeout.
+    let mut slow: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    assert!(
+        !node.status().is_null(),
+        "the node stops answering while slow clients hang"
+    );
+    let start = Instant::now();
+    for s in &mut slow {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(12),
+        "slow connections held for {:?}",
+        start.elapsed()
+    );
+    // A body over the limit is refused with 413, and the node carries on.
+    let big = dir.path().join("big.json");
+    std::fs::write(&big, format!(r#"{{"prompt":"{}"}}"#, "a".repeat(3 << 20))).unwrap();
+    if let Ok(out) = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .arg("--data-binary")
+        .arg(format!("@{}", big.display()))
+        .arg(format!("{}/api/generate", node.http))
+        .output()
+    {
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "413");
+    }
+    let (_, err, ok) = node.ask(&["-n", "4"], "hello");
+    assert!(ok, "{err}");
+}
