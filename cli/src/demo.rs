@@ -48,8 +48,16 @@ impl Drop for Nodes {
     }
 }
 
+/// Status polls give up after this: something else may hold the port and
+/// never answer.
+const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn status(port: u16) -> Option<serde_json::Value> {
-    let resp = crate::ask::agent()
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(POLL_TIMEOUT))
+        .build()
+        .into();
+    let resp = agent
         .get(&format!("http://127.0.0.1:{port}/api/status"))
         .call()
         .ok()?;
@@ -107,13 +115,13 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
         nodes.0.push(cmd.spawn().context("start a node")?);
         let start = Instant::now();
         let s = loop {
-            if let Some(s) = status(port) {
-                break s;
-            }
             if let Ok(Some(code)) = nodes.0[i].try_wait() {
                 let log =
                     std::fs::read_to_string(dir.join(format!("node{i}.log"))).unwrap_or_default();
                 anyhow::bail!("node {i} exited ({code}):\n{log}");
+            }
+            if let Some(s) = status(port) {
+                break s;
             }
             anyhow::ensure!(start.elapsed() < FORM_TIMEOUT, "node {i} did not start");
             std::thread::sleep(Duration::from_millis(100));

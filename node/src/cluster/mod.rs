@@ -96,7 +96,7 @@ pub enum NodeError {
     #[error(transparent)]
     Engine(#[from] crate::EngineError),
     /// A socket could not be bound.
-    #[error("cannot bind {what} on {addr}: {source}")]
+    #[error("cannot bind {what} on {addr}")]
     Bind {
         /// Which listener.
         what: &'static str,
