@@ -9,7 +9,6 @@
 //! ways; mDNS only suggests whom to dial.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,11 +16,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
-use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
 use protocol::{Hello, Join, Message, Welcome, PROTOCOL_VERSION};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -29,19 +27,8 @@ use tracing::{debug, info, warn};
 use super::dataplane::{short, PeerData};
 use super::key::ClusterKey;
 use super::membership::Membership;
-use super::wire::{read_frame_futures, write_frame_futures};
+use super::swarm::{ip_of, same_dial_target, Behaviour, BehaviourEvent};
 use super::Shared;
-
-/// The request-response protocol name, versioned.
-const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/control/1");
-
-/// How often mDNS queries: libp2p's default is 5 minutes, far too slow
-/// for a node to find its cluster when it starts.
-const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Ping period and timeout: a silent peer is dropped within ~5 s.
-const PING_INTERVAL: Duration = Duration::from_secs(1);
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Membership settles this long before the leader replans, so a burst of
 /// joins (three nodes starting together) gives one plan, not three.
@@ -59,67 +46,6 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(3);
 /// Link probes tried before giving up, and the wait between them (growing).
 const PROBE_ATTEMPTS: u32 = 5;
 const PROBE_RETRY: Duration = Duration::from_millis(300);
-
-/// Control requests time out after this: a peer that does not answer a
-/// join in 10 s is not one to run a pipeline with.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(NetworkBehaviour)]
-struct Behaviour {
-    mdns: Toggle<mdns::tokio::Behaviour>,
-    identify: identify::Behaviour,
-    ping: ping::Behaviour,
-    control: request_response::Behaviour<FrameCodec>,
-}
-
-/// request-response codec: one shoal frame each way.
-#[derive(Debug, Clone, Default)]
-struct FrameCodec;
-
-#[async_trait::async_trait]
-impl request_response::Codec for FrameCodec {
-    type Protocol = StreamProtocol;
-    type Request = Message;
-    type Response = Message;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Message>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        Ok(read_frame_futures(io).await?)
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Message>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        Ok(read_frame_futures(io).await?)
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        m: Message,
-    ) -> io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        Ok(write_frame_futures(io, &m).await?)
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        m: Message,
-    ) -> io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        Ok(write_frame_futures(io, &m).await?)
-    }
-}
 
 /// Settings of the control plane.
 pub struct ControlConfig {
@@ -142,49 +68,7 @@ pub fn start(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let peer_id = keypair.public().to_peer_id();
-    let mdns_on = cfg.mdns;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| e.to_string())?
-        .with_behaviour(|key| {
-            let mdns = if mdns_on {
-                let config = mdns::Config {
-                    query_interval: MDNS_QUERY_INTERVAL,
-                    ..Default::default()
-                };
-                Some(mdns::tokio::Behaviour::new(config, peer_id)?)
-            } else {
-                None
-            };
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
-                mdns: mdns.into(),
-                identify: identify::Behaviour::new(identify::Config::new(
-                    format!("/shoal/{PROTOCOL_VERSION}"),
-                    key.public(),
-                )),
-                ping: ping::Behaviour::new(
-                    ping::Config::new()
-                        .with_interval(PING_INTERVAL)
-                        .with_timeout(PING_TIMEOUT),
-                ),
-                control: request_response::Behaviour::with_codec(
-                    FrameCodec,
-                    [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
-                ),
-            })
-        })
-        .map_err(|e| e.to_string())?
-        // Membership follows connections, so they stay open while idle;
-        // ping failures and the peer's kernel closing the socket end them.
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(365 * 86400)))
-        .build();
+    let mut swarm = super::swarm::build(keypair, cfg.mdns)?;
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
@@ -760,23 +644,4 @@ fn variant(m: &Message) -> &'static str {
         Message::Tokens(_) => "Tokens",
         _ => "other",
     }
-}
-
-fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
-    addr.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
-        _ => None,
-    })
-}
-
-/// Whether a dialled address is the `--peer` address (ignoring a `/p2p` suffix).
-fn same_dial_target(peer_arg: &Multiaddr, dialled: &Multiaddr) -> bool {
-    let strip = |a: &Multiaddr| -> Vec<String> {
-        a.iter()
-            .filter(|p| !matches!(p, Protocol::P2p(_)))
-            .map(|p| p.to_string())
-            .collect()
-    };
-    strip(peer_arg) == strip(dialled)
 }

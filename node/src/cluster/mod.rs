@@ -5,7 +5,7 @@
 //! - [`key`]: the cluster secret and join proofs.
 //! - [`membership`]: members, leader, plans (pure state).
 //! - [`metrics`]: Prometheus metrics (`/metrics`).
-//! - [`control`]: the libp2p control loop driving membership.
+//! - [`control`]: the control loop driving membership; `swarm`: its libp2p setup.
 //! - [`tls`], [`wire`], [`dataplane`]: QUIC links between stages.
 //! - [`worker`]: the thread that runs this node's layers.
 //! - [`calibrate`]: a short speed measurement at start.
@@ -25,6 +25,7 @@ pub mod membership;
 pub mod metrics;
 pub mod openai;
 pub mod origin;
+mod swarm;
 pub mod tls;
 pub mod wire;
 
