@@ -75,6 +75,36 @@ impl SamplingParams {
     }
 }
 
+/// The settings as they travel to the last stage of a pipeline.
+impl From<&SamplingParams> for protocol::Sampling {
+    fn from(s: &SamplingParams) -> Self {
+        protocol::Sampling {
+            temperature: s.temperature,
+            top_k: s.top_k as u32,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            repeat_last_n: s.repeat_last_n as u32,
+            seed: s.seed,
+        }
+    }
+}
+
+/// The settings as the last stage of a pipeline receives them.
+impl From<&protocol::Sampling> for SamplingParams {
+    fn from(s: &protocol::Sampling) -> Self {
+        SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k as usize,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            repeat_last_n: s.repeat_last_n as usize,
+            seed: s.seed,
+        }
+    }
+}
+
 /// Draws tokens for one sequence.
 #[derive(Debug, Clone)]
 pub struct Sampler {

@@ -275,21 +275,12 @@ impl Shared {
             id: request_id,
             head: head.clone(),
         };
-        let s = &req.sampling;
         let begin = Begin {
             request_id,
             epoch: plan.epoch,
             origin: self.node_id.clone(),
             context: context as u32,
-            sampling: Sampling {
-                temperature: s.temperature,
-                top_k: s.top_k as u32,
-                top_p: s.top_p,
-                min_p: s.min_p,
-                repeat_penalty: s.repeat_penalty,
-                repeat_last_n: s.repeat_last_n as u32,
-                seed: s.seed,
-            },
+            sampling: Sampling::from(&req.sampling),
             prompt: prompt.clone(),
         };
         self.data.send(&head, Message::Begin(begin)).await?;

@@ -226,17 +226,10 @@ impl Worker {
             return;
         }
         let sampler = stage.is_last().then(|| {
-            let s = &b.sampling;
-            let params = SamplingParams {
-                temperature: s.temperature,
-                top_k: s.top_k as usize,
-                top_p: s.top_p,
-                min_p: s.min_p,
-                repeat_penalty: s.repeat_penalty,
-                repeat_last_n: s.repeat_last_n as usize,
-                seed: s.seed,
-            };
-            (Sampler::new(params), b.prompt.clone())
+            (
+                Sampler::new(SamplingParams::from(&b.sampling)),
+                b.prompt.clone(),
+            )
         });
         self.seqs.insert(
             b.request_id,
