@@ -16,7 +16,7 @@ use rayon::prelude::*;
 const PARALLEL_ROWS_MIN: usize = 16;
 /// Query rows from which ggml switches to its tiled f32 flash attention
 /// (`GGML_FA_TILE_Q`); below it, the f16-accumulating one-row kernel.
-const TILED_ROWS_MIN: usize = 64;
+pub(crate) const TILED_ROWS_MIN: usize = 64;
 /// Keys per tile of the tiled kernel (`GGML_FA_TILE_KV`).
 const KV_TILE: usize = 64;
 

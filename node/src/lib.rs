@@ -38,7 +38,7 @@ use std::ops::Range;
 
 pub use engine::{Engine, GenerateEvent, GenerateOptions, GenerationStats, Session, StopReason};
 pub use kv_cache::KvCache;
-pub use model::{LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
+pub use model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Errors of loading or running a stage.

@@ -94,6 +94,27 @@ struct Head {
     output: LinearGroup,
 }
 
+/// One sequence's part in a batched forward ([`Stage::forward_batch`]).
+pub struct BatchSeq<'a> {
+    /// The sequence's cache on this stage; grows by `rows`.
+    pub cache: &'a mut KvCache,
+    /// How many of the batch's rows are this sequence's (consecutive).
+    pub rows: usize,
+    /// Which of its rows the last stage turns into logits.
+    pub logits: LogitsFor,
+}
+
+impl<'a> BatchSeq<'a> {
+    /// `rows` new positions of the sequence cached in `cache`.
+    pub fn new(cache: &'a mut KvCache, rows: usize, logits: LogitsFor) -> Self {
+        BatchSeq {
+            cache,
+            rows,
+            logits,
+        }
+    }
+}
+
 /// Layers `[start, end)` of a llama-family model, ready to run.
 pub struct Stage {
     config: ModelConfig,
@@ -279,22 +300,46 @@ impl Stage {
         cache: &mut KvCache,
         logits: LogitsFor,
     ) -> Result<StageOutput, EngineError> {
+        let rows = match &input {
+            StageInput::Tokens(ids) => ids.len(),
+            StageInput::Hidden(h) => h.dim(0)?,
+        };
+        self.forward_batch(input, &mut [BatchSeq::new(cache, rows, logits)])
+    }
+
+    /// Runs one step of several sequences together (continuous batching).
+    ///
+    /// `input` holds the new rows of every sequence of `seqs`, one after the
+    /// other in that order. The projections and the feed-forward run once
+    /// over all rows — each weight block is read once per step instead of
+    /// once per sequence, which is what makes many streams cheaper than one
+    /// at a time — while RoPE and attention run per sequence on its own
+    /// cache. Every row's arithmetic is the same as in a one-sequence
+    /// forward, so batching never changes a sequence's outputs.
+    ///
+    /// Returns hidden states `[Σ rows, dim]`, or on the last stage logits
+    /// for each sequence in order (one row for [`LogitsFor::Last`], all its
+    /// rows for [`LogitsFor::All`]). On error no cache has advanced.
+    pub fn forward_batch(
+        &self,
+        input: StageInput<'_>,
+        seqs: &mut [BatchSeq<'_>],
+    ) -> Result<StageOutput, EngineError> {
         // Every matmul and many candle ops fan out on rayon's pool. Called
         // from outside the pool, each of those hundreds of calls per token
         // would hand work to a pool thread and sleep on a latch; running the
         // whole pass on a pool thread makes them direct calls (and, with
         // one thread, inline).
         if rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.forward_on_pool(input, cache, logits));
+            return rayon::scope(|_| self.forward_on_pool(input, seqs));
         }
-        self.forward_on_pool(input, cache, logits)
+        self.forward_on_pool(input, seqs)
     }
 
     fn forward_on_pool(
         &self,
         input: StageInput<'_>,
-        cache: &mut KvCache,
-        logits: LogitsFor,
+        seqs: &mut [BatchSeq<'_>],
     ) -> Result<StageOutput, EngineError> {
         let x = match input {
             StageInput::Tokens(ids) => {
@@ -318,41 +363,75 @@ impl Stage {
                 h.to_device(&self.device)?
             }
         };
-        let t = x.dim(0)?;
-        let pos = cache.len();
-        if pos + t > cache.max_len() {
-            return Err(EngineError::ContextFull {
-                needed: pos + t,
-                max: cache.max_len(),
+        let total = x.dim(0)?;
+        if seqs.is_empty() || seqs.iter().any(|s| s.rows == 0) {
+            return Err(EngineError::EmptyInput);
+        }
+        if seqs.iter().map(|s| s.rows).sum::<usize>() != total {
+            return Err(EngineError::BadHidden {
+                shape: x.dims().to_vec(),
+                dim: self.config.dim,
             });
         }
-        // RoPE rows and the causal mask for the device path; the CPU path
-        // reads the host tables and masks by construction (each row reads
-        // keys up to itself).
-        let step = match &self.device_rope {
-            Some((cos, sin)) => Some(DeviceStep {
-                cos: cos.narrow(0, pos, t)?,
-                sin: sin.narrow(0, pos, t)?,
-                mask: if t > 1 {
-                    Some(causal_mask(t, pos, &self.device)?)
-                } else {
-                    None
-                },
-            }),
+        for s in seqs.iter() {
+            let pos = s.cache.len();
+            if pos + s.rows > s.cache.max_len() {
+                return Err(EngineError::ContextFull {
+                    needed: pos + s.rows,
+                    max: s.cache.max_len(),
+                });
+            }
+        }
+        // RoPE rows and the causal mask of each sequence for the device
+        // path; the CPU path reads the host tables and masks by
+        // construction (each row reads keys up to itself).
+        let steps = match &self.device_rope {
+            Some((cos, sin)) => Some(
+                seqs.iter()
+                    .map(|s| {
+                        let (pos, t) = (s.cache.len(), s.rows);
+                        Ok(DeviceStep {
+                            cos: cos.narrow(0, pos, t)?,
+                            sin: sin.narrow(0, pos, t)?,
+                            mask: if t > 1 {
+                                Some(causal_mask(t, pos, &self.device)?)
+                            } else {
+                                None
+                            },
+                        })
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            ),
             None => None,
         };
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
             let _span = trace_span!("layer", index = self.layers.start + i).entered();
-            x = self.block_forward(block, &x, i, cache, step.as_ref())?;
+            x = self.block_forward(block, &x, i, seqs, steps.as_deref())?;
         }
-        cache.advance(t);
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.rows);
+        }
         let Some(head) = &self.head else {
             return Ok(StageOutput::Hidden(x));
         };
-        let x = match logits {
-            LogitsFor::Last => x.narrow(0, t - 1, 1)?,
-            LogitsFor::All => x,
+        let x = if seqs.iter().all(|s| s.logits == LogitsFor::All) {
+            x
+        } else {
+            let mut parts = Vec::with_capacity(seqs.len());
+            let mut offset = 0;
+            for s in seqs.iter() {
+                parts.push(match s.logits {
+                    LogitsFor::Last => x.narrow(0, offset + s.rows - 1, 1)?,
+                    LogitsFor::All => x.narrow(0, offset, s.rows)?,
+                });
+                offset += s.rows;
+            }
+            if parts.len() == 1 {
+                parts.pop().expect("one part")
+            } else {
+                Tensor::cat(&parts, 0)?
+            }
         };
         let x = self.rms_norm(&x, &head.norm)?;
         Ok(StageOutput::Logits(head.output.forward_one(&x)?))
@@ -363,12 +442,9 @@ impl Stage {
         b: &Block,
         x: &Tensor,
         layer: usize,
-        cache: &mut KvCache,
-        step: Option<&DeviceStep>,
+        seqs: &mut [BatchSeq<'_>],
+        steps: Option<&[DeviceStep]>,
     ) -> candle_core::Result<Tensor> {
-        let c = &self.config;
-        let (t, _) = x.dims2()?;
-        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let h = self.rms_norm(x, &b.attn_norm)?;
         let mut qkv = b.qkv.forward(&h)?;
         if let Some(bias) = &b.qkv_bias {
@@ -377,55 +453,92 @@ impl Stage {
             }
         }
         let [q, k, v]: [Tensor; 3] = qkv.try_into().expect("three projections");
-        // [t, heads * hd] -> [1, heads, t, hd], the layout candle's rope wants.
-        let heads_first =
-            |y: Tensor, n: usize| y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (
-            heads_first(q, nh)?,
-            heads_first(k, nkv)?,
-            heads_first(v, nkv)?,
-        );
-        let scale = 1.0 / (hd as f64).sqrt();
-        let y = if self.device.is_cpu() {
-            let pos = cache.len();
-            let neox = c.rope_style == RopeStyle::Neox;
-            let (mut q, mut k) = (
-                q.flatten_all()?.to_vec1::<f32>()?,
-                k.flatten_all()?.to_vec1::<f32>()?,
-            );
-            ggml_ops::rope_in_place(&mut q, t, hd, pos, &self.cos_host, &self.sin_host, neox);
-            ggml_ops::rope_in_place(&mut k, t, hd, pos, &self.cos_host, &self.sin_host, neox);
-            let v = v.flatten_all()?.to_vec1::<f32>()?;
-            let (kb, vb, capacity) = cache.append_host(layer, &k, &v, nkv, hd);
-            let shape = AttnShape {
-                n_heads: nh,
-                n_kv_heads: nkv,
-                head_dim: hd,
-                capacity,
-            };
-            let mut out = vec![0f32; t * nh * hd];
-            attention::attend(shape, &q, kb, vb, pos, scale as f32, &mut out);
-            Tensor::from_vec(out, (t, nh * hd), &self.device)?
-        } else {
-            let step = step.expect("non-CPU stages build a device step");
-            let (cos, sin) = (&step.cos, &step.sin);
-            let (q, k) = match c.rope_style {
-                RopeStyle::Interleaved => (
-                    candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-                ),
-                RopeStyle::Neox => (
-                    candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                    candle_nn::rotary_emb::rope(&k, cos, sin)?,
-                ),
-            };
-            self.attend_on_device(&q, &k, &v, layer, cache, step.mask.as_ref(), scale)?
+        let y = match steps {
+            None => self.attend_host(&q, &k, &v, layer, seqs)?,
+            Some(steps) => {
+                let mut outs = Vec::with_capacity(seqs.len());
+                let mut offset = 0;
+                for (s, step) in seqs.iter_mut().zip(steps) {
+                    let t = s.rows;
+                    let rows = |y: &Tensor| y.narrow(0, offset, t);
+                    outs.push(self.attend_on_device(
+                        &rows(&q)?,
+                        &rows(&k)?,
+                        &rows(&v)?,
+                        layer,
+                        s.cache,
+                        step,
+                    )?);
+                    offset += t;
+                }
+                if outs.len() == 1 {
+                    outs.pop().expect("one sequence")
+                } else {
+                    Tensor::cat(&outs, 0)?
+                }
+            }
         };
         let x = (x + b.attn_out.forward_one(&y)?)?;
         let h = self.rms_norm(&x, &b.ffn_norm)?;
         let gu = b.gate_up.forward(&h)?;
         let m = self.swiglu(&gu[0], &gu[1])?;
         x + b.down.forward_one(&m)?
+    }
+
+    /// RoPE, cache append and attention on the CPU for every sequence of
+    /// the batch; `q`, `k`, `v` are `[Σ rows, heads * head_dim]`. Sequences
+    /// run in parallel: each reads only its own cache.
+    fn attend_host(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        seqs: &mut [BatchSeq<'_>],
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let total = q.dim(0)?;
+        let host = |y: &Tensor| y.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        let (q, k, v) = (host(q)?, host(k)?, host(v)?);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let neox = c.rope_style == RopeStyle::Neox;
+        let (cos, sin) = (&self.cos_host, &self.sin_host);
+        let mut out = vec![0f32; total * nh * hd];
+        // Each sequence's slice of the output, in batch order.
+        let mut jobs = Vec::with_capacity(seqs.len());
+        let (mut rest, mut offset) = (out.as_mut_slice(), 0);
+        for s in seqs.iter_mut() {
+            let rows = s.rows;
+            let (mine, tail) = rest.split_at_mut(rows * nh * hd);
+            jobs.push((offset, s, mine));
+            rest = tail;
+            offset += rows;
+        }
+        let run = |(offset, s, dst): (usize, &mut BatchSeq<'_>, &mut [f32])| {
+            let (t, pos) = (s.rows, s.cache.len());
+            let rows = offset..offset + t;
+            let mut qh = heads_first(&q, rows.clone(), nh, hd);
+            let mut kh = heads_first(&k, rows.clone(), nkv, hd);
+            let vh = heads_first(&v, rows, nkv, hd);
+            ggml_ops::rope_in_place(&mut qh, t, hd, pos, cos, sin, neox);
+            ggml_ops::rope_in_place(&mut kh, t, hd, pos, cos, sin, neox);
+            let (kb, vb, capacity) = s.cache.append_host(layer, &kh, &vh, nkv, hd);
+            let shape = AttnShape {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                capacity,
+            };
+            attention::attend(shape, &qh, kb, vb, pos, scale, dst);
+        };
+        if jobs.len() == 1 {
+            jobs.into_iter().for_each(run);
+        } else {
+            use rayon::prelude::*;
+            jobs.into_par_iter().for_each(run);
+        }
+        Tensor::from_vec(out, (total, nh * hd), &self.device)
     }
 
     /// RMSNorm times weight; ggml's arithmetic on the CPU ([`ggml_ops`]).
@@ -453,8 +566,9 @@ impl Stage {
         Tensor::from_vec(y, gate.shape(), &self.device)
     }
 
-    /// Attention with candle ops on an f32 device cache (CUDA, Metal).
-    #[allow(clippy::too_many_arguments)]
+    /// RoPE, cache append and attention of one sequence with candle ops
+    /// on an f32 device cache (CUDA, Metal); `q`, `k`, `v` are its rows
+    /// `[t, heads * head_dim]`.
     fn attend_on_device(
         &self,
         q: &Tensor,
@@ -462,12 +576,32 @@ impl Stage {
         v: &Tensor,
         layer: usize,
         cache: &mut KvCache,
-        mask: Option<&Tensor>,
-        scale: f64,
+        step: &DeviceStep,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        let t = q.dim(2)?;
+        let t = q.dim(0)?;
+        // [t, heads * hd] -> [1, heads, t, hd], the layout candle's rope wants.
+        let heads_first =
+            |y: &Tensor, n: usize| y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (
+            heads_first(q, nh)?,
+            heads_first(k, nkv)?,
+            heads_first(v, nkv)?,
+        );
+        let (cos, sin) = (&step.cos, &step.sin);
+        let (q, k) = match c.rope_style {
+            RopeStyle::Interleaved => (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            ),
+            RopeStyle::Neox => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mask = step.mask.as_ref();
         let (k_all, v_all) = cache.append(layer, &k.squeeze(0)?, &v.squeeze(0)?)?;
         let len = k_all.dim(1)?;
         // Grouped-query attention without copying K/V per query head: query
@@ -489,6 +623,20 @@ impl Stage {
             .transpose(0, 1)?
             .reshape((t, nh * hd))
     }
+}
+
+/// Rows `rows` of a row-major `[_, n * hd]` matrix as `[n, rows.len(), hd]`.
+fn heads_first(src: &[f32], rows: Range<usize>, n: usize, hd: usize) -> Vec<f32> {
+    let t = rows.len();
+    let width = n * hd;
+    let mut out = vec![0f32; n * t * hd];
+    for (i, r) in rows.enumerate() {
+        let row = &src[r * width..(r + 1) * width];
+        for h in 0..n {
+            out[(h * t + i) * hd..][..hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
+        }
+    }
+    out
 }
 
 /// `[t, pos + t]`: 0 where query `i` (at `pos + i`) may see key `j`, -inf after it.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
 use node::models::{write_synthetic_gguf, SynthSpec};
-use node::{Engine, KvCache, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
+use node::{BatchSeq, Engine, KvCache, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
 use sharding::{GgufFile, ModelLayout};
 
 /// Runs `steps` (token batches) through a pipeline of stages split at
@@ -129,6 +129,114 @@ fn synthetic_models_of_every_quant_type_split_exactly() {
     };
     write_synthetic_gguf(&path, &spec).unwrap();
     assert_splits_equal(&path, &[vec![2]]);
+}
+
+/// Three sequences stepped together through two stages: one still in its
+/// prompt (a chunk long enough for the tiled attention kernel), two
+/// decoding at different positions. Returns each sequence's logits per round.
+fn run_batched(path: &Path, rounds: &[Vec<Vec<u32>>], together: bool) -> Vec<Vec<Vec<f32>>> {
+    let gguf = GgufFile::open(path).unwrap();
+    let layout = ModelLayout::from_gguf(&gguf).unwrap();
+    let n = layout.layers.len();
+    let opts = LoadOptions {
+        max_context: 256,
+        ..LoadOptions::default()
+    };
+    let stages = [
+        Stage::load(&gguf, &layout, 0..n / 2, &opts).unwrap(),
+        Stage::load(&gguf, &layout, n / 2..n, &opts).unwrap(),
+    ];
+    let n_seqs = rounds[0].len();
+    let mut caches: Vec<Vec<KvCache>> = stages
+        .iter()
+        .map(|s| (0..n_seqs).map(|_| s.new_cache(256)).collect())
+        .collect();
+    let logits_of = |out: StageOutput| match out {
+        StageOutput::Logits(l) => l,
+        StageOutput::Hidden(_) => panic!("last stage gives logits"),
+    };
+    let rows_of = |t: candle_core::Tensor| -> Vec<Vec<f32>> { t.to_vec2::<f32>().unwrap() };
+    let mut out = Vec::new();
+    for round in rounds {
+        if together {
+            let all: Vec<u32> = round.concat();
+            let mut seqs: Vec<BatchSeq<'_>> = caches[0]
+                .iter_mut()
+                .zip(round)
+                .map(|(c, t)| BatchSeq::new(c, t.len(), LogitsFor::Last))
+                .collect();
+            let StageOutput::Hidden(h) = stages[0]
+                .forward_batch(StageInput::Tokens(&all), &mut seqs)
+                .unwrap()
+            else {
+                panic!("first stage gives hidden states")
+            };
+            let mut seqs: Vec<BatchSeq<'_>> = caches[1]
+                .iter_mut()
+                .zip(round)
+                .map(|(c, t)| BatchSeq::new(c, t.len(), LogitsFor::Last))
+                .collect();
+            let l = logits_of(
+                stages[1]
+                    .forward_batch(StageInput::Hidden(h), &mut seqs)
+                    .unwrap(),
+            );
+            out.push(rows_of(l));
+        } else {
+            let mut rows = Vec::new();
+            for (i, tokens) in round.iter().enumerate() {
+                let StageOutput::Hidden(h) = stages[0]
+                    .forward(
+                        StageInput::Tokens(tokens),
+                        &mut caches[0][i],
+                        LogitsFor::Last,
+                    )
+                    .unwrap()
+                else {
+                    panic!("first stage gives hidden states")
+                };
+                let l = stages[1]
+                    .forward(StageInput::Hidden(h), &mut caches[1][i], LogitsFor::Last)
+                    .unwrap();
+                rows.extend(rows_of(logits_of(l)));
+            }
+            out.push(rows);
+        }
+    }
+    out
+}
+
+fn assert_batching_is_exact(path: &Path) {
+    let long: Vec<u32> = (0..70).map(|i| (i * 37 + 5) % 250).collect();
+    let rounds = vec![
+        vec![vec![5, 17, 42], vec![9, 8, 7, 6, 5], vec![1]],
+        vec![long, vec![11], vec![2, 3]],
+        vec![vec![12], vec![13], vec![14]],
+        vec![vec![40, 41], vec![15], vec![16]],
+    ];
+    let alone = run_batched(path, &rounds, false);
+    let together = run_batched(path, &rounds, true);
+    assert_eq!(alone, together, "{}: batched logits differ", path.display());
+}
+
+#[test]
+fn batched_sequences_equal_one_at_a_time() {
+    assert_batching_is_exact(&node::models::default_model().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    for (i, dtype) in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::F16]
+        .into_iter()
+        .enumerate()
+    {
+        let path = dir.path().join(format!("b{i}.gguf"));
+        let spec = SynthSpec {
+            dtype,
+            n_layers: 2,
+            seed: 40 + i as u64,
+            ..SynthSpec::default()
+        };
+        write_synthetic_gguf(&path, &spec).unwrap();
+        assert_batching_is_exact(&path);
+    }
 }
 
 #[test]

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub token_latency: Histogram,
     /// Time of one forward pass of this node's stage, seconds.
     pub stage_compute: Histogram,
+    /// Sequences run together in one forward pass of this node's stage.
+    pub batch_sequences: Histogram,
     /// Requests holding a KV cache on this node's stage.
     pub kv_sequences: Gauge,
     /// Bytes sent on the data plane, per peer.
@@ -51,6 +53,7 @@ impl Default for Metrics {
             ttft: secs(),
             token_latency: secs(),
             stage_compute: secs(),
+            batch_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             kv_sequences: Gauge::default(),
             link_bytes: Family::default(),
             registry: Registry::default(),
@@ -89,6 +92,11 @@ impl Default for Metrics {
             "stage_compute_seconds",
             "One forward pass of this node's stage",
             m.stage_compute.clone(),
+        );
+        r.register(
+            "stage_batch_sequences",
+            "Sequences in one forward pass of this node's stage",
+            m.batch_sequences.clone(),
         );
         r.register(
             "kv_sequences",

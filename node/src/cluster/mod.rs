@@ -16,6 +16,7 @@
 //! Architecture Invariant: only the control loop mutates membership; the
 //! data plane and HTTP read snapshots of it.
 
+pub mod batch;
 pub mod calibrate;
 pub mod control;
 pub mod dataplane;
@@ -180,10 +181,11 @@ impl Shared {
         // Without a plan the worker keeps its layers loaded (the next plan
         // is likely to give them back) but drops its requests.
         let msg = match plan {
-            Some(_) => WorkerMsg::Reconfigure {
+            Some(ref p) => WorkerMsg::Reconfigure {
                 epoch,
                 layers,
                 next,
+                stages: p.stages.len(),
             },
             None => WorkerMsg::Pause,
         };

@@ -3,22 +3,26 @@
 //!
 //! Messages arrive in order per link (Begin, then Input or Activations
 //! chunks, then Cancel), so a request's state machine is simple: Begin
-//! allocates, each chunk extends the cache, Cancel frees. The last stage
-//! also owns each request's sampler and sends the token to its origin.
+//! allocates, each chunk extends the cache, Cancel frees. Chunks queue in a
+//! [`Batcher`], which decides what runs together (continuous batching: new
+//! requests join between passes, long prompts go in pieces); one forward
+//! pass then runs every chosen sequence at once. The last stage also owns
+//! each request's sampler and sends the tokens to their origins.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use protocol::{Activations, Begin, DType, Message, SampledToken, SeqRows, Tokens};
 use sharding::{GgufFile, ModelLayout};
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TryRecvError};
 use tracing::{debug, info, info_span, warn};
 
-use crate::model::{LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
+use super::batch::{Batcher, Next, Rows, Work};
+use crate::model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::KvCache;
 
@@ -29,6 +33,13 @@ pub const SEQUENCES_MAX: usize = 64;
 /// Messages the worker queue holds: backpressure reaches the QUIC stream
 /// (and the previous stage) when this node falls behind.
 pub const WORKER_QUEUE: usize = 64;
+
+/// Chunks the batcher holds before the worker stops draining its channel
+/// (so backpressure still reaches the senders).
+const PENDING_MAX: usize = 2 * SEQUENCES_MAX;
+
+/// How often a worker waiting for the rest of a group looks for it.
+const REGROUP_POLL: Duration = Duration::from_micros(50);
 
 /// Where a worker's output goes (the data plane; a test double in tests).
 pub trait Outbox: Send + Sync {
@@ -51,6 +62,8 @@ pub enum WorkerMsg {
         layers: Option<Range<usize>>,
         /// The next stage's node id.
         next: Option<String>,
+        /// Stages in the plan (the first stage forms one micro-batch per stage).
+        stages: usize,
     },
     /// No plan in force: drop requests, keep the layers.
     Pause,
@@ -90,7 +103,9 @@ pub struct Worker {
     epoch: u64,
     stage: Option<Stage>,
     next: Option<String>,
+    stages: usize,
     seqs: HashMap<u64, Sequence>,
+    batcher: Batcher,
 }
 
 /// Starts the worker; it runs until the sender is dropped.
@@ -102,51 +117,78 @@ pub fn spawn(cfg: WorkerConfig, out: Arc<dyn Outbox>) -> mpsc::Sender<WorkerMsg>
         epoch: 0,
         stage: None,
         next: None,
+        stages: 1,
         seqs: HashMap::new(),
+        batcher: Batcher::default(),
     };
-    // The loop lives on a thread of rayon's pool (the one shoal's kernels
-    // use): a forward pass then starts without handing work to another
-    // thread and waiting for it, a wake-up saved twice per token.
     std::thread::Builder::new()
         .name("shoal-stage".into())
-        .spawn(move || {
-            while let Some(msg) = rx.blocking_recv() {
-                w.handle(msg);
-            }
-        })
+        .spawn(move || while w.turn(&mut rx) {})
         .expect("spawn stage worker");
     tx
 }
 
 impl Worker {
-    fn handle(&mut self, msg: WorkerMsg) {
-        self.dispatch(msg);
+    /// Waits for work as the batcher says, takes every message already
+    /// queued, and runs one pass if one is due. `false` once the node is gone.
+    fn turn(&mut self, rx: &mut mpsc::Receiver<WorkerMsg>) -> bool {
+        match self.batcher.next(Instant::now()) {
+            Next::Idle => match rx.blocking_recv() {
+                Some(msg) => self.handle(msg),
+                None => return false,
+            },
+            Next::WaitUntil(deadline) => loop {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        self.handle(msg);
+                        break;
+                    }
+                    Err(TryRecvError::Disconnected) => return false,
+                    Err(TryRecvError::Empty) if Instant::now() >= deadline => break,
+                    Err(TryRecvError::Empty) => std::thread::sleep(REGROUP_POLL),
+                }
+            },
+            Next::Run => {}
+        }
+        while self.batcher.len() < PENDING_MAX {
+            match rx.try_recv() {
+                Ok(msg) => self.handle(msg),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        }
+        if self.batcher.next(Instant::now()) == Next::Run {
+            self.step();
+        }
         self.cfg
             .live
             .store(self.seqs.len(), std::sync::atomic::Ordering::Relaxed);
         self.cfg.metrics.kv_sequences.set(self.seqs.len() as i64);
+        true
     }
 
-    fn dispatch(&mut self, msg: WorkerMsg) {
+    fn handle(&mut self, msg: WorkerMsg) {
         match msg {
             WorkerMsg::Reconfigure {
                 epoch,
                 layers,
                 next,
-            } => self.reconfigure(epoch, layers, next),
+                stages,
+            } => self.reconfigure(epoch, layers, next, stages),
             WorkerMsg::Pause => {
                 self.epoch = 0;
                 self.seqs.clear();
+                self.batcher.clear();
             }
             WorkerMsg::Data(Message::Begin(b)) => self.begin(b),
             WorkerMsg::Data(Message::Input(i)) => {
-                let rows = SeqRows {
+                let seq = SeqRows {
                     request_id: i.request_id,
                     position: i.position,
                     rows: i.tokens.len() as u32,
                     sample: i.sample,
                 };
-                self.run(rows, StageInput::Tokens(&i.tokens));
+                self.queue(seq, Rows::Tokens(i.tokens));
             }
             WorkerMsg::Data(Message::Activations(a)) => self.activations(a),
             WorkerMsg::Data(Message::Cancel { request_id }) => self.cancel(request_id),
@@ -156,11 +198,19 @@ impl Worker {
         }
     }
 
-    fn reconfigure(&mut self, epoch: u64, layers: Option<Range<usize>>, next: Option<String>) {
+    fn reconfigure(
+        &mut self,
+        epoch: u64,
+        layers: Option<Range<usize>>,
+        next: Option<String>,
+        stages: usize,
+    ) {
         self.epoch = epoch;
         self.next = next;
+        self.stages = stages.max(1);
         // Requests of the old plan cannot continue: their origins fail them.
         self.seqs.clear();
+        self.batcher.clear();
         let same = self.stage.as_ref().map(|s| s.layers()) == layers;
         if same {
             return;
@@ -244,92 +294,163 @@ impl Worker {
         }
     }
 
+    /// Queues a chunk of a known request.
+    fn queue(&mut self, seq: SeqRows, rows: Rows) {
+        if !self.seqs.contains_key(&seq.request_id) {
+            debug!(
+                request_id = seq.request_id,
+                "chunk for an unknown request dropped"
+            );
+            return;
+        }
+        self.batcher.push(Work { seq, rows }, Instant::now());
+    }
+
     fn activations(&mut self, a: Activations) {
         let mut offset = 0usize;
-        for rows in &a.batch {
-            let n = rows.rows as usize * a.dim as usize;
+        for seq in a.batch {
+            let n = seq.rows as usize * a.dim as usize;
             let bytes = n * a.dtype.size();
             let values = decode_payload(&a.payload[offset..offset + bytes], a.dtype);
             offset += bytes;
-            let hidden =
-                Tensor::from_vec(values, (rows.rows as usize, a.dim as usize), &Device::Cpu);
-            match hidden {
-                Ok(h) => self.run(*rows, StageInput::Hidden(h)),
-                Err(e) => self.fail(rows.request_id, format!("bad activations: {e}")),
-            }
+            self.queue(seq, Rows::Hidden(values));
         }
     }
 
-    /// Runs one chunk of one request and sends the result on.
-    fn run(&mut self, rows: SeqRows, input: StageInput<'_>) {
-        let id = rows.request_id;
-        let _span = info_span!("stage", request_id = id, rows = rows.rows).entered();
-        let (Some(stage), Some(seq)) = (&self.stage, self.seqs.get_mut(&id)) else {
-            debug!(request_id = id, "chunk for an unknown request dropped");
+    /// Runs the batcher's next pass and sends its results on.
+    fn step(&mut self) {
+        let Some(first) = self.stage.as_ref().map(|s| s.is_first()) else {
+            self.batcher.clear();
             return;
         };
-        if seq.cache.len() != rows.position as usize {
-            let why = format!(
-                "request {id} at position {} but node {} has {} cached",
-                rows.position,
-                self.cfg.me,
-                seq.cache.len()
-            );
+        // One micro-batch per stage keeps a pipeline's stages all busy.
+        let seqs_max = if first && self.stages > 1 {
+            self.seqs.len().div_ceil(self.stages)
+        } else {
+            SEQUENCES_MAX
+        };
+        let batch = self.batcher.next_batch(seqs_max, first, Instant::now());
+        let mut ready: Vec<(Work, Sequence)> = Vec::with_capacity(batch.len());
+        let mut failed: Vec<(u64, String)> = Vec::new();
+        for work in batch {
+            let id = work.seq.request_id;
+            let Some(seq) = self.seqs.remove(&id) else {
+                continue;
+            };
+            let (pos, rows) = (work.seq.position as usize, work.seq.rows as usize);
+            if seq.cache.len() != pos {
+                let why = format!(
+                    "request {id} at position {pos} but node {} has {} cached",
+                    self.cfg.me,
+                    seq.cache.len()
+                );
+                self.seqs.insert(id, seq);
+                failed.push((id, why));
+            } else if pos + rows > seq.cache.max_len() {
+                let why = format!(
+                    "node {}: context full: {} positions needed, {} allowed",
+                    self.cfg.me,
+                    pos + rows,
+                    seq.cache.max_len()
+                );
+                self.seqs.insert(id, seq);
+                failed.push((id, why));
+            } else {
+                ready.push((work, seq));
+            }
+        }
+        for (id, why) in failed {
             self.fail(id, why);
+        }
+        if ready.is_empty() {
             return;
         }
+        let rows_total: usize = ready.iter().map(|(w, _)| w.seq.rows as usize).sum();
+        let _span = info_span!("stage", sequences = ready.len(), rows = rows_total).entered();
         let t = Instant::now();
-        let result = stage.forward(input, &mut seq.cache, LogitsFor::Last);
+        let stage = self.stage.as_ref().expect("checked above");
+        let result = run_batch(stage, &mut ready);
         tracing::trace!(us = t.elapsed().as_micros() as u64, "forward");
         self.cfg
             .metrics
             .stage_compute
             .observe(t.elapsed().as_secs_f64());
-        let out = match result {
-            Ok(o) => o,
+        self.cfg.metrics.batch_sequences.observe(ready.len() as f64);
+        let order: Vec<SeqRows> = ready.iter().map(|(w, _)| w.seq).collect();
+        for (work, seq) in ready {
+            self.seqs.insert(work.seq.request_id, seq);
+        }
+        match result {
+            Ok(out) => self.send_output(out, order),
             Err(e) => {
-                let why = format!("node {}: {e}", self.cfg.me);
-                self.fail(id, why);
-                return;
+                for s in order {
+                    self.fail(s.request_id, format!("node {}: {e}", self.cfg.me));
+                }
             }
-        };
-        let msg = match (out, &self.next) {
+        }
+    }
+
+    /// Hidden states go on to the next stage in one message; sampled
+    /// tokens go to their origins, one message per origin.
+    fn send_output(&mut self, out: StageOutput, order: Vec<SeqRows>) {
+        match (out, self.next.clone()) {
             (StageOutput::Hidden(h), Some(next)) => {
-                match hidden_message(&h, rows, self.cfg.dtype) {
-                    Ok(m) => (next.clone(), m),
-                    Err(e) => return self.fail(id, format!("node {}: {e}", self.cfg.me)),
+                match hidden_message(&h, order.clone(), self.cfg.dtype) {
+                    Ok(m) => self.out.send(&next, m),
+                    Err(e) => {
+                        for s in order {
+                            self.fail(s.request_id, format!("node {}: {e}", self.cfg.me));
+                        }
+                    }
                 }
             }
             (StageOutput::Logits(l), None) => {
-                if !rows.sample {
-                    return;
+                let rows = match l.to_vec2::<f32>() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        for s in order {
+                            self.fail(s.request_id, format!("node {}: {e}", self.cfg.me));
+                        }
+                        return;
+                    }
+                };
+                let mut by_origin: Vec<(String, Vec<SampledToken>)> = Vec::new();
+                for (s, logits) in order.iter().zip(rows) {
+                    if !s.sample {
+                        continue;
+                    }
+                    let Some(seq) = self.seqs.get_mut(&s.request_id) else {
+                        continue;
+                    };
+                    let (sampler, history) =
+                        seq.sampler.as_mut().expect("last stage has a sampler");
+                    let token = sampler.sample(&logits, history);
+                    history.push(token);
+                    let entry = SampledToken {
+                        request_id: s.request_id,
+                        position: s.position + s.rows,
+                        token,
+                    };
+                    match by_origin.iter_mut().find(|(o, _)| *o == seq.origin) {
+                        Some((_, entries)) => entries.push(entry),
+                        None => by_origin.push((seq.origin.clone(), vec![entry])),
+                    }
                 }
-                let (sampler, history) = seq.sampler.as_mut().expect("last stage has a sampler");
-                let logits = match l.squeeze(0).and_then(|l| l.to_vec1::<f32>()) {
-                    Ok(v) => v,
-                    Err(e) => return self.fail(id, format!("node {}: {e}", self.cfg.me)),
-                };
-                let token = sampler.sample(&logits, history);
-                history.push(token);
-                let entry = SampledToken {
-                    request_id: id,
-                    position: rows.position + rows.rows,
-                    token,
-                };
-                (
-                    seq.origin.clone(),
-                    Message::Tokens(Tokens {
-                        entries: vec![entry],
-                    }),
-                )
+                for (origin, entries) in by_origin {
+                    self.out.send(&origin, Message::Tokens(Tokens { entries }));
+                }
             }
-            _ => return self.fail(id, "stage output does not match the plan".into()),
-        };
-        self.out.send(&msg.0, msg.1);
+            _ => {
+                for s in order {
+                    self.fail(s.request_id, "stage output does not match the plan".into());
+                }
+            }
+        }
     }
 
     fn cancel(&mut self, id: u64) {
         self.seqs.remove(&id);
+        self.batcher.cancel(id);
         if let Some(next) = &self.next {
             self.out.send(next, Message::Cancel { request_id: id });
         }
@@ -352,14 +473,49 @@ impl Worker {
     }
 }
 
-fn hidden_message(h: &Tensor, rows: SeqRows, dtype: DType) -> candle_core::Result<Message> {
+/// One forward pass over the chunks of `ready` (each with its sequence).
+fn run_batch(
+    stage: &Stage,
+    ready: &mut [(Work, Sequence)],
+) -> Result<StageOutput, crate::EngineError> {
+    let input_tokens: Vec<u32>;
+    let input = if stage.is_first() {
+        let mut all = Vec::new();
+        for (w, _) in ready.iter() {
+            match &w.rows {
+                Rows::Tokens(t) => all.extend_from_slice(t),
+                Rows::Hidden(_) => return Err(crate::EngineError::FirstStageNeedsTokens),
+            }
+        }
+        input_tokens = all;
+        StageInput::Tokens(&input_tokens)
+    } else {
+        let mut all = Vec::new();
+        for (w, _) in ready.iter() {
+            match &w.rows {
+                Rows::Hidden(h) => all.extend_from_slice(h),
+                Rows::Tokens(_) => return Err(crate::EngineError::NotFirstStage),
+            }
+        }
+        let rows: usize = ready.iter().map(|(w, _)| w.seq.rows as usize).sum();
+        let dim = all.len() / rows.max(1);
+        StageInput::Hidden(Tensor::from_vec(all, (rows, dim), &Device::Cpu)?)
+    };
+    let mut seqs: Vec<BatchSeq<'_>> = ready
+        .iter_mut()
+        .map(|(w, s)| BatchSeq::new(&mut s.cache, w.seq.rows as usize, LogitsFor::Last))
+        .collect();
+    stage.forward_batch(input, &mut seqs)
+}
+
+fn hidden_message(h: &Tensor, batch: Vec<SeqRows>, dtype: DType) -> candle_core::Result<Message> {
     let dim = h.dim(1)?;
     let values = h
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     Ok(Message::Activations(Activations {
-        batch: vec![rows],
+        batch,
         dim: dim as u32,
         dtype,
         payload: encode_payload(&values, dtype),
