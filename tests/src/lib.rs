@@ -497,3 +497,19 @@ pub fn headless(chromium: &Path, url: &str, args: &[&str]) -> String {
         .expect("run chromium");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+impl NodeProc {
+    /// `GET path` on the node's HTTP API (plain HTTP/1.0, whole body).
+    pub fn get(&self, path: &str) -> String {
+        use std::io::Write;
+        let addr = self.http.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to the node");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let text = read_all(s).replace('\r', "");
+        match text.split_once("\n\n") {
+            Some((_, body)) => body.to_string(),
+            None => text,
+        }
+    }
+}

@@ -440,6 +440,74 @@ fn a_client_that_goes_away_frees_the_cache_along_the_chain() {
 }
 
 #[test]
+fn greedy_answers_under_concurrency_equal_one_at_a_time() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = loopback_cluster(dir.path(), &model, 2, "60M", &["--plan-for", "throughput"]);
+    wait_plan(&mut nodes[0], 2, 2);
+    // Short chats, raw text, and a prompt long enough to be cut into pieces
+    // while the others decode.
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+    let asks: Vec<(Vec<&str>, String)> = vec![
+        (vec!["--temp", "0", "-n", "20"], PROMPTS[0].into()),
+        (vec!["--temp", "0", "-n", "20"], PROMPTS[1].into()),
+        (
+            vec!["--temp", "0", "-n", "20", "--no-template"],
+            "Once upon a time".into(),
+        ),
+        (vec!["--temp", "0", "-n", "12", "--no-template"], long),
+        (vec!["--temp", "0", "-n", "20"], "Name three colours.".into()),
+        (
+            vec!["--temp", "0", "-n", "20"],
+            "What is 7 times 8?".into(),
+        ),
+    ];
+    let one_at_a_time: Vec<String> = asks
+        .iter()
+        .enumerate()
+        .map(|(i, (args, prompt))| {
+            let (out, err, ok) = nodes[i % 2].ask(args, prompt);
+            assert!(ok, "{err}");
+            out
+        })
+        .collect();
+    for round in 0..2 {
+        let together: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = asks
+                .iter()
+                .enumerate()
+                .map(|(i, (args, prompt))| {
+                    let node = &nodes[(i + round) % 2];
+                    s.spawn(move || node.ask(args, prompt))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    let (out, err, ok) = h.join().unwrap();
+                    assert!(ok, "{err}");
+                    out
+                })
+                .collect()
+        });
+        assert_eq!(together, one_at_a_time, "round {round}");
+    }
+    // The stages really ran several sequences per forward pass.
+    for n in &nodes {
+        let text = n.get("/metrics");
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing in {text}"))
+        };
+        let sum = value("shoal_stage_batch_sequences_sum ");
+        let count = value("shoal_stage_batch_sequences_count ");
+        assert!(sum > count, "no pass ran more than one sequence: {sum} / {count}");
+    }
+}
+
+#[test]
 fn nodes_holding_different_models_do_not_serve_together() {
     use node::models::{write_synthetic_gguf, SynthSpec};
     let dir = tempfile::tempdir().unwrap();
