@@ -86,28 +86,53 @@ fn attend_row(q: &[f32], k: &[f16], v: &[f16], hd: usize, scale: f32, out: &mut 
     let q16: Vec<f16> = q.iter().map(|&x| f16::from_f32(x)).collect();
     let mut acc = vec![f16::ZERO; hd];
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+    let simd = crate::quant::simd_available();
     for (krow, vrow) in k.chunks_exact(hd).zip(v.chunks_exact(hd)) {
-        let s = dot_f16(&q16, krow) * scale;
+        let s = dot_f16(simd, &q16, krow) * scale;
         let (mut ms, mut vs) = (1f32, 1f32);
         if s > max {
             let old = max;
             max = s;
             ms = (old - max).exp();
-            for a in acc.iter_mut() {
-                *a = f16::from_f32(a.to_f32() * ms);
-            }
+            scale_f16(simd, &mut acc, ms);
         } else {
             vs = (s - max).exp();
         }
-        for (a, &x) in acc.iter_mut().zip(vrow) {
-            *a = f16::from_f32(x.to_f32().mul_add(vs, a.to_f32()));
-        }
+        mad_f16(simd, &mut acc, vrow, vs);
         // ggml's `S = S*ms + vs` compiles to one FMA.
         sum = sum.mul_add(ms, vs);
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
     for (o, a) in out.iter_mut().zip(&acc) {
         *o = a.to_f32() * inv;
+    }
+}
+
+/// `acc[i] = f16(acc[i] * s)`: ggml's `ggml_vec_scale_f16`.
+fn scale_f16(simd: bool, acc: &mut [f16], s: f32) {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: AVX2/FMA/F16C checked at run time; bounds by the loop.
+        unsafe { i = x86::scale_f16(acc, s) };
+    }
+    let _ = simd;
+    for a in &mut acc[i..] {
+        *a = f16::from_f32(a.to_f32() * s);
+    }
+}
+
+/// `acc[i] = f16(v[i] * s + acc[i])`, one rounding: ggml's `ggml_vec_mad_f16`.
+fn mad_f16(simd: bool, acc: &mut [f16], v: &[f16], s: f32) {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: as in `scale_f16`; `v` is as long as `acc`.
+        unsafe { i = x86::mad_f16(acc, v, s) };
+    }
+    let _ = simd;
+    for (a, &x) in acc[i..].iter_mut().zip(&v[i..]) {
+        *a = f16::from_f32(x.to_f32().mul_add(s, a.to_f32()));
     }
 }
 
@@ -157,24 +182,32 @@ fn attend_row_tiled(q: &[f32], k: &[f16], v: &[f16], hd: usize, scale: f32, out:
 
 /// f16 dot product summed as ggml's AVX2 `ggml_vec_dot_f16`: four 8-lane
 /// f32 accumulators over 32-element steps, reduced pairwise, tail in f64.
-fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
+fn dot_f16(simd: bool, a: &[f16], b: &[f16]) -> f32 {
     const STEP: usize = 32;
-    let mut acc = [[0f32; 8]; 4];
     let main = a.len() / STEP * STEP;
-    for (ca, cb) in a[..main]
-        .chunks_exact(STEP)
-        .zip(b[..main].chunks_exact(STEP))
-    {
-        for j in 0..4 {
-            for l in 0..8 {
-                let (x, y) = (ca[j * 8 + l].to_f32(), cb[j * 8 + l].to_f32());
-                acc[j][l] = x.mul_add(y, acc[j][l]);
+    // The eight lanes after the pairwise reduction of the accumulators.
+    let mut r = [0f32; 8];
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: AVX2/FMA/F16C checked at run time; `main` ≤ both lengths.
+        unsafe { r = x86::dot_f16_lanes(&a[..main], &b[..main]) };
+    }
+    if !simd || cfg!(not(target_arch = "x86_64")) {
+        let mut acc = [[0f32; 8]; 4];
+        for (ca, cb) in a[..main]
+            .chunks_exact(STEP)
+            .zip(b[..main].chunks_exact(STEP))
+        {
+            for j in 0..4 {
+                for l in 0..8 {
+                    let (x, y) = (ca[j * 8 + l].to_f32(), cb[j * 8 + l].to_f32());
+                    acc[j][l] = x.mul_add(y, acc[j][l]);
+                }
             }
         }
-    }
-    let mut r = [0f32; 8];
-    for l in 0..8 {
-        r[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+        for l in 0..8 {
+            r[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+        }
     }
     // 256 -> 128 bits, then two horizontal adds.
     let h = [r[0] + r[4], r[1] + r[5], r[2] + r[6], r[3] + r[7]];
@@ -183,6 +216,68 @@ fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
         total += (a[i].to_f32() * b[i].to_f32()) as f64;
     }
     total as f32
+}
+
+/// The AVX2/F16C versions of the f16 vector loops above: the same
+/// operations in the same order per element, so the same bits.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load(p: &[f16], i: usize) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.as_ptr().add(i) as *const __m128i))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn store(p: &mut [f16], i: usize, v: __m256) {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+        _mm_storeu_si128(p.as_mut_ptr().add(i) as *mut __m128i, h);
+    }
+
+    /// Lanes of `(acc0 + acc2) + (acc1 + acc3)` over `a.len()` (a multiple of 32).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_f16_lanes(a: &[f16], b: &[f16]) -> [f32; 8] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= a.len() {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(load(a, i + j * 8), load(b, i + j * 8), *acc);
+            }
+            i += 32;
+        }
+        let r = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), r);
+        out
+    }
+
+    /// The 8-aligned prefix of [`super::scale_f16`]; returns its length.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scale_f16(acc: &mut [f16], s: f32) -> usize {
+        let sv = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= acc.len() {
+            store(acc, i, _mm256_mul_ps(load(acc, i), sv));
+            i += 8;
+        }
+        i
+    }
+
+    /// The 8-aligned prefix of [`super::mad_f16`]; returns its length.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn mad_f16(acc: &mut [f16], v: &[f16], s: f32) -> usize {
+        let sv = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= acc.len() && i + 8 <= v.len() {
+            store(acc, i, _mm256_fmadd_ps(load(v, i), sv, load(acc, i)));
+            i += 8;
+        }
+        i
+    }
 }
 
 #[cfg(test)]
@@ -225,6 +320,29 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn simd_vector_loops_give_the_scalar_bits() {
+        if !crate::quant::simd_available() {
+            return;
+        }
+        let val = |i: usize| f16::from_f32(((i * 7919 % 1000) as f32 / 97.0) - 5.0);
+        for n in [8usize, 31, 64, 72, 100] {
+            let a: Vec<f16> = (0..n).map(val).collect();
+            let b: Vec<f16> = (0..n).map(|i| val(i + 17)).collect();
+            assert_eq!(
+                dot_f16(true, &a, &b).to_bits(),
+                dot_f16(false, &a, &b).to_bits()
+            );
+            let (mut x, mut y) = (a.clone(), a.clone());
+            scale_f16(true, &mut x, 0.37);
+            scale_f16(false, &mut y, 0.37);
+            assert_eq!(x, y);
+            mad_f16(true, &mut x, &b, 1.9);
+            mad_f16(false, &mut y, &b, 1.9);
+            assert_eq!(x, y);
+        }
     }
 
     #[test]

@@ -70,6 +70,11 @@ pub struct ModelSpec {
     pub first_bytes: u64,
     /// Extra bytes held and streamed by the last stage (norm, output head).
     pub last_bytes: u64,
+    /// The last stage's extra work per token (head, logits), as the bytes
+    /// of layer weights that take as long: a head in another quant type
+    /// than the layers runs at another speed per byte. Calibrated by the
+    /// node (see `node::cluster::calibrate`); `last_bytes` when unknown.
+    pub last_compute_bytes: u64,
     /// KV cache bytes per token of context per layer.
     pub kv_bytes_per_token_layer: u64,
     /// Context tokens each stage reserves cache for.
@@ -97,7 +102,7 @@ impl ModelSpec {
     fn streamed_bytes(&self, layers: Range<usize>) -> u64 {
         let mut bytes: u64 = self.layer_bytes[layers.clone()].iter().sum();
         if layers.end == self.layer_bytes.len() {
-            bytes += self.last_bytes;
+            bytes += self.last_compute_bytes;
         }
         bytes
     }
@@ -123,6 +128,7 @@ impl ModelSpec {
             layer_bytes: layout.layers.iter().map(|l| l.bytes()).collect(),
             first_bytes: all.saturating_sub(layers + last),
             last_bytes: last,
+            last_compute_bytes: last,
             kv_bytes_per_token_layer: (2 * c.n_kv_heads * c.head_dim) as u64 * kv_bytes_per_element,
             context_tokens,
             activation_bytes: c.dim as u64 * 4,

@@ -456,11 +456,11 @@ fn greedy_answers_under_concurrency_equal_one_at_a_time() {
             "Once upon a time".into(),
         ),
         (vec!["--temp", "0", "-n", "12", "--no-template"], long),
-        (vec!["--temp", "0", "-n", "20"], "Name three colours.".into()),
         (
             vec!["--temp", "0", "-n", "20"],
-            "What is 7 times 8?".into(),
+            "Name three colours.".into(),
         ),
+        (vec!["--temp", "0", "-n", "20"], "What is 7 times 8?".into()),
     ];
     let one_at_a_time: Vec<String> = asks
         .iter()
@@ -503,7 +503,10 @@ fn greedy_answers_under_concurrency_equal_one_at_a_time() {
         };
         let sum = value("shoal_stage_batch_sequences_sum ");
         let count = value("shoal_stage_batch_sequences_count ");
-        assert!(sum > count, "no pass ran more than one sequence: {sum} / {count}");
+        assert!(
+            sum > count,
+            "no pass ran more than one sequence: {sum} / {count}"
+        );
     }
 }
 

@@ -403,6 +403,7 @@ mod tests {
             layer_bytes: vec![3 << 20; 30],
             first_bytes: 4 << 20,
             last_bytes: 8 << 20,
+            last_compute_bytes: 8 << 20,
             kv_bytes_per_token_layer: 1024,
             context_tokens: 1024,
             activation_bytes: 2304,

@@ -250,7 +250,7 @@ impl Node {
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         let path = config.model.clone();
         let context = config.context;
-        let (layout, manifest, us_per_mib) = tokio::task::spawn_blocking(move || {
+        let (layout, manifest, speed) = tokio::task::spawn_blocking(move || {
             let gguf = GgufFile::open(&path)?;
             let layout = ModelLayout::from_gguf(&gguf)?;
             let manifest = Manifest::compute(&path, &layout)?;
@@ -288,7 +288,7 @@ impl Node {
                 device: DeviceKind::Cpu,
                 threads: config.threads as u32,
                 memory_bytes,
-                us_per_mib: us_per_mib as f32,
+                us_per_mib: speed.us_per_mib as f32,
                 data_addr: config
                     .data_advertise
                     .unwrap_or_else(|| data.local_addr())
@@ -302,13 +302,17 @@ impl Node {
             node = %short(&node_id),
             model = layout.config.name.as_deref().unwrap_or("?"),
             hash = %manifest.short_hash(),
-            us_per_mib = format!("{us_per_mib:.0}"),
+            us_per_mib = format!("{:.0}", speed.us_per_mib),
+            head_us = format!("{:.0}", speed.head_us),
             memory_mib = memory_bytes >> 20,
             data = %data.local_addr(),
             http = %http_addr,
             "node starting"
         );
-        let spec = ModelSpec::from_layout(&layout, context as u64, 2);
+        let mut spec = ModelSpec::from_layout(&layout, context as u64, 2);
+        // The leader plans with its own measure of the head against the
+        // layers: the ratio is the kernels', the same on every CPU node.
+        spec.last_compute_bytes = speed.head_compute_bytes();
         let membership = Membership::new(hello, spec, config.goal);
         let live_sequences = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let worker = worker::spawn(

@@ -174,18 +174,23 @@ unsafe fn dot_sym<const R: usize>(
 ) {
     let nb = acts[0].len();
     let bb = ty.block_bytes();
-    let eight = _mm256_set1_epi8(8);
-    let block = |i: usize, acc: &mut [__m256; R]| {
-        let b = w.as_ptr().add(i * bb);
-        let wq = match ty {
-            NativeType::Q8_0 => _mm256_loadu_si256(b.add(2) as *const __m256i),
-            _ => _mm256_sub_epi8(unpack_nibbles(b.add(2)), eight),
-        };
-        sym_block(half_at(b), wq, acts, i, acc);
-    };
+    let p = w.as_ptr();
     let mut acc = [_mm256_setzero_ps(); R];
-    for i in 0..nb {
-        block(i, &mut acc);
+    // Two loops rather than a per-block match (or a closure, which would
+    // not inherit this function's target features).
+    if ty == NativeType::Q8_0 {
+        for i in 0..nb {
+            let b = p.add(i * bb);
+            let wq = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            sym_block(half_at(b), wq, acts, i, &mut acc);
+        }
+    } else {
+        let eight = _mm256_set1_epi8(8);
+        for i in 0..nb {
+            let b = p.add(i * bb);
+            let wq = _mm256_sub_epi8(unpack_nibbles(b.add(2)), eight);
+            sym_block(half_at(b), wq, acts, i, &mut acc);
+        }
     }
     for r in 0..R {
         out[r] = hsum(acc[r]);

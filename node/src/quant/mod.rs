@@ -160,21 +160,32 @@ pub fn matmul(w: WeightView<'_>, acts: &[BlockQ8], out: &mut [f32], out_stride: 
         // once per weight row, which made prompt processing bandwidth-bound.
         let mut r = 0;
         while r < t {
-            let take = if t - r >= ACT_ROWS_PER_PASS {
-                ACT_ROWS_PER_PASS
-            } else {
-                1
+            // Four rows at a time, then two, then one: a batch of two
+            // decoding sequences (a pipeline's micro-batch) still shares
+            // each unpacked weight block.
+            let take = match t - r {
+                n if n >= ACT_ROWS_PER_PASS => ACT_ROWS_PER_PASS,
+                n if n >= 2 => 2,
+                _ => 1,
             };
             for j in weight_rows.clone() {
                 let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
                 let mut vals = [0f32; ACT_ROWS_PER_PASS];
-                if take == ACT_ROWS_PER_PASS {
-                    let a = [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]];
-                    dot_rows(use_avx2, w.ty, wrow, &a, &mut vals);
-                } else {
-                    let mut one = [0f32; 1];
-                    dot_rows(use_avx2, w.ty, wrow, &[rows[r]], &mut one);
-                    vals[0] = one[0];
+                match take {
+                    ACT_ROWS_PER_PASS => {
+                        let a = [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]];
+                        dot_rows(use_avx2, w.ty, wrow, &a, &mut vals);
+                    }
+                    2 => {
+                        let mut two = [0f32; 2];
+                        dot_rows(use_avx2, w.ty, wrow, &[rows[r], rows[r + 1]], &mut two);
+                        vals[..2].copy_from_slice(&two);
+                    }
+                    _ => {
+                        let mut one = [0f32; 1];
+                        dot_rows(use_avx2, w.ty, wrow, &[rows[r]], &mut one);
+                        vals[0] = one[0];
+                    }
                 }
                 for (i, v) in vals.iter().take(take).enumerate() {
                     // SAFETY: row `r + i` < t and column `col + j` < stride,
