@@ -62,9 +62,10 @@ fn render(s: &Status) -> String {
         (None, Some(e)) => out += &format!("no plan: {e}\n"),
         (None, None) => out += "no plan yet\n",
     }
+    out += &format!("cluster: {:.1} tok/s\n", s.cluster_tokens_per_s);
     out += &format!(
-        "{:<8} {:<6} {:>7} {:>10} {:>9} {:>8}  {}\n",
-        "NODE", "DEVICE", "THREADS", "MEMORY", "LAYERS", "RTT", "ADDRESS"
+        "{:<8} {:<6} {:>7} {:>10} {:>9} {:>8} {:>7} {:>5}  {}\n",
+        "NODE", "DEVICE", "THREADS", "MEMORY", "LAYERS", "RTT", "TOK/S", "BUSY", "ADDRESS"
     );
     for n in &s.nodes {
         let layers = n
@@ -75,14 +76,22 @@ fn render(s: &Status) -> String {
             .or(n.rtt_ms)
             .map_or("-".to_string(), |r| format!("{r:.2}ms"));
         let id = format!("{}{}", short(&n.id), if n.leader { "*" } else { "" });
+        let (rate, busy) = n.load.map_or(("-".to_string(), "-".to_string()), |l| {
+            (
+                format!("{:.1}", l.tokens_per_s),
+                format!("{:.0}%", l.busy * 100.0),
+            )
+        });
         out += &format!(
-            "{:<8} {:<6} {:>7} {:>6} MiB {:>9} {:>8}  {}{}\n",
+            "{:<8} {:<6} {:>7} {:>6} MiB {:>9} {:>8} {:>7} {:>5}  {}{}\n",
             id,
             n.device,
             n.threads,
             n.memory_bytes >> 20,
             layers,
             rtt,
+            rate,
+            busy,
             n.addrs.first().map_or("-", String::as_str),
             if n.same_model { "" } else { "  (other model)" }
         );

@@ -198,8 +198,15 @@ mod tests {
             acts,
             tokens,
             any::<u64>().prop_map(|request_id| Message::Cancel { request_id }),
-            (any::<u64>(), any::<u64>())
-                .prop_map(|(seq, sent_at_ms)| Message::Heartbeat { seq, sent_at_ms }),
+            (any::<u32>(), any::<u32>()).prop_map(|(running, queued)| Message::Load(
+                crate::LoadReport {
+                    tokens_per_s: running as f32 / 3.0,
+                    running,
+                    queued,
+                    sequences: 2,
+                    busy: 0.5,
+                }
+            )),
             arb_name().prop_map(|reason| Message::Refused { reason }),
             (
                 any::<u64>(),

@@ -19,6 +19,6 @@ pub mod message;
 pub use frame::{decode, encode, DecodeError, EncodeError};
 pub use message::{
     Activations, Begin, Capabilities, DType, DeviceKind, Hello, Input, Join, LinkMeasure,
-    MemberAddrs, Message, Plan, SampledToken, Sampling, SeqRows, StageAssignment, Tokens, Welcome,
-    PROTOCOL_VERSION,
+    LoadReport, MemberAddrs, Message, Plan, SampledToken, Sampling, SeqRows, StageAssignment,
+    Tokens, Welcome, PROTOCOL_VERSION,
 };

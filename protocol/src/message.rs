@@ -1,6 +1,6 @@
 //! The messages nodes exchange, and the checks a receiver runs on them.
 //!
-//! Control messages ([`Hello`], [`Plan`], heartbeats) travel on the
+//! Control messages ([`Hello`], [`Plan`], load reports) travel on the
 //! authenticated control plane; [`Activations`], [`Tokens`] and `Cancel` on
 //! the QUIC data plane between neighbouring stages. One enum serves both so a
 //! single decoder and a single set of limits cover every byte a node reads.
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::limits::*;
 
 /// Version of this protocol. A node refuses a [`Hello`] with another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Every message on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,13 +28,9 @@ pub enum Message {
         /// The request.
         request_id: u64,
     },
-    /// Liveness and link latency probe.
-    Heartbeat {
-        /// Sequence number, echoed back.
-        seq: u64,
-        /// Sender's clock, milliseconds (only compared with itself).
-        sent_at_ms: u64,
-    },
+    /// Control plane, every second to every member: how busy the sender
+    /// is (the status page's per-node and cluster tokens/s).
+    Load(LoadReport),
     /// Control plane: ask to join, proving knowledge of the cluster key.
     Join(Join),
     /// Control plane: the answer to [`Join`] from a member, with its own proof.
@@ -166,6 +162,21 @@ pub struct Input {
 }
 
 /// A node introducing itself.
+/// How busy a node is, over the last second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Tokens generated per second for the requests it originated.
+    pub tokens_per_s: f32,
+    /// Requests it originated that are running.
+    pub running: u32,
+    /// Requests waiting at it for a running slot.
+    pub queued: u32,
+    /// Sequences holding a KV cache on its stage.
+    pub sequences: u32,
+    /// Fraction of the last interval its stage spent computing (0..=1).
+    pub busy: f32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     /// [`PROTOCOL_VERSION`] of the sender.
@@ -384,7 +395,18 @@ impl Message {
                 Ok(())
             }
             Message::Failed { reason, .. } => text(reason, "reason"),
-            Message::Cancel { .. } | Message::Heartbeat { .. } | Message::Ack => Ok(()),
+            Message::Load(l) => {
+                let fine = |x: f32| x.is_finite() && x >= 0.0;
+                if fine(l.tokens_per_s) && fine(l.busy) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "load report with {} tok/s, busy {}",
+                        l.tokens_per_s, l.busy
+                    ))
+                }
+            }
+            Message::Cancel { .. } | Message::Ack => Ok(()),
         }
     }
 }

@@ -492,6 +492,12 @@ fn greedy_answers_under_concurrency_equal_one_at_a_time() {
         });
         assert_eq!(together, one_at_a_time, "round {round}");
     }
+    // Every node's load reaches the others (the page's per-node tok/s).
+    nodes[1].wait_status(Duration::from_secs(5), |s| {
+        s["nodes"]
+            .as_array()
+            .is_some_and(|ns| ns.iter().all(|n| n["load"]["busy"].is_number()))
+    });
     // The stages really ran several sequences per forward pass.
     for n in &nodes {
         let text = n.get("/metrics");
@@ -559,16 +565,17 @@ fn nodes_holding_different_models_do_not_serve_together() {
     );
 }
 
-/// The official `openai` Python package, installed once into the cache.
-fn openai_python() -> Option<std::path::PathBuf> {
+/// A Python package installed once into the cache (`pip install --target`);
+/// the directory to put on `PYTHONPATH`.
+fn python_package(dir_name: &str, module: &str, requirement: &str) -> std::path::PathBuf {
     let cache = std::env::var_os("SHOAL_CACHE_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
             std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/shoal")
         });
-    let dir = cache.join("py/openai-1");
-    if !dir.join("openai").exists() {
-        let tmp = cache.join(format!("py/openai-1.tmp{}", std::process::id()));
+    let dir = cache.join("py").join(dir_name);
+    if !dir.join(module).exists() {
+        let tmp = cache.join(format!("py/{dir_name}.tmp{}", std::process::id()));
         let ok = std::process::Command::new("python3")
             .args([
                 "-m",
@@ -579,14 +586,19 @@ fn openai_python() -> Option<std::path::PathBuf> {
                 "--target",
             ])
             .arg(&tmp)
-            .arg("openai>=1.40,<2")
+            .arg(requirement)
             .status()
             .is_ok_and(|s| s.success());
-        assert!(ok, "pip install openai failed");
+        assert!(ok, "pip install {requirement} failed");
         let _ = std::fs::rename(&tmp, &dir);
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    Some(dir)
+    dir
+}
+
+/// The official `openai` Python package.
+fn openai_python() -> std::path::PathBuf {
+    python_package("openai-1", "openai", "openai>=1.40,<2")
 }
 
 #[test]
@@ -614,7 +626,7 @@ fn the_official_openai_client_and_curl_work_against_a_two_node_cluster() {
     std::fs::write(&completion_file, &completion).unwrap();
     let model_id = model.file_stem().unwrap().to_string_lossy().into_owned();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/openai_client.py");
-    let py = openai_python().unwrap();
+    let py = openai_python();
     let out = std::process::Command::new("python3")
         .arg(script)
         .arg(format!("{}/v1", nodes[1].http))
@@ -764,6 +776,116 @@ fn the_status_page_renders_the_cluster_in_chromium() {
         "{} bytes",
         png.len()
     );
+}
+
+#[test]
+fn the_live_page_shows_a_node_joining_and_leaving_within_two_seconds() {
+    let Some(chromium) = shoal_tests::chromium() else {
+        eprintln!("skipped: Chromium could not be installed (apt-get install chromium)");
+        return;
+    };
+    let ws = python_package("websocket-1", "websocket", "websocket-client>=1.6,<2");
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = loopback_cluster(dir.path(), &model, 2, "80M", &[]);
+    wait_plan(&mut nodes[0], 2, 2);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let profile = dir.path().join("chromium-profile");
+    let browser = std::process::Command::new(&chromium)
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--remote-allow-origins=*",
+            &format!("--remote-debugging-port={port}"),
+            &format!("--user-data-dir={}", profile.display()),
+        ])
+        .arg(format!("{}/", nodes[0].http))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let watcher = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/page_watch.py"))
+        .arg(port.to_string())
+        .env("PYTHONPATH", &ws)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _browser = Kill(browser);
+    let mut watcher = Kill(watcher);
+    // (rows, unix ms) each time the page's node table changes.
+    let (tx, rx) = std::sync::mpsc::channel::<(u64, u128)>();
+    let out = watcher.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let mut f = line.split_whitespace();
+            if let (Some(Ok(n)), Some(Ok(t))) = (f.next().map(str::parse), f.next().map(str::parse))
+            {
+                let _ = tx.send((n, t));
+            }
+        }
+    });
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let page_shows = |rows: u64| -> u128 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((n, t)) if n == rows => return t,
+                Ok(_) => {}
+                Err(_) => panic!("the page never showed {rows} nodes"),
+            }
+        }
+    };
+    page_shows(2);
+    // A third node joins: from the moment the cluster knows it, the page
+    // has 2 s.
+    let key = dir.path().join("key").display().to_string();
+    let first = nodes[0].addr_on("127.0.0.1");
+    let m = model.display().to_string();
+    let mut third = loopback_node(
+        dir.path(),
+        &m,
+        &key,
+        &["--max-memory", "80M", "--peer", &first],
+    );
+    let mut joined = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while joined == 0 {
+        assert!(Instant::now() < deadline, "the third node never joined");
+        if nodes[0].status()["nodes"].as_array().map(Vec::len) == Some(3) {
+            joined = now_ms();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let shown = page_shows(3);
+    let join_ms = shown.saturating_sub(joined);
+    // And leaves: from the kill.
+    third.kill();
+    let left = now_ms();
+    let gone = page_shows(2);
+    let leave_ms = gone.saturating_sub(left);
+    eprintln!("page: join shown after {join_ms} ms, leave after {leave_ms} ms");
+    assert!(join_ms <= 2000, "join shown after {join_ms} ms");
+    assert!(leave_ms <= 2000, "leave shown after {leave_ms} ms");
 }
 
 #[test]

@@ -45,6 +45,9 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(3);
 
 /// Link probes tried before giving up, and the wait between them (growing).
 const PROBE_ATTEMPTS: u32 = 5;
+
+/// How often each node tells every member its load (the page's tokens/s).
+const LOAD_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_RETRY: Duration = Duration::from_millis(300);
 
 /// Settings of the control plane.
@@ -74,6 +77,7 @@ pub fn start(
             .listen_on(addr.clone())
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     }
+    let load_meter = super::metrics::LoadMeter::new(&shared.metrics);
     let mut ctl = Control {
         swarm,
         cfg,
@@ -85,6 +89,8 @@ pub fn start(
         last_redial: Instant::now() - REDIAL_INTERVAL,
         replan_at: Some(Instant::now()),
         last_report: Instant::now(),
+        last_load: Instant::now(),
+        load_meter,
         ips: HashMap::new(),
         probes: tokio::sync::mpsc::channel(64),
     };
@@ -119,6 +125,8 @@ struct Control {
     last_redial: Instant,
     replan_at: Option<Instant>,
     last_report: Instant,
+    last_load: Instant,
+    load_meter: super::metrics::LoadMeter,
     /// Remote ip of each connected peer.
     ips: HashMap<PeerId, IpAddr>,
     /// Results of data-plane link probes.
@@ -172,6 +180,10 @@ impl Control {
             self.replan_at = None;
             self.replan();
         }
+        if now.duration_since(self.last_load) >= LOAD_INTERVAL {
+            self.last_load = now;
+            self.report_load();
+        }
         if now.duration_since(self.last_report) >= REPORT_INTERVAL {
             self.last_report = now;
             let (leader, links, is_leader) = {
@@ -186,6 +198,30 @@ impl Control {
                         .send_request(&peer, Message::LinkReport { links });
                 }
             }
+        }
+    }
+
+    /// Samples this node's load and sends it to every member.
+    fn report_load(&mut self) {
+        let sh = &self.shared;
+        let running = sh.stats.lock().expect("stats lock").running as u32;
+        let queued = sh.queued.load(std::sync::atomic::Ordering::Relaxed) as u32;
+        let sequences = sh.live_sequences.load(std::sync::atomic::Ordering::Relaxed) as u32;
+        let load = self
+            .load_meter
+            .sample(&sh.metrics, running, queued, sequences);
+        *sh.load.lock().expect("load lock") = load;
+        let members: Vec<PeerId> = self
+            .membership()
+            .members()
+            .keys()
+            .filter_map(|id| id.parse().ok())
+            .collect();
+        for peer in members {
+            self.swarm
+                .behaviour_mut()
+                .control
+                .send_request(&peer, Message::Load(load));
         }
     }
 
@@ -446,6 +482,10 @@ impl Control {
                         self.apply_plan();
                     }
                 }
+                (Message::Ack, false)
+            }
+            Message::Load(load) => {
+                self.membership().set_load(&pid, load);
                 (Message::Ack, false)
             }
             Message::LinkReport { links } => {

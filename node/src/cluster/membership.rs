@@ -30,6 +30,8 @@ pub struct Member {
     pub probe: Option<(u32, f64)>,
     /// The links it reported to others: round trip (µs), bytes per second (0: unknown).
     pub reported: BTreeMap<String, (u32, f64)>,
+    /// Its last load report.
+    pub load: Option<protocol::LoadReport>,
 }
 
 impl Member {
@@ -132,6 +134,7 @@ impl Membership {
                         rtt_us: None,
                         probe: None,
                         reported: BTreeMap::new(),
+                        load: None,
                     },
                 );
                 true
@@ -166,6 +169,13 @@ impl Membership {
         };
         m.probe = Some((rtt_us, bytes_per_second));
         changed
+    }
+
+    /// Records a member's load report.
+    pub fn set_load(&mut self, id: &str, load: protocol::LoadReport) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.load = Some(load);
+        }
     }
 
     /// Records the links a member measured; true when one is new or moved

@@ -2,6 +2,9 @@
 //! tokens, time to first token, per-token latency, stage compute time, KV
 //! sequences, bytes sent per link.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -37,6 +40,11 @@ pub struct Metrics {
     pub kv_sequences: Gauge,
     /// Bytes sent on the data plane, per peer.
     pub link_bytes: Family<PeerLabels, Counter>,
+    /// Tokens streamed to this node's clients, counted as they arrive
+    /// (`tokens` counts finished requests): the live rate of load reports.
+    pub streamed_tokens: AtomicU64,
+    /// Microseconds this node's stage has spent in forward passes.
+    pub busy_us: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -56,6 +64,8 @@ impl Default for Metrics {
             batch_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             kv_sequences: Gauge::default(),
             link_bytes: Family::default(),
+            streamed_tokens: AtomicU64::new(0),
+            busy_us: AtomicU64::new(0),
             registry: Registry::default(),
         };
         r.register(
@@ -109,6 +119,52 @@ impl Default for Metrics {
             m.link_bytes.clone(),
         );
         Metrics { registry: r, ..m }
+    }
+}
+
+/// Turns the node's counters into a [`protocol::LoadReport`] per interval.
+#[derive(Debug)]
+pub struct LoadMeter {
+    at: Instant,
+    tokens: u64,
+    busy_us: u64,
+}
+
+impl LoadMeter {
+    /// A meter starting now from `m`'s counters.
+    pub fn new(m: &Metrics) -> Self {
+        LoadMeter {
+            at: Instant::now(),
+            tokens: m.streamed_tokens.load(Ordering::Relaxed),
+            busy_us: m.busy_us.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The rates since the last call (or creation); gauges as they are now.
+    pub fn sample(
+        &mut self,
+        m: &Metrics,
+        running: u32,
+        queued: u32,
+        sequences: u32,
+    ) -> protocol::LoadReport {
+        let now = Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64().max(1e-3);
+        let tokens = m.streamed_tokens.load(Ordering::Relaxed);
+        let busy_us = m.busy_us.load(Ordering::Relaxed);
+        let report = protocol::LoadReport {
+            tokens_per_s: (tokens.saturating_sub(self.tokens) as f64 / dt) as f32,
+            running,
+            queued,
+            sequences,
+            busy: ((busy_us.saturating_sub(self.busy_us) as f64 / 1e6 / dt).min(1.0)) as f32,
+        };
+        *self = LoadMeter {
+            at: now,
+            tokens,
+            busy_us,
+        };
+        report
     }
 }
 

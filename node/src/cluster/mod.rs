@@ -142,6 +142,8 @@ pub struct Shared {
     pub running: Arc<tokio::sync::Semaphore>,
     /// Requests admitted and waiting for a slot.
     pub queued: std::sync::atomic::AtomicUsize,
+    /// This node's load over the last second (sent to every member).
+    pub load: Mutex<protocol::LoadReport>,
 }
 
 impl Shared {
@@ -346,6 +348,7 @@ impl Node {
             metrics,
             running: Arc::new(tokio::sync::Semaphore::new(config.max_running.max(1))),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            load: Mutex::new(protocol::LoadReport::default()),
         });
         let stop = CancellationToken::new();
         let control = control::start(

@@ -310,6 +310,9 @@ impl Shared {
                 Err(e) => return Err(e.into()),
             };
             let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
+            self.metrics
+                .streamed_tokens
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Some(t) = last_token_at.replace(Instant::now()) {
                 self.metrics
                     .token_latency

@@ -375,6 +375,10 @@ impl Worker {
             .metrics
             .stage_compute
             .observe(t.elapsed().as_secs_f64());
+        self.cfg.metrics.busy_us.fetch_add(
+            t.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.cfg.metrics.batch_sequences.observe(ready.len() as f64);
         let order: Vec<SeqRows> = ready.iter().map(|(w, _)| w.seq).collect();
         for (work, seq) in ready {
