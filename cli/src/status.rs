@@ -63,6 +63,17 @@ fn render(s: &Status) -> String {
         (None, None) => out += "no plan yet\n",
     }
     out += &format!("cluster: {:.1} tok/s\n", s.cluster_tokens_per_s);
+    let w = &s.weights;
+    if !w.complete {
+        out += &format!(
+            "weights from peers: {} of {} MiB here{}\n",
+            w.have_bytes >> 20,
+            w.total_bytes >> 20,
+            w.fetching
+                .as_ref()
+                .map_or(String::new(), |f| format!(", fetching {f}"))
+        );
+    }
     out += &format!(
         "{:<8} {:<6} {:>7} {:>10} {:>9} {:>8} {:>7} {:>5}  {}\n",
         "NODE", "DEVICE", "THREADS", "MEMORY", "LAYERS", "RTT", "TOK/S", "BUSY", "ADDRESS"

@@ -45,6 +45,9 @@ pub use sampling::{Sampler, SamplingParams};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
+    /// This node's layers could not be fetched from its peers.
+    #[error("weights: {0}")]
+    Weights(String),
     /// The model file could not be read.
     #[error(transparent)]
     Gguf(#[from] sharding::GgufError),

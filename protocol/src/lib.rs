@@ -20,5 +20,5 @@ pub use frame::{decode, encode, DecodeError, EncodeError};
 pub use message::{
     Activations, Begin, Capabilities, DType, DeviceKind, Hello, Input, Join, LinkMeasure,
     LoadReport, MemberAddrs, Message, Plan, SampledToken, Sampling, SeqRows, StageAssignment,
-    Tokens, Welcome, PROTOCOL_VERSION,
+    Tokens, WeightIndex, Welcome, PROTOCOL_VERSION,
 };

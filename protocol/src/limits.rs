@@ -37,3 +37,12 @@ pub const TEXT_BYTES_MAX: usize = 4096;
 /// Longest context a request may ask for: 1 Mi tokens, beyond any model's
 /// window, so the bound only stops nonsense.
 pub const CONTEXT_TOKENS_MAX: usize = 1 << 20;
+
+/// Largest chunk of a model file sent in one message.
+pub const CHUNK_BYTES_MAX: usize = 16 << 20;
+
+/// Most chunks a model file may have (4 MiB chunks: 4 TiB).
+pub const CHUNKS_MAX: usize = 1 << 20;
+
+/// Most layers a weight index describes.
+pub const LAYERS_MAX: usize = 4096;

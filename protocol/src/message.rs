@@ -55,6 +55,31 @@ pub enum Message {
     },
     /// Control plane: a request was accepted.
     Ack,
+    /// Control plane: what a node holding the model can hand out, asked by
+    /// a node that has no copy (it proves the key like a [`Join`]).
+    WeightsQuery {
+        /// `ClusterKey::proof(cluster, asker, answerer)`.
+        proof: [u8; 32],
+    },
+    /// The answer to [`Message::WeightsQuery`].
+    Weights(WeightIndex),
+    /// Control plane: one chunk of the model file, asked by a node fetching
+    /// the layers it was assigned.
+    ChunkQuery {
+        /// Chunk number (`offset / chunk_bytes`).
+        index: u32,
+        /// As in [`Message::WeightsQuery`].
+        proof: [u8; 32],
+    },
+    /// The answer to [`Message::ChunkQuery`]: the chunk's bytes as stored
+    /// (the receiver checks them against the index's hash).
+    Chunk {
+        /// Chunk number.
+        index: u32,
+        /// Its bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
     /// Data plane: a new request enters the pipeline.
     Begin(Begin),
     /// Data plane: tokens for the first stage to run.
@@ -162,6 +187,31 @@ pub struct Input {
 }
 
 /// A node introducing itself.
+/// A model file cut into chunks, with what binds them to the model hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightIndex {
+    /// The model's hash (its manifest's).
+    pub model_hash: [u8; 32],
+    /// The manifest's parts: per-layer hashes, the ends (embedding, head),
+    /// the header; the model hash is their hash, so the asker checks them.
+    pub layer_hashes: Vec<[u8; 32]>,
+    /// See [`WeightIndex::layer_hashes`].
+    pub ends_hash: [u8; 32],
+    /// See [`WeightIndex::layer_hashes`].
+    pub header_hash: [u8; 32],
+    /// Bytes of the GGUF header (metadata and tensor index) at the start.
+    pub header_bytes: u64,
+    /// Length of the file.
+    pub file_bytes: u64,
+    /// Bytes per chunk (the last one may be shorter).
+    pub chunk_bytes: u32,
+    /// blake3 of each chunk: a corrupted chunk is caught on arrival.
+    pub chunk_hashes: Vec<[u8; 32]>,
+    /// Which chunks the answering node holds (1) or not (0).
+    #[serde(with = "serde_bytes")]
+    pub have: Vec<u8>,
+}
+
 /// How busy a node is, over the last second.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
@@ -361,6 +411,35 @@ impl Message {
                 validate_plan(plan)?;
                 validate_members(members)
             }
+            Message::Weights(w) => {
+                let chunks = w.file_bytes.div_ceil(u64::from(w.chunk_bytes.max(1)));
+                if w.chunk_bytes == 0
+                    || w.chunk_bytes as usize > CHUNK_BYTES_MAX
+                    || w.chunk_hashes.len() as u64 != chunks
+                    || w.have.len() != w.chunk_hashes.len()
+                    || w.chunk_hashes.len() > CHUNKS_MAX
+                    || w.layer_hashes.len() > LAYERS_MAX
+                    || w.header_bytes > w.file_bytes
+                {
+                    return Err(format!(
+                        "weight index of {} chunks of {} bytes for {} bytes",
+                        w.chunk_hashes.len(),
+                        w.chunk_bytes,
+                        w.file_bytes
+                    ));
+                }
+                Ok(())
+            }
+            Message::Chunk { bytes, .. } => {
+                if bytes.len() > CHUNK_BYTES_MAX {
+                    return Err(format!(
+                        "chunk of {} bytes, at most {CHUNK_BYTES_MAX}",
+                        bytes.len()
+                    ));
+                }
+                Ok(())
+            }
+            Message::WeightsQuery { .. } | Message::ChunkQuery { .. } => Ok(()),
             Message::LinkReport { links } => {
                 if links.len() > MEMBERS_MAX {
                     return Err(format!("{} links, at most {MEMBERS_MAX}", links.len()));

@@ -462,6 +462,24 @@ impl Control {
             };
             return (Message::Welcome(welcome), false);
         }
+        // Weights go to anyone proving the key: a node fetching its model
+        // is not a member yet.
+        if let Message::WeightsQuery { proof } | Message::ChunkQuery { proof, .. } = &req {
+            let me = self.swarm.local_peer_id().to_string();
+            if !self.cfg.key.verify(proof, &self.cfg.cluster, &pid, &me) {
+                return (
+                    Message::Refused {
+                        reason: "weights are for holders of this cluster's key".into(),
+                    },
+                    false,
+                );
+            }
+            let sh = &self.shared;
+            return (
+                super::weights::answer(&sh.weights, &req, &sh.manifest, &sh.layout),
+                false,
+            );
+        }
         if !self.membership().members().contains_key(&pid) {
             return (
                 Message::Refused {
@@ -620,6 +638,15 @@ impl Control {
             (peers, m.clear_plan_if_stale())
         };
         self.shared.data.set_members(peers);
+        // Members are where missing layers come from.
+        let addrs: Vec<Multiaddr> = self
+            .membership()
+            .members()
+            .values()
+            .flat_map(|m| m.hello.capabilities.addrs.iter().filter_map(|a| a.parse().ok()))
+            .collect();
+        self.shared.fetcher.sources.lock().expect("sources lock").addrs =
+            addrs.into_iter().chain(self.cfg.peers.iter().cloned()).collect();
         if stale {
             self.apply_plan();
         }

@@ -28,6 +28,7 @@ pub mod openai;
 pub mod origin;
 mod swarm;
 pub mod tls;
+pub mod weights;
 pub mod wire;
 
 pub use libp2p::Multiaddr;
@@ -88,6 +89,10 @@ pub struct NodeConfig {
     pub max_running: usize,
     /// Requests waiting for a running slot before new ones get 429.
     pub max_queued: usize,
+    /// The model is being fetched from peers into `model`: this index (with
+    /// what is here so far), from [`weights::bootstrap`]. `None`: `model`
+    /// is a whole file.
+    pub fetched: Option<protocol::WeightIndex>,
 }
 
 /// Why a node could not start.
@@ -144,6 +149,10 @@ pub struct Shared {
     pub queued: std::sync::atomic::AtomicUsize,
     /// This node's load over the last second (sent to every member).
     pub load: Mutex<protocol::LoadReport>,
+    /// The model file as this node holds it (handed out to peers).
+    pub weights: Arc<weights::WeightStore>,
+    /// Fetches missing layers from members.
+    pub fetcher: Arc<weights::Fetcher>,
 }
 
 impl Shared {
@@ -252,10 +261,16 @@ impl Node {
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         let path = config.model.clone();
         let context = config.context;
+        let fetched = config.fetched.clone();
         let (layout, manifest, speed) = tokio::task::spawn_blocking(move || {
             let gguf = GgufFile::open(&path)?;
             let layout = ModelLayout::from_gguf(&gguf)?;
-            let manifest = Manifest::compute(&path, &layout)?;
+            let manifest = match &fetched {
+                // Checked against its model hash when fetched; layers are
+                // checked as they arrive.
+                Some(i) => Manifest::from_parts(i.layer_hashes.clone(), i.ends_hash, i.header_hash),
+                None => Manifest::compute(&path, &layout)?,
+            };
             let speed = calibrate::measure(&gguf, &layout, context)?;
             Ok::<_, crate::EngineError>((Arc::new(layout), manifest, speed))
         })
@@ -316,6 +331,21 @@ impl Node {
         // layers: the ratio is the kernels', the same on every CPU node.
         spec.last_compute_bytes = speed.head_compute_bytes();
         let membership = Membership::new(hello, spec, config.goal);
+        let store = Arc::new(match &config.fetched {
+            Some(index) => weights::WeightStore::partial(&config.model, index.clone()),
+            None => weights::WeightStore::whole(&config.model, &layout),
+        });
+        let fetcher = Arc::new(weights::Fetcher {
+            store: store.clone(),
+            sources: Mutex::new(weights::Sources {
+                cluster: config.cluster.clone(),
+                key: config.key.clone(),
+                addrs: config.peers.clone(),
+                mdns: config.mdns,
+            }),
+            runtime: tokio::runtime::Handle::current(),
+            layout: layout.clone(),
+        });
         let live_sequences = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let worker = worker::spawn(
             worker::WorkerConfig {
@@ -329,6 +359,7 @@ impl Node {
                 dtype: config.activations,
                 live: live_sequences.clone(),
                 metrics: metrics.clone(),
+                fetcher: fetcher.clone(),
             },
             Arc::new(data.clone()),
         );
@@ -349,6 +380,8 @@ impl Node {
             running: Arc::new(tokio::sync::Semaphore::new(config.max_running.max(1))),
             queued: std::sync::atomic::AtomicUsize::new(0),
             load: Mutex::new(protocol::LoadReport::default()),
+            weights: store,
+            fetcher,
         });
         let stop = CancellationToken::new();
         let control = control::start(

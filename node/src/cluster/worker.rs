@@ -87,6 +87,8 @@ pub struct WorkerConfig {
     pub live: Arc<std::sync::atomic::AtomicUsize>,
     /// Prometheus metrics.
     pub metrics: Arc<super::metrics::Metrics>,
+    /// Gets this node's layers from peers when it lacks them.
+    pub fetcher: Arc<super::weights::Fetcher>,
 }
 
 struct Sequence {
@@ -237,6 +239,11 @@ impl Worker {
     }
 
     fn load(&self, layers: Range<usize>) -> Result<Stage, crate::EngineError> {
+        // Requests for this plan wait in the queue meanwhile.
+        self.cfg
+            .fetcher
+            .ensure_layers(layers.clone())
+            .map_err(|e| crate::EngineError::Weights(e.to_string()))?;
         let gguf = GgufFile::open(&self.cfg.model)?;
         let stage = Stage::load(&gguf, &self.cfg.layout, layers, &self.cfg.load)?;
         stage.prefault(&mut |_, _| {});
