@@ -170,7 +170,10 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
             };
             let (path, index) = node::cluster::weights::bootstrap(rt.handle(), &sources)
                 .context("getting the model from the cluster")?;
-            eprintln!("shoal: model from the cluster, cached in {}", path.display());
+            eprintln!(
+                "shoal: model from the cluster, cached in {}",
+                path.display()
+            );
             (path, Some(index))
         }
         None => (node::models::default_model()?, None),

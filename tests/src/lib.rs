@@ -47,6 +47,16 @@ impl NodeProc {
     /// Starts `shoal node` with `args` (in namespace `netns` if given), and
     /// waits for its API line.
     pub fn start(dir: &Path, netns: Option<&str>, args: &[&str]) -> NodeProc {
+        Self::start_with_env(dir, netns, args, &[])
+    }
+
+    /// [`NodeProc::start`] with extra environment variables.
+    pub fn start_with_env(
+        dir: &Path,
+        netns: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> NodeProc {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let log = dir.join(format!("node{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
@@ -62,6 +72,7 @@ impl NodeProc {
             .args(args)
             .env("RUST_LOG", "info,libp2p_mdns=warn")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file);
         let child = cmd.spawn().expect("spawn shoal node");

@@ -643,10 +643,23 @@ impl Control {
             .membership()
             .members()
             .values()
-            .flat_map(|m| m.hello.capabilities.addrs.iter().filter_map(|a| a.parse().ok()))
+            .flat_map(|m| {
+                m.hello
+                    .capabilities
+                    .addrs
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+            })
             .collect();
-        self.shared.fetcher.sources.lock().expect("sources lock").addrs =
-            addrs.into_iter().chain(self.cfg.peers.iter().cloned()).collect();
+        self.shared
+            .fetcher
+            .sources
+            .lock()
+            .expect("sources lock")
+            .addrs = addrs
+            .into_iter()
+            .chain(self.cfg.peers.iter().cloned())
+            .collect();
         if stale {
             self.apply_plan();
         }

@@ -55,7 +55,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 #[non_exhaustive]
 pub enum FetchError {
     /// No node holding the model answered.
-    #[error("no node holding the model answered within {0:?} (is --peer right, and the key the same?)")]
+    #[error(
+        "no node holding the model answered within {0:?} (is --peer right, and the key the same?)"
+    )]
     NoSource(Duration),
     /// A chunk failed every try.
     #[error("chunk {index} could not be fetched: {why}")]
@@ -160,7 +162,9 @@ impl WeightStore {
     }
 
     fn refresh_status(&self) {
-        let Some(index) = self.index.get() else { return };
+        let Some(index) = self.index.get() else {
+            return;
+        };
         let have = self.have.lock().expect("have lock");
         let bytes: u64 = have
             .iter()
@@ -178,7 +182,11 @@ impl WeightStore {
     }
 
     /// The index to hand out (computing chunk hashes of a whole file once).
-    pub fn index(&self, manifest: &Manifest, layout: &ModelLayout) -> Result<WeightIndex, FetchError> {
+    pub fn index(
+        &self,
+        manifest: &Manifest,
+        layout: &ModelLayout,
+    ) -> Result<WeightIndex, FetchError> {
         if let Some(i) = self.index.get() {
             let mut i = i.clone();
             if !self.complete {
@@ -186,7 +194,8 @@ impl WeightStore {
             }
             return Ok(i);
         }
-        let hashes = manifest::chunk_hashes(&self.path).map_err(|e| FetchError::Verify(e.to_string()))?;
+        let hashes =
+            manifest::chunk_hashes(&self.path).map_err(|e| FetchError::Verify(e.to_string()))?;
         let file_bytes = std::fs::metadata(&self.path)
             .map_err(|source| FetchError::Io {
                 path: self.path.clone(),
@@ -245,15 +254,20 @@ impl WeightStore {
     fn put_chunk(&self, i: u32, bytes: &[u8]) -> Result<bool, FetchError> {
         let index = self.index.get().expect("partial stores have an index");
         let want = index.chunk_hashes.get(i as usize);
-        if want != Some(blake3::hash(bytes).as_bytes()) || bytes.len() as u64 != chunk_len(index, i) {
+        if want != Some(blake3::hash(bytes).as_bytes()) || bytes.len() as u64 != chunk_len(index, i)
+        {
             return Ok(false);
         }
         let io = |source| FetchError::Io {
             path: self.path.clone(),
             source,
         };
-        let mut f = std::fs::OpenOptions::new().write(true).open(&self.path).map_err(io)?;
-        f.seek(SeekFrom::Start(u64::from(i) * u64::from(CHUNK_BYTES))).map_err(io)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(io)?;
+        f.seek(SeekFrom::Start(u64::from(i) * u64::from(CHUNK_BYTES)))
+            .map_err(io)?;
         f.write_all(bytes).map_err(io)?;
         f.sync_data().map_err(io)?;
         let have = {
@@ -291,7 +305,10 @@ impl WeightStore {
 
 fn chunk_len(index: &WeightIndex, i: u32) -> u64 {
     let start = u64::from(i) * u64::from(index.chunk_bytes);
-    index.file_bytes.saturating_sub(start).min(u64::from(index.chunk_bytes))
+    index
+        .file_bytes
+        .saturating_sub(start)
+        .min(u64::from(index.chunk_bytes))
 }
 
 fn have_path(path: &Path) -> PathBuf {
@@ -302,7 +319,11 @@ fn have_path(path: &Path) -> PathBuf {
 
 /// Checks that `index`'s manifest parts hash to its model hash.
 fn check_index(index: &WeightIndex) -> Result<Manifest, FetchError> {
-    let m = Manifest::from_parts(index.layer_hashes.clone(), index.ends_hash, index.header_hash);
+    let m = Manifest::from_parts(
+        index.layer_hashes.clone(),
+        index.ends_hash,
+        index.header_hash,
+    );
     if m.model_hash != index.model_hash {
         return Err(FetchError::Verify(
             "the weight index does not hash to its model hash".into(),
@@ -329,7 +350,12 @@ pub fn cache_path(model_hash: &[u8; 32]) -> PathBuf {
 }
 
 /// Hands out the weights this node holds: the control loop's answers.
-pub fn answer(store: &WeightStore, req: &Message, manifest: &Manifest, layout: &ModelLayout) -> Message {
+pub fn answer(
+    store: &WeightStore,
+    req: &Message,
+    manifest: &Manifest,
+    layout: &ModelLayout,
+) -> Message {
     match req {
         Message::WeightsQuery { .. } => match store.index(manifest, layout) {
             Ok(i) => Message::Weights(i),
@@ -411,7 +437,9 @@ impl Session {
 
     fn proof(&self, to: &PeerId) -> [u8; 32] {
         let me = self.swarm.local_peer_id().to_string();
-        self.sources.key.proof(&self.sources.cluster, &me, &to.to_string())
+        self.sources
+            .key
+            .proof(&self.sources.cluster, &me, &to.to_string())
     }
 
     fn ask_index(&mut self, peer: PeerId) {
@@ -441,7 +469,9 @@ impl Session {
         loop {
             match self.swarm.select_next_some().await {
                 SwarmEvent::ConnectionEstablished { peer_id, .. } => self.ask_index(peer_id),
-                SwarmEvent::Behaviour(BehaviourEvent::Mdns(libp2p::mdns::Event::Discovered(list))) => {
+                SwarmEvent::Behaviour(BehaviourEvent::Mdns(libp2p::mdns::Event::Discovered(
+                    list,
+                ))) => {
                     for (_, addr) in list {
                         let _ = self.swarm.dial(addr);
                     }
@@ -482,7 +512,9 @@ impl Session {
             let ev = tokio::time::timeout_at(deadline, self.next())
                 .await
                 .map_err(|_| FetchError::NoSource(CONNECT_TIMEOUT))?;
-            let Some((peer, None, result)) = ev else { continue };
+            let Some((peer, None, result)) = ev else {
+                continue;
+            };
             match result {
                 Ok(Message::Weights(index)) => {
                     if want.is_none_or(|h| h == index.model_hash) {
@@ -498,18 +530,30 @@ impl Session {
     }
 
     /// Fetches `chunks` into `store`, spreading them over the holders.
-    async fn fetch(&mut self, store: &WeightStore, chunks: Vec<u32>, total_bytes: u64, what: &str) -> Result<(), FetchError> {
+    async fn fetch(
+        &mut self,
+        store: &WeightStore,
+        chunks: Vec<u32>,
+        total_bytes: u64,
+        what: &str,
+    ) -> Result<(), FetchError> {
         if chunks.is_empty() {
             return Ok(());
         }
-        let index = store.index.get().expect("partial store has an index").clone();
+        let index = store
+            .index
+            .get()
+            .expect("partial store has an index")
+            .clone();
         let bar = indicatif::ProgressBar::with_draw_target(
             Some(total_bytes),
             indicatif::ProgressDrawTarget::stderr(),
         );
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
-                .expect("template"),
+            indicatif::ProgressStyle::with_template(
+                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .expect("template"),
         );
         bar.set_message(format!("fetching {what}"));
         let mut queue: VecDeque<u32> = chunks.into();
@@ -534,7 +578,8 @@ impl Session {
                         why: "no connected node holds it".into(),
                     });
                 }
-                let peer = holders[(turn + tries.get(&c).copied().unwrap_or(0) as usize) % holders.len()];
+                let peer =
+                    holders[(turn + tries.get(&c).copied().unwrap_or(0) as usize) % holders.len()];
                 turn += 1;
                 self.ask_chunk(peer, c);
                 in_flight += 1;
@@ -545,7 +590,9 @@ impl Session {
             let ev = tokio::time::timeout(deadline_idle, self.next())
                 .await
                 .map_err(|_| FetchError::NoSource(deadline_idle))?;
-            let Some((peer, chunk, result)) = ev else { continue };
+            let Some((peer, chunk, result)) = ev else {
+                continue;
+            };
             let Some(c) = chunk else {
                 // A late index answer: one more holder.
                 if let Ok(Message::Weights(i)) = result {
@@ -573,7 +620,10 @@ impl Session {
                     "blake3 mismatch".to_string()
                 }
                 Ok(Message::Refused { reason }) => reason,
-                Ok(other) => format!("unexpected answer {other:?}").chars().take(200).collect(),
+                Ok(other) => format!("unexpected answer {other:?}")
+                    .chars()
+                    .take(200)
+                    .collect(),
                 Err(e) => e,
             };
             let n = tries.entry(c).or_insert(0);
@@ -605,7 +655,12 @@ pub fn fetch_ranges(
 ) -> Result<(), FetchError> {
     let mut ranges: Vec<Range<u64>> = Vec::new();
     for &l in layers {
-        ranges.extend(layout.layers[l].tensors.iter().map(|t| t.offset..t.offset + t.size_bytes));
+        ranges.extend(
+            layout.layers[l]
+                .tensors
+                .iter()
+                .map(|t| t.offset..t.offset + t.size_bytes),
+        );
     }
     if ends {
         let e = [Some(&layout.token_embd), Some(&layout.output_norm)]
@@ -618,7 +673,12 @@ pub fn fetch_ranges(
         let index = store.index.get().expect("partial store").clone();
         let bytes: u64 = missing.iter().map(|&c| chunk_len(&index, c)).sum();
         let t = Instant::now();
-        info!(what, chunks = missing.len(), mib = bytes >> 20, "fetching weights from peers");
+        info!(
+            what,
+            chunks = missing.len(),
+            mib = bytes >> 20,
+            "fetching weights from peers"
+        );
         let result = runtime.block_on(async {
             let mut s = Session::start(sources.clone())?;
             s.first_index(Some(index.model_hash)).await?;
@@ -627,13 +687,23 @@ pub fn fetch_ranges(
         });
         store.set_fetching(None);
         result?;
-        info!(what, mib = bytes >> 20, ms = t.elapsed().as_millis() as u64, "weights fetched and verified");
+        info!(
+            what,
+            mib = bytes >> 20,
+            ms = t.elapsed().as_millis() as u64,
+            "weights fetched and verified"
+        );
     }
     verify_layers(store, layout, layers, ends)
 }
 
 /// Recomputes the hashes of `layers` (and the ends) in the local file.
-fn verify_layers(store: &WeightStore, layout: &ModelLayout, layers: &[usize], ends: bool) -> Result<(), FetchError> {
+fn verify_layers(
+    store: &WeightStore,
+    layout: &ModelLayout,
+    layers: &[usize],
+    ends: bool,
+) -> Result<(), FetchError> {
     if store.complete {
         return Ok(());
     }
@@ -647,11 +717,15 @@ fn verify_layers(store: &WeightStore, layout: &ModelLayout, layers: &[usize], en
                 .map(|t| t.offset..t.offset + t.size_bytes)
                 .collect();
             store.drop_chunks(&chunks_of(&ranges));
-            return Err(FetchError::Verify(format!("layer {l} does not match the manifest")));
+            return Err(FetchError::Verify(format!(
+                "layer {l} does not match the manifest"
+            )));
         }
     }
     if ends && manifest::ends_hash(&store.path, layout).map_err(err)? != index.ends_hash {
-        return Err(FetchError::Verify("embedding/head do not match the manifest".into()));
+        return Err(FetchError::Verify(
+            "embedding/head do not match the manifest".into(),
+        ));
     }
     Ok(())
 }
@@ -668,18 +742,31 @@ fn chunks_of(ranges: &[Range<u64>]) -> Vec<u32> {
 /// Start-up of a node without the model file: asks a holder for the index,
 /// opens (or resumes) the cached file, fetches the header and what
 /// calibration needs. Returns the file and its index.
-pub fn bootstrap(runtime: &tokio::runtime::Handle, sources: &Sources) -> Result<(PathBuf, WeightIndex), FetchError> {
+pub fn bootstrap(
+    runtime: &tokio::runtime::Handle,
+    sources: &Sources,
+) -> Result<(PathBuf, WeightIndex), FetchError> {
     let (path, index, store) = runtime.block_on(async {
         let mut s = Session::start(sources.clone())?;
         let index = s.first_index(None).await?;
         check_index(&index)?;
         let path = cache_path(&index.model_hash);
         let store = open_partial(&path, &index)?;
-        let have = store.have.lock().expect("have lock").iter().filter(|&&h| h == 1).count();
+        let have = store
+            .have
+            .lock()
+            .expect("have lock")
+            .iter()
+            .filter(|&&h| h == 1)
+            .count();
         if have > 0 {
-            info!(chunks = have, of = index.chunk_hashes.len(), "resuming a fetch: chunks already cached");
+            info!(
+                chunks = have,
+                of = index.chunk_hashes.len(),
+                "resuming a fetch: chunks already cached"
+            );
         }
-        let header = store.missing(&[0..index.header_bytes]);
+        let header = store.missing(std::slice::from_ref(&(0..index.header_bytes)));
         let bytes: u64 = header.iter().map(|&c| chunk_len(&index, c)).sum();
         s.fetch(&store, header, bytes, "the model header").await?;
         Ok::<_, FetchError>((path, index, store))
@@ -687,12 +774,24 @@ pub fn bootstrap(runtime: &tokio::runtime::Handle, sources: &Sources) -> Result<
     // The header parses, and hashes to the manifest's.
     let gguf = sharding::GgufFile::open(&path).map_err(|e| FetchError::Verify(e.to_string()))?;
     let layout = ModelLayout::from_gguf(&gguf).map_err(|e| FetchError::Verify(e.to_string()))?;
-    if manifest::header_hash(&path, &layout).map_err(|e| FetchError::Verify(e.to_string()))? != index.header_hash {
-        store.drop_chunks(&chunks_of(&[0..index.header_bytes]));
-        return Err(FetchError::Verify("the model header does not match the manifest".into()));
+    if manifest::header_hash(&path, &layout).map_err(|e| FetchError::Verify(e.to_string()))?
+        != index.header_hash
+    {
+        store.drop_chunks(&chunks_of(std::slice::from_ref(&(0..index.header_bytes))));
+        return Err(FetchError::Verify(
+            "the model header does not match the manifest".into(),
+        ));
     }
     let n = layout.layers.len();
-    fetch_ranges(runtime, &store, sources, &layout, &[n / 2, n - 1], true, "calibration layers")?;
+    fetch_ranges(
+        runtime,
+        &store,
+        sources,
+        &layout,
+        &[n / 2, n - 1],
+        true,
+        "calibration layers",
+    )?;
     let mut index = index;
     index.have = store.have.lock().expect("have lock").clone();
     Ok((path, index))
@@ -745,6 +844,14 @@ impl Fetcher {
         let list: Vec<usize> = layers.clone().collect();
         let sources = self.sources.lock().expect("sources lock").clone();
         let what = format!("layers {}..{}", layers.start, layers.end);
-        fetch_ranges(&self.runtime, &self.store, &sources, &self.layout, &list, ends, &what)
+        fetch_ranges(
+            &self.runtime,
+            &self.store,
+            &sources,
+            &self.layout,
+            &list,
+            ends,
+            &what,
+        )
     }
 }
