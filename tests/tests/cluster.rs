@@ -1038,6 +1038,11 @@ fn slow_and_huge_http_requests_do_not_take_the_node_down() {
             s
         })
         .collect();
+    // A body that trickles after complete headers gets 408.
+    let mut trickle = std::net::TcpStream::connect(&addr).unwrap();
+    trickle
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\":")
+        .unwrap();
     assert!(
         !node.status().is_null(),
         "the node stops answering while slow clients hang"
@@ -1052,6 +1057,17 @@ fn slow_and_huge_http_requests_do_not_take_the_node_down() {
         start.elapsed() < Duration::from_secs(12),
         "slow connections held for {:?}",
         start.elapsed()
+    );
+    trickle
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut answer = [0u8; 12];
+    let _ = trickle.read_exact(&mut answer);
+    assert_eq!(
+        &answer,
+        b"HTTP/1.1 408",
+        "{}",
+        String::from_utf8_lossy(&answer)
     );
     // A body over the limit is refused with 413, and the node carries on.
     let big = dir.path().join("big.json");

@@ -12,9 +12,9 @@ use sharding::{GgufFile, ModelLayout};
 use crate::model::{LoadOptions, LogitsFor, Stage, StageInput};
 use crate::EngineError;
 
-/// Decode steps timed (after one warm-up): enough to average out a
-/// scheduler hiccup, short enough to start in well under a second.
-const STEPS: usize = 8;
+/// Decode steps timed (after one warm-up): enough for a stable median,
+/// short enough to start in well under a second.
+const STEPS: usize = 15;
 
 /// What calibration found.
 #[derive(Debug, Clone, Copy)]
@@ -80,9 +80,14 @@ fn time_step(
         stage.forward(input, cache, LogitsFor::Last)
     };
     run(&mut cache)?;
-    let t = Instant::now();
+    // The median step: a scheduler hiccup in one step must not move the
+    // split (the mean of 8 steps moved it by a few layers on a busy machine).
+    let mut steps = Vec::with_capacity(STEPS);
     for _ in 0..STEPS {
+        let t = Instant::now();
         run(&mut cache)?;
+        steps.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    Ok(t.elapsed().as_secs_f64() * 1e6 / STEPS as f64)
+    steps.sort_by(f64::total_cmp);
+    Ok(steps[STEPS / 2])
 }

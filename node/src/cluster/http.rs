@@ -48,6 +48,7 @@ pub async fn serve(
         .route("/api/status", get(status))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn(read_body_in_time))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(shared);
     accept_loop(listener, app, stop).await;
@@ -56,6 +57,34 @@ pub async fn serve(
 /// Time a client has to send a request's headers: a connection that
 /// trickles them (slowloris) is closed instead of holding a slot forever.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Time a client has to send a request's body once its headers are in: a
+/// body trickled a byte at a time gets 408 instead of holding a handler.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads the whole body (within [`BODY_BYTES_MAX`]) before the handler
+/// runs, under [`BODY_READ_TIMEOUT`].
+async fn read_body_in_time(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, BODY_BYTES_MAX);
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body over {BODY_BYTES_MAX} bytes (or broken off)"),
+        ),
+        Err(_) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "request body not received within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        ),
+    }
+}
 
 /// Connections served at once; more wait in the kernel's backlog.
 pub const CONNECTIONS_MAX: usize = 512;
