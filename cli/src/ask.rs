@@ -93,7 +93,7 @@ pub fn main(args: AskArgs) -> anyhow::Result<()> {
     stream_answer(&args.node, args.api_key.as_deref(), &body, args.verbose)
 }
 
-/// The `/api/generate` body for `prompt` with the generation flags.
+/// The `/api/shoal/generate` body for `prompt` with the generation flags.
 pub fn generate_body(prompt: &str, gen: &GenArgs) -> anyhow::Result<serde_json::Value> {
     let s = gen.sampling()?;
     Ok(serde_json::json!({
@@ -108,14 +108,14 @@ pub fn generate_body(prompt: &str, gen: &GenArgs) -> anyhow::Result<serde_json::
     }))
 }
 
-/// Posts `body` to the node's `/api/generate` and prints the answer as it streams.
+/// Posts `body` to the node's `/api/shoal/generate` and prints the answer as it streams.
 pub fn stream_answer(
     node: &str,
     api_key: Option<&str>,
     body: &serde_json::Value,
     verbose: bool,
 ) -> anyhow::Result<()> {
-    let url = format!("{}/api/generate", node.trim_end_matches('/'));
+    let url = format!("{}/api/shoal/generate", node.trim_end_matches('/'));
     let mut req = agent().post(&url);
     if let Some(k) = api_key {
         req = req.header("Authorization", &format!("Bearer {k}"));

@@ -713,6 +713,23 @@ fn the_official_openai_client_and_curl_work_against_a_two_node_cluster() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // The official `ollama` client against the Ollama endpoints.
+    let ollama = python_package("ollama-0", "ollama", "ollama>=0.4,<1");
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/ollama_client.py"))
+        .arg(&nodes[0].http)
+        .arg(&model_id)
+        .arg(&chat_file)
+        .arg(&completion_file)
+        .env("PYTHONPATH", &ollama)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ollama client: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // curl, streaming.
     let body = format!(
         r#"{{"model":"{model_id}","messages":[{{"role":"user","content":"Why is the sky blue?"}}],"temperature":0,"max_tokens":24,"stream":true}}"#
@@ -1001,7 +1018,7 @@ fn a_full_queue_answers_429_with_retry_after() {
             "Content-Type: application/json",
         ])
         .args(["-d", r#"{"prompt":"hi"}"#])
-        .arg(format!("{}/api/generate", node.http))
+        .arg(format!("{}/api/shoal/generate", node.http))
         .output()
     {
         let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
@@ -1084,7 +1101,7 @@ fn slow_and_huge_http_requests_do_not_take_the_node_down() {
         ])
         .arg("--data-binary")
         .arg(format!("@{}", big.display()))
-        .arg(format!("{}/api/generate", node.http))
+        .arg(format!("{}/api/shoal/generate", node.http))
         .output()
     {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "413");

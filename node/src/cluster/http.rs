@@ -1,4 +1,4 @@
-//! The node's HTTP API: `POST /api/generate` (NDJSON stream of tokens, used
+//! The node's HTTP API: `POST /api/shoal/generate` (NDJSON stream of tokens, used
 //! by `shoal ask`), `GET /api/status` (the cluster, for `shoal status`),
 //! `GET /api/events` (the same, live, as server-sent events) and the status
 //! page at `/`; the OpenAI endpoints are in [`super::openai`].
@@ -36,8 +36,9 @@ pub async fn serve(
 ) {
     // Generation needs the API key when one is set; status stays readable.
     let guarded = Router::new()
-        .route("/api/generate", post(generate))
+        .route("/api/shoal/generate", post(generate))
         .merge(super::openai::routes())
+        .merge(super::ollama::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             require_key,
@@ -48,6 +49,7 @@ pub async fn serve(
         .route("/api/status", get(status))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
+        .merge(super::ollama::info_routes())
         .layer(axum::middleware::from_fn(read_body_in_time))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(shared);
@@ -74,11 +76,11 @@ async fn read_body_in_time(req: axum::extract::Request, next: axum::middleware::
         }
         Ok(Err(_)) => error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("request body over {BODY_BYTES_MAX} bytes (or broken off)"),
+            format!("request body over {BODY_BYTES_MAX} bytes (or broken off)"),
         ),
         Err(_) => error(
             StatusCode::REQUEST_TIMEOUT,
-            &format!(
+            format!(
                 "request body not received within {} s",
                 BODY_READ_TIMEOUT.as_secs()
             ),
@@ -153,7 +155,7 @@ async fn require_key(
     (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
 
-/// The body of `POST /api/generate`.
+/// The body of `POST /api/shoal/generate` (shoal's own, used by `shoal ask`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateBody {

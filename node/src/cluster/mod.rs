@@ -10,7 +10,7 @@
 //! - [`worker`]: the thread that runs this node's layers.
 //! - [`calibrate`]: a short speed measurement at start.
 //! - [`origin`]: a request from prompt to streamed tokens, through the pipeline.
-//! - [`http`]: the node's HTTP API (`/api/generate`, `/api/status`).
+//! - [`http`]: the node's HTTP API (`/api/shoal/generate`, `/api/status`; OpenAI in [`openai`], Ollama in [`ollama`]).
 //! - [`openai`]: OpenAI-compatible endpoints (`/v1/...`).
 //!
 //! Architecture Invariant: only the control loop mutates membership; the
@@ -24,6 +24,7 @@ pub mod http;
 pub mod key;
 pub mod membership;
 pub mod metrics;
+pub mod ollama;
 pub mod openai;
 pub mod origin;
 mod swarm;

@@ -1,0 +1,398 @@
+//! Ollama-compatible endpoints, because many tools speak Ollama's API:
+//! `POST /api/chat`, `POST /api/generate` (NDJSON streams, or whole with
+//! `"stream": false`), `GET /api/tags`, `GET /api/version`.
+//!
+//! Ollama's sampling defaults apply (temperature 0.8, top-k 40, top-p 0.9,
+//! repeat penalty 1.1 over the last 64 tokens), set through `options` as in
+//! Ollama. Like Ollama, unknown fields are ignored; wrong types are 400.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::openai::{model_id, MESSAGES_MAX};
+use super::origin::{AskEvent, AskRequest, Prompt};
+use super::Shared;
+use crate::chat;
+use crate::engine::StopReason;
+use crate::sampling::SamplingParams;
+use crate::stop::StopMatcher;
+
+/// Tokens generated when `num_predict` is not set (Ollama: until the end
+/// of the context; bounded here as the OpenAI endpoints are).
+const DEFAULT_NUM_PREDICT: usize = 1024;
+
+/// Generation routes (behind the API key when one is set).
+pub fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/api/chat", post(chat))
+        .route("/api/generate", post(generate))
+}
+
+/// Read-only routes.
+pub fn info_routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/api/tags", get(tags))
+        .route("/api/version", get(version))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Options {
+    num_predict: Option<i64>,
+    temperature: Option<f32>,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    repeat_last_n: Option<usize>,
+    seed: Option<u64>,
+    stop: Option<Vec<String>>,
+    num_ctx: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OllamaMessage {
+    role: String,
+    #[serde(default)]
+    content: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    model: String,
+    messages: Vec<OllamaMessage>,
+    #[serde(default)]
+    options: Options,
+    stream: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GenerateBody {
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    system: Option<String>,
+    #[serde(default)]
+    raw: bool,
+    #[serde(default)]
+    options: Options,
+    stream: Option<bool>,
+}
+
+/// Ollama's error shape: `{"error": "..."}`.
+fn err(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+fn bad_json(e: JsonRejection) -> Response {
+    err(StatusCode::BAD_REQUEST, e.body_text())
+}
+
+/// Which endpoint, for response shapes.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Generate,
+}
+
+async fn chat(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    let v = match body {
+        Ok(Json(v)) => v,
+        Err(e) => return bad_json(e),
+    };
+    let b: ChatBody = match serde_json::from_value(v) {
+        Ok(b) => b,
+        Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
+    };
+    if b.messages.is_empty() || b.messages.len() > MESSAGES_MAX {
+        return err(
+            StatusCode::BAD_REQUEST,
+            format!("messages must hold 1 to {MESSAGES_MAX} entries"),
+        );
+    }
+    let mut msgs = Vec::with_capacity(b.messages.len());
+    for m in b.messages {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("unknown role '{}'", m.role),
+            );
+        }
+        msgs.push(chat::Message {
+            role: m.role,
+            content: m.content,
+        });
+    }
+    serve(
+        shared,
+        b.model,
+        Prompt::Chat(msgs),
+        b.options,
+        b.stream,
+        Kind::Chat,
+    )
+    .await
+}
+
+async fn generate(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    let v = match body {
+        Ok(Json(v)) => v,
+        Err(e) => return bad_json(e),
+    };
+    let b: GenerateBody = match serde_json::from_value(v) {
+        Ok(b) => b,
+        Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
+    };
+    let prompt = if b.raw {
+        Prompt::Raw(b.prompt)
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = b.system {
+            msgs.push(chat::Message {
+                role: "system".into(),
+                content: s,
+            });
+        }
+        msgs.push(chat::Message {
+            role: "user".into(),
+            content: b.prompt,
+        });
+        Prompt::Chat(msgs)
+    };
+    serve(shared, b.model, prompt, b.options, b.stream, Kind::Generate).await
+}
+
+/// Whether `asked` names the served model (`name` or `name:latest`).
+fn same_model(asked: &str, served: &str) -> bool {
+    asked == served || asked.strip_suffix(":latest") == Some(served)
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    model: String,
+    prompt: Prompt,
+    o: Options,
+    stream: Option<bool>,
+    kind: Kind,
+) -> Response {
+    let served = model_id(&shared);
+    if !same_model(&model, &served) {
+        return err(
+            StatusCode::NOT_FOUND,
+            format!("model '{model}' not found; this cluster serves '{served}'"),
+        );
+    }
+    let stop = o.stop.unwrap_or_default();
+    if let Err(e) = StopMatcher::validate(&stop) {
+        return err(StatusCode::BAD_REQUEST, e);
+    }
+    let sampling = SamplingParams {
+        temperature: o.temperature.unwrap_or(0.8),
+        top_k: o.top_k.unwrap_or(40),
+        top_p: o.top_p.unwrap_or(0.9),
+        min_p: o.min_p.unwrap_or(0.0),
+        repeat_penalty: o.repeat_penalty.unwrap_or(1.1),
+        repeat_last_n: o.repeat_last_n.unwrap_or(64),
+        seed: o.seed.unwrap_or_else(rand::random),
+    };
+    if let Err(e) = sampling.validate() {
+        return err(StatusCode::BAD_REQUEST, e);
+    }
+    let max_tokens = match o.num_predict {
+        None | Some(-1) | Some(-2) => DEFAULT_NUM_PREDICT,
+        Some(n) if n > 0 && n as usize <= super::http::MAX_TOKENS_MAX => n as usize,
+        Some(n) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("num_predict {n} is out of range"),
+            )
+        }
+    };
+    let req = AskRequest {
+        prompt,
+        stop,
+        max_tokens,
+        sampling,
+        context: o.num_ctx,
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Err(busy) = shared.submit(req, tx) {
+        return super::http::too_busy(&busy);
+    }
+    let meta = Meta { model, kind };
+    if stream.unwrap_or(true) {
+        return ndjson(rx, meta);
+    }
+    let mut text = String::new();
+    loop {
+        match rx.recv().await {
+            Some(AskEvent::Token { text: t, .. }) | Some(AskEvent::Tail { text: t }) => text += &t,
+            Some(AskEvent::Done { stats }) => {
+                let mut v = meta.chunk(&text);
+                meta.finish(&mut v, &stats);
+                return Json(v).into_response();
+            }
+            Some(AskEvent::Error { message }) => return failure(message),
+            None => return failure("the request ended without an answer".into()),
+        }
+    }
+}
+
+fn failure(message: String) -> Response {
+    let status = if message.contains("context full") || message.contains("empty prompt") {
+        StatusCode::BAD_REQUEST
+    } else if message.contains("cannot serve") || message.contains("no plan") {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    err(status, message)
+}
+
+struct Meta {
+    model: String,
+    kind: Kind,
+}
+
+impl Meta {
+    fn chunk(&self, text: &str) -> Value {
+        let mut v = json!({
+            "model": self.model,
+            "created_at": rfc3339_now(),
+            "done": false,
+        });
+        match self.kind {
+            Kind::Chat => v["message"] = json!({"role": "assistant", "content": text}),
+            Kind::Generate => v["response"] = json!(text),
+        }
+        v
+    }
+
+    /// Marks `v` as the last object, with Ollama's counters (nanoseconds).
+    fn finish(&self, v: &mut Value, s: &crate::GenerationStats) {
+        let ns = |ms: f64| (ms * 1e6) as u64;
+        v["done"] = json!(true);
+        v["done_reason"] = json!(match s.stop {
+            StopReason::MaxTokens | StopReason::ContextFull => "length",
+            _ => "stop",
+        });
+        v["total_duration"] = json!(ns(s.ttft_ms + s.gen_ms));
+        v["load_duration"] = json!(0);
+        v["prompt_eval_count"] = json!(s.prompt_tokens);
+        v["prompt_eval_duration"] = json!(ns(s.prompt_ms));
+        v["eval_count"] = json!(s.gen_tokens);
+        v["eval_duration"] = json!(ns(s.gen_ms));
+    }
+}
+
+/// One JSON object per line: a chunk per piece of text, then the last
+/// object with the counters. Dropping the stream cancels the request.
+fn ndjson(rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta) -> Response {
+    let body = futures::stream::unfold((rx, meta, false), |(mut rx, meta, done)| async move {
+        if done {
+            return None;
+        }
+        let (v, done) = match rx.recv().await? {
+            AskEvent::Token { text, .. } | AskEvent::Tail { text } => (meta.chunk(&text), false),
+            AskEvent::Done { stats } => {
+                let mut v = meta.chunk("");
+                meta.finish(&mut v, &stats);
+                (v, true)
+            }
+            AskEvent::Error { message } => (json!({ "error": message }), true),
+        };
+        let mut line = serde_json::to_vec(&v).expect("json");
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(line), (rx, meta, done)))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(body))
+        .expect("valid response")
+}
+
+async fn tags(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let cfg = &shared.layout.config;
+    let bytes = shared.layout.stage_bytes(0..cfg.n_layers);
+    let digest: String = shared
+        .manifest
+        .model_hash
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = model_id(&shared);
+    Json(json!({ "models": [{
+        "name": name,
+        "model": name,
+        "modified_at": rfc3339_now(),
+        "size": bytes,
+        "digest": digest,
+        "details": {
+            "format": "gguf",
+            "family": cfg.architecture,
+            "families": [cfg.architecture],
+            "parameter_size": "",
+            "quantization_level": "",
+        },
+    }]}))
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+/// Now as RFC 3339 UTC (`2026-11-26T10:00:00.123Z`).
+fn rfc3339_now() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names_and_dates() {
+        assert!(same_model("smol", "smol") && same_model("smol:latest", "smol"));
+        assert!(!same_model("other", "smol"));
+        let t = rfc3339_now();
+        assert_eq!(t.len(), 24, "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z'), "{t}");
+    }
+}
