@@ -34,9 +34,9 @@ node() {  # node NAME HTTP_PORT THREADS [extra args...]
 }
 addr() { "$shoal" status --node "http://127.0.0.1:$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodes"][0]["addrs"][0])'; }
 stages() { "$shoal" status --node "http://127.0.0.1:$1" --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(1 for n in s["nodes"] if n["layers"]))'; }
-server() {  # server PORT THREADS SLOTS: llama-server, started and waited for
-  "$llama/llama-server" -m "$model" --port "$1" -t "$2" -tb "$2" -np "$3" --cont-batching \
-    -c $((1024 * $3)) > "$work/server-$1.log" 2>&1 &
+server() {  # server PORT THREADS SLOTS: llama-server as the issue names it (its defaults otherwise)
+  "$llama/llama-server" -m "$model" --port "$1" -t "$2" -np "$3" --cont-batching \
+    > "$work/server-$1.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return; sleep 0.1; done
   echo "llama-server did not start:"; cat "$work/server-$1.log"; exit 1
