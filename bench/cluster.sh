@@ -9,29 +9,12 @@ set -euo pipefail
 GEN=${GEN:-128}
 REPS=${REPS:-5}
 source "$(dirname "$0")/setup.sh"
-work=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-"$shoal" keygen > "$work/key"
+source "$(dirname "$0")/nodes.sh"
 
-# node NAME HTTP_PORT [extra args...]: starts a node, waits for its API.
-node() {
-  local name=$1 port=$2; shift 2
-  "$shoal" node -m "$model" --cluster "$name" --cluster-key-file "$work/key" --no-mdns \
-    --listen /ip4/127.0.0.1/tcp/0 --http "127.0.0.1:$port" -t 1 --ctx 1024 "$@" \
-    2> "$work/$name-$port.log" &
-  pids+=($!)
-  for _ in $(seq 100); do grep -q "API on" "$work/$name-$port.log" && return; sleep 0.1; done
-  echo "node did not start:"; cat "$work/$name-$port.log"; exit 1
-}
-addr() { "$shoal" status --node "http://127.0.0.1:$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodes"][0]["addrs"][0])'; }
-stages() { "$shoal" status --node "http://127.0.0.1:$1" --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(1 for n in s["nodes"] if n["layers"]))'; }
-
-node one 18181
+node one 18181 1
 # --plan-for throughput: two equal nodes split the model evenly.
-node pipe 18182 --plan-for throughput
-node pipe 18183 --plan-for throughput --peer "$(addr 18182)"
+node pipe 18182 1 --plan-for throughput
+node pipe 18183 1 --plan-for throughput --peer "$(addr 18182)"
 for _ in $(seq 100); do [ "$(stages 18182)" = 2 ] && break; sleep 0.1; done
 [ "$(stages 18182)" = 2 ] || { echo "pipeline did not form"; exit 1; }
 "$shoal" status --node http://127.0.0.1:18182 | sed -n 3p

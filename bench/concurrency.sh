@@ -11,29 +11,13 @@ set -euo pipefail
 TOKENS=${TOKENS:-96}
 REPS=${REPS:-3}
 source "$(dirname "$0")/setup.sh"
-work=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-"$shoal" keygen > "$work/key"
+source "$(dirname "$0")/nodes.sh"
 py="$cache/py/openai-1"
 if [ ! -d "$py/openai" ]; then
   python3 -m pip install --quiet --disable-pip-version-check --target "$py.tmp$$" 'openai>=1.40,<2'
   mv "$py.tmp$$" "$py"
 fi
 load() { PYTHONPATH="$py" python3 "$root/bench/load.py" "http://127.0.0.1:$1" "$2" "$TOKENS"; }
-
-node() {  # node NAME HTTP_PORT THREADS [extra args...]
-  local name=$1 port=$2 threads=$3; shift 3
-  "$shoal" node -m "$model" --cluster "$name" --cluster-key-file "$work/key" --no-mdns \
-    --listen /ip4/127.0.0.1/tcp/0 --http "127.0.0.1:$port" -t "$threads" --ctx 1024 "$@" \
-    2> "$work/$name-$port.log" &
-  pids+=($!)
-  for _ in $(seq 100); do grep -q "API on" "$work/$name-$port.log" && return; sleep 0.1; done
-  echo "node did not start:"; cat "$work/$name-$port.log"; exit 1
-}
-addr() { "$shoal" status --node "http://127.0.0.1:$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodes"][0]["addrs"][0])'; }
-stages() { "$shoal" status --node "http://127.0.0.1:$1" --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(1 for n in s["nodes"] if n["layers"]))'; }
 server() {  # server PORT THREADS SLOTS: llama-server as the issue names it (its defaults otherwise)
   "$llama/llama-server" -m "$model" --port "$1" -t "$2" -np "$3" --cont-batching \
     > "$work/server-$1.log" 2>&1 &

@@ -224,6 +224,11 @@ fn civil_from_days(days: i64) -> (i64, usize, i64) {
     (year, usize::try_from(month).unwrap_or(1), day)
 }
 
+/// `secs` (UTC, since the epoch) and `millis` as RFC 3339: `2026-11-26T10:00:00.123Z`.
+pub fn rfc3339(secs: i64, millis: u32) -> String {
+    format!("{}.{millis:03}Z", format_time(secs, "%Y-%m-%dT%H:%M:%S"))
+}
+
 /// A small `strftime` over UTC seconds since the epoch: `%Y %y %m %d %e %B %b %A %a %H %I %M
 /// %S %p %j %%`; other directives are kept as written.
 fn format_time(secs: i64, fmt: &str) -> String {

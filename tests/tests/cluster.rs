@@ -696,40 +696,37 @@ fn the_official_openai_client_and_curl_work_against_a_two_node_cluster() {
     std::fs::write(&chat_file, &chat).unwrap();
     std::fs::write(&completion_file, &completion).unwrap();
     let model_id = model.file_stem().unwrap().to_string_lossy().into_owned();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/openai_client.py");
-    let py = openai_python();
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg(format!("{}/v1", nodes[1].http))
-        .arg(&model_id)
-        .arg(&chat_file)
-        .arg(&completion_file)
-        .env("PYTHONPATH", &py)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openai client: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The official `ollama` client against the Ollama endpoints.
-    let ollama = python_package("ollama-0", "ollama", "ollama>=0.4,<1");
-    let out = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/ollama_client.py"))
-        .arg(&nodes[0].http)
-        .arg(&model_id)
-        .arg(&chat_file)
-        .arg(&completion_file)
-        .env("PYTHONPATH", &ollama)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ollama client: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The official clients: `openai` on the OpenAI endpoints of one node,
+    // `ollama` on the Ollama endpoints of the other.
+    let clients = [
+        (
+            "openai_client.py",
+            openai_python(),
+            format!("{}/v1", nodes[1].http),
+        ),
+        (
+            "ollama_client.py",
+            python_package("ollama-0", "ollama", "ollama>=0.4,<1"),
+            nodes[0].http.clone(),
+        ),
+    ];
+    for (script, path, url) in clients {
+        let out = std::process::Command::new("python3")
+            .arg(format!("{}/py/{script}", env!("CARGO_MANIFEST_DIR")))
+            .arg(url)
+            .arg(&model_id)
+            .arg(&chat_file)
+            .arg(&completion_file)
+            .env("PYTHONPATH", &path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // curl, streaming.
     let body = format!(
         r#"{{"model":"{model_id}","messages":[{{"role":"user","content":"Why is the sky blue?"}}],"temperature":0,"max_tokens":24,"stream":true}}"#

@@ -105,17 +105,22 @@ enum Kind {
     Generate,
 }
 
+/// The body as `T`, or the 400 to answer.
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<T, Response> {
+    let Json(v) = body.map_err(bad_json)?;
+    serde_json::from_value(v)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
+}
+
 async fn chat(
     State(shared): State<Arc<Shared>>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    let v = match body {
-        Ok(Json(v)) => v,
-        Err(e) => return bad_json(e),
-    };
-    let b: ChatBody = match serde_json::from_value(v) {
+    let b: ChatBody = match parse(body) {
         Ok(b) => b,
-        Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
+        Err(r) => return r,
     };
     if b.messages.is_empty() || b.messages.len() > MESSAGES_MAX {
         return err(
@@ -151,13 +156,9 @@ async fn generate(
     State(shared): State<Arc<Shared>>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    let v = match body {
-        Ok(Json(v)) => v,
-        Err(e) => return bad_json(e),
-    };
-    let b: GenerateBody = match serde_json::from_value(v) {
+    let b: GenerateBody = match parse(body) {
         Ok(b) => b,
-        Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
+        Err(r) => return r,
     };
     let prompt = if b.raw {
         Prompt::Raw(b.prompt)
@@ -362,25 +363,7 @@ fn rfc3339_now() -> String {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    chat::rfc3339(d.as_secs() as i64, d.subsec_millis())
 }
 
 #[cfg(test)]
