@@ -106,6 +106,9 @@ enum Kind {
 }
 
 /// The body as `T`, or the 400 to answer.
+// The error is the response itself, built once per bad request: boxing it
+// would only add an allocation.
+#[allow(clippy::result_large_err)]
 fn parse<T: serde::de::DeserializeOwned>(
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<T, Response> {
