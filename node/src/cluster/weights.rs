@@ -106,6 +106,8 @@ pub struct WeightStore {
     have: Mutex<Vec<u8>>,
     complete: bool,
     status: Mutex<WeightsStatus>,
+    /// Whether the index of a whole file is being computed in the background.
+    preparing: std::sync::atomic::AtomicBool,
 }
 
 impl WeightStore {
@@ -118,6 +120,7 @@ impl WeightStore {
             index: OnceLock::new(),
             have: Mutex::new(Vec::new()),
             complete: true,
+            preparing: std::sync::atomic::AtomicBool::new(false),
             status: Mutex::new(WeightsStatus {
                 complete: true,
                 have_bytes: total,
@@ -136,6 +139,7 @@ impl WeightStore {
             index: OnceLock::new(),
             have: Mutex::new(have),
             complete: false,
+            preparing: std::sync::atomic::AtomicBool::new(false),
             status: Mutex::new(WeightsStatus {
                 total_bytes: index.file_bytes,
                 ..WeightsStatus::default()
@@ -214,6 +218,39 @@ impl WeightStore {
             chunk_hashes: hashes,
         };
         Ok(self.index.get_or_init(|| index).clone())
+    }
+
+    /// The index if it is ready (a whole file's is computed on demand).
+    fn ready_index(&self) -> Option<WeightIndex> {
+        let mut i = self.index.get()?.clone();
+        if !self.complete {
+            i.have = self.have.lock().expect("have lock").clone();
+        }
+        Some(i)
+    }
+
+    /// Starts computing a whole file's index on a thread of its own (it
+    /// reads the whole file: seconds to minutes, never on the control loop).
+    fn prepare_index(self: &Arc<Self>, manifest: &Manifest, layout: &Arc<ModelLayout>) {
+        use std::sync::atomic::Ordering;
+        if self.preparing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (store, manifest, layout) = (self.clone(), manifest.clone(), layout.clone());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            match store.index(&manifest, &layout) {
+                Ok(i) => info!(
+                    chunks = i.chunk_hashes.len(),
+                    ms = t.elapsed().as_millis() as u64,
+                    "weight index ready: this node can hand out its model"
+                ),
+                Err(e) => {
+                    warn!("cannot index the model file for peers: {e}");
+                    store.preparing.store(false, Ordering::SeqCst);
+                }
+            }
+        });
     }
 
     /// Chunk `i`'s bytes, if this node holds it.
@@ -351,17 +388,20 @@ pub fn cache_path(model_hash: &[u8; 32]) -> PathBuf {
 
 /// Hands out the weights this node holds: the control loop's answers.
 pub fn answer(
-    store: &WeightStore,
+    store: &Arc<WeightStore>,
     req: &Message,
     manifest: &Manifest,
-    layout: &ModelLayout,
+    layout: &Arc<ModelLayout>,
 ) -> Message {
     match req {
-        Message::WeightsQuery { .. } => match store.index(manifest, layout) {
-            Ok(i) => Message::Weights(i),
-            Err(e) => Message::Refused {
-                reason: e.to_string(),
-            },
+        Message::WeightsQuery { .. } => match store.ready_index() {
+            Some(i) => Message::Weights(i),
+            None => {
+                store.prepare_index(manifest, layout);
+                Message::Refused {
+                    reason: INDEX_PREPARING.into(),
+                }
+            }
         },
         Message::ChunkQuery { index, .. } => match store.read_chunk(*index) {
             Some(mut bytes) => {
@@ -383,6 +423,12 @@ pub fn answer(
         },
     }
 }
+
+/// The answer while a holder computes its index: ask again shortly.
+const INDEX_PREPARING: &str = "preparing the weight index; ask again shortly";
+
+/// How long a fetcher waits before asking a preparing holder again.
+const INDEX_RETRY: Duration = Duration::from_millis(300);
 
 /// Test hook: `SHOAL_FAULT_CORRUPT_CHUNK=<n>` makes this node send chunk
 /// `n` corrupted, once — to prove the receiver catches and refetches it.
@@ -507,7 +553,7 @@ impl Session {
     /// Waits for the first holder's index of the model (any model when
     /// `want` is none).
     async fn first_index(&mut self, want: Option<[u8; 32]>) -> Result<WeightIndex, FetchError> {
-        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let mut deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         loop {
             let ev = tokio::time::timeout_at(deadline, self.next())
                 .await
@@ -521,6 +567,13 @@ impl Session {
                         self.holders.insert(peer, index.clone());
                         return Ok(index);
                     }
+                }
+                Ok(Message::Refused { reason }) if reason == INDEX_PREPARING => {
+                    // A holder hashing a big file is alive: keep waiting for it.
+                    deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+                    tokio::time::sleep(INDEX_RETRY).await;
+                    self.asked.remove(&peer);
+                    self.ask_index(peer);
                 }
                 Ok(Message::Refused { reason }) => warn!(peer = %peer, "weights refused: {reason}"),
                 Ok(_) => {}
