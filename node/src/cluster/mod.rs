@@ -334,7 +334,7 @@ impl Node {
         let membership = Membership::new(hello, spec, config.goal);
         let store = Arc::new(match &config.fetched {
             Some(index) => weights::WeightStore::partial(&config.model, index.clone()),
-            None => weights::WeightStore::whole(&config.model, &layout),
+            None => weights::WeightStore::whole(&config.model),
         });
         let fetcher = Arc::new(weights::Fetcher {
             store: store.clone(),
