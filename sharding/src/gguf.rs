@@ -197,6 +197,11 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// Where its bytes lie in the file.
+    pub fn byte_range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + self.size_bytes
+    }
+
     /// Number of elements.
     pub fn elements(&self) -> u64 {
         self.dims.iter().product()

@@ -251,6 +251,15 @@ impl ModelLayout {
         out
     }
 
+    /// The tensors outside the blocks: token embedding, output norm, head
+    /// (when not tied) and RoPE frequency factors.
+    pub fn end_tensors(&self) -> impl Iterator<Item = &TensorInfo> {
+        [Some(&self.token_embd), Some(&self.output_norm)]
+            .into_iter()
+            .chain([self.output.as_ref(), self.rope_freqs.as_ref()])
+            .flatten()
+    }
+
     /// Bytes of weights a stage running `layers` holds.
     pub fn stage_bytes(&self, layers: Range<usize>) -> u64 {
         self.stage_tensors(layers)

@@ -101,10 +101,7 @@ pub fn ends_hash(path: &Path, layout: &ModelLayout) -> Result<[u8; 32], GgufErro
     let mut file = File::open(path).map_err(io_error(path))?;
     let mut buf = vec![0u8; HASH_READ_BYTES];
     let mut h = blake3::Hasher::new();
-    let ends = [Some(&layout.token_embd), Some(&layout.output_norm)]
-        .into_iter()
-        .chain([layout.output.as_ref(), layout.rope_freqs.as_ref()]);
-    for t in ends.flatten() {
+    for t in layout.end_tensors() {
         hash_tensor(&mut h, &mut file, t, &mut buf).map_err(io_error(path))?;
     }
     Ok(*h.finalize().as_bytes())

@@ -362,13 +362,11 @@ fn check_index(index: &WeightIndex) -> Result<Manifest, FetchError> {
     Ok(m)
 }
 
-/// Byte ranges of the tensors of `layers` (and the ends they carry).
-pub fn stage_ranges(layout: &ModelLayout, layers: Range<usize>) -> Vec<Range<u64>> {
-    layout
-        .stage_tensors(layers)
-        .iter()
-        .map(|t| t.offset..t.offset + t.size_bytes)
-        .collect()
+/// Byte ranges of the tensors of `layers`, and of the embedding/head with `ends`.
+fn tensor_ranges(layout: &ModelLayout, layers: &[usize], ends: bool) -> Vec<Range<u64>> {
+    let blocks = layers.iter().flat_map(|&l| layout.layers[l].tensors.iter());
+    let ends = layout.end_tensors().filter(|_| ends);
+    blocks.chain(ends).map(|t| t.byte_range()).collect()
 }
 
 /// Where a fetched model lives: `<cache>/models/fetched/<hash>.gguf`.
@@ -687,9 +685,9 @@ impl Session {
     }
 }
 
-/// Fetches the chunks of `ranges` into `store` (blocking; for the worker
-/// thread and start-up), then checks the hashes of `layers` and, with
-/// `ends`, of the embedding/head.
+/// Fetches the chunks of `layers` (and with `ends` the embedding/head)
+/// that `store` lacks (blocking; for the worker thread), then checks their
+/// hashes against the manifest.
 pub fn fetch_ranges(
     runtime: &tokio::runtime::Handle,
     store: &WeightStore,
@@ -699,48 +697,48 @@ pub fn fetch_ranges(
     ends: bool,
     what: &str,
 ) -> Result<(), FetchError> {
-    let mut ranges: Vec<Range<u64>> = Vec::new();
-    for &l in layers {
-        ranges.extend(
-            layout.layers[l]
-                .tensors
-                .iter()
-                .map(|t| t.offset..t.offset + t.size_bytes),
-        );
-    }
-    if ends {
-        let e = [Some(&layout.token_embd), Some(&layout.output_norm)]
-            .into_iter()
-            .chain([layout.output.as_ref(), layout.rope_freqs.as_ref()]);
-        ranges.extend(e.flatten().map(|t| t.offset..t.offset + t.size_bytes));
-    }
-    let missing = store.missing(&ranges);
-    if !missing.is_empty() {
-        let index = store.index.get().expect("partial store").clone();
-        let bytes: u64 = missing.iter().map(|&c| chunk_len(&index, c)).sum();
-        let t = Instant::now();
-        info!(
-            what,
-            chunks = missing.len(),
-            mib = bytes >> 20,
-            "fetching weights from peers"
-        );
-        let result = runtime.block_on(async {
+    let ranges = tensor_ranges(layout, layers, ends);
+    if !store.missing(&ranges).is_empty() {
+        let hash = store.index.get().expect("partial store").model_hash;
+        runtime.block_on(async {
             let mut s = Session::start(sources.clone())?;
-            s.first_index(Some(index.model_hash)).await?;
-            // Give other holders a moment to answer too (spreads the load).
-            s.fetch(store, missing.clone(), bytes, what).await
-        });
-        store.set_fetching(None);
-        result?;
-        info!(
-            what,
-            mib = bytes >> 20,
-            ms = t.elapsed().as_millis() as u64,
-            "weights fetched and verified"
-        );
+            s.first_index(Some(hash)).await?;
+            fetch_missing(&mut s, store, &ranges, what).await
+        })?;
     }
     verify_layers(store, layout, layers, ends)
+}
+
+/// Fetches the chunks of `ranges` that `store` lacks over session `s`.
+async fn fetch_missing(
+    s: &mut Session,
+    store: &WeightStore,
+    ranges: &[Range<u64>],
+    what: &str,
+) -> Result<(), FetchError> {
+    let missing = store.missing(ranges);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let index = store.index.get().expect("partial store");
+    let bytes: u64 = missing.iter().map(|&c| chunk_len(index, c)).sum();
+    let t = Instant::now();
+    info!(
+        what,
+        chunks = missing.len(),
+        mib = bytes >> 20,
+        "fetching weights from peers"
+    );
+    let result = s.fetch(store, missing, bytes, what).await;
+    store.set_fetching(None);
+    result?;
+    info!(
+        what,
+        mib = bytes >> 20,
+        ms = t.elapsed().as_millis() as u64,
+        "weights fetched"
+    );
+    Ok(())
 }
 
 /// Recomputes the hashes of `layers` (and the ends) in the local file.
@@ -757,12 +755,7 @@ fn verify_layers(
     let err = |e: sharding::GgufError| FetchError::Verify(e.to_string());
     for &l in layers {
         if manifest::layer_hash(&store.path, layout, l).map_err(err)? != index.layer_hashes[l] {
-            let ranges: Vec<Range<u64>> = layout.layers[l]
-                .tensors
-                .iter()
-                .map(|t| t.offset..t.offset + t.size_bytes)
-                .collect();
-            store.drop_chunks(&chunks_of(&ranges));
+            store.drop_chunks(&chunks_of(&tensor_ranges(layout, &[l], false)));
             return Err(FetchError::Verify(format!(
                 "layer {l} does not match the manifest"
             )));
@@ -792,9 +785,10 @@ pub fn bootstrap(
     runtime: &tokio::runtime::Handle,
     sources: &Sources,
 ) -> Result<(PathBuf, WeightIndex), FetchError> {
-    let (path, index, store) = runtime.block_on(async {
+    // One session for the header and the calibration layers.
+    runtime.block_on(async {
         let mut s = Session::start(sources.clone())?;
-        let index = s.first_index(None).await?;
+        let mut index = s.first_index(None).await?;
         check_index(&index)?;
         let path = cache_path(&index.model_hash);
         let store = open_partial(&path, &index)?;
@@ -812,35 +806,30 @@ pub fn bootstrap(
                 "resuming a fetch: chunks already cached"
             );
         }
-        let header = store.missing(std::slice::from_ref(&(0..index.header_bytes)));
-        let bytes: u64 = header.iter().map(|&c| chunk_len(&index, c)).sum();
-        s.fetch(&store, header, bytes, "the model header").await?;
-        Ok::<_, FetchError>((path, index, store))
-    })?;
-    // The header parses, and hashes to the manifest's.
-    let gguf = sharding::GgufFile::open(&path).map_err(|e| FetchError::Verify(e.to_string()))?;
-    let layout = ModelLayout::from_gguf(&gguf).map_err(|e| FetchError::Verify(e.to_string()))?;
-    if manifest::header_hash(&path, &layout).map_err(|e| FetchError::Verify(e.to_string()))?
-        != index.header_hash
-    {
-        store.drop_chunks(&chunks_of(std::slice::from_ref(&(0..index.header_bytes))));
-        return Err(FetchError::Verify(
-            "the model header does not match the manifest".into(),
-        ));
-    }
-    let n = layout.layers.len();
-    fetch_ranges(
-        runtime,
-        &store,
-        sources,
-        &layout,
-        &[n / 2, n - 1],
-        true,
-        "calibration layers",
-    )?;
-    let mut index = index;
-    index.have = store.have.lock().expect("have lock").clone();
-    Ok((path, index))
+        let header_range = 0..index.header_bytes;
+        let header = std::slice::from_ref(&header_range);
+        fetch_missing(&mut s, &store, header, "the model header").await?;
+        // The header parses, and hashes to the manifest's.
+        let gguf =
+            sharding::GgufFile::open(&path).map_err(|e| FetchError::Verify(e.to_string()))?;
+        let layout =
+            ModelLayout::from_gguf(&gguf).map_err(|e| FetchError::Verify(e.to_string()))?;
+        if manifest::header_hash(&path, &layout).map_err(|e| FetchError::Verify(e.to_string()))?
+            != index.header_hash
+        {
+            store.drop_chunks(&chunks_of(header));
+            return Err(FetchError::Verify(
+                "the model header does not match the manifest".into(),
+            ));
+        }
+        let n = layout.layers.len();
+        let calibration = [n / 2, n - 1];
+        let ranges = tensor_ranges(&layout, &calibration, true);
+        fetch_missing(&mut s, &store, &ranges, "calibration layers").await?;
+        verify_layers(&store, &layout, &calibration, true)?;
+        index.have = store.have.lock().expect("have lock").clone();
+        Ok((path, index))
+    })
 }
 
 /// Opens the cached partial file (creating it sparse at full size).

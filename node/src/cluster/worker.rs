@@ -394,9 +394,7 @@ impl Worker {
         match result {
             Ok(out) => self.send_output(out, order),
             Err(e) => {
-                for s in order {
-                    self.fail(s.request_id, format!("node {}: {e}", self.cfg.me));
-                }
+                self.fail_all(&order, &e.to_string());
             }
         }
     }
@@ -409,9 +407,7 @@ impl Worker {
                 match hidden_message(&h, order.clone(), self.cfg.dtype) {
                     Ok(m) => self.out.send(&next, m),
                     Err(e) => {
-                        for s in order {
-                            self.fail(s.request_id, format!("node {}: {e}", self.cfg.me));
-                        }
+                        self.fail_all(&order, &e.to_string());
                     }
                 }
             }
@@ -419,9 +415,7 @@ impl Worker {
                 let rows = match l.to_vec2::<f32>() {
                     Ok(r) => r,
                     Err(e) => {
-                        for s in order {
-                            self.fail(s.request_id, format!("node {}: {e}", self.cfg.me));
-                        }
+                        self.fail_all(&order, &e.to_string());
                         return;
                     }
                 };
@@ -452,9 +446,7 @@ impl Worker {
                 }
             }
             _ => {
-                for s in order {
-                    self.fail(s.request_id, "stage output does not match the plan".into());
-                }
+                self.fail_all(&order, "stage output does not match the plan");
             }
         }
     }
@@ -464,6 +456,13 @@ impl Worker {
         self.batcher.cancel(id);
         if let Some(next) = &self.next {
             self.out.send(next, Message::Cancel { request_id: id });
+        }
+    }
+
+    /// Fails every request of a pass that went wrong as a whole.
+    fn fail_all(&mut self, batch: &[SeqRows], why: &str) {
+        for s in batch {
+            self.fail(s.request_id, format!("node {}: {why}", self.cfg.me));
         }
     }
 
