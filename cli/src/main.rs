@@ -9,6 +9,7 @@
 //! - `node`: `shoal node` — join or start a cluster and serve.
 //! - `ask`, `status`: clients of a node's HTTP API.
 //! - `demo`: a local multi-node cluster answering a question.
+//! - `simulate`: `shoal simulate` — a scenario through the cluster simulator.
 
 mod ask;
 mod bench;
@@ -17,6 +18,7 @@ mod demo;
 mod node;
 mod perplexity;
 mod run;
+mod simulate;
 mod status;
 mod tokenize;
 
@@ -50,6 +52,8 @@ enum Command {
     Keygen,
     /// Start a cluster of several nodes on this machine, ask it, keep its status page up.
     Demo(demo::DemoArgs),
+    /// Simulate a cluster described in a scenario file (machines, links, model, load).
+    Simulate(simulate::SimulateArgs),
 }
 
 fn main() {
@@ -69,6 +73,7 @@ fn main() {
         Command::Ask(a) => ask::main(a),
         Command::Status(a) => status::main(a),
         Command::Demo(a) => demo::main(a),
+        Command::Simulate(a) => simulate::main(a),
         Command::Keygen => {
             println!("{}", ::node::cluster::key::ClusterKey::generate().to_hex());
             Ok(())

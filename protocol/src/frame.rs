@@ -120,6 +120,8 @@ mod tests {
                             threads: 2,
                             memory_bytes,
                             us_per_mib: 300.0,
+                            row_us_per_mib: 60.0,
+                            prompt_row_us_per_mib: 90.0,
                             data_addr: "10.0.0.2:7000".into(),
                             http_addr: "127.0.0.1:8080".into(),
                             cert_fingerprint,

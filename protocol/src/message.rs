@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::limits::*;
 
 /// Version of this protocol. A node refuses a [`Hello`] with another one.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Every message on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -263,6 +263,11 @@ pub struct Capabilities {
     pub memory_bytes: u64,
     /// Measured decode time per MiB of this model's weights, microseconds.
     pub us_per_mib: f32,
+    /// What each extra row of a small batch adds, µs per MiB (sharding's
+    /// `NodeSpec::row_us_per_mib`).
+    pub row_us_per_mib: f32,
+    /// What each row of a long prompt pass adds, µs per MiB.
+    pub prompt_row_us_per_mib: f32,
     /// Its QUIC data-plane address (`ip:port`; an unspecified ip means
     /// "the address you reach me on").
     pub data_addr: String,

@@ -24,6 +24,7 @@ pub use layout::{LayoutError, ModelConfig, ModelLayout, RopeStyle};
 pub use manifest::Manifest;
 pub use planner::{
     plan, LinkSpec, ModelSpec, NodeSpec, Plan, PlanError, PlanGoal, PlanInput, PlannedStage,
+    BATCH_ROWS_KNEE,
 };
 
 #[cfg(test)]

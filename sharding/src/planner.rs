@@ -27,6 +27,11 @@ use std::ops::Range;
 /// [`PLANNER_NODES_MAX`] (then the largest) are the candidates.
 pub const PLANNER_NODES_MAX: usize = 6;
 
+/// Rows of a forward pass up to which each extra row costs
+/// [`NodeSpec::row_us_per_mib`] (a batch of decoding sequences); rows past
+/// it cost [`NodeSpec::prompt_row_us_per_mib`] (a prompt's pieces).
+pub const BATCH_ROWS_KNEE: usize = 4;
+
 /// What the planner knows about one node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeSpec {
@@ -35,9 +40,47 @@ pub struct NodeSpec {
     /// Measured time to stream one MiB of this model's weights through a
     /// decode step, microseconds (calibration at node start).
     pub us_per_mib: f64,
+    /// What each extra row of a pass adds, per MiB of weights, up to
+    /// [`BATCH_ROWS_KNEE`] rows: batched sequences share the weight reads,
+    /// so a row costs a fraction of a one-row pass (measured at start).
+    pub row_us_per_mib: f64,
+    /// What each row past [`BATCH_ROWS_KNEE`] adds, per MiB (measured on a
+    /// 64-row prompt pass: compute-bound, attention grows with the rows).
+    pub prompt_row_us_per_mib: f64,
     /// Memory the node may use for weights and KV cache, bytes.
     pub memory_bytes: u64,
 }
+
+impl NodeSpec {
+    /// A node whose passes cost the same per row as its one-row pass
+    /// (no batching gain): what the planner assumed before rows were measured.
+    pub fn flat(id: impl Into<String>, us_per_mib: f64, memory_bytes: u64) -> NodeSpec {
+        NodeSpec {
+            id: id.into(),
+            us_per_mib,
+            row_us_per_mib: us_per_mib,
+            prompt_row_us_per_mib: us_per_mib,
+            memory_bytes,
+        }
+    }
+
+    /// Microseconds of one forward pass of `rows` rows (all sequences
+    /// together) through `mib` MiB of weights: the cost model the planner
+    /// (one row) and the simulator (batches, prompts) share.
+    pub fn pass_us(&self, mib: f64, rows: usize) -> f64 {
+        if rows == 0 {
+            return 0.0;
+        }
+        let small = rows.min(BATCH_ROWS_KNEE);
+        mib * (self.us_per_mib
+            + (small - 1) as f64 * self.row_us_per_mib
+            + (rows - small) as f64 * self.prompt_row_us_per_mib)
+    }
+}
+
+/// Bytes a data-plane message adds to its payload: shoal's frame and
+/// message header, QUIC's short header and frame, UDP/IP.
+pub const MESSAGE_OVERHEAD_BYTES: u64 = 96;
 
 /// A measured link between two nodes (one direction).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,9 +98,15 @@ impl LinkSpec {
         bytes_per_second: 2e9,
     };
 
-    /// Microseconds to send `bytes` over this link.
+    /// Microseconds from sending a message of `bytes` to its arrival.
     pub fn send_us(&self, bytes: u64) -> f64 {
-        self.latency_us + bytes as f64 * 1e6 / self.bytes_per_second.max(1.0)
+        self.latency_us + self.transfer_us(bytes)
+    }
+
+    /// Microseconds the sender's side of the link is busy with a message of
+    /// `bytes` (its framing included): messages queue behind each other.
+    pub fn transfer_us(&self, bytes: u64) -> f64 {
+        (bytes + MESSAGE_OVERHEAD_BYTES) as f64 * 1e6 / self.bytes_per_second.max(1.0)
     }
 }
 
@@ -99,7 +148,7 @@ impl ModelSpec {
 
     /// Weight bytes a decode step streams for `layers` (the embedding is a
     /// row lookup, so it costs nothing).
-    fn streamed_bytes(&self, layers: Range<usize>) -> u64 {
+    pub fn streamed_bytes(&self, layers: Range<usize>) -> u64 {
         let mut bytes: u64 = self.layer_bytes[layers.clone()].iter().sum();
         if layers.end == self.layer_bytes.len() {
             bytes += self.last_compute_bytes;
@@ -410,7 +459,7 @@ impl Search<'_> {
                     if m.stage_memory(b..e) > node.memory_bytes {
                         continue;
                     }
-                    let c = node.us_per_mib * mib(m.streamed_bytes(b..e));
+                    let c = node.pass_us(mib(m.streamed_bytes(b..e)), 1);
                     let cand = (prev.0.max(c), prev.1 + c, b);
                     if self.better(cand, dp[s][e]) {
                         dp[s][e] = cand;
@@ -457,7 +506,7 @@ impl Search<'_> {
             stages.push(PlannedStage {
                 node_id: node.id.clone(),
                 memory_bytes: m.stage_memory(layers.clone()),
-                compute_us: node.us_per_mib * mib(m.streamed_bytes(layers.clone())),
+                compute_us: node.pass_us(mib(m.streamed_bytes(layers.clone())), 1),
                 layers,
                 send_us,
             });
@@ -482,7 +531,8 @@ impl Search<'_> {
     }
 }
 
-fn mib(bytes: u64) -> f64 {
+/// Bytes in MiB, the unit of the nodes' speeds.
+pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 

@@ -2,12 +2,14 @@
 //! layer of this model for one token, per MiB of weights (the planner
 //! divides layers by it), and how long the output head adds to the last
 //! stage (a tied Q8_0 head over a 49k vocabulary costs a SmolLM2 node as
-//! much as ~15 of its Q4_1 layers: counting it by bytes misplaces the cut).
+//! much as ~15 of its Q4_1 layers: counting it by bytes misplaces the cut),
+//! and what more rows in a pass add (a batch of 4 decoding sequences, a
+//! 64-row prompt piece): the simulator's batching and prompt costs.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use sharding::{GgufFile, ModelLayout};
+use sharding::{GgufFile, ModelLayout, BATCH_ROWS_KNEE};
 
 use crate::model::{LoadOptions, LogitsFor, Stage, StageInput};
 use crate::EngineError;
@@ -24,7 +26,16 @@ pub struct Speed {
     /// Microseconds the last stage spends per token beyond its layers
     /// (final norm, output head, logits).
     pub head_us: f64,
+    /// Microseconds per MiB each extra row adds to a pass of up to
+    /// [`BATCH_ROWS_KNEE`] rows.
+    pub row_us_per_mib: f64,
+    /// Microseconds per MiB each row past [`BATCH_ROWS_KNEE`] adds.
+    pub prompt_row_us_per_mib: f64,
 }
+
+/// Rows of the long pass timed for the prompt cost: the attention kernel
+/// long prompts use (`TILED_ROWS_MIN`).
+const PROMPT_ROWS: usize = 64;
 
 impl Speed {
     /// The head's work as layer bytes of the same duration (the planner's unit).
@@ -44,36 +55,50 @@ pub fn measure(
     // A middle layer: no embedding or head in the way.
     let layer = n / 2;
     let mib = |l: usize| layout.layers[l].bytes() as f64 / (1024.0 * 1024.0);
-    let us_per_mib = time_step(gguf, layout, layer..layer + 1, context)? / mib(layer).max(1e-6);
-    let last = time_step(gguf, layout, n - 1..n, context)?;
+    let m = mib(layer).max(1e-6);
+    let us_per_mib = time_step(gguf, layout, layer..layer + 1, context, 1)? / m;
+    let last = time_step(gguf, layout, n - 1..n, context, 1)?;
+    let batch = time_step(gguf, layout, layer..layer + 1, context, BATCH_ROWS_KNEE)? / m;
+    let prompt = time_step(gguf, layout, layer..layer + 1, context, PROMPT_ROWS)? / m;
+    let row_us_per_mib = ((batch - us_per_mib) / (BATCH_ROWS_KNEE - 1) as f64).max(0.0);
     Ok(Speed {
         us_per_mib,
         head_us: (last - us_per_mib * mib(n - 1)).max(0.0),
+        row_us_per_mib,
+        prompt_row_us_per_mib: ((prompt - batch) / (PROMPT_ROWS - BATCH_ROWS_KNEE) as f64)
+            .max(row_us_per_mib),
     })
 }
 
-/// Microseconds of one decode step of `layers` (after a warm-up).
+/// Microseconds of one pass of `rows` rows through `layers` (after a
+/// warm-up): one-row steps decode on a growing cache; longer passes are
+/// prompt pieces, each on a fresh cache.
 fn time_step(
     gguf: &GgufFile,
     layout: &ModelLayout,
     layers: std::ops::Range<usize>,
     context: usize,
+    rows: usize,
 ) -> Result<f64, EngineError> {
     let opts = LoadOptions {
-        max_context: context.min(64),
+        max_context: context.min(64).max(rows * 2),
         ..LoadOptions::default()
     };
     let stage = Stage::load(gguf, layout, layers, &opts)?;
     stage.prefault(&mut |_, _| {});
     let dim = layout.config.dim;
-    let x: Vec<f32> = (0..dim)
+    let x: Vec<f32> = (0..dim * rows)
         .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
         .collect();
-    let hidden = Tensor::from_vec(x, (1, dim), &Device::Cpu)?;
-    let mut cache = stage.new_cache(STEPS + 1);
+    let hidden = Tensor::from_vec(x, (rows, dim), &Device::Cpu)?;
+    let tokens = vec![0u32; rows];
+    let mut cache = stage.new_cache((STEPS + 1) * rows);
     let run = |cache: &mut crate::KvCache| {
+        if rows > 1 {
+            cache.clear();
+        }
         let input = if stage.is_first() {
-            StageInput::Tokens(&[0])
+            StageInput::Tokens(&tokens)
         } else {
             StageInput::Hidden(hidden.clone())
         };

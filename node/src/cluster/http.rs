@@ -342,8 +342,12 @@ pub struct NodeStatus {
     pub threads: u32,
     /// Memory it may use, bytes.
     pub memory_bytes: u64,
-    /// Measured µs per MiB of weights.
+    /// Measured µs per MiB of weights (one-row pass).
     pub us_per_mib: f32,
+    /// Measured µs per MiB each extra row of a small batch adds.
+    pub row_us_per_mib: f32,
+    /// Measured µs per MiB each row of a long prompt pass adds.
+    pub prompt_row_us_per_mib: f32,
     /// Its layers `[start, end)` in the plan.
     pub layers: Option<[u32; 2]>,
     /// Control-plane round trip from the answering node (libp2p ping), ms.
@@ -452,6 +456,8 @@ pub fn build_status(shared: &Shared) -> Status {
         threads: h.capabilities.threads,
         memory_bytes: h.capabilities.memory_bytes,
         us_per_mib: h.capabilities.us_per_mib,
+        row_us_per_mib: h.capabilities.row_us_per_mib,
+        prompt_row_us_per_mib: h.capabilities.prompt_row_us_per_mib,
         layers: layers_of(&h.node_id),
         rtt_ms: rtt.map(|r| f64::from(r) / 1000.0),
         link_rtt_ms: probe.map(|p| f64::from(p.0) / 1000.0),

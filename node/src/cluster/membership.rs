@@ -267,6 +267,8 @@ impl Membership {
             .map(|h| NodeSpec {
                 id: h.node_id.clone(),
                 us_per_mib: f64::from(h.capabilities.us_per_mib),
+                row_us_per_mib: f64::from(h.capabilities.row_us_per_mib),
+                prompt_row_us_per_mib: f64::from(h.capabilities.prompt_row_us_per_mib),
                 memory_bytes: h.capabilities.memory_bytes,
             })
             .collect();
@@ -400,6 +402,8 @@ mod tests {
                 threads: 1,
                 memory_bytes: memory_mib << 20,
                 us_per_mib: 100.0,
+                row_us_per_mib: 20.0,
+                prompt_row_us_per_mib: 30.0,
                 data_addr: "0.0.0.0:7000".into(),
                 http_addr: "127.0.0.1:8080".into(),
                 cert_fingerprint: [0; 32],

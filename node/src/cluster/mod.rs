@@ -307,6 +307,8 @@ impl Node {
                 threads: config.threads as u32,
                 memory_bytes,
                 us_per_mib: speed.us_per_mib as f32,
+                row_us_per_mib: speed.row_us_per_mib as f32,
+                prompt_row_us_per_mib: speed.prompt_row_us_per_mib as f32,
                 data_addr: config
                     .data_advertise
                     .unwrap_or_else(|| data.local_addr())
@@ -322,6 +324,8 @@ impl Node {
             hash = %manifest.short_hash(),
             us_per_mib = format!("{:.0}", speed.us_per_mib),
             head_us = format!("{:.0}", speed.head_us),
+            row_us_per_mib = format!("{:.0}", speed.row_us_per_mib),
+            prompt_row_us_per_mib = format!("{:.0}", speed.prompt_row_us_per_mib),
             memory_mib = memory_bytes >> 20,
             data = %data.local_addr(),
             http = %http_addr,

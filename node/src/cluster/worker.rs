@@ -387,6 +387,7 @@ impl Worker {
             std::sync::atomic::Ordering::Relaxed,
         );
         self.cfg.metrics.batch_sequences.observe(ready.len() as f64);
+        self.batcher.finished(Instant::now());
         let order: Vec<SeqRows> = ready.iter().map(|(w, _)| w.seq).collect();
         for (work, seq) in ready {
             self.seqs.insert(work.seq.request_id, seq);

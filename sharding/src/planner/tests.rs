@@ -17,11 +17,7 @@ fn model(layers: usize, layer_mib: u64) -> ModelSpec {
 }
 
 fn node(id: &str, us_per_mib: f64, memory_mib: u64) -> NodeSpec {
-    NodeSpec {
-        id: id.into(),
-        us_per_mib,
-        memory_bytes: memory_mib * MIB,
-    }
+    NodeSpec::flat(id, us_per_mib, memory_mib * MIB)
 }
 
 fn uniform_links(n: usize, link: LinkSpec) -> Vec<Vec<LinkSpec>> {

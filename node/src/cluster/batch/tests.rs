@@ -194,3 +194,43 @@ fn tokens_and_hidden_rows_never_share_a_pass() {
     assert_eq!(b.next_batch(64, false, now).len(), 1);
     assert_eq!(b.next_batch(64, false, now).len(), 1);
 }
+
+#[test]
+fn a_lone_request_waits_to_merge_with_a_group_on_its_way() {
+    let t0 = Instant::now();
+    let mut b = Batcher::default();
+    // Request 1 started alone; 2, 3 and 4 run as a group.
+    b.push(decode(1, 5), t0);
+    assert_eq!(b.next_batch(64, true, t0).len(), 1);
+    for id in 2..=4 {
+        b.push(decode(id, 5), t0);
+    }
+    assert_eq!(b.next_batch(64, true, t0).len(), 3);
+    // 1's next token came back while the stage ran 2-4; the pass ends.
+    let t1 = t0 + Duration::from_millis(10);
+    b.push(decode(1, 6), t0 + Duration::from_millis(5));
+    b.finished(t1);
+    assert_eq!(b.next(t1), Next::WaitUntil(t1 + REGROUP_WAIT));
+    for id in 2..=4 {
+        b.push(decode(id, 6), t1);
+    }
+    assert_eq!(b.next(t1), Next::Run);
+    assert_eq!(b.next_batch(64, true, t1).len(), 4, "merged");
+    // With a micro-batch cap that has no room for both, no wait.
+    let t2 = t1 + Duration::from_millis(10);
+    b.push(decode(1, 7), t2);
+    b.push(decode(2, 7), t2);
+    b.finished(t2);
+    assert_eq!(
+        b.next(t2),
+        Next::WaitUntil(t2 + REGROUP_WAIT),
+        "1, 2 wait for 3, 4"
+    );
+    let mut c = Batcher::default();
+    c.push(decode(1, 5), t0);
+    c.push(decode(2, 5), t0);
+    c.next_batch(1, true, t0);
+    c.push(decode(1, 6), t1);
+    c.finished(t1);
+    assert_eq!(c.next(t1), Next::Run, "cap 1: 1 and 2 never share a pass");
+}

@@ -1,0 +1,581 @@
+//! The event loop: requests arrive, stages run forward passes chosen by the
+//! node's batcher and priced by the planner's cost model, activations and
+//! tokens cross links with latency, bandwidth and jitter.
+//!
+//! What a request does here is what it does in `shoal node`: the origin
+//! (the node the request arrived at) sends the prompt to the first stage in
+//! pieces of [`PROMPT_CHUNK_TOKENS`]; each stage queues chunks in a
+//! [`Batcher`] and, when idle, runs the batch it picks (the first stage of a
+//! pipeline keeps one micro-batch per stage); hidden states of a batch go on
+//! in one message; the last stage samples and each token goes back to the
+//! origin, which sends it to the first stage as the next one-row chunk.
+//!
+//! Deterministic: time is integer nanoseconds, ties break on insertion
+//! order, and the only randomness (link jitter, open-loop arrivals, prompt
+//! lengths) comes from one seeded generator.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use node::cluster::batch::{Batcher, Next, Rows, Work};
+use node::cluster::worker::SEQUENCES_MAX;
+use node::engine::PROMPT_CHUNK_TOKENS;
+use protocol::SeqRows;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sharding::planner::mib;
+use sharding::{plan, LinkSpec, ModelSpec, NodeSpec, Plan, PlanError, PlanGoal, PlanInput};
+
+use crate::report::{Report, Run};
+
+/// Events one simulation may process: a runaway scenario stops with an
+/// error instead of spinning.
+pub const EVENTS_MAX: u64 = 200_000_000;
+/// Requests one simulation may run.
+pub const REQUESTS_MAX: usize = 1_000_000;
+
+/// One direction of a link between two nodes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Link {
+    /// Latency and bandwidth, as the planner sees them.
+    pub spec: LinkSpec,
+    /// Mean extra delay per message, microseconds (exponentially
+    /// distributed; messages on a link still arrive in order, as on a QUIC
+    /// stream).
+    pub jitter_us: f64,
+}
+
+/// The machines and the model.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// The model as the planner sees it.
+    pub model: ModelSpec,
+    /// The nodes (ids are their names).
+    pub nodes: Vec<NodeSpec>,
+    /// `links[i][j]`: from node `i` to node `j` (the diagonal is unused).
+    pub links: Vec<Vec<Link>>,
+    /// What the planner optimises.
+    pub goal: PlanGoal,
+    /// A fixed split (node index, layers) instead of the planner's: to
+    /// replay what a real cluster chose, or to try every split.
+    pub split: Option<Vec<(usize, Range<usize>)>>,
+    /// The node requests arrive at; `None`: the first stage's node.
+    pub entry: Option<usize>,
+}
+
+/// The requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Load {
+    /// Closed loop: this many clients, each sending its next request when
+    /// the last one is answered (what `bench/load.py` does).
+    pub streams: Option<usize>,
+    /// Open loop: requests arrive at this mean rate (Poisson), whatever
+    /// the cluster's pace.
+    pub rate_per_s: Option<f64>,
+    /// Requests in all.
+    pub requests: usize,
+    /// Prompt tokens of each request (the least, when `prompt_tokens_max`).
+    pub prompt_tokens: usize,
+    /// Prompt lengths drawn uniformly from `prompt_tokens..=prompt_tokens_max`.
+    pub prompt_tokens_max: Option<usize>,
+    /// Tokens generated per request.
+    pub output_tokens: usize,
+    /// Seed of the generator (jitter, arrivals, prompt lengths).
+    pub seed: u64,
+}
+
+/// Why a simulation cannot run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// The planner found no split.
+    #[error("no plan: {0}")]
+    Plan(#[from] PlanError),
+    /// A fixed split is not a valid pipeline.
+    #[error("bad split: {0}")]
+    Split(String),
+    /// The load is empty or out of bounds.
+    #[error("bad load: {0}")]
+    Load(String),
+    /// The run did not finish within [`EVENTS_MAX`] events.
+    #[error("the simulation ran past {EVENTS_MAX} events")]
+    Runaway,
+}
+
+/// Runs `load` on `cluster`.
+pub fn simulate(cluster: &Cluster, load: &Load) -> Result<Report, SimError> {
+    check_load(load)?;
+    let plan = match &cluster.split {
+        Some(split) => fixed_plan(cluster, split)?,
+        None => plan(&PlanInput {
+            model: cluster.model.clone(),
+            nodes: cluster.nodes.clone(),
+            links: cluster
+                .links
+                .iter()
+                .map(|r| r.iter().map(|l| l.spec).collect())
+                .collect(),
+            goal: cluster.goal,
+        })?,
+    };
+    let stages: Vec<(usize, Range<usize>)> = plan
+        .stages
+        .iter()
+        .map(|s| {
+            let i = cluster
+                .nodes
+                .iter()
+                .position(|n| n.id == s.node_id)
+                .expect("planned node exists");
+            (i, s.layers.clone())
+        })
+        .collect();
+    let mut world = World::new(cluster, load, &stages);
+    world.run()?;
+    Ok(world.report(&plan))
+}
+
+fn check_load(load: &Load) -> Result<(), SimError> {
+    let bad = |s: &str| Err(SimError::Load(s.into()));
+    if load.requests == 0 || load.requests > REQUESTS_MAX {
+        return bad("requests must be between 1 and 1,000,000");
+    }
+    if load.output_tokens == 0 || load.prompt_tokens == 0 {
+        return bad("prompt and output tokens must be at least 1");
+    }
+    if load
+        .prompt_tokens_max
+        .is_some_and(|m| m < load.prompt_tokens)
+    {
+        return bad("prompt_tokens_max is below prompt_tokens");
+    }
+    match (load.streams, load.rate_per_s) {
+        (Some(0), _) => bad("streams must be at least 1"),
+        (Some(_), Some(_)) => bad("give streams (closed loop) or rate_per_s (open loop), not both"),
+        (None, None) => bad("give streams (closed loop) or rate_per_s (open loop)"),
+        (None, Some(r)) if !(r > 0.0 && r.is_finite()) => bad("rate_per_s must be positive"),
+        _ => Ok(()),
+    }
+}
+
+/// A [`Plan`] for a given split, scored by the planner's cost model.
+fn fixed_plan(cluster: &Cluster, split: &[(usize, Range<usize>)]) -> Result<Plan, SimError> {
+    let n = cluster.model.layer_bytes.len();
+    let mut next = 0;
+    for (node, layers) in split {
+        if *node >= cluster.nodes.len() {
+            return Err(SimError::Split(format!("node {node} does not exist")));
+        }
+        if layers.start != next || layers.end <= layers.start {
+            return Err(SimError::Split(format!(
+                "layers {layers:?} do not continue from layer {next}"
+            )));
+        }
+        next = layers.end;
+    }
+    if next != n || split.is_empty() {
+        return Err(SimError::Split(format!(
+            "the split covers {next} of {n} layers"
+        )));
+    }
+    let k = split.len();
+    let mut stages = Vec::with_capacity(k);
+    for (s, (node, layers)) in split.iter().enumerate() {
+        let spec = &cluster.nodes[*node];
+        let next = split[(s + 1) % k].0;
+        let bytes = if s + 1 == k {
+            4
+        } else {
+            cluster.model.activation_bytes
+        };
+        let send_us = if k == 1 {
+            0.0
+        } else {
+            cluster.links[*node][next].spec.send_us(bytes)
+        };
+        stages.push(sharding::PlannedStage {
+            node_id: spec.id.clone(),
+            layers: layers.clone(),
+            memory_bytes: cluster.model.stage_memory(layers.clone()),
+            compute_us: spec.pass_us(mib(cluster.model.streamed_bytes(layers.clone())), 1),
+            send_us,
+        });
+    }
+    let latency: f64 = stages.iter().map(|s| s.compute_us + s.send_us).sum();
+    let slowest = stages
+        .iter()
+        .map(|s| s.compute_us.max(s.send_us))
+        .fold(0.0, f64::max);
+    Ok(Plan {
+        stages,
+        token_latency_us: latency,
+        throughput_tokens_per_s: 1e6 / slowest.max(1e-3),
+    })
+}
+
+/// Nanoseconds since the start.
+type Ns = u64;
+
+fn ns(us: f64) -> Ns {
+    (us * 1e3).round().max(0.0) as Ns
+}
+
+#[derive(Debug)]
+enum Event {
+    /// A request arrives at the origin.
+    Arrive { request: usize },
+    /// Chunks reach a stage.
+    Deliver { stage: usize, work: Vec<Work> },
+    /// A stage's forward pass ends.
+    PassDone { stage: usize, batch: Vec<SeqRows> },
+    /// Sampled tokens reach the origin.
+    Tokens { requests: Vec<u64> },
+    /// A stage's regroup wait ends.
+    Wake { stage: usize },
+    /// A finished request's Cancel reaches the first stage.
+    End { request: u64 },
+}
+
+struct Stage {
+    node: usize,
+    /// MiB of layer weights streamed per pass.
+    layer_mib: f64,
+    /// MiB-equivalent of the head's work per sampled row (last stage).
+    head_mib: f64,
+    batcher: Batcher,
+    busy: bool,
+    wake: Option<Ns>,
+    busy_ns: Ns,
+    passes: u64,
+    rows: u64,
+    seqs: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RequestLog {
+    pub arrive: Ns,
+    pub prompt: usize,
+    pub tokens: Vec<Ns>,
+}
+
+struct World<'a> {
+    cluster: &'a Cluster,
+    load: &'a Load,
+    stages: Vec<Stage>,
+    entry: usize,
+    base: Instant,
+    now: Ns,
+    queue: BinaryHeap<Reverse<(Ns, u64)>>,
+    events: HashMap<u64, Event>,
+    seq: u64,
+    /// Per directed link: when its sender is free, when its last message lands.
+    link_free: HashMap<(usize, usize), (Ns, Ns)>,
+    rng: StdRng,
+    requests: Vec<RequestLog>,
+    issued: usize,
+    active: usize,
+    processed: u64,
+}
+
+impl<'a> World<'a> {
+    fn new(cluster: &'a Cluster, load: &'a Load, split: &[(usize, Range<usize>)]) -> World<'a> {
+        let m = &cluster.model;
+        let n = split.len();
+        let stages = split
+            .iter()
+            .enumerate()
+            .map(|(s, (node, layers))| Stage {
+                node: *node,
+                layer_mib: mib(m.layer_bytes[layers.clone()].iter().sum()),
+                head_mib: if s + 1 == n {
+                    mib(m.last_compute_bytes)
+                } else {
+                    0.0
+                },
+                batcher: Batcher::default(),
+                busy: false,
+                wake: None,
+                busy_ns: 0,
+                passes: 0,
+                rows: 0,
+                seqs: 0,
+            })
+            .collect();
+        World {
+            cluster,
+            load,
+            stages,
+            entry: cluster.entry.unwrap_or(split[0].0),
+            base: Instant::now(),
+            now: 0,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            seq: 0,
+            link_free: HashMap::new(),
+            rng: StdRng::seed_from_u64(load.seed),
+            requests: Vec::new(),
+            issued: 0,
+            active: 0,
+            processed: 0,
+        }
+    }
+
+    fn at(&self, t: Ns) -> Instant {
+        self.base + Duration::from_nanos(t)
+    }
+
+    fn schedule(&mut self, t: Ns, e: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse((t.max(self.now), self.seq)));
+        self.events.insert(self.seq, e);
+    }
+
+    /// When a message of `bytes` sent now from node `a` lands on node `b`.
+    fn send(&mut self, a: usize, b: usize, bytes: u64) -> Ns {
+        if a == b {
+            return self.now;
+        }
+        let link = self.cluster.links[a][b];
+        let tx = ns(link.spec.transfer_us(bytes));
+        let (free, last) = self.link_free.get(&(a, b)).copied().unwrap_or((0, 0));
+        let start = free.max(self.now);
+        let jitter = if link.jitter_us > 0.0 {
+            let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
+            -u.ln() * link.jitter_us
+        } else {
+            0.0
+        };
+        let land = (start + tx + ns(link.spec.latency_us + jitter)).max(last);
+        self.link_free.insert((a, b), (start + tx, land));
+        land
+    }
+
+    fn issue(&mut self) {
+        if self.issued >= self.load.requests {
+            return;
+        }
+        let request = self.issued;
+        self.issued += 1;
+        let prompt = match self.load.prompt_tokens_max {
+            Some(max) if max > self.load.prompt_tokens => {
+                self.rng.random_range(self.load.prompt_tokens..=max)
+            }
+            _ => self.load.prompt_tokens,
+        };
+        self.requests.push(RequestLog {
+            arrive: 0,
+            prompt,
+            tokens: Vec::new(),
+        });
+        // Open loop: the next arrival is drawn when the previous one lands.
+        let when = match self.load.rate_per_s {
+            Some(rate) if request > 0 => {
+                let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
+                self.now + ns(-u.ln() / rate * 1e6)
+            }
+            _ => self.now,
+        };
+        self.schedule(when, Event::Arrive { request });
+    }
+
+    fn run(&mut self) -> Result<(), SimError> {
+        match self.load.streams {
+            Some(n) => (0..n).for_each(|_| self.issue()),
+            None => self.issue(),
+        }
+        while let Some(Reverse((t, id))) = self.queue.pop() {
+            self.processed += 1;
+            if self.processed > EVENTS_MAX {
+                return Err(SimError::Runaway);
+            }
+            self.now = t;
+            let event = self.events.remove(&id).expect("scheduled event");
+            match event {
+                Event::Arrive { request } => self.arrive(request),
+                Event::Deliver { stage, work } => {
+                    let now = self.at(self.now);
+                    for w in work {
+                        self.stages[stage].batcher.push(w, now);
+                    }
+                    self.try_start(stage);
+                }
+                Event::PassDone { stage, batch } => self.pass_done(stage, batch),
+                Event::Tokens { requests } => self.tokens(requests),
+                Event::End { request } => {
+                    self.active -= 1;
+                    self.stages[0].batcher.cancel(request);
+                    self.try_start(0);
+                }
+                Event::Wake { stage } => {
+                    if self.stages[stage].wake == Some(self.now) {
+                        self.stages[stage].wake = None;
+                    }
+                    self.try_start(stage);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn arrive(&mut self, request: usize) {
+        self.requests[request].arrive = self.now;
+        self.active += 1;
+        if self.load.rate_per_s.is_some() {
+            self.issue();
+        }
+        let prompt = self.requests[request].prompt;
+        let head = self.stages[0].node;
+        let chunks = prompt.div_ceil(PROMPT_CHUNK_TOKENS);
+        for c in 0..chunks {
+            let start = c * PROMPT_CHUNK_TOKENS;
+            let rows = (prompt - start).min(PROMPT_CHUNK_TOKENS);
+            let land = self.send(self.entry, head, rows as u64 * 4 + 32);
+            let work = token_work(request as u64, start, rows, c + 1 == chunks);
+            self.schedule(
+                land,
+                Event::Deliver {
+                    stage: 0,
+                    work: vec![work],
+                },
+            );
+        }
+    }
+
+    fn try_start(&mut self, s: usize) {
+        let now = self.at(self.now);
+        let n_stages = self.stages.len();
+        let active = self.active;
+        let stage = &mut self.stages[s];
+        if stage.busy {
+            return;
+        }
+        match stage.batcher.next(now) {
+            Next::Idle => return,
+            Next::WaitUntil(deadline) => {
+                let t = deadline.duration_since(self.base).as_nanos() as Ns;
+                if stage.wake.is_none_or(|w| w > t) {
+                    stage.wake = Some(t);
+                    self.schedule(t, Event::Wake { stage: s });
+                }
+                return;
+            }
+            Next::Run => {}
+        }
+        let first = s == 0;
+        let seqs_max = if first && n_stages > 1 {
+            active.div_ceil(n_stages).max(1)
+        } else {
+            SEQUENCES_MAX
+        };
+        let batch = stage.batcher.next_batch(seqs_max, first, now);
+        if batch.is_empty() {
+            return;
+        }
+        let rows: usize = batch.iter().map(|w| w.seq.rows as usize).sum();
+        let sampled = batch.iter().filter(|w| w.seq.sample).count();
+        let node = &self.cluster.nodes[stage.node];
+        let us = node.pass_us(stage.layer_mib, rows) + node.pass_us(stage.head_mib, sampled);
+        let dur = ns(us);
+        stage.busy = true;
+        stage.busy_ns += dur;
+        stage.passes += 1;
+        stage.rows += rows as u64;
+        stage.seqs += batch.len() as u64;
+        let batch = batch.into_iter().map(|w| w.seq).collect();
+        self.schedule(self.now + dur, Event::PassDone { stage: s, batch });
+    }
+
+    fn pass_done(&mut self, s: usize, batch: Vec<SeqRows>) {
+        let now = self.at(self.now);
+        self.stages[s].busy = false;
+        self.stages[s].batcher.finished(now);
+        let from = self.stages[s].node;
+        if s + 1 < self.stages.len() {
+            let rows: u64 = batch.iter().map(|b| u64::from(b.rows)).sum();
+            let to = self.stages[s + 1].node;
+            let land = self.send(from, to, rows * self.cluster.model.activation_bytes);
+            let work = batch
+                .into_iter()
+                .map(|seq| Work {
+                    seq,
+                    rows: Rows::Hidden(Vec::new()),
+                })
+                .collect();
+            self.schedule(land, Event::Deliver { stage: s + 1, work });
+        } else {
+            let requests: Vec<u64> = batch
+                .iter()
+                .filter(|b| b.sample)
+                .map(|b| b.request_id)
+                .collect();
+            if !requests.is_empty() {
+                let land = self.send(from, self.entry, 4 * requests.len() as u64);
+                self.schedule(land, Event::Tokens { requests });
+            }
+        }
+        self.try_start(s);
+    }
+
+    fn tokens(&mut self, requests: Vec<u64>) {
+        let head = self.stages[0].node;
+        let mut next = Vec::new();
+        for id in requests {
+            let log = &mut self.requests[id as usize];
+            log.tokens.push(self.now);
+            if log.tokens.len() >= self.load.output_tokens {
+                let land = self.send(self.entry, head, 16);
+                self.schedule(land, Event::End { request: id });
+                if self.load.streams.is_some() {
+                    self.issue();
+                }
+            } else {
+                let position = log.prompt + log.tokens.len() - 1;
+                next.push(token_work(id, position, 1, true));
+            }
+        }
+        if !next.is_empty() {
+            let land = self.send(self.entry, head, 32 * next.len() as u64);
+            self.schedule(
+                land,
+                Event::Deliver {
+                    stage: 0,
+                    work: next,
+                },
+            );
+        }
+    }
+
+    fn report(&self, plan: &Plan) -> Report {
+        let stages = self
+            .stages
+            .iter()
+            .map(|s| crate::report::StageRun {
+                node: self.cluster.nodes[s.node].id.clone(),
+                busy_ns: s.busy_ns,
+                passes: s.passes,
+                rows: s.rows,
+                seqs: s.seqs,
+            })
+            .collect();
+        Report::from_run(&Run {
+            plan,
+            stages,
+            requests: &self.requests,
+            end: self.now,
+        })
+    }
+}
+
+fn token_work(request: u64, position: usize, rows: usize, sample: bool) -> Work {
+    Work {
+        seq: SeqRows {
+            request_id: request,
+            position: position as u32,
+            rows: rows as u32,
+            sample,
+        },
+        rows: Rows::Tokens(vec![0; rows]),
+    }
+}
