@@ -26,6 +26,16 @@ pub struct BenchArgs {
     /// Print a JSON array (llama-bench's `-o json` fields) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Benchmark a running cluster through this node's HTTP API instead,
+    /// each level beside the simulator's prediction (-m names its model file).
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// Concurrent streams, one level each (--cluster).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    streams: Vec<usize>,
+    /// Requests each stream sends one after another (--cluster).
+    #[arg(long, default_value_t = 2)]
+    requests_per_stream: usize,
 }
 
 /// One result row; field names follow llama-bench's JSON.
@@ -44,6 +54,24 @@ struct Row {
 }
 
 pub fn main(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(url) = &args.cluster {
+        let model = match &args.model.model {
+            Some(p) => p.clone(),
+            None => node::models::default_model()?,
+        };
+        anyhow::ensure!(
+            (1..=100).contains(&args.requests_per_stream),
+            "--requests-per-stream: 1 to 100"
+        );
+        return crate::bench_cluster::run(&crate::bench_cluster::ClusterBench {
+            url,
+            model: &model,
+            streams: &args.streams,
+            requests_per_stream: args.requests_per_stream,
+            tokens: args.n_gen,
+            json: args.json,
+        });
+    }
     anyhow::ensure!(args.repetitions >= 1, "--repetitions must be at least 1");
     let threads = crate::common::set_threads(args.model.threads)?;
     let engine = args.model.load_with_pool(true)?;

@@ -5,6 +5,7 @@
 //! - `run`: `shoal run` — chat or completion, streaming to stdout.
 //! - `perplexity`: `shoal perplexity` — llama.cpp's definition.
 //! - `bench`: `shoal bench` — prompt and generation throughput like llama-bench.
+//! - `bench_cluster`: `shoal bench --cluster URL` — a running cluster, measured beside the simulator.
 //! - `tokenize`: `shoal tokenize` — token ids of a text.
 //! - `node`: `shoal node` — join or start a cluster and serve.
 //! - `ask`, `status`: clients of a node's HTTP API.
@@ -13,6 +14,7 @@
 
 mod ask;
 mod bench;
+mod bench_cluster;
 mod common;
 mod demo;
 mod node;

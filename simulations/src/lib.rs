@@ -26,9 +26,9 @@ pub mod shapes;
 pub mod sim;
 pub mod svg;
 
-pub use report::{Report, StageReport};
+pub use report::{Dist, Report, StageReport, Summary};
 pub use scenario::{Scenario, ScenarioError};
-pub use sim::{simulate, Cluster, Link, Load, SimError};
+pub use sim::{simulate, Cluster, Link, Load, RequestLog, SimError};
 
 #[cfg(test)]
 mod tests;

@@ -103,23 +103,60 @@ pub(crate) struct Run<'a> {
     pub end: u64,
 }
 
-impl Report {
-    pub(crate) fn from_run(run: &Run<'_>) -> Report {
-        let start = run.requests.iter().map(|r| r.arrive).min().unwrap_or(0);
-        let span = run.end.saturating_sub(start).max(1) as f64;
-        let ms = |ns: u64| ns as f64 / 1e6;
-        let mut ttft: Vec<f64> = run
-            .requests
+/// The request-side numbers of a run, simulated or measured.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Summary {
+    /// Requests with at least one token.
+    pub requests: usize,
+    /// Tokens generated.
+    pub tokens: u64,
+    /// From the first arrival to the last token, s.
+    pub duration_s: f64,
+    /// Time to first token, ms.
+    pub ttft_ms: Dist,
+    /// Per-token latency, ms.
+    pub token_ms: Dist,
+    /// Tokens per second, all requests together.
+    pub throughput_tok_s: f64,
+}
+
+impl Summary {
+    /// Summarises request logs by the definitions above.
+    pub fn of(requests: &[RequestLog]) -> Summary {
+        let start = requests.iter().map(|r| r.arrive).min().unwrap_or(0);
+        let end = requests
             .iter()
-            .filter_map(|r| r.tokens.first().map(|&t| ms(t - r.arrive)))
+            .filter_map(|r| r.tokens.last().copied())
+            .max()
+            .unwrap_or(start);
+        let span = end.saturating_sub(start).max(1) as f64;
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let mut ttft: Vec<f64> = requests
+            .iter()
+            .filter_map(|r| r.tokens.first().map(|&t| ms(t.saturating_sub(r.arrive))))
             .collect();
-        let mut per_token: Vec<f64> = run
-            .requests
+        let mut per_token: Vec<f64> = requests
             .iter()
             .filter(|r| r.tokens.len() > 1)
             .map(|r| ms(r.tokens[r.tokens.len() - 1] - r.tokens[0]) / (r.tokens.len() - 1) as f64)
             .collect();
-        let tokens: u64 = run.requests.iter().map(|r| r.tokens.len() as u64).sum();
+        let tokens: u64 = requests.iter().map(|r| r.tokens.len() as u64).sum();
+        Summary {
+            requests: requests.iter().filter(|r| !r.tokens.is_empty()).count(),
+            tokens,
+            duration_s: span / 1e9,
+            ttft_ms: Dist::of(&mut ttft),
+            token_ms: Dist::of(&mut per_token),
+            throughput_tok_s: tokens as f64 / (span / 1e9),
+        }
+    }
+}
+
+impl Report {
+    pub(crate) fn from_run(run: &Run<'_>) -> Report {
+        let sum = Summary::of(run.requests);
+        let start = run.requests.iter().map(|r| r.arrive).min().unwrap_or(0);
+        let span = run.end.saturating_sub(start).max(1) as f64;
         let stages: Vec<StageReport> = run
             .stages
             .iter()
@@ -142,12 +179,12 @@ impl Report {
             plan: run.plan.to_string(),
             planned_token_ms: run.plan.token_latency_us / 1e3,
             stages,
-            requests: run.requests.len(),
-            tokens,
-            duration_s: span / 1e9,
-            ttft_ms: Dist::of(&mut ttft),
-            token_ms: Dist::of(&mut per_token),
-            throughput_tok_s: tokens as f64 / (span / 1e9),
+            requests: sum.requests,
+            tokens: sum.tokens,
+            duration_s: sum.duration_s,
+            ttft_ms: sum.ttft_ms,
+            token_ms: sum.token_ms,
+            throughput_tok_s: sum.throughput_tok_s,
             bottleneck,
         }
     }

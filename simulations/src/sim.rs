@@ -253,11 +253,16 @@ struct Stage {
     seqs: u64,
 }
 
+/// One request's times, nanoseconds from the start of a run: what the
+/// simulator records, and what `shoal bench --cluster` measures.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct RequestLog {
-    pub arrive: Ns,
+pub struct RequestLog {
+    /// When it arrived.
+    pub arrive: u64,
+    /// Its prompt tokens.
     pub prompt: usize,
-    pub tokens: Vec<Ns>,
+    /// When each generated token reached the origin (or the client).
+    pub tokens: Vec<u64>,
 }
 
 struct World<'a> {

@@ -41,8 +41,9 @@ fn nice_max(x: f64) -> f64 {
 
 /// Renders `b` as an SVG document.
 pub fn bar_chart(b: &Bars) -> String {
-    let (w, h) = (760.0, 380.0);
-    let (left, right, top, bottom) = (70.0, 20.0, 50.0, 90.0);
+    let legend = 18.0 * b.series.len() as f64;
+    let (w, h) = (760.0, 330.0 + legend);
+    let (left, right, top, bottom) = (70.0, 20.0, 50.0, 40.0 + legend);
     let plot_w = w - left - right;
     let plot_h = h - top - bottom;
     let max = b
@@ -121,9 +122,9 @@ pub fn bar_chart(b: &Bars) -> String {
             escape(cat)
         );
     }
-    let mut lx = left;
+    let lx = left;
     for (k, (label, _)) in b.series.iter().enumerate() {
-        let ly = h - 28.0;
+        let ly = h - legend + 18.0 * k as f64;
         let _ = write!(
             s,
             r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{ly:.1}">{}</text>"#,
@@ -132,7 +133,6 @@ pub fn bar_chart(b: &Bars) -> String {
             lx + 16.0,
             escape(label)
         );
-        lx += 24.0 + 7.0 * label.chars().count() as f64;
     }
     s.push_str("</svg>\n");
     s

@@ -314,6 +314,11 @@ pub struct ModelStatus {
     pub hash: String,
     /// Weight bytes.
     pub bytes: u64,
+    /// The head's work per token as layer bytes of the same time (this
+    /// node's calibration; the planner's `ModelSpec::last_compute_bytes`).
+    pub head_compute_bytes: u64,
+    /// Context tokens each stage reserves.
+    pub context: u64,
 }
 
 /// The plan in status.
@@ -495,6 +500,8 @@ pub fn build_status(shared: &Shared) -> Status {
                 .map(|b| format!("{b:02x}"))
                 .collect(),
             bytes: shared.layout.stage_bytes(0..cfg.n_layers),
+            head_compute_bytes: m.model().last_compute_bytes,
+            context: m.model().context_tokens,
         },
         plan: plan.as_ref().map(|p| PlanStatus {
             epoch: p.epoch,

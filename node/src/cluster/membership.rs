@@ -60,6 +60,11 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// The model as this node plans it.
+    pub fn model(&self) -> &ModelSpec {
+        &self.model
+    }
+
     /// A cluster of one: this node.
     pub fn new(me: Hello, model: ModelSpec, goal: PlanGoal) -> Membership {
         Membership {
