@@ -57,6 +57,10 @@ pub(crate) fn attend(
     );
     assert_eq!(out.len(), t * nh * hd, "output shape");
     let rep = nh / s.n_kv_heads;
+    if t >= TILED_ROWS_MIN {
+        tiled(s, q, k, v, pos, scale, out);
+        return;
+    }
     let one = |(i, h): (usize, usize), dst: &mut [f32]| {
         let kvh = h / rep;
         let base = kvh * s.capacity * hd;
@@ -180,6 +184,53 @@ fn attend_row_tiled(q: &[f32], k: &[f16], v: &[f16], hd: usize, scale: f32, out:
     }
 }
 
+/// Query rows per task of [`tiled`]: they share each converted key tile.
+const TILED_BLOCK_ROWS: usize = 16;
+
+/// [`attend_row_tiled`] for many rows at once, with the same arithmetic per
+/// row: each task takes one head and [`TILED_BLOCK_ROWS`] rows, converts
+/// each tile of keys and values to f32 once for all of them (keys
+/// transposed, so eight keys' scores advance together, each in its own
+/// lane, in the same order of multiply-adds as the one-row loop).
+fn tiled(s: AttnShape, q: &[f32], k: &[f16], v: &[f16], pos: usize, scale: f32, out: &mut [f32]) {
+    let (nh, hd) = (s.n_heads, s.head_dim);
+    let t = q.len() / (nh * hd);
+    let rep = nh / s.n_kv_heads;
+    let blocks = t.div_ceil(TILED_BLOCK_ROWS);
+    let simd = crate::quant::simd_available();
+    // Results per (head, block), copied into `out`'s row-major layout after.
+    let parts: Vec<(usize, usize, Vec<f32>)> = (0..nh * blocks)
+        .into_par_iter()
+        .map(|task| {
+            let (h, b) = (task / blocks, task % blocks);
+            let rows = b * TILED_BLOCK_ROWS..((b + 1) * TILED_BLOCK_ROWS).min(t);
+            let base = h / rep * s.capacity * hd;
+            let qs = &q[(h * t + rows.start) * hd..(h * t + rows.end) * hd];
+            let keys = pos + rows.end;
+            let (kh, vh) = (&k[base..base + keys * hd], &v[base..base + keys * hd]);
+            let mut o = vec![0f32; rows.len() * hd];
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: AVX2/FMA/F16C checked at run time.
+                unsafe { x86::tiled_block(qs, kh, vh, hd, pos + rows.start, scale, &mut o) };
+                return (h, rows.start, o);
+            }
+            let _ = simd;
+            for (i, (qr, dst)) in qs.chunks_exact(hd).zip(o.chunks_exact_mut(hd)).enumerate() {
+                let n = pos + rows.start + i + 1;
+                attend_row_tiled(qr, &kh[..n * hd], &vh[..n * hd], hd, scale, dst);
+            }
+            (h, rows.start, o)
+        })
+        .collect();
+    for (h, start, o) in parts {
+        for (i, row) in o.chunks_exact(hd).enumerate() {
+            let at = ((start + i) * nh + h) * hd;
+            out[at..at + hd].copy_from_slice(row);
+        }
+    }
+}
+
 /// f16 dot product summed as ggml's AVX2 `ggml_vec_dot_f16`: four 8-lane
 /// f32 accumulators over 32-element steps, reduced pairwise, tail in f64.
 fn dot_f16(simd: bool, a: &[f16], b: &[f16]) -> f32 {
@@ -223,7 +274,89 @@ fn dot_f16(simd: bool, a: &[f16], b: &[f16]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use half::f16;
+    use half::slice::HalfFloatSliceExt;
     use std::arch::x86_64::*;
+
+    use super::KV_TILE;
+
+    /// Rows of one head through [`super::attend_row_tiled`]'s arithmetic;
+    /// row `i` of `qs` sees the first `first_keys + i + 1` keys.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tiled_block(
+        qs: &[f32],
+        k: &[f16],
+        v: &[f16],
+        hd: usize,
+        first: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let rows = qs.len() / hd;
+        let keys = k.len() / hd;
+        let mut kt = vec![0f32; hd * KV_TILE]; // [d][key]
+        let mut vt = vec![0f32; KV_TILE * hd]; // [key][d]
+        let mut row_k = vec![0f32; KV_TILE * hd];
+        let mut max = vec![f32::NEG_INFINITY; rows];
+        let mut sum = vec![0f32; rows];
+        out.fill(0.0);
+        let mut start = 0;
+        while start < keys {
+            let n_tile = (keys - start).min(KV_TILE);
+            k[start * hd..(start + n_tile) * hd].convert_to_f32_slice(&mut row_k[..n_tile * hd]);
+            v[start * hd..(start + n_tile) * hd].convert_to_f32_slice(&mut vt[..n_tile * hd]);
+            for j in 0..n_tile {
+                for d in 0..hd {
+                    kt[d * KV_TILE + j] = row_k[j * hd + d];
+                }
+            }
+            for i in 0..rows {
+                let seen = first + i + 1;
+                if seen <= start {
+                    continue;
+                }
+                let n = (seen - start).min(n_tile);
+                let q = &qs[i * hd..(i + 1) * hd];
+                let mut scores = [0f32; KV_TILE];
+                for (d, &x) in q.iter().enumerate() {
+                    let col = &kt[d * KV_TILE..d * KV_TILE + KV_TILE];
+                    for j in 0..KV_TILE {
+                        scores[j] = x.mul_add(col[j], scores[j]);
+                    }
+                }
+                for sc in &mut scores[..n] {
+                    *sc *= scale;
+                }
+                let tile_max = scores[..n]
+                    .iter()
+                    .cloned()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let new_max = max[i].max(tile_max);
+                let acc = &mut out[i * hd..(i + 1) * hd];
+                if new_max > max[i] {
+                    let ms = (max[i] - new_max).exp();
+                    acc.iter_mut().for_each(|a| *a *= ms);
+                    sum[i] *= ms;
+                }
+                max[i] = new_max;
+                let mut tile_sum = 0f64;
+                for sc in scores[..n].iter_mut() {
+                    *sc = (*sc - new_max).exp();
+                    tile_sum += *sc as f64;
+                }
+                sum[i] += tile_sum as f32;
+                for (p, vrow) in scores[..n].iter().zip(vt.chunks_exact(hd)) {
+                    for (a, &x) in acc.iter_mut().zip(vrow) {
+                        *a = p.mul_add(x, *a);
+                    }
+                }
+            }
+            start += n_tile;
+        }
+        for i in 0..rows {
+            let inv = if sum[i] == 0.0 { 0.0 } else { 1.0 / sum[i] };
+            out[i * hd..(i + 1) * hd].iter_mut().for_each(|a| *a *= inv);
+        }
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -342,6 +475,49 @@ mod tests {
             mad_f16(true, &mut x, &b, 1.9);
             mad_f16(false, &mut y, &b, 1.9);
             assert_eq!(x, y);
+        }
+    }
+
+    #[test]
+    fn shared_tiles_give_the_one_row_bits() {
+        let s = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            capacity: 300,
+        };
+        let val = |i: usize| ((i * 7919 % 1000) as f32 / 300.0) - 1.5;
+        let k: Vec<f16> = (0..2 * 300 * 64).map(|i| f16::from_f32(val(i))).collect();
+        let v: Vec<f16> = (0..2 * 300 * 64)
+            .map(|i| f16::from_f32(val(i + 7)))
+            .collect();
+        for (t, pos) in [(64, 0), (70, 5), (130, 100)] {
+            let q: Vec<f32> = (0..4 * t * 64).map(|i| val(i + 3)).collect();
+            let mut out = vec![0f32; t * 4 * 64];
+            attend(s, &q, &k, &v, pos, 0.125, &mut out);
+            for i in 0..t {
+                for h in 0..4 {
+                    let base = h / 2 * 300 * 64;
+                    let n = (pos + i + 1) * 64;
+                    let mut want = vec![0f32; 64];
+                    let qr = &q[(h * t + i) * 64..][..64];
+                    attend_row_tiled(
+                        qr,
+                        &k[base..base + n],
+                        &v[base..base + n],
+                        64,
+                        0.125,
+                        &mut want,
+                    );
+                    let got = &out[(i * 4 + h) * 64..][..64];
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "t {t} pos {pos} row {i} head {h}"
+                    );
+                }
+            }
         }
     }
 
