@@ -36,6 +36,21 @@ pub struct BenchArgs {
     /// Requests each stream sends one after another (--cluster).
     #[arg(long, default_value_t = 2)]
     requests_per_stream: usize,
+    /// Every node of the cluster runs on this machine: the simulator lets
+    /// them share its cores (--cluster).
+    #[arg(long)]
+    same_machine: bool,
+    /// One-way link latency the simulator assumes, ms (--cluster; default:
+    /// the nodes' probes).
+    #[arg(long)]
+    link_latency_ms: Option<f64>,
+    /// Link bandwidth the simulator assumes, Mbit/s (--cluster).
+    #[arg(long)]
+    link_mbit: Option<f64>,
+    /// Predict from the nodes' start-up calibration alone, without fitting
+    /// their speed to the 1-stream level first (--cluster).
+    #[arg(long)]
+    no_fit: bool,
 }
 
 /// One result row; field names follow llama-bench's JSON.
@@ -70,6 +85,10 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
             requests_per_stream: args.requests_per_stream,
             tokens: args.n_gen,
             json: args.json,
+            same_machine: args.same_machine,
+            link_latency_ms: args.link_latency_ms,
+            link_mbit: args.link_mbit,
+            fit: !args.no_fit,
         });
     }
     anyhow::ensure!(args.repetitions >= 1, "--repetitions must be at least 1");

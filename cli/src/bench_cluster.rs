@@ -25,6 +25,14 @@ pub struct ClusterBench<'a> {
     pub requests_per_stream: usize,
     pub tokens: usize,
     pub json: bool,
+    /// Every node runs on this machine: they share its cores.
+    pub same_machine: bool,
+    /// One-way link latency to simulate, ms (default: the nodes' probes).
+    pub link_latency_ms: Option<f64>,
+    /// Link bandwidth to simulate, Mbit/s (default: the nodes' probes).
+    pub link_mbit: Option<f64>,
+    /// Fit one factor on the nodes' compute speeds to the 1-stream level.
+    pub fit: bool,
 }
 
 /// One concurrency level, measured and predicted.
@@ -48,8 +56,19 @@ pub fn run(b: &ClusterBench<'_>) -> anyhow::Result<()> {
     let status = get_status(url)?;
     // Warm-up: the origin loads its tokenizer on the first request.
     one_request(url, b.tokens.min(8), Instant::now())?;
-    let cluster = cluster_of(&status, b.model)?;
+    let mut cluster = cluster_of(&status, b.model, b.same_machine)?;
+    for row in &mut cluster.links {
+        for l in row.iter_mut() {
+            if let Some(ms) = b.link_latency_ms {
+                l.spec.latency_us = ms * 1e3;
+            }
+            if let Some(m) = b.link_mbit {
+                l.spec.bytes_per_second = m * 1e6 / 8.0;
+            }
+        }
+    }
     let mut levels = Vec::new();
+    let mut fitted = false;
     for &streams in b.streams {
         let measured = measure(url, streams, b.requests_per_stream, b.tokens)?;
         let prompt = measured.iter().map(|r| r.prompt).max().unwrap_or(1);
@@ -62,8 +81,26 @@ pub fn run(b: &ClusterBench<'_>) -> anyhow::Result<()> {
             output_tokens: b.tokens,
             seed: 1,
         };
-        let sim = simulate(&cluster, &load)?;
+        let mut sim = simulate(&cluster, &load)?;
         let m = Summary::of(&measured);
+        if streams == 1 && !fitted && b.fit {
+            // The nodes calibrated at start, maybe while the machine was
+            // busier or quieter than now: one factor on their compute, so
+            // that one stream's per-token time matches, and every other
+            // level is predicted with it.
+            let links = sim.planned_token_ms - sim.planned_compute_ms;
+            let f = ((m.token_ms.mean - links) / sim.planned_compute_ms.max(1e-9)).clamp(0.25, 4.0);
+            for n in &mut cluster.nodes {
+                n.us_per_mib *= f;
+                n.row_us_per_mib *= f;
+                n.prompt_row_us_per_mib *= f;
+            }
+            fitted = true;
+            if !b.json {
+                println!("compute speeds ×{f:.2} to match one stream (the start-up calibration against now)");
+            }
+            sim = simulate(&cluster, &load)?;
+        }
         let p = Summary {
             requests: sim.requests,
             tokens: sim.tokens,
@@ -127,7 +164,11 @@ fn get_status(url: &str) -> anyhow::Result<serde_json::Value> {
 }
 
 /// The simulator's view of the cluster behind `status`.
-fn cluster_of(status: &serde_json::Value, model: &Path) -> anyhow::Result<Cluster> {
+fn cluster_of(
+    status: &serde_json::Value,
+    model: &Path,
+    shared_host: bool,
+) -> anyhow::Result<Cluster> {
     let gguf = GgufFile::open(model)?;
     let layout = ModelLayout::from_gguf(&gguf)?;
     let m = &status["model"];
@@ -145,7 +186,9 @@ fn cluster_of(status: &serde_json::Value, model: &Path) -> anyhow::Result<Cluste
     let mut split = Vec::new();
     let mut rtts = Vec::new();
     let mut bw = Vec::new();
+    let mut threads = Vec::new();
     for (i, n) in nodes_json.iter().enumerate() {
+        threads.push(n["threads"].as_f64().unwrap_or(1.0));
         nodes.push(NodeSpec {
             id: n["id"].as_str().context("status: nodes[].id")?.to_string(),
             us_per_mib: f(n, "us_per_mib")?,
@@ -186,6 +229,16 @@ fn cluster_of(status: &serde_json::Value, model: &Path) -> anyhow::Result<Cluste
         goal: PlanGoal::Latency,
         split: Some(split),
         entry: Some(0),
+        // Nodes on one machine share its cores (loopback and namespace
+        // benchmarks run every node here).
+        hosts: if shared_host {
+            vec![simulations::Host {
+                cores: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
+                nodes: threads.into_iter().enumerate().collect(),
+            }]
+        } else {
+            Vec::new()
+        },
     })
 }
 

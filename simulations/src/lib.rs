@@ -28,7 +28,7 @@ pub mod svg;
 
 pub use report::{Dist, Report, StageReport, Summary};
 pub use scenario::{Scenario, ScenarioError};
-pub use sim::{simulate, Cluster, Link, Load, RequestLog, SimError};
+pub use sim::{simulate, Cluster, Host, Link, Load, RequestLog, SimError};
 
 #[cfg(test)]
 mod tests;

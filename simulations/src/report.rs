@@ -68,6 +68,8 @@ pub struct Report {
     pub plan: String,
     /// The planner's per-token latency for one request, ms.
     pub planned_token_ms: f64,
+    /// The compute part of it (the rest is links), ms.
+    pub planned_compute_ms: f64,
     /// Stages in pipeline order.
     pub stages: Vec<StageReport>,
     /// Requests answered.
@@ -178,6 +180,7 @@ impl Report {
         Report {
             plan: run.plan.to_string(),
             planned_token_ms: run.plan.token_latency_us / 1e3,
+            planned_compute_ms: run.plan.stages.iter().map(|s| s.compute_us).sum::<f64>() / 1e3,
             stages,
             requests: sum.requests,
             tokens: sum.tokens,

@@ -84,6 +84,19 @@ pub struct Scenario {
     /// Planner settings.
     #[serde(default)]
     pub plan: PlanDef,
+    /// Machines that several nodes share (`host = "…"` on the nodes).
+    #[serde(default)]
+    pub hosts: Vec<HostDef>,
+}
+
+/// `[[hosts]]`: a machine shared by several nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostDef {
+    /// Its name.
+    pub name: String,
+    /// Its cores.
+    pub cores: f64,
 }
 
 /// `[model]`.
@@ -132,6 +145,10 @@ pub struct NodeDef {
     pub bandwidth_gb_s: Option<f64>,
     /// Arithmetic the kernels reach, TFLOPS (instead of the row costs).
     pub tflops: Option<f64>,
+    /// The `[[hosts]]` machine it shares with other nodes.
+    pub host: Option<String>,
+    /// Cores its passes keep busy on that machine (default 1).
+    pub threads: Option<f64>,
 }
 
 /// `[links]`: every pair, unless a `[[links.pairs]]` entry says otherwise.
@@ -279,6 +296,36 @@ impl Scenario {
             output_tokens: l.output_tokens,
             seed: l.seed,
         };
+        let mut hosts: Vec<crate::sim::Host> = Vec::new();
+        for h in &self.hosts {
+            if !(h.cores > 0.0 && h.cores.is_finite()) {
+                return Err(invalid(format!("host {}: cores must be positive", h.name)));
+            }
+            let mut members = Vec::new();
+            let mut i = 0;
+            for d in &self.nodes {
+                for _ in 0..d.count.unwrap_or(1) {
+                    if d.host.as_deref() == Some(h.name.as_str()) {
+                        members.push((i, d.threads.unwrap_or(1.0).max(0.0)));
+                    }
+                    i += 1;
+                }
+            }
+            hosts.push(crate::sim::Host {
+                cores: h.cores,
+                nodes: members,
+            });
+        }
+        if let Some(d) = self.nodes.iter().find(|d| {
+            d.host
+                .as_ref()
+                .is_some_and(|n| !self.hosts.iter().any(|h| &h.name == n))
+        }) {
+            return Err(invalid(format!(
+                "{}: no [[hosts]] named {:?}",
+                d.name, d.host
+            )));
+        }
         let cluster = Cluster {
             model,
             nodes,
@@ -286,6 +333,7 @@ impl Scenario {
             goal,
             split,
             entry,
+            hosts,
         };
         Ok((cluster, load))
     }

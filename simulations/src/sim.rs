@@ -63,6 +63,20 @@ pub struct Cluster {
     pub split: Option<Vec<(usize, Range<usize>)>>,
     /// The node requests arrive at; `None`: the first stage's node.
     pub entry: Option<usize>,
+    /// Machines shared by several nodes; a node in none has a machine to
+    /// itself.
+    pub hosts: Vec<Host>,
+}
+
+/// A machine several nodes share: when their passes together want more
+/// cores than it has, each runs slower in proportion (processor sharing,
+/// as the OS scheduler does), e.g. three 1-thread nodes on 2 cores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Host {
+    /// Cores.
+    pub cores: f64,
+    /// Its nodes, with the threads each one's pass keeps busy.
+    pub nodes: Vec<(usize, f64)>,
 }
 
 /// The requests.
@@ -228,14 +242,27 @@ enum Event {
     Arrive { request: usize },
     /// Chunks reach a stage.
     Deliver { stage: usize, work: Vec<Work> },
-    /// A stage's forward pass ends.
-    PassDone { stage: usize, batch: Vec<SeqRows> },
+    /// A stage's forward pass ends, unless its speed changed since (then
+    /// a later event with the new `version` stands).
+    PassDone { stage: usize, version: u64 },
     /// Sampled tokens reach the origin.
     Tokens { requests: Vec<u64> },
     /// A stage's regroup wait ends.
     Wake { stage: usize },
     /// A finished request's Cancel reaches the first stage.
     End { request: u64 },
+}
+
+/// A pass in progress.
+struct Running {
+    batch: Vec<SeqRows>,
+    /// Compute left at full speed, µs.
+    remaining_us: f64,
+    /// Fraction of full speed it gets now.
+    rate: f64,
+    /// When `remaining_us` and `rate` were last updated.
+    since: Ns,
+    started: Ns,
 }
 
 struct Stage {
@@ -245,7 +272,8 @@ struct Stage {
     /// MiB-equivalent of the head's work per sampled row (last stage).
     head_mib: f64,
     batcher: Batcher,
-    busy: bool,
+    running: Option<Running>,
+    version: u64,
     wake: Option<Ns>,
     busy_ns: Ns,
     passes: u64,
@@ -300,7 +328,8 @@ impl<'a> World<'a> {
                     0.0
                 },
                 batcher: Batcher::default(),
-                busy: false,
+                running: None,
+                version: 0,
                 wake: None,
                 busy_ns: 0,
                 passes: 0,
@@ -406,7 +435,11 @@ impl<'a> World<'a> {
                     }
                     self.try_start(stage);
                 }
-                Event::PassDone { stage, batch } => self.pass_done(stage, batch),
+                Event::PassDone { stage, version } => {
+                    if self.stages[stage].version == version {
+                        self.pass_done(stage);
+                    }
+                }
                 Event::Tokens { requests } => self.tokens(requests),
                 Event::End { request } => {
                     self.active -= 1;
@@ -453,7 +486,7 @@ impl<'a> World<'a> {
         let n_stages = self.stages.len();
         let active = self.active;
         let stage = &mut self.stages[s];
-        if stage.busy {
+        if stage.running.is_some() {
             return;
         }
         match stage.batcher.next(now) {
@@ -482,19 +515,70 @@ impl<'a> World<'a> {
         let sampled = batch.iter().filter(|w| w.seq.sample).count();
         let node = &self.cluster.nodes[stage.node];
         let us = node.pass_us(stage.layer_mib, rows) + node.pass_us(stage.head_mib, sampled);
-        let dur = ns(us);
-        stage.busy = true;
-        stage.busy_ns += dur;
         stage.passes += 1;
         stage.rows += rows as u64;
         stage.seqs += batch.len() as u64;
-        let batch = batch.into_iter().map(|w| w.seq).collect();
-        self.schedule(self.now + dur, Event::PassDone { stage: s, batch });
+        stage.running = Some(Running {
+            batch: batch.into_iter().map(|w| w.seq).collect(),
+            remaining_us: us,
+            rate: 1.0,
+            since: self.now,
+            started: self.now,
+        });
+        self.reshare(s);
     }
 
-    fn pass_done(&mut self, s: usize, batch: Vec<SeqRows>) {
+    /// Brings the passes sharing stage `s`'s machine up to now, gives each
+    /// its share of the cores and (re)schedules their ends.
+    fn reshare(&mut self, s: usize) {
+        let node = self.stages[s].node;
+        let host = self
+            .cluster
+            .hosts
+            .iter()
+            .find(|h| h.nodes.iter().any(|&(n, _)| n == node));
+        let members: Vec<(usize, f64)> = match host {
+            Some(h) => self
+                .stages
+                .iter()
+                .enumerate()
+                .filter_map(|(i, st)| {
+                    h.nodes
+                        .iter()
+                        .find(|&&(n, _)| n == st.node)
+                        .map(|&(_, t)| (i, t))
+                })
+                .collect(),
+            None => vec![(s, 1.0)],
+        };
+        let want: f64 = members
+            .iter()
+            .filter(|&&(i, _)| self.stages[i].running.is_some())
+            .map(|&(_, t)| t)
+            .sum();
+        let rate = host.map_or(1.0, |h| (h.cores / want.max(1e-9)).min(1.0));
+        let now = self.now;
+        for (i, _) in members {
+            let st = &mut self.stages[i];
+            let Some(run) = st.running.as_mut() else {
+                continue;
+            };
+            let done_us = (now - run.since) as f64 / 1e3 * run.rate;
+            run.remaining_us = (run.remaining_us - done_us).max(0.0);
+            run.rate = rate;
+            run.since = now;
+            st.version += 1;
+            let (at, version) = (now + ns(run.remaining_us / rate), st.version);
+            self.schedule(at, Event::PassDone { stage: i, version });
+        }
+    }
+
+    fn pass_done(&mut self, s: usize) {
         let now = self.at(self.now);
-        self.stages[s].busy = false;
+        let run = self.stages[s].running.take().expect("a pass was running");
+        self.stages[s].busy_ns += self.now - run.started;
+        self.reshare(s);
+        let batch = run.batch;
         self.stages[s].batcher.finished(now);
         let from = self.stages[s].node;
         if s + 1 < self.stages.len() {

@@ -49,6 +49,7 @@ fn cluster(model: ModelSpec, nodes: Vec<NodeSpec>, links: Vec<Vec<Link>>) -> Clu
         goal: PlanGoal::Latency,
         split: None,
         entry: None,
+        hosts: Vec::new(),
     }
 }
 
@@ -320,4 +321,35 @@ fn bad_scenarios_say_what_is_wrong() {
         };
         assert!(err.contains(want), "{err:?} should mention {want:?}");
     }
+}
+
+#[test]
+fn nodes_sharing_a_machine_share_its_cores() {
+    let nodes: Vec<NodeSpec> = (0..3)
+        .map(|i| NodeSpec::flat(format!("n{i}"), 100.0, 64 * MIB))
+        .collect();
+    let mut c = cluster(model(9, 4), nodes, vec![vec![link(0.05, 10000.0); 3]; 3]);
+    c.split = Some(vec![(0, 0..3), (1, 3..6), (2, 6..9)]);
+    let mut load = one_stream(48);
+    load.streams = Some(6);
+    load.requests = 6;
+    let own = simulate(&c, &load).unwrap();
+    c.hosts = vec![crate::sim::Host {
+        cores: 2.0,
+        nodes: vec![(0, 1.0), (1, 1.0), (2, 1.0)],
+    }];
+    let shared = simulate(&c, &load).unwrap();
+    // Three busy stages on two cores: at most 2/3 of the throughput.
+    assert!(
+        shared.throughput_tok_s < own.throughput_tok_s * 0.8,
+        "{} vs {}",
+        shared.throughput_tok_s,
+        own.throughput_tok_s
+    );
+    // One stream never has two stages busy at once: no difference.
+    let one = one_stream(16);
+    let a = simulate(&c, &one).unwrap();
+    c.hosts.clear();
+    let b = simulate(&c, &one).unwrap();
+    assert!((a.token_ms.mean - b.token_ms.mean).abs() < 1e-6);
 }

@@ -299,7 +299,7 @@ impl Batcher {
                 g.members.retain(|id| !ids.contains(id));
             }
             self.groups.retain(|g| !g.missing.is_empty());
-            if ids.len() > 1 {
+            if !ids.is_empty() {
                 self.groups.push(Group {
                     members: ids.clone(),
                     missing: ids,

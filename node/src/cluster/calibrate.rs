@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use sharding::{GgufFile, ModelLayout, BATCH_ROWS_KNEE};
 
-use crate::model::{LoadOptions, LogitsFor, Stage, StageInput};
+use crate::model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput};
 use crate::EngineError;
 
 /// Decode steps timed (after one warm-up): enough for a stable median,
@@ -56,10 +56,17 @@ pub fn measure(
     let layer = n / 2;
     let mib = |l: usize| layout.layers[l].bytes() as f64 / (1024.0 * 1024.0);
     let m = mib(layer).max(1e-6);
-    let us_per_mib = time_step(gguf, layout, layer..layer + 1, context, 1)? / m;
-    let last = time_step(gguf, layout, n - 1..n, context, 1)?;
-    let batch = time_step(gguf, layout, layer..layer + 1, context, BATCH_ROWS_KNEE)? / m;
-    let prompt = time_step(gguf, layout, layer..layer + 1, context, PROMPT_ROWS)? / m;
+    let us_per_mib = time_step(gguf, layout, layer..layer + 1, context, 1, 1)? / m;
+    let last = time_step(gguf, layout, n - 1..n, context, 1, 1)?;
+    // A batch as decoding makes it: that many sequences, one row each.
+    let batch = time_step(gguf, layout, layer..layer + 1, context, BATCH_ROWS_KNEE, 1)? / m;
+    let prompt = time_step(gguf, layout, layer..layer + 1, context, 1, PROMPT_ROWS)? / m;
+    tracing::debug!(
+        one = us_per_mib * m,
+        batch = batch * m,
+        prompt = prompt * m,
+        "calibration passes: 1 row, {BATCH_ROWS_KNEE} sequences, a {PROMPT_ROWS}-row prompt, µs"
+    );
     let row_us_per_mib = ((batch - us_per_mib) / (BATCH_ROWS_KNEE - 1) as f64).max(0.0);
     Ok(Speed {
         us_per_mib,
@@ -70,14 +77,15 @@ pub fn measure(
     })
 }
 
-/// Microseconds of one pass of `rows` rows through `layers` (after a
-/// warm-up): one-row steps decode on a growing cache; longer passes are
-/// prompt pieces, each on a fresh cache.
+/// Microseconds of one pass of `seqs` sequences of `rows` rows each
+/// through `layers` (after a warm-up): one-row steps decode on growing
+/// caches; longer passes are prompt pieces, each on fresh caches.
 fn time_step(
     gguf: &GgufFile,
     layout: &ModelLayout,
     layers: std::ops::Range<usize>,
     context: usize,
+    seqs: usize,
     rows: usize,
 ) -> Result<f64, EngineError> {
     let opts = LoadOptions {
@@ -87,23 +95,33 @@ fn time_step(
     let stage = Stage::load(gguf, layout, layers, &opts)?;
     stage.prefault(&mut |_, _| {});
     let dim = layout.config.dim;
-    let x: Vec<f32> = (0..dim * rows)
+    let total = seqs * rows;
+    let x: Vec<f32> = (0..dim * total)
         .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
         .collect();
-    let hidden = Tensor::from_vec(x, (rows, dim), &Device::Cpu)?;
-    let tokens = vec![0u32; rows];
-    let mut cache = stage.new_cache((STEPS + 1) * rows);
-    let run = |cache: &mut crate::KvCache| {
-        if rows > 1 {
-            cache.clear();
-        }
+    let hidden = Tensor::from_vec(x, (total, dim), &Device::Cpu)?;
+    let tokens = vec![0u32; total];
+    let caches: Vec<crate::KvCache> = (0..seqs)
+        .map(|_| stage.new_cache((STEPS + 1) * rows))
+        .collect();
+    let run = |caches: &mut Vec<crate::KvCache>| {
+        let mut batch: Vec<BatchSeq<'_>> = caches
+            .iter_mut()
+            .map(|c| {
+                if rows > 1 {
+                    c.clear();
+                }
+                BatchSeq::new(c, rows, LogitsFor::Last)
+            })
+            .collect();
         let input = if stage.is_first() {
             StageInput::Tokens(&tokens)
         } else {
             StageInput::Hidden(hidden.clone())
         };
-        stage.forward(input, cache, LogitsFor::Last)
+        stage.forward_batch(input, &mut batch)
     };
+    let mut cache = caches;
     run(&mut cache)?;
     // The median step: a scheduler hiccup in one step must not move the
     // split (the mean of 8 steps moved it by a few layers on a busy machine).

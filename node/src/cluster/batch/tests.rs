@@ -199,13 +199,15 @@ fn tokens_and_hidden_rows_never_share_a_pass() {
 fn a_lone_request_waits_to_merge_with_a_group_on_its_way() {
     let t0 = Instant::now();
     let mut b = Batcher::default();
-    // Request 1 started alone; 2, 3 and 4 run as a group.
+    // Request 1 started alone; 2, 3 and 4 came after: they wait for 1 a
+    // moment, then run as a group.
     b.push(decode(1, 5), t0);
     assert_eq!(b.next_batch(64, true, t0).len(), 1);
     for id in 2..=4 {
         b.push(decode(id, 5), t0);
     }
-    assert_eq!(b.next_batch(64, true, t0).len(), 3);
+    assert_eq!(b.next(t0), Next::WaitUntil(t0 + REGROUP_WAIT));
+    assert_eq!(b.next_batch(64, true, t0 + REGROUP_WAIT).len(), 3);
     // 1's next token came back while the stage ran 2-4; the pass ends.
     let t1 = t0 + Duration::from_millis(10);
     b.push(decode(1, 6), t0 + Duration::from_millis(5));
