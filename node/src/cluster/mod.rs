@@ -332,6 +332,8 @@ impl Node {
             "node starting"
         );
         let mut spec = ModelSpec::from_layout(&layout, context as u64, 2);
+        // What actually travels: f16/bf16 activations halve each hop.
+        spec.activation_bytes = layout.config.dim as u64 * config.activations.size() as u64;
         // The leader plans with its own measure of the head against the
         // layers: the ratio is the kernels', the same on every CPU node.
         spec.last_compute_bytes = speed.head_compute_bytes();
