@@ -15,20 +15,7 @@ N=${N:-48}
 RATE=${RATE:-20mbit}
 source "$(dirname "$0")/setup.sh"
 source "$(dirname "$0")/nodes.sh"
-prompts=(
-  "The capital of France is"
-  "Once upon a time, there was a"
-  "The best way to learn a programming language is"
-  "Water boils at a temperature of"
-  "In 1492, Christopher Columbus"
-  "The three primary colors are"
-  "def fibonacci(n):"
-  "My favourite recipe for pancakes starts with"
-  "The theory of relativity was developed by"
-  "To be or not to be,"
-  "The largest planet in our solar system is"
-  "Machine learning is a field of"
-)
+mapfile -t prompts < "$root/bench/prompts.txt"
 mkdir -p "$work/ref"
 for i in "${!prompts[@]}"; do
   "$shoal" run -m "$model" --no-template --temp 0 -n "$N" -t 1 "${prompts[$i]}" 2>/dev/null > "$work/ref/$i"
@@ -65,38 +52,14 @@ done
 if [ "$(id -u)" != 0 ] || ! command -v tc >/dev/null; then
   echo "== speed skipped (needs root and tc)"; exit 0
 fi
-tag="sa$$"
-ns_cleanup() {
-  for i in 1 2; do ip netns del "$tag$i" 2>/dev/null || true; done
-  ip link del "${tag}br" 2>/dev/null || true
-}
-trap 'ns_cleanup; cleanup' EXIT
-ip link add "${tag}br" type bridge && ip addr add 10.78.0.254/24 dev "${tag}br" && ip link set "${tag}br" up
-for i in 1 2; do
-  ip netns add "$tag$i"
-  ip link add "${tag}v$i" type veth peer name eth0 netns "$tag$i"
-  ip link set "${tag}v$i" master "${tag}br" up
-  ip -n "$tag$i" addr add "10.78.0.$i/24" dev eth0
-  ip -n "$tag$i" link set eth0 up; ip -n "$tag$i" link set lo up
-  ip netns exec "$tag$i" tc qdisc add dev eth0 root tbf rate "$RATE" burst 32kb latency 50ms
-  tc qdisc add dev "${tag}v$i" root tbf rate "$RATE" burst 32kb latency 50ms
-done
+source "$root/bench/netns.sh"
+netns_pair "sa$$" 10.78.0 "$RATE"
 echo "== speed: 2 namespaces, links tbf $RATE"
 for prec in f32 f16; do
-  ids=()
-  for i in 1 2; do
-    extra=()
-    [ "$i" = 2 ] && extra=(--peer "$("$shoal" status --node http://10.78.0.1:18600 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodes"][0]["addrs"][0])')")
-    ip netns exec "$tag$i" "$shoal" node -m "$model" --cluster "$tag$prec" --cluster-key-file "$work/key" \
-      --no-mdns --listen "/ip4/10.78.0.$i/tcp/4001" --http "10.78.0.$i:18600" -t 1 --ctx 1024 \
-      --plan-for throughput --activations "$prec" "${extra[@]}" 2> "$work/ns$prec$i.log" &
-    ids+=($!); pids+=($!)
-    for _ in $(seq 100); do grep -q "API on" "$work/ns$prec$i.log" && break; sleep 0.1; done
-  done
-  for _ in $(seq 300); do
-    [ "$("$shoal" status --node http://10.78.0.1:18600 --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(1 for n in s["nodes"] if n["layers"]))')" = 2 ] && break
-    sleep 0.2
-  done
+  nsnode "sa$$$prec" 1 18600 "$work/ns${prec}1.log" --plan-for throughput --activations "$prec"; ids=($!)
+  nsnode "sa$$$prec" 2 18600 "$work/ns${prec}2.log" --plan-for throughput --activations "$prec" \
+    --peer "$(ns_addr http://10.78.0.1:18600)"; ids+=($!)
+  for _ in $(seq 300); do [ "$(ns_stages http://10.78.0.1:18600)" = 2 ] && break; sleep 0.2; done
   echo "-- $prec"
   "$shoal" bench --cluster http://10.78.0.1:18600 -m "$model" --streams 1,4 -n 64 --same-machine \
     --link-mbit "${RATE%mbit}" | sed -n '/streams/,$p'

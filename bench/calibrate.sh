@@ -66,38 +66,10 @@ has netns || exit 0
 if [ "$(id -u)" != 0 ] || ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
   echo "== namespaces skipped (needs root, ip and tc)"; exit 0
 fi
-tag="sc$$"
-ns_cleanup() {
-  for i in 1 2; do ip netns del "$tag$i" 2>/dev/null || true; done
-  ip link del "${tag}br" 2>/dev/null || true
-}
-trap 'ns_cleanup; cleanup' EXIT
-ip link add "${tag}br" type bridge && ip addr add 10.77.0.254/24 dev "${tag}br" && ip link set "${tag}br" up
-for i in 1 2; do
-  ip netns add "$tag$i"
-  ip link add "${tag}v$i" type veth peer name eth0 netns "$tag$i"
-  ip link set "${tag}v$i" master "${tag}br" up
-  ip -n "$tag$i" addr add "10.77.0.$i/24" dev eth0
-  ip -n "$tag$i" link set eth0 up; ip -n "$tag$i" link set lo up
-  # Both directions: egress of the namespace and of the bridge port.
-  ip netns exec "$tag$i" tc qdisc add dev eth0 root tbf rate "$RATE" burst 64kb latency 50ms
-  tc qdisc add dev "${tag}v$i" root tbf rate "$RATE" burst 64kb latency 50ms
-done
-nsnode() {  # nsnode I [args]: a node in namespace I, API on 10.77.0.I:18400
-  local i=$1; shift
-  ip netns exec "$tag$i" "$shoal" node -m "$model" --cluster "$tag" --cluster-key-file "$work/key" \
-    --no-mdns --listen "/ip4/10.77.0.$i/tcp/4001" --http "10.77.0.$i:18400" -t 1 --ctx 1024 \
-    --plan-for throughput "$@" 2> "$work/ns$i.log" &
-  pids+=($!)
-  for _ in $(seq 100); do grep -q "API on" "$work/ns$i.log" && return; sleep 0.1; done
-  echo "node did not start:"; cat "$work/ns$i.log"; exit 1
-}
-nsnode 1
-peer=$("$shoal" status --node http://10.77.0.1:18400 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodes"][0]["addrs"][0])')
-nsnode 2 --peer "$peer"
-for _ in $(seq 150); do
-  [ "$("$shoal" status --node http://10.77.0.1:18400 --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(1 for n in s["nodes"] if n["layers"]))')" = 2 ] && break
-  sleep 0.2
-done
+source "$root/bench/netns.sh"
+netns_pair "sc$$" 10.77.0 "$RATE"
+nsnode "sc$$" 1 18400 "$work/ns1.log" --plan-for throughput
+nsnode "sc$$" 2 18400 "$work/ns2.log" --plan-for throughput --peer "$(ns_addr http://10.77.0.1:18400)"
+for _ in $(seq 300); do [ "$(ns_stages http://10.77.0.1:18400)" = 2 ] && break; sleep 0.2; done
 bench "namespaces, 2 nodes x 1 thread, links tbf $RATE" "http://10.77.0.1:18400" \
   --link-mbit "${RATE%mbit}"

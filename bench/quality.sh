@@ -20,20 +20,7 @@ theirs=$("$llama/llama-perplexity" -m "$model" -f "$text" -c "$CTX" --chunks "$C
 python3 -c "o,t=$ours,$theirs; print(f'shoal {o:.4f}  llama.cpp {t:.4f}  diff {100*(o-t)/t:+.2f}%')"
 
 echo "== greedy completions, first $N tokens"
-prompts=(
-  "The capital of France is"
-  "Once upon a time, there was a"
-  "The best way to learn a programming language is"
-  "Water boils at a temperature of"
-  "In 1492, Christopher Columbus"
-  "The three primary colors are"
-  "def fibonacci(n):"
-  "My favourite recipe for pancakes starts with"
-  "The theory of relativity was developed by"
-  "To be or not to be,"
-  "The largest planet in our solar system is"
-  "Machine learning is a field of"
-)
+mapfile -t prompts < "$root/bench/prompts.txt"
 same=0
 for p in "${prompts[@]}"; do
   a=$("$shoal" run -m "$model" --no-template --temp 0 -n "$N" -t "$threads" "$p" 2>/dev/null)

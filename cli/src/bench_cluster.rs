@@ -101,14 +101,7 @@ pub fn run(b: &ClusterBench<'_>) -> anyhow::Result<()> {
             }
             sim = simulate(&cluster, &load)?;
         }
-        let p = Summary {
-            requests: sim.requests,
-            tokens: sim.tokens,
-            duration_s: sim.duration_s,
-            ttft_ms: sim.ttft_ms,
-            token_ms: sim.token_ms,
-            throughput_tok_s: sim.throughput_tok_s,
-        };
+        let p = sim.summary;
         let err = |pred: f64, meas: f64| (pred - meas) / meas.max(1e-9);
         let level = Level {
             streams,

@@ -153,7 +153,7 @@ fn project(args: &SimulateArgs, dir: &Path) -> anyhow::Result<()> {
                 Ok(r) => {
                     free.split = Some(split_of(&cluster, r));
                     let ideal = simulate(&free, &single_load)?;
-                    Some(1.0 - ideal.token_ms.mean / r.token_ms.mean.max(1e-9))
+                    Some(1.0 - ideal.summary.token_ms.mean / r.summary.token_ms.mean.max(1e-9))
                 }
                 Err(_) => None,
             };
@@ -197,7 +197,9 @@ fn project(args: &SimulateArgs, dir: &Path) -> anyhow::Result<()> {
         (
             "projection-tokens-per-s.svg",
             chart("One stream: tokens per second", "tok/s", &|r| {
-                r.single.as_ref().map(|s| 1e3 / s.token_ms.mean.max(1e-9))
+                r.single
+                    .as_ref()
+                    .map(|s| 1e3 / s.summary.token_ms.mean.max(1e-9))
             }),
         ),
         (
@@ -205,13 +207,13 @@ fn project(args: &SimulateArgs, dir: &Path) -> anyhow::Result<()> {
             chart(
                 "All streams of the scenario's load: tokens per second",
                 "tok/s",
-                &|r| r.loaded.as_ref().map(|s| s.throughput_tok_s),
+                &|r| r.loaded.as_ref().map(|s| s.summary.throughput_tok_s),
             ),
         ),
         (
             "projection-ttft.svg",
             chart("One stream: time to first token", "seconds", &|r| {
-                r.single.as_ref().map(|s| s.ttft_ms.mean / 1e3)
+                r.single.as_ref().map(|s| s.summary.ttft_ms.mean / 1e3)
             }),
         ),
     ];
@@ -248,13 +250,13 @@ fn print_table(rows: &[Projection]) {
                 r.office,
                 r.model,
                 s.stages.len(),
-                1e3 / s.token_ms.mean.max(1e-9),
-                s.token_ms.mean,
-                s.ttft_ms.mean / 1e3,
+                1e3 / s.summary.token_ms.mean.max(1e-9),
+                s.summary.token_ms.mean,
+                s.summary.ttft_ms.mean / 1e3,
                 r.network_share.unwrap_or(0.0) * 100.0,
                 r.loaded
                     .as_ref()
-                    .map(|l| format!("{:.1} ({})", l.throughput_tok_s, l.bottleneck))
+                    .map(|l| format!("{:.1} ({})", l.summary.throughput_tok_s, l.bottleneck))
                     .unwrap_or_else(|| "—".into())
             ),
             None => println!(

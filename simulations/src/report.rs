@@ -72,18 +72,9 @@ pub struct Report {
     pub planned_compute_ms: f64,
     /// Stages in pipeline order.
     pub stages: Vec<StageReport>,
-    /// Requests answered.
-    pub requests: usize,
-    /// Tokens generated.
-    pub tokens: u64,
-    /// Time from the first arrival to the last token, s.
-    pub duration_s: f64,
-    /// Time to first token, ms.
-    pub ttft_ms: Dist,
-    /// Per-token latency, ms.
-    pub token_ms: Dist,
-    /// Tokens per second, all requests together.
-    pub throughput_tok_s: f64,
+    /// What the requests saw.
+    #[serde(flatten)]
+    pub summary: Summary,
     /// The busiest stage's node.
     pub bottleneck: String,
 }
@@ -182,12 +173,7 @@ impl Report {
             planned_token_ms: run.plan.token_latency_us / 1e3,
             planned_compute_ms: run.plan.stages.iter().map(|s| s.compute_us).sum::<f64>() / 1e3,
             stages,
-            requests: sum.requests,
-            tokens: sum.tokens,
-            duration_s: sum.duration_s,
-            ttft_ms: sum.ttft_ms,
-            token_ms: sum.token_ms,
-            throughput_tok_s: sum.throughput_tok_s,
+            summary: sum,
             bottleneck,
         }
     }
@@ -199,12 +185,12 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "requests    {} ({} tokens in {:.2} s)",
-            self.requests, self.tokens, self.duration_s
+            self.summary.requests, self.summary.tokens, self.summary.duration_s
         )?;
-        writeln!(f, "throughput  {:.1} tok/s", self.throughput_tok_s)?;
+        writeln!(f, "throughput  {:.1} tok/s", self.summary.throughput_tok_s)?;
         let d = |x: &Dist| format!("mean {:.1}  p50 {:.1}  p90 {:.1} ms", x.mean, x.p50, x.p90);
-        writeln!(f, "TTFT        {}", d(&self.ttft_ms))?;
-        writeln!(f, "per token   {}", d(&self.token_ms))?;
+        writeln!(f, "TTFT        {}", d(&self.summary.ttft_ms))?;
+        writeln!(f, "per token   {}", d(&self.summary.token_ms))?;
         writeln!(f)?;
         writeln!(
             f,

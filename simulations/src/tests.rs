@@ -150,13 +150,13 @@ proptest! {
                 continue;
             }
             c.split = Some(split);
-            let ms = simulate(&c, &load).unwrap().token_ms.mean;
+            let ms = simulate(&c, &load).unwrap().summary.token_ms.mean;
             best = Some(best.map_or(ms, |b: f64| b.min(ms)));
         }
         match (planned, best) {
             (Ok(r), Some(b)) => prop_assert!(
-                r.token_ms.mean <= b * (1.0 + 1e-9) + 1e-6,
-                "planner {} ms ({}) vs best {} ms", r.token_ms.mean, r.plan, b
+                r.summary.token_ms.mean <= b * (1.0 + 1e-9) + 1e-6,
+                "planner {} ms ({}) vs best {} ms", r.summary.token_ms.mean, r.plan, b
             ),
             (Err(_), None) => {}
             (p, b) => prop_assert!(false, "planner {:?} but brute force {:?}", p.map(|r| r.plan), b),
@@ -174,12 +174,12 @@ fn one_stream_runs_at_the_planners_latency() {
     c.split = Some(vec![(0, 0..5), (1, 5..8)]);
     let r = simulate(&c, &one_stream(20)).unwrap();
     assert!(
-        (r.token_ms.mean - r.planned_token_ms).abs() < 1e-3,
+        (r.summary.token_ms.mean - r.planned_token_ms).abs() < 1e-3,
         "{} vs {}",
-        r.token_ms.mean,
+        r.summary.token_ms.mean,
         r.planned_token_ms
     );
-    assert_eq!(r.tokens, 20);
+    assert_eq!(r.summary.tokens, 20);
     assert_eq!(r.stages.len(), 2);
 }
 
@@ -197,11 +197,11 @@ fn batching_raises_throughput_as_the_cost_model_says() {
     let pass = n.pass_us(32.0, 4) + n.pass_us(3.0, 4);
     let ideal = 4.0 * 1e6 / pass;
     eprintln!("{four}");
-    assert!(four.throughput_tok_s > 2.0 * one.throughput_tok_s);
+    assert!(four.summary.throughput_tok_s > 2.0 * one.summary.throughput_tok_s);
     assert!(
-        (four.throughput_tok_s - ideal).abs() / ideal < 0.05,
+        (four.summary.throughput_tok_s - ideal).abs() / ideal < 0.05,
         "{} vs {ideal}",
-        four.throughput_tok_s
+        four.summary.throughput_tok_s
     );
     assert!((four.stages[0].sequences_per_pass - 4.0).abs() < 0.2);
 }
@@ -252,9 +252,9 @@ fn jitter_and_arrivals_are_deterministic_per_seed() {
         },
     )
     .unwrap();
-    assert_ne!(a.ttft_ms, b.ttft_ms);
-    assert_eq!(a.requests, 30);
-    assert_eq!(a.tokens, 30 * 16);
+    assert_ne!(a.summary.ttft_ms, b.summary.ttft_ms);
+    assert_eq!(a.summary.requests, 30);
+    assert_eq!(a.summary.tokens, 30 * 16);
 }
 
 #[test]
@@ -271,7 +271,7 @@ fn bundled_scenarios_resolve_and_run() {
             .resolve(&dir)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         match simulate(&cluster, &load) {
-            Ok(r) => assert!(r.tokens > 0, "{}", path.display()),
+            Ok(r) => assert!(r.summary.tokens > 0, "{}", path.display()),
             // A projection may show a model that does not fit.
             Err(crate::SimError::Plan(_)) => {}
             Err(e) => panic!("{}: {e}", path.display()),
@@ -341,15 +341,15 @@ fn nodes_sharing_a_machine_share_its_cores() {
     let shared = simulate(&c, &load).unwrap();
     // Three busy stages on two cores: at most 2/3 of the throughput.
     assert!(
-        shared.throughput_tok_s < own.throughput_tok_s * 0.8,
+        shared.summary.throughput_tok_s < own.summary.throughput_tok_s * 0.8,
         "{} vs {}",
-        shared.throughput_tok_s,
-        own.throughput_tok_s
+        shared.summary.throughput_tok_s,
+        own.summary.throughput_tok_s
     );
     // One stream never has two stages busy at once: no difference.
     let one = one_stream(16);
     let a = simulate(&c, &one).unwrap();
     c.hosts.clear();
     let b = simulate(&c, &one).unwrap();
-    assert!((a.token_ms.mean - b.token_ms.mean).abs() < 1e-6);
+    assert!((a.summary.token_ms.mean - b.summary.token_ms.mean).abs() < 1e-6);
 }
