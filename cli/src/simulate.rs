@@ -151,7 +151,7 @@ fn project(args: &SimulateArgs, dir: &Path) -> anyhow::Result<()> {
             // Same split on a free network: what the links cost.
             let network_share = match &single {
                 Ok(r) => {
-                    free.split = Some(split_of(&cluster, r));
+                    free.split = Some(cluster.split_of(r));
                     let ideal = simulate(&free, &single_load)?;
                     Some(1.0 - ideal.summary.token_ms.mean / r.summary.token_ms.mean.max(1e-9))
                 }
@@ -223,21 +223,6 @@ fn project(args: &SimulateArgs, dir: &Path) -> anyhow::Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
-}
-
-/// The split a report ran, as node indices and layers.
-fn split_of(cluster: &simulations::Cluster, r: &Report) -> Vec<(usize, std::ops::Range<usize>)> {
-    r.stages
-        .iter()
-        .map(|s| {
-            let i = cluster
-                .nodes
-                .iter()
-                .position(|n| n.id == s.node)
-                .expect("node in report");
-            (i, s.layers[0]..s.layers[1])
-        })
-        .collect()
 }
 
 fn print_table(rows: &[Projection]) {

@@ -68,6 +68,24 @@ pub struct Cluster {
     pub hosts: Vec<Host>,
 }
 
+impl Cluster {
+    /// The index of the node named `id`.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.id == id)
+    }
+
+    /// The split a report ran, as a fixed split of this cluster.
+    pub fn split_of(&self, r: &Report) -> Vec<(usize, Range<usize>)> {
+        r.stages
+            .iter()
+            .map(|s| {
+                let i = self.index_of(&s.node).expect("node in report");
+                (i, s.layers[0]..s.layers[1])
+            })
+            .collect()
+    }
+}
+
 /// A machine several nodes share: when their passes together want more
 /// cores than it has, each runs slower in proportion (processor sharing,
 /// as the OS scheduler does), e.g. three 1-thread nodes on 2 cores.
@@ -138,11 +156,7 @@ pub fn simulate(cluster: &Cluster, load: &Load) -> Result<Report, SimError> {
         .stages
         .iter()
         .map(|s| {
-            let i = cluster
-                .nodes
-                .iter()
-                .position(|n| n.id == s.node_id)
-                .expect("planned node exists");
+            let i = cluster.index_of(&s.node_id).expect("planned node exists");
             (i, s.layers.clone())
         })
         .collect();
