@@ -139,6 +139,13 @@ pub enum SimError {
 /// Runs `load` on `cluster`.
 pub fn simulate(cluster: &Cluster, load: &Load) -> Result<Report, SimError> {
     check_load(load)?;
+    let longest = load.prompt_tokens_max.unwrap_or(load.prompt_tokens) + load.output_tokens;
+    if longest as u64 > cluster.model.context_tokens {
+        return Err(SimError::Load(format!(
+            "prompt and output reach {longest} tokens, past the model's context of {}",
+            cluster.model.context_tokens
+        )));
+    }
     let plan = match &cluster.split {
         Some(split) => fixed_plan(cluster, split)?,
         None => plan(&PlanInput {

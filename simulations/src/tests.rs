@@ -308,6 +308,10 @@ fn bad_scenarios_say_what_is_wrong() {
             base.replace("streams = 1", "streams = 1\nrate_per_s = 2.0"),
             "not both",
         ),
+        (
+            base.replace("output_tokens = 8", "output_tokens = 9000"),
+            "past the model's context",
+        ),
     ];
     for (text, want) in cases {
         let err = match Scenario::from_toml(&text) {
