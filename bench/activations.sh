@@ -27,6 +27,7 @@ for prec in f32 f16 bf16; do
   node "a$prec" "$port" 1 --plan-for throughput --activations "$prec"; a=$!
   node "a$prec" $((port + 1)) 1 --plan-for throughput --activations "$prec" --peer "$(addr "$port")"; b=$!
   for _ in $(seq 300); do [ "$(stages "$port")" = 2 ] && break; sleep 0.2; done
+  [ "$(stages "$port")" = 2 ] || { echo "the 2-stage pipeline did not form"; exit 1; }
   mkdir -p "$work/$prec"
   for i in "${!prompts[@]}"; do
     "$shoal" ask --node "http://127.0.0.1:$port" --no-template --temp 0 -n "$N" "${prompts[$i]}" 2>/dev/null > "$work/$prec/$i"
@@ -49,8 +50,8 @@ PY
   kill "$a" "$b"; wait "$a" "$b" 2>/dev/null || true
 done
 
-if [ "$(id -u)" != 0 ] || ! command -v tc >/dev/null; then
-  echo "== speed skipped (needs root and tc)"; exit 0
+if [ "$(id -u)" != 0 ] || ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
+  echo "== speed skipped (needs root, ip and tc)"; exit 0
 fi
 source "$root/bench/netns.sh"
 netns_pair "sa$$" 10.78.0 "$RATE"
@@ -59,7 +60,7 @@ for prec in f32 f16; do
   nsnode "sa$$$prec" 1 18600 "$work/ns${prec}1.log" --plan-for throughput --activations "$prec"; ids=($!)
   nsnode "sa$$$prec" 2 18600 "$work/ns${prec}2.log" --plan-for throughput --activations "$prec" \
     --peer "$(ns_addr http://10.78.0.1:18600)"; ids+=($!)
-  for _ in $(seq 300); do [ "$(ns_stages http://10.78.0.1:18600)" = 2 ] && break; sleep 0.2; done
+  ns_wait_stages http://10.78.0.1:18600 2
   echo "-- $prec"
   "$shoal" bench --cluster http://10.78.0.1:18600 -m "$model" --streams 1,4 -n 64 --same-machine \
     --link-mbit "${RATE%mbit}" | sed -n '/streams/,$p'

@@ -5,7 +5,7 @@
 # calibration, the split in force and the probed links.
 #   A. loopback: 1, 2 and 3 nodes, one thread each (planned for throughput)
 #   B. loopback, 2 nodes whose data ports sit behind bench/relay.py, a UDP
-#      relay delaying each datagram by DELAY_MS (default 10) both ways
+#      relay delaying each datagram by DELAY_MS (default 5) both ways
 #   C. network namespaces on a bridge, each veth shaped by `tc tbf`
 #      (RATE, default 100mbit), 2 nodes (needs root; skipped otherwise)
 # Every node runs on this machine, so the simulator is told they share its
@@ -70,6 +70,6 @@ source "$root/bench/netns.sh"
 netns_pair "sc$$" 10.77.0 "$RATE"
 nsnode "sc$$" 1 18400 "$work/ns1.log" --plan-for throughput
 nsnode "sc$$" 2 18400 "$work/ns2.log" --plan-for throughput --peer "$(ns_addr http://10.77.0.1:18400)"
-for _ in $(seq 300); do [ "$(ns_stages http://10.77.0.1:18400)" = 2 ] && break; sleep 0.2; done
+ns_wait_stages http://10.77.0.1:18400 2
 bench "namespaces, 2 nodes x 1 thread, links tbf $RATE" "http://10.77.0.1:18400" \
   --link-mbit "${RATE%mbit}"

@@ -3,13 +3,15 @@
 #                                bridge, addresses SUBNET.1 and SUBNET.2, every
 #                                veth held to RATE by `tc tbf` both ways;
 #                                deleted (with the nodes) on exit
-#   nsnode TAG I PORT LOG [args] `shoal node` in namespace I (1 thread, API
-#                                on SUBNET.I:PORT), waits for its API
-#   ns_stages URL                how many nodes hold layers in its plan
+#   nsnode CLUSTER I PORT LOG [args]  `shoal node` of cluster CLUSTER in
+#                                namespace TAG I (1 thread, API on
+#                                SUBNET.I:PORT), waits for its API
+#   ns_wait_stages URL N         waits until N nodes hold layers, else fails
 netns_pair() {
   ns_tag=$1 ns_subnet=$2
   local rate=$3
-  trap 'for i in 1 2; do ip netns del "$ns_tag$i" 2>/dev/null || true; done; ip link del "${ns_tag}br" 2>/dev/null || true; cleanup' EXIT
+  # The nodes first (they live in the namespaces), then the namespaces.
+  trap 'cleanup; for i in 1 2; do ip netns del "$ns_tag$i" 2>/dev/null || true; done; ip link del "${ns_tag}br" 2>/dev/null || true' EXIT
   ip link add "${ns_tag}br" type bridge
   ip addr add "$ns_subnet.254/24" dev "${ns_tag}br"
   ip link set "${ns_tag}br" up
@@ -36,3 +38,7 @@ nsnode() {
 }
 ns_addr() { "$shoal" status --node "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodes"][0]["addrs"][0])'; }
 ns_stages() { "$shoal" status --node "$1" --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(1 for n in s["nodes"] if n["layers"]))'; }
+ns_wait_stages() {
+  for _ in $(seq 300); do [ "$(ns_stages "$1")" = "$2" ] && return; sleep 0.2; done
+  echo "the $2-stage pipeline did not form at $1"; exit 1
+}

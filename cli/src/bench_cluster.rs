@@ -167,6 +167,9 @@ fn cluster_of(
     let m = &status["model"];
     let context = m["context"].as_u64().context("status: model.context")?;
     let mut spec = ModelSpec::from_layout(&layout, context, 2);
+    if let Some(a) = m["activation_bytes"].as_u64() {
+        spec.activation_bytes = a;
+    }
     spec.last_compute_bytes = m["head_compute_bytes"]
         .as_u64()
         .context("status: model.head_compute_bytes")?;

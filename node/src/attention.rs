@@ -67,11 +67,7 @@ pub(crate) fn attend(
         let qrow = &q[(h * t + i) * hd..(h * t + i + 1) * hd];
         let keys = pos + i + 1; // causal: this row sees positions 0..=pos+i
         let (kr, vr) = (&k[base..base + keys * hd], &v[base..base + keys * hd]);
-        if t >= TILED_ROWS_MIN {
-            attend_row_tiled(qrow, kr, vr, hd, scale, dst);
-        } else {
-            attend_row(qrow, kr, vr, hd, scale, dst);
-        }
+        attend_row(qrow, kr, vr, hd, scale, dst);
     };
     if t * nh < PARALLEL_ROWS_MIN {
         for (idx, dst) in out.chunks_exact_mut(hd).enumerate() {

@@ -290,7 +290,9 @@ impl Scenario {
         let load = Load {
             streams: l.streams,
             rate_per_s: l.rate_per_s,
-            requests: l.requests.unwrap_or(l.streams.map_or(32, |s| 4 * s)),
+            requests: l
+                .requests
+                .unwrap_or(l.streams.map_or(32, |s| s.saturating_mul(4))),
             prompt_tokens: l.prompt_tokens,
             prompt_tokens_max: l.prompt_tokens_max,
             output_tokens: l.output_tokens,
@@ -298,15 +300,19 @@ impl Scenario {
         };
         let mut hosts: Vec<crate::sim::Host> = Vec::new();
         for h in &self.hosts {
-            if !(h.cores > 0.0 && h.cores.is_finite()) {
-                return Err(invalid(format!("host {}: cores must be positive", h.name)));
+            if !(h.cores > 0.0 && h.cores <= 4096.0) {
+                return Err(invalid(format!("host {}: cores must be 0 to 4096", h.name)));
             }
             let mut members = Vec::new();
             let mut i = 0;
             for d in &self.nodes {
                 for _ in 0..d.count.unwrap_or(1) {
                     if d.host.as_deref() == Some(h.name.as_str()) {
-                        members.push((i, d.threads.unwrap_or(1.0).max(0.0)));
+                        let t = d.threads.unwrap_or(1.0);
+                        if !(0.0..=1024.0).contains(&t) {
+                            return Err(invalid(format!("{}: threads must be 0 to 1024", d.name)));
+                        }
+                        members.push((i, t));
                     }
                     i += 1;
                 }

@@ -35,6 +35,8 @@ use crate::report::{Report, Run};
 pub const EVENTS_MAX: u64 = 200_000_000;
 /// Requests one simulation may run.
 pub const REQUESTS_MAX: usize = 1_000_000;
+/// Closed-loop clients one simulation may run.
+pub const STREAMS_MAX: usize = 100_000;
 
 /// One direction of a link between two nodes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -188,9 +190,10 @@ fn check_load(load: &Load) -> Result<(), SimError> {
     }
     match (load.streams, load.rate_per_s) {
         (Some(0), _) => bad("streams must be at least 1"),
+        (Some(s), _) if s > STREAMS_MAX => bad("streams: at most 100,000"),
         (Some(_), Some(_)) => bad("give streams (closed loop) or rate_per_s (open loop), not both"),
         (None, None) => bad("give streams (closed loop) or rate_per_s (open loop)"),
-        (None, Some(r)) if !(r > 0.0 && r.is_finite()) => bad("rate_per_s must be positive"),
+        (None, Some(r)) if !(1e-6..=1e9).contains(&r) => bad("rate_per_s must be 1e-6 to 1e9"),
         _ => Ok(()),
     }
 }
@@ -402,8 +405,11 @@ impl<'a> World<'a> {
         } else {
             0.0
         };
-        let land = (start + tx + ns(link.spec.latency_us + jitter)).max(last);
-        self.link_free.insert((a, b), (start + tx, land));
+        let sent = start.saturating_add(tx);
+        let land = sent
+            .saturating_add(ns(link.spec.latency_us + jitter))
+            .max(last);
+        self.link_free.insert((a, b), (sent, land));
         land
     }
 
@@ -428,7 +434,7 @@ impl<'a> World<'a> {
         let when = match self.load.rate_per_s {
             Some(rate) if request > 0 => {
                 let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
-                self.now + ns(-u.ln() / rate * 1e6)
+                self.now.saturating_add(ns(-u.ln() / rate * 1e6))
             }
             _ => self.now,
         };
@@ -589,7 +595,7 @@ impl<'a> World<'a> {
             run.rate = rate;
             run.since = now;
             st.version += 1;
-            let (at, version) = (now + ns(run.remaining_us / rate), st.version);
+            let (at, version) = (now.saturating_add(ns(run.remaining_us / rate)), st.version);
             self.schedule(at, Event::PassDone { stage: i, version });
         }
     }

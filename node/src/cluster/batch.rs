@@ -40,8 +40,14 @@ use crate::attention::TILED_ROWS_MIN;
 pub const BATCH_ROWS_MAX: usize = 256;
 
 /// How long the first stage waits for the rest of a group once part of it
-/// is back: a loopback round trip through the origin is ~0.1-0.5 ms.
+/// is back, or (merging) for a group on its way after its last pass: a
+/// loopback round trip through the origin is ~0.1-0.5 ms.
 pub const REGROUP_WAIT: Duration = Duration::from_millis(2);
+
+/// A group still missing members this long after it ran is no longer
+/// waited for by others (its members ended, failed, or their Cancel was
+/// lost): merging is an optimisation and must not tax every later pass.
+pub const GROUP_STALE: Duration = Duration::from_secs(1);
 
 /// The new rows of one chunk of one sequence.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +99,8 @@ struct Group {
     members: HashSet<u64>,
     missing: HashSet<u64>,
     first_back: Option<Instant>,
+    /// When it ran on this stage.
+    ran: Instant,
 }
 
 /// The stage's queue of chunks and the groups it keeps together.
@@ -181,20 +189,21 @@ impl Batcher {
         self.queue.is_empty()
     }
 
-    /// Until when `id` waits at `now`: for the rest of its group, when the
-    /// group is partly back; else for a group on its way that fits in the
-    /// same pass (see "Small groups merge").
+    /// Until when `id` waits at `now` for the rest of its group, when the
+    /// group is partly back.
     fn held(&self, id: u64, now: Instant) -> Option<Instant> {
-        let own = self
-            .groups
+        self.groups
             .iter()
             .filter(|g| g.members.contains(&id) && !g.missing.contains(&id))
             .filter_map(|g| g.first_back.map(|t| t + REGROUP_WAIT))
             .filter(|&deadline| now < deadline)
-            .min();
-        if own.is_some() {
-            return own;
-        }
+            .min()
+    }
+
+    /// Until when `id` (a queued decode step) waits at `now` for a group on
+    /// its way that fits in the same pass (see "Small groups merge"). Only
+    /// [`Batcher::next`] asks: once a pass runs anyway, the step joins it.
+    fn merging(&self, id: u64, now: Instant) -> Option<Instant> {
         let since = self.queued_at.get(&id)?;
         let deadline = self.last_pass.map_or(*since, |p| p.max(*since)) + REGROUP_WAIT;
         if now >= deadline {
@@ -203,7 +212,11 @@ impl Batcher {
         let ready = self.queued_at.len();
         self.groups
             .iter()
-            .any(|g| !g.members.contains(&id) && ready + g.missing.len() <= self.cap)
+            .any(|g| {
+                !g.members.contains(&id)
+                    && now.duration_since(g.ran) < GROUP_STALE
+                    && ready + g.missing.len() <= self.cap
+            })
             .then_some(deadline)
     }
 
@@ -214,7 +227,8 @@ impl Batcher {
         }
         let mut wait: Option<Instant> = None;
         for w in &self.queue {
-            match self.held(w.seq.request_id, now) {
+            let id = w.seq.request_id;
+            match self.held(id, now).or_else(|| self.merging(id, now)) {
                 None => return Next::Run,
                 Some(d) => wait = Some(wait.map_or(d, |x: Instant| x.min(d))),
             }
@@ -304,6 +318,7 @@ impl Batcher {
                     members: ids.clone(),
                     missing: ids,
                     first_back: None,
+                    ran: now,
                 });
             }
         }

@@ -14,8 +14,9 @@ use sharding::{GgufFile, ModelLayout, BATCH_ROWS_KNEE};
 use crate::model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput};
 use crate::EngineError;
 
-/// Decode steps timed (after one warm-up): enough for a stable median,
-/// short enough to start in well under a second.
+/// Passes timed per measurement (after one warm-up): enough for a stable
+/// median; the four measurements take about a second on the default model
+/// at one thread (longer on big layers: they are one layer each).
 const STEPS: usize = 15;
 
 /// What calibration found.
@@ -45,7 +46,10 @@ impl Speed {
 }
 
 /// Times a one-token decode step of one middle layer, and of the last
-/// layer with the head; the difference is the head.
+/// layer with the head (the difference is the head); then the middle layer
+/// with 4 decoding sequences and with a 64-row prompt piece (what more rows
+/// add). A model whose context cannot hold the prompt piece prices prompt
+/// rows as batch rows.
 pub fn measure(
     gguf: &GgufFile,
     layout: &ModelLayout,
@@ -60,7 +64,8 @@ pub fn measure(
     let last = time_step(gguf, layout, n - 1..n, context, 1, 1)?;
     // A batch as decoding makes it: that many sequences, one row each.
     let batch = time_step(gguf, layout, layer..layer + 1, context, BATCH_ROWS_KNEE, 1)? / m;
-    let prompt = time_step(gguf, layout, layer..layer + 1, context, 1, PROMPT_ROWS)? / m;
+    let prompt =
+        time_step(gguf, layout, layer..layer + 1, context, 1, PROMPT_ROWS).map_or(batch, |t| t / m);
     tracing::debug!(
         one = us_per_mib * m,
         batch = batch * m,

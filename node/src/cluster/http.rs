@@ -319,6 +319,8 @@ pub struct ModelStatus {
     pub head_compute_bytes: u64,
     /// Context tokens each stage reserves.
     pub context: u64,
+    /// Bytes of one token's activations between stages (`--activations`).
+    pub activation_bytes: u64,
 }
 
 /// The plan in status.
@@ -502,6 +504,7 @@ pub fn build_status(shared: &Shared) -> Status {
             bytes: shared.layout.stage_bytes(0..cfg.n_layers),
             head_compute_bytes: m.model().last_compute_bytes,
             context: m.model().context_tokens,
+            activation_bytes: m.model().activation_bytes,
         },
         plan: plan.as_ref().map(|p| PlanStatus {
             epoch: p.epoch,

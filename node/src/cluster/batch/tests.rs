@@ -207,6 +207,7 @@ fn a_lone_request_waits_to_merge_with_a_group_on_its_way() {
         b.push(decode(id, 5), t0);
     }
     assert_eq!(b.next(t0), Next::WaitUntil(t0 + REGROUP_WAIT));
+    assert_eq!(b.next(t0 + REGROUP_WAIT), Next::Run);
     assert_eq!(b.next_batch(64, true, t0 + REGROUP_WAIT).len(), 3);
     // 1's next token came back while the stage ran 2-4; the pass ends.
     let t1 = t0 + Duration::from_millis(10);
@@ -218,7 +219,6 @@ fn a_lone_request_waits_to_merge_with_a_group_on_its_way() {
     }
     assert_eq!(b.next(t1), Next::Run);
     assert_eq!(b.next_batch(64, true, t1).len(), 4, "merged");
-    // With a micro-batch cap that has no room for both, no wait.
     let t2 = t1 + Duration::from_millis(10);
     b.push(decode(1, 7), t2);
     b.push(decode(2, 7), t2);
@@ -228,6 +228,7 @@ fn a_lone_request_waits_to_merge_with_a_group_on_its_way() {
         Next::WaitUntil(t2 + REGROUP_WAIT),
         "1, 2 wait for 3, 4"
     );
+    // With a micro-batch cap that has no room for both, no wait.
     let mut c = Batcher::default();
     c.push(decode(1, 5), t0);
     c.push(decode(2, 5), t0);
@@ -235,4 +236,28 @@ fn a_lone_request_waits_to_merge_with_a_group_on_its_way() {
     c.push(decode(1, 6), t1);
     c.finished(t1);
     assert_eq!(c.next(t1), Next::Run, "cap 1: 1 and 2 never share a pass");
+}
+
+#[test]
+fn a_pass_that_runs_anyway_takes_merging_decode_steps() {
+    let t0 = Instant::now();
+    let mut b = Batcher::default();
+    b.push(decode(1, 5), t0);
+    b.push(decode(2, 5), t0);
+    b.next_batch(64, true, t0);
+    // 3 decodes alone while 1 and 2 are on their way; a prompt arrives.
+    b.push(decode(3, 9), t0);
+    assert_eq!(b.next(t0), Next::WaitUntil(t0 + REGROUP_WAIT));
+    b.push(prompt(4, 30), t0);
+    assert_eq!(b.next(t0), Next::Run);
+    assert_eq!(
+        ids(&b.next_batch(64, true, t0)),
+        vec![(3, 9, 1, true), (4, 0, 30, true)]
+    );
+    // A group that never comes back stops taxing others after GROUP_STALE.
+    let late = t0 + GROUP_STALE;
+    b.cancel(4);
+    b.push(decode(3, 10), late);
+    b.finished(late);
+    assert_eq!(b.next(late), Next::Run);
 }
