@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
+use node::cluster::origin::AskEvent;
 use serde::Serialize;
 use sharding::{GgufFile, LinkSpec, ModelLayout, ModelSpec, NodeSpec, PlanGoal};
 use simulations::{simulate, Cluster, Link, Load, RequestLog, Summary};
@@ -289,14 +290,15 @@ fn one_request(url: &str, tokens: usize, start: Instant) -> anyhow::Result<Reque
         line.clear();
         let n = (&mut reader).take(1 << 20).read_line(&mut line)?;
         anyhow::ensure!(n > 0, "the node closed the stream early");
-        let v: serde_json::Value = serde_json::from_str(line.trim_end())?;
-        if v.get("token").is_some() {
-            log.tokens.push(ns());
-        } else if let Some(done) = v.get("done") {
-            log.prompt = done["stats"]["prompt_tokens"].as_u64().unwrap_or(1) as usize;
-            return Ok(log);
-        } else if let Some(e) = v.get("error") {
-            anyhow::bail!("the node failed a request: {e}");
+        // The events `shoal ask` reads, typed the same way.
+        match serde_json::from_str::<AskEvent>(line.trim_end())? {
+            AskEvent::Token { .. } => log.tokens.push(ns()),
+            AskEvent::Tail { .. } => {}
+            AskEvent::Done { stats } => {
+                log.prompt = stats.prompt_tokens;
+                return Ok(log);
+            }
+            AskEvent::Error { message } => anyhow::bail!("the node failed a request: {message}"),
         }
     }
 }

@@ -23,8 +23,8 @@ pub use gguf::{GgufError, GgufFile, TensorInfo, Value};
 pub use layout::{LayoutError, ModelConfig, ModelLayout, RopeStyle};
 pub use manifest::Manifest;
 pub use planner::{
-    plan, LinkSpec, ModelSpec, NodeSpec, Plan, PlanError, PlanGoal, PlanInput, PlannedStage,
-    BATCH_ROWS_KNEE,
+    evaluate, plan, LinkSpec, ModelSpec, NodeSpec, Plan, PlanError, PlanGoal, PlanInput,
+    PlannedStage, BATCH_ROWS_KNEE,
 };
 
 #[cfg(test)]

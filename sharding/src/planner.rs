@@ -488,46 +488,61 @@ impl Search<'_> {
     }
 
     fn score(&self, cuts: &[usize]) -> Scored {
-        let m = &self.input.model;
-        let k = self.order.len();
-        let mut stages = Vec::with_capacity(k);
-        for s in 0..k {
-            let id = self.order[s];
-            let node = &self.input.nodes[id];
-            let layers = cuts[s]..cuts[s + 1];
-            let next = self.order[(s + 1) % k];
-            let send_us = if k == 1 {
-                0.0
-            } else if s + 1 == k {
-                self.input.links[id][next].send_us(4)
-            } else {
-                self.input.links[id][next].send_us(m.activation_bytes)
-            };
-            stages.push(PlannedStage {
-                node_id: node.id.clone(),
-                memory_bytes: m.stage_memory(layers.clone()),
-                compute_us: node.pass_us(mib(m.streamed_bytes(layers.clone())), 1),
-                layers,
-                send_us,
-            });
-        }
-        let latency: f64 = stages.iter().map(|s| s.compute_us + s.send_us).sum();
-        let slowest = stages
+        let split: Vec<(usize, Range<usize>)> = self
+            .order
+            .iter()
+            .enumerate()
+            .map(|(s, &node)| (node, cuts[s]..cuts[s + 1]))
+            .collect();
+        let plan = evaluate(self.input, &split);
+        let slowest = plan
+            .stages
             .iter()
             .map(|s| s.compute_us.max(s.send_us))
             .fold(0.0, f64::max);
         let key = match self.input.goal {
-            PlanGoal::Latency => (latency, slowest),
-            PlanGoal::Throughput => (slowest, latency),
+            PlanGoal::Latency => (plan.token_latency_us, slowest),
+            PlanGoal::Throughput => (slowest, plan.token_latency_us),
         };
-        Scored {
-            key,
-            plan: Plan {
-                stages,
-                token_latency_us: latency,
-                throughput_tokens_per_s: 1e6 / slowest.max(1e-3),
-            },
-        }
+        Scored { key, plan }
+    }
+}
+
+/// The cost model's [`Plan`] for a given split: `(index into input.nodes,
+/// layers)` per stage in pipeline order, layers contiguous and covering the
+/// model (the caller checks). The planner scores every candidate with it;
+/// the simulator prices a split a real cluster chose.
+pub fn evaluate(input: &PlanInput, split: &[(usize, Range<usize>)]) -> Plan {
+    let m = &input.model;
+    let k = split.len();
+    let mut stages = Vec::with_capacity(k);
+    for (s, (id, layers)) in split.iter().enumerate() {
+        let node = &input.nodes[*id];
+        let next = split[(s + 1) % k].0;
+        let send_us = if k == 1 {
+            0.0
+        } else if s + 1 == k {
+            input.links[*id][next].send_us(4)
+        } else {
+            input.links[*id][next].send_us(m.activation_bytes)
+        };
+        stages.push(PlannedStage {
+            node_id: node.id.clone(),
+            memory_bytes: m.stage_memory(layers.clone()),
+            compute_us: node.pass_us(mib(m.streamed_bytes(layers.clone())), 1),
+            layers: layers.clone(),
+            send_us,
+        });
+    }
+    let latency: f64 = stages.iter().map(|s| s.compute_us + s.send_us).sum();
+    let slowest = stages
+        .iter()
+        .map(|s| s.compute_us.max(s.send_us))
+        .fold(0.0, f64::max);
+    Plan {
+        stages,
+        token_latency_us: latency,
+        throughput_tokens_per_s: 1e6 / slowest.max(1e-3),
     }
 }
 

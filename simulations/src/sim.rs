@@ -26,7 +26,9 @@ use protocol::SeqRows;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sharding::planner::mib;
-use sharding::{plan, LinkSpec, ModelSpec, NodeSpec, Plan, PlanError, PlanGoal, PlanInput};
+use sharding::{
+    evaluate, plan, LinkSpec, ModelSpec, NodeSpec, Plan, PlanError, PlanGoal, PlanInput,
+};
 
 use crate::report::{Report, Run};
 
@@ -148,18 +150,22 @@ pub fn simulate(cluster: &Cluster, load: &Load) -> Result<Report, SimError> {
             cluster.model.context_tokens
         )));
     }
+    let input = PlanInput {
+        model: cluster.model.clone(),
+        nodes: cluster.nodes.clone(),
+        links: cluster
+            .links
+            .iter()
+            .map(|r| r.iter().map(|l| l.spec).collect())
+            .collect(),
+        goal: cluster.goal,
+    };
     let plan = match &cluster.split {
-        Some(split) => fixed_plan(cluster, split)?,
-        None => plan(&PlanInput {
-            model: cluster.model.clone(),
-            nodes: cluster.nodes.clone(),
-            links: cluster
-                .links
-                .iter()
-                .map(|r| r.iter().map(|l| l.spec).collect())
-                .collect(),
-            goal: cluster.goal,
-        })?,
+        Some(split) => {
+            check_split(cluster, split)?;
+            evaluate(&input, split)
+        }
+        None => plan(&input)?,
     };
     let stages: Vec<(usize, Range<usize>)> = plan
         .stages
@@ -198,8 +204,9 @@ fn check_load(load: &Load) -> Result<(), SimError> {
     }
 }
 
-/// A [`Plan`] for a given split, scored by the planner's cost model.
-fn fixed_plan(cluster: &Cluster, split: &[(usize, Range<usize>)]) -> Result<Plan, SimError> {
+/// That `split` is a pipeline over `cluster`: known nodes, layers contiguous
+/// and covering the model (what [`sharding::evaluate`] takes for granted).
+fn check_split(cluster: &Cluster, split: &[(usize, Range<usize>)]) -> Result<(), SimError> {
     let n = cluster.model.layer_bytes.len();
     let mut next = 0;
     for (node, layers) in split {
@@ -218,39 +225,7 @@ fn fixed_plan(cluster: &Cluster, split: &[(usize, Range<usize>)]) -> Result<Plan
             "the split covers {next} of {n} layers"
         )));
     }
-    let k = split.len();
-    let mut stages = Vec::with_capacity(k);
-    for (s, (node, layers)) in split.iter().enumerate() {
-        let spec = &cluster.nodes[*node];
-        let next = split[(s + 1) % k].0;
-        let bytes = if s + 1 == k {
-            4
-        } else {
-            cluster.model.activation_bytes
-        };
-        let send_us = if k == 1 {
-            0.0
-        } else {
-            cluster.links[*node][next].spec.send_us(bytes)
-        };
-        stages.push(sharding::PlannedStage {
-            node_id: spec.id.clone(),
-            layers: layers.clone(),
-            memory_bytes: cluster.model.stage_memory(layers.clone()),
-            compute_us: spec.pass_us(mib(cluster.model.streamed_bytes(layers.clone())), 1),
-            send_us,
-        });
-    }
-    let latency: f64 = stages.iter().map(|s| s.compute_us + s.send_us).sum();
-    let slowest = stages
-        .iter()
-        .map(|s| s.compute_us.max(s.send_us))
-        .fold(0.0, f64::max);
-    Ok(Plan {
-        stages,
-        token_latency_us: latency,
-        throughput_tokens_per_s: 1e6 / slowest.max(1e-3),
-    })
+    Ok(())
 }
 
 /// Nanoseconds since the start.

@@ -60,12 +60,19 @@ pub fn measure(
     let layer = n / 2;
     let mib = |l: usize| layout.layers[l].bytes() as f64 / (1024.0 * 1024.0);
     let m = mib(layer).max(1e-6);
-    let us_per_mib = time_step(gguf, layout, layer..layer + 1, context, 1, 1)? / m;
-    let last = time_step(gguf, layout, n - 1..n, context, 1, 1)?;
+    let dim = layout.config.dim;
+    // One load of the middle layer serves its three measurements.
+    let middle = load(
+        gguf,
+        layout,
+        layer..layer + 1,
+        context.min(64).max(PROMPT_ROWS * 2),
+    )?;
+    let us_per_mib = time_passes(&middle, dim, 1, 1)? / m;
+    let last = time_passes(&load(gguf, layout, n - 1..n, context.min(64))?, dim, 1, 1)?;
     // A batch as decoding makes it: that many sequences, one row each.
-    let batch = time_step(gguf, layout, layer..layer + 1, context, BATCH_ROWS_KNEE, 1)? / m;
-    let prompt =
-        time_step(gguf, layout, layer..layer + 1, context, 1, PROMPT_ROWS).map_or(batch, |t| t / m);
+    let batch = time_passes(&middle, dim, BATCH_ROWS_KNEE, 1)? / m;
+    let prompt = time_passes(&middle, dim, 1, PROMPT_ROWS).map_or(batch, |t| t / m);
     tracing::debug!(
         one = us_per_mib * m,
         batch = batch * m,
@@ -82,31 +89,33 @@ pub fn measure(
     })
 }
 
-/// Microseconds of one pass of `seqs` sequences of `rows` rows each
-/// through `layers` (after a warm-up): one-row steps decode on growing
-/// caches; longer passes are prompt pieces, each on fresh caches.
-fn time_step(
+/// `layers` ready to time: mapped and paged in.
+fn load(
     gguf: &GgufFile,
     layout: &ModelLayout,
     layers: std::ops::Range<usize>,
-    context: usize,
-    seqs: usize,
-    rows: usize,
-) -> Result<f64, EngineError> {
+    max_context: usize,
+) -> Result<Stage, EngineError> {
     let opts = LoadOptions {
-        max_context: context.min(64).max(rows * 2),
+        max_context,
         ..LoadOptions::default()
     };
     let stage = Stage::load(gguf, layout, layers, &opts)?;
     stage.prefault(&mut |_, _| {});
-    let dim = layout.config.dim;
+    Ok(stage)
+}
+
+/// Microseconds of one pass of `seqs` sequences of `rows` rows each
+/// through `stage` (after a warm-up): one-row steps decode on growing
+/// caches; longer passes are prompt pieces, each on fresh caches.
+fn time_passes(stage: &Stage, dim: usize, seqs: usize, rows: usize) -> Result<f64, EngineError> {
     let total = seqs * rows;
     let x: Vec<f32> = (0..dim * total)
         .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
         .collect();
     let hidden = Tensor::from_vec(x, (total, dim), &Device::Cpu)?;
     let tokens = vec![0u32; total];
-    let caches: Vec<crate::KvCache> = (0..seqs)
+    let mut caches: Vec<crate::KvCache> = (0..seqs)
         .map(|_| stage.new_cache((STEPS + 1) * rows))
         .collect();
     let run = |caches: &mut Vec<crate::KvCache>| {
@@ -126,14 +135,13 @@ fn time_step(
         };
         stage.forward_batch(input, &mut batch)
     };
-    let mut cache = caches;
-    run(&mut cache)?;
+    run(&mut caches)?;
     // The median step: a scheduler hiccup in one step must not move the
     // split (the mean of 8 steps moved it by a few layers on a busy machine).
     let mut steps = Vec::with_capacity(STEPS);
     for _ in 0..STEPS {
         let t = Instant::now();
-        run(&mut cache)?;
+        run(&mut caches)?;
         steps.push(t.elapsed().as_secs_f64() * 1e6);
     }
     steps.sort_by(f64::total_cmp);
