@@ -7,7 +7,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-"$shoal" keygen > "$work/key"
+"$shoal" keygen "$work/key"
 
 node() {
   local name=$1 port=$2 threads=$3; shift 3

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 
 use anyhow::Context;
 use clap::Args;
-use node::cluster::origin::AskEvent;
+use cluster::AskEvent;
 
 use crate::common::GenArgs;
 
@@ -153,9 +153,9 @@ pub fn stream_answer(
                 }
                 return Ok(());
             }
-            AskEvent::Error { message } => {
+            AskEvent::Error { error } => {
                 println!();
-                anyhow::bail!("{message}");
+                anyhow::bail!("{error}");
             }
         }
     }

@@ -3,7 +3,7 @@
 //! time), each from an empty cache, repeated, reported as tokens/s.
 
 use clap::Args;
-use node::LogitsFor;
+use engine::LogitsFor;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -72,7 +72,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(url) = &args.cluster {
         let model = match &args.model.model {
             Some(p) => p.clone(),
-            None => node::models::default_model()?,
+            None => models::default_model()?,
         };
         anyhow::ensure!(
             (1..=100).contains(&args.requests_per_stream),
@@ -145,7 +145,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
                 let logits = engine
                     .step(&[tok], &mut cache, LogitsFor::Last)?
                     .to_vec1::<f32>()?;
-                tok = node::sampling::argmax(&logits);
+                tok = engine::sampling::argmax(&logits);
             }
             samples.push(t.elapsed().as_nanos() as u64);
         }

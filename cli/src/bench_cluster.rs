@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use node::cluster::origin::AskEvent;
+use cluster::AskEvent;
 use serde::Serialize;
 use sharding::{GgufFile, LinkSpec, ModelLayout, ModelSpec, NodeSpec, PlanGoal};
 use simulations::{simulate, Cluster, Link, Load, RequestLog, Summary};
@@ -298,7 +298,7 @@ fn one_request(url: &str, tokens: usize, start: Instant) -> anyhow::Result<Reque
                 log.prompt = stats.prompt_tokens;
                 return Ok(log);
             }
-            AskEvent::Error { message } => anyhow::bail!("the node failed a request: {message}"),
+            AskEvent::Error { error } => anyhow::bail!("the node failed a request: {error}"),
         }
     }
 }

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
+use engine::{Engine, LoadOptions, SamplingParams};
 use indicatif::{ProgressBar, ProgressStyle};
-use node::{Engine, LoadOptions, SamplingParams};
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only, so
 /// stdout carries nothing but the model's text; `shoal node` logs at info).
@@ -43,7 +43,7 @@ impl ModelArgs {
     pub fn load_with_pool(&self, quiet: bool) -> anyhow::Result<Engine> {
         let path = match &self.model {
             Some(p) => p.clone(),
-            None => node::models::default_model()?,
+            None => models::default_model()?,
         };
         load_engine(&path, self.ctx, quiet)
     }

@@ -68,13 +68,13 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!((1..=8).contains(&args.nodes), "--nodes must be 1 to 8");
     let model = match &args.model {
         Some(p) => p.clone(),
-        None => node::models::default_model()?,
+        None => models::default_model()?,
     };
     let exe = std::env::current_exe().context("own executable")?;
     let dir = std::env::temp_dir().join(format!("shoal-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let key = dir.join("cluster.key");
-    std::fs::write(&key, node::cluster::key::ClusterKey::generate().to_hex())?;
+    cluster::key::ClusterKey::create(&key)?;
     let cluster = format!("demo-{}", std::process::id());
     eprintln!(
         "shoal: starting {} nodes on this machine ({})",

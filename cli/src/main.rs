@@ -1,4 +1,5 @@
-//! `shoal`: run, score and benchmark GGUF models on this machine.
+//! `shoal`: serve a model from a cluster of machines, run, score and
+//! benchmark it on one, simulate clusters.
 //!
 //! # Layout
 //! - `common`: flags shared by subcommands, model loading with a progress bar.
@@ -50,12 +51,33 @@ enum Command {
     Ask(ask::AskArgs),
     /// Show the cluster: nodes, devices, memory, layer split, links.
     Status(status::StatusArgs),
-    /// Print a new cluster secret (for --cluster-key-file).
-    Keygen,
+    /// Write a new cluster secret to a file (never printed): copy it to every machine.
+    Keygen(KeygenArgs),
     /// Start a cluster of several nodes on this machine, ask it, keep its status page up.
     Demo(demo::DemoArgs),
     /// Simulate a cluster described in a scenario file (machines, links, model, load).
     Simulate(simulate::SimulateArgs),
+}
+
+/// `shoal keygen`: where to write the new key.
+#[derive(clap::Args, Debug)]
+struct KeygenArgs {
+    /// The key file to create (default: the one `shoal node` reads,
+    /// $XDG_CONFIG_HOME/shoal/cluster.key or ~/.config/shoal/cluster.key).
+    /// An existing file is never overwritten.
+    path: Option<std::path::PathBuf>,
+}
+
+/// Writes a new key and says where, never what: a key on a terminal ends up
+/// in scrollback, screenshots and CI logs.
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let path = args.path.unwrap_or_else(node::default_key_file);
+    cluster::key::ClusterKey::create(&path)?;
+    eprintln!(
+        "shoal: wrote a new cluster key to {} (owner-only): copy this file to every machine of the cluster",
+        path.display()
+    );
+    Ok(())
 }
 
 fn main() {
@@ -76,10 +98,7 @@ fn main() {
         Command::Status(a) => status::main(a),
         Command::Demo(a) => demo::main(a),
         Command::Simulate(a) => simulate::main(a),
-        Command::Keygen => {
-            println!("{}", ::node::cluster::key::ClusterKey::generate().to_hex());
-            Ok(())
-        }
+        Command::Keygen(a) => keygen(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -3,10 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use ::node::{ApiConfig, ClusterConfig, Node, NodeConfig};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use node::cluster::key::ClusterKey;
-use node::cluster::{Node, NodeConfig};
+use cluster::key::ClusterKey;
 
 /// What the planner optimises.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -42,8 +42,9 @@ pub struct NodeArgs {
     /// Cluster name: nodes only join a cluster of the same name.
     #[arg(long, default_value = "shoal")]
     cluster: String,
-    /// File holding the cluster secret (default: ~/.config/shoal/cluster.key,
-    /// created on first start; copy it to every machine of the cluster).
+    /// File holding the cluster secret (default: $XDG_CONFIG_HOME/shoal/cluster.key
+    /// or ~/.config/shoal/cluster.key, created on first start; copy it to every
+    /// machine of the cluster). The key itself is never printed.
     #[arg(long)]
     cluster_key_file: Option<PathBuf>,
     /// A peer's libp2p address (repeatable), for networks without multicast.
@@ -97,7 +98,7 @@ pub struct NodeArgs {
 pub mod libp2p_addr {
     /// A parsed multiaddr.
     #[derive(Debug, Clone)]
-    pub struct Addr(pub node::cluster::Multiaddr);
+    pub struct Addr(pub cluster::Multiaddr);
 
     impl std::str::FromStr for Addr {
         type Err = String;
@@ -130,9 +131,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
-fn default_key_file() -> PathBuf {
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    home.join(".config/shoal/cluster.key")
+/// The key file `shoal node` and `shoal keygen` use when none is named:
+/// `$XDG_CONFIG_HOME/shoal/cluster.key`, else `~/.config/shoal/cluster.key`.
+pub fn default_key_file() -> PathBuf {
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+            home.join(".config")
+        });
+    config.join("shoal").join("cluster.key")
 }
 
 pub fn main(args: NodeArgs) -> anyhow::Result<()> {
@@ -145,9 +154,8 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
     let (key, created) = ClusterKey::read_or_create(&key_file)?;
     if created {
         eprintln!(
-            "shoal: created a new cluster key in {} — copy this file to every machine of the cluster:\n  {}",
-            key_file.display(),
-            key.to_hex()
+            "shoal: created a new cluster key in {} (mode 0600): copy this file to every machine of the cluster",
+            key_file.display()
         );
     }
     // I/O only (compute runs on rayon's pool): one thread keeps every
@@ -162,13 +170,13 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
     let (model, fetched) = match &args.model {
         Some(p) => (p.clone(), None),
         None if args.from_peers => {
-            let sources = node::cluster::weights::Sources {
+            let sources = cluster::weights::Sources {
                 cluster: args.cluster.clone(),
                 key: key.clone(),
                 addrs: peers.clone(),
                 mdns: !args.no_mdns,
             };
-            let (path, index) = node::cluster::weights::bootstrap(rt.handle(), &sources)
+            let (path, index) = cluster::weights::bootstrap(rt.handle(), &sources)
                 .context("getting the model from the cluster")?;
             eprintln!(
                 "shoal: model from the cluster, cached in {}",
@@ -176,17 +184,40 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
             );
             (path, Some(index))
         }
-        None => (node::models::default_model()?, None),
+        None => (models::default_model()?, None),
     };
-    let config = NodeConfig {
+    let config = node_config(&args, key, threads, model, fetched);
+    rt.block_on(async move {
+        let node = Node::start(config).await?;
+        eprintln!(
+            "shoal: node {} in cluster '{}', API on http://{}",
+            node.id(),
+            args.cluster,
+            node.http_addr
+        );
+        wait_for_signal().await;
+        eprintln!("shoal: leaving the cluster");
+        node.shutdown().await;
+        Ok(())
+    })
+}
+
+/// The node's settings from its flags.
+fn node_config(
+    args: &NodeArgs,
+    key: ClusterKey,
+    threads: usize,
+    model: PathBuf,
+    fetched: Option<protocol::WeightIndex>,
+) -> NodeConfig {
+    let cluster = ClusterConfig {
         model,
         fetched,
         cluster: args.cluster.clone(),
         key,
         listen: args.listen.iter().map(|a| a.0.clone()).collect(),
-        peers,
+        peers: args.peers.iter().map(|a| a.0.clone()).collect(),
         mdns: !args.no_mdns,
-        http: args.http,
         data: args.data,
         data_advertise: args.data_advertise,
         max_memory: args.max_memory,
@@ -201,23 +232,16 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
             Precision::F16 => protocol::DType::F16,
             Precision::Bf16 => protocol::DType::BF16,
         },
-        api_key: args.api_key.clone(),
         max_running: args.max_running,
         max_queued: args.max_queued,
     };
-    rt.block_on(async move {
-        let node = Node::start(config).await?;
-        eprintln!(
-            "shoal: node {} in cluster '{}', API on http://{}",
-            node.id(),
-            args.cluster,
-            node.http_addr
-        );
-        wait_for_signal().await;
-        eprintln!("shoal: leaving the cluster");
-        node.shutdown().await;
-        Ok(())
-    })
+    NodeConfig {
+        cluster,
+        http: args.http,
+        api: ApiConfig {
+            api_key: args.api_key.clone(),
+        },
+    }
 }
 
 async fn wait_for_signal() {

@@ -7,14 +7,14 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use node::model::log_prob;
-use node::LogitsFor;
+use engine::model::log_prob;
+use engine::LogitsFor;
 
 use crate::common::ModelArgs;
 
 /// Largest text file read: what the tokenizer takes in one piece
 /// (the standard wikitext-2 test set is ~1.3 MB).
-const TEXT_BYTES_MAX: u64 = node::tokenizer::MAX_INPUT_BYTES as u64;
+const TEXT_BYTES_MAX: u64 = engine::tokenizer::MAX_INPUT_BYTES as u64;
 
 /// `shoal perplexity` flags.
 #[derive(Args, Debug)]
@@ -70,7 +70,7 @@ pub fn main(args: PerplexityArgs) -> anyhow::Result<()> {
         }
         let mut cache = engine.new_cache(n_ctx);
         let mut rows: Vec<Vec<f32>> = Vec::with_capacity(n_ctx);
-        for part in chunk.chunks(node::engine::PROMPT_CHUNK_TOKENS) {
+        for part in chunk.chunks(schedule::PROMPT_CHUNK_TOKENS) {
             let logits = engine.step(part, &mut cache, LogitsFor::All)?;
             rows.extend(logits.to_vec2::<f32>()?);
         }

@@ -3,8 +3,8 @@
 use std::io::{BufRead, IsTerminal, Read, Write};
 
 use clap::Args;
-use node::chat::Message;
-use node::{Engine, GenerateEvent, GenerateOptions, GenerationStats, Session};
+use engine::chat::Message;
+use engine::{Engine, GenerateEvent, GenerateOptions, GenerationStats, Session};
 
 use crate::common::{GenArgs, ModelArgs};
 

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Args;
-use node::cluster::http::Status;
+use cluster::status::Status;
 
 /// `shoal status` flags.
 #[derive(Args, Debug)]

@@ -25,7 +25,7 @@ fn run_hi(path: &std::path::Path) -> Output {
 }
 
 fn model() -> PathBuf {
-    node::models::default_model().expect("default model")
+    shoal_tests::default_model()
 }
 
 fn stderr(o: &Output) -> String {
@@ -151,12 +151,12 @@ fn truncated_gguf() {
 fn unknown_architecture() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("mamba.gguf");
-    let spec = node::models::SynthSpec {
+    let spec = shoal_tests::synth::SynthSpec {
         architecture: "mamba".into(),
         n_layers: 1,
         ..Default::default()
     };
-    node::models::write_synthetic_gguf(&p, &spec).unwrap();
+    shoal_tests::synth::write_synthetic_gguf(&p, &spec).unwrap();
     assert_clear_error(&run_hi(&p), "unsupported model architecture 'mamba'");
 }
 

@@ -1,102 +1,95 @@
-//! shoal's node: the engine that runs a range of a llama-family model's
-//! layers on quantized GGUF weights, and what surrounds it on one machine.
+//! A shoal node: one cluster member ([`cluster`]) and its HTTP API
+//! ([`api`]), started and stopped together. This crate is only the
+//! wiring; each part lives in its own crate under `node/`:
 //!
-//! # Layout
-//! - [`model`]: the forward pass of a pipeline stage (layers `[start, end)`).
-//! - [`kv_cache`]: per-sequence key/value cache of a stage.
-//! - [`attention`]: CPU attention over the f16 cache, with llama.cpp's arithmetic.
-//! - [`linear`]: projection weights and embeddings read from the mapped GGUF.
-//! - [`quant`]: shoal's SIMD kernels for Q4_0/Q4_1/Q8_0 products.
-//! - [`ggml_ops`]: norm, SwiGLU and RoPE angles with ggml's exact arithmetic.
-//! - [`tokenizer`], [`chat`]: text in and out, built from the GGUF's metadata.
-//! - [`sampling`]: choosing the next token (pure).
-//! - [`stop`]: stop sequences over streamed text (pure).
-//! - [`engine`]: a whole model on one machine: load, prompt, generate, score.
-//! - [`text`]: tokenizer and chat template together (text in, tokens out).
-//! - [`cluster`]: a node of a cluster: discovery, plan, QUIC pipeline, HTTP API.
-//! - [`models`]: the default model (fetched and cached) and test-model synthesis.
-//!
-//! Architecture Invariant: the model code never reads files or sockets
-//! itself; weights come in as mapped spans, activations as tensors.
+//! - `engine`: the model's forward pass, kernels, tokenizer, chat
+//!   templates, sampling (no networking).
+//! - `schedule`: batching and chunking decisions (pure; the simulator
+//!   calls the same code).
+//! - `cluster`: membership, control and data planes, stage worker,
+//!   request origins, weights shared between nodes.
+//! - `api`: OpenAI, Ollama and shoal endpoints, status page, metrics.
+//! - `models`: the cache folder and the default model.
 
-pub mod attention;
-pub mod chat;
-pub mod cluster;
-pub mod engine;
-pub mod ggml_ops;
-pub mod kv_cache;
-pub mod linear;
-pub mod model;
-pub mod models;
-pub mod quant;
-pub mod sampling;
-pub mod stop;
-pub mod text;
-pub mod tokenizer;
+use std::net::SocketAddr;
 
-use std::ops::Range;
+pub use api::ApiConfig;
+pub use cluster::ClusterConfig;
+use tokio_util::sync::CancellationToken;
 
-pub use engine::{Engine, GenerateEvent, GenerateOptions, GenerationStats, Session, StopReason};
-pub use kv_cache::KvCache;
-pub use model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
-pub use sampling::{Sampler, SamplingParams};
+/// Everything `shoal node` is started with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The cluster member's settings.
+    pub cluster: ClusterConfig,
+    /// Where the HTTP API listens.
+    pub http: SocketAddr,
+    /// The API's settings.
+    pub api: ApiConfig,
+}
 
-/// Errors of loading or running a stage.
+/// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum EngineError {
-    /// This node's layers could not be fetched from its peers.
-    #[error("weights: {0}")]
-    Weights(String),
-    /// The model file could not be read.
+pub enum NodeError {
+    /// The cluster member could not start.
     #[error(transparent)]
-    Gguf(#[from] sharding::GgufError),
-    /// The file is not a model shoal can run.
-    #[error(transparent)]
-    Layout(#[from] sharding::LayoutError),
-    /// The tokenizer metadata is unusable.
-    #[error(transparent)]
-    Tokenizer(#[from] tokenizer::TokenizerError),
-    /// The chat template is unusable.
-    #[error(transparent)]
-    Chat(#[from] chat::ChatError),
-    /// A tensor operation failed (shape bug or device error).
-    #[error("compute error: {0}")]
-    Candle(#[from] candle_core::Error),
-    /// The requested layers are not a non-empty range inside the model.
-    #[error("layer range {range:?} is not inside the model's {n_layers} layers")]
-    BadLayerRange {
-        /// Requested range.
-        range: Range<usize>,
-        /// Layers in the model.
-        n_layers: usize,
+    Cluster(#[from] cluster::StartError),
+    /// The API's socket could not be bound.
+    #[error("cannot bind the HTTP API on {addr}")]
+    BindHttp {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
     },
-    /// The sequence would exceed its context window.
-    #[error("context full: {needed} tokens needed, the context holds {max} (raise --ctx)")]
-    ContextFull {
-        /// Positions the step needs.
-        needed: usize,
-        /// The context size.
-        max: usize,
-    },
-    /// A prompt with no tokens.
-    #[error("empty input: nothing to run")]
-    EmptyInput,
-    /// Tokens were sent to a stage that does not hold the embedding.
-    #[error("this stage does not start the model: it takes hidden states, not tokens")]
-    NotFirstStage,
-    /// Hidden states were sent to the first stage.
-    #[error("the first stage takes tokens, not hidden states")]
-    FirstStageNeedsTokens,
-    /// Hidden states of the wrong shape or type.
-    #[error("hidden states of shape {shape:?}, expected [tokens, {dim}] f32")]
-    BadHidden {
-        /// The shape received.
-        shape: Vec<usize>,
-        /// The model's hidden size.
-        dim: usize,
-    },
-    /// The default model could not be fetched.
-    #[error("{0}")]
-    Fetch(String),
+}
+
+/// A running node.
+pub struct Node {
+    cluster: cluster::Cluster,
+    /// Where its HTTP API listens.
+    pub http_addr: SocketAddr,
+    stop: CancellationToken,
+    http: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Binds the API first (its address is part of this node's
+    /// introduction), starts the cluster member, then serves the API.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .map_err(|source| NodeError::BindHttp {
+                addr: config.http,
+                source,
+            })?;
+        let http_addr = listener.local_addr().expect("bound listener");
+        let cluster = cluster::Cluster::start(config.cluster, http_addr).await?;
+        let stop = CancellationToken::new();
+        let http = tokio::spawn(api::serve(
+            listener,
+            cluster.handle(),
+            config.api,
+            stop.clone(),
+        ));
+        Ok(Node {
+            cluster,
+            http_addr,
+            stop,
+            http,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        self.cluster.id()
+    }
+
+    /// Stops the node: the API first, then the member (its peers see it leave).
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.http.await;
+        self.cluster.shutdown().await;
+    }
 }

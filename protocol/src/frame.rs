@@ -24,7 +24,7 @@ fn config() -> bincode::config::Configuration<
 pub enum EncodeError {
     /// The message breaks a limit or invariant.
     #[error("invalid message: {0}")]
-    Invalid(String),
+    Invalid(#[from] crate::ValidationError),
     /// The encoded message is larger than a frame may be.
     #[error("message of {0} bytes exceeds the {FRAME_BYTES_MAX}-byte frame limit")]
     TooLarge(usize),
@@ -34,7 +34,7 @@ pub enum EncodeError {
 }
 
 /// Why bytes could not be decoded. The connection that sent them should be closed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 #[non_exhaustive]
 pub enum DecodeError {
     /// The length prefix announces more than a frame may hold.
@@ -45,7 +45,7 @@ pub enum DecodeError {
     Malformed(String),
     /// The message decoded but breaks a limit or invariant.
     #[error("invalid message: {0}")]
-    Invalid(String),
+    Invalid(#[from] crate::ValidationError),
 }
 
 /// Encodes `msg` as one frame (validated first: a node never sends what it
@@ -253,7 +253,10 @@ mod tests {
                     if rtts.is_empty() {
                         Message::Failed {
                             request_id: 9,
-                            reason,
+                            error: crate::RequestError::Stage {
+                                node: "n".into(),
+                                why: reason,
+                            },
                         }
                     } else {
                         Message::LinkReport {

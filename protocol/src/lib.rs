@@ -2,8 +2,11 @@
 //! and the limits a receiver enforces.
 //!
 //! # Layout
-//! - [`message`]: the messages (hello, plan, activations, tokens, cancel,
-//!   heartbeat) and their validation.
+//! - [`message`]: the messages (joins, plans, load and link reports,
+//!   weights, requests, activations, tokens, cancel, failures).
+//! - [`validate`]: the checks a receiver runs on each ([`ValidationError`]).
+//! - [`error`]: [`RequestError`], why a request failed, from the stage
+//!   that fails to the client.
 //! - [`frame`]: length-prefixed bincode frames; [`frame::decode`] is a pure
 //!   function over bytes answering "a message", "need more bytes" or "invalid".
 //! - [`limits`]: the hard bounds, each with the reason for its value.
@@ -12,9 +15,14 @@
 //! node's transport owns sockets and buffers and calls these functions; tests
 //! and the simulator call them with plain bytes.
 
+pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod validate;
+
+pub use error::RequestError;
+pub use validate::ValidationError;
 
 pub use frame::{decode, encode, DecodeError, EncodeError};
 pub use message::{

@@ -7,17 +7,20 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::*;
+use crate::RequestError;
 
 /// Version of this protocol. A node refuses a [`Hello`] with another one.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `Failed` carries a typed [`RequestError`]; `Preparing` answers a
+/// weights query.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Every message on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
-    /// First message on every connection: who is speaking and what it can do.
+    /// Who is speaking and what it can do (travels inside [`Join`] and
+    /// [`Welcome`]; a bare one is only validated, never sent).
     Hello(Hello),
-    /// The leader's layer assignment.
+    /// The leader's layer assignment (travels inside `PlanUpdate`).
     Plan(Plan),
     /// Hidden states from one stage to the next.
     Activations(Activations),
@@ -88,9 +91,12 @@ pub enum Message {
     Failed {
         /// The request.
         request_id: u64,
-        /// What went wrong, for the client.
-        reason: String,
+        /// What went wrong (the origin hands it to the client as is).
+        error: RequestError,
     },
+    /// Control plane: the answer to [`Message::WeightsQuery`] from a holder
+    /// still indexing its file (on a thread of its own): ask again shortly.
+    Preparing,
 }
 
 /// A node asking a member to let it into the cluster.
@@ -372,218 +378,4 @@ pub struct SampledToken {
 pub struct Tokens {
     /// One entry per sequence.
     pub entries: Vec<SampledToken>,
-}
-
-impl Message {
-    /// Checks every limit and invariant a receiver relies on; the error
-    /// says which.
-    pub fn validate(&self) -> Result<(), String> {
-        match self {
-            Message::Hello(h) => {
-                name(&h.node_id, "node id")?;
-                name(&h.cluster, "cluster name")?;
-                name(&h.capabilities.data_addr, "data address")?;
-                name(&h.capabilities.http_addr, "http address")?;
-                if h.capabilities.addrs.len() > ADDRS_MAX {
-                    return Err(format!(
-                        "{} addresses, at most {ADDRS_MAX}",
-                        h.capabilities.addrs.len()
-                    ));
-                }
-                h.capabilities
-                    .addrs
-                    .iter()
-                    .try_for_each(|a| name(a, "address"))
-            }
-            Message::Plan(p) => validate_plan(p),
-            Message::Activations(a) => validate_activations(a),
-            Message::Tokens(t) => {
-                if t.entries.len() > REQUESTS_PER_MESSAGE_MAX {
-                    return Err(format!(
-                        "{} tokens in one message, at most {REQUESTS_PER_MESSAGE_MAX}",
-                        t.entries.len()
-                    ));
-                }
-                Ok(())
-            }
-            Message::Join(j) => Message::Hello(j.hello.clone()).validate(),
-            Message::Welcome(w) => {
-                Message::Hello(w.hello.clone()).validate()?;
-                validate_members(&w.members)
-            }
-            Message::Refused { reason } => text(reason, "reason"),
-            Message::PlanUpdate { plan, members } => {
-                validate_plan(plan)?;
-                validate_members(members)
-            }
-            Message::Weights(w) => {
-                let chunks = w.file_bytes.div_ceil(u64::from(w.chunk_bytes.max(1)));
-                if w.chunk_bytes == 0
-                    || w.chunk_bytes as usize > CHUNK_BYTES_MAX
-                    || w.chunk_hashes.len() as u64 != chunks
-                    || w.have.len() != w.chunk_hashes.len()
-                    || w.chunk_hashes.len() > CHUNKS_MAX
-                    || w.layer_hashes.len() > LAYERS_MAX
-                    || w.header_bytes > w.file_bytes
-                {
-                    return Err(format!(
-                        "weight index of {} chunks of {} bytes for {} bytes",
-                        w.chunk_hashes.len(),
-                        w.chunk_bytes,
-                        w.file_bytes
-                    ));
-                }
-                Ok(())
-            }
-            Message::Chunk { bytes, .. } => {
-                if bytes.len() > CHUNK_BYTES_MAX {
-                    return Err(format!(
-                        "chunk of {} bytes, at most {CHUNK_BYTES_MAX}",
-                        bytes.len()
-                    ));
-                }
-                Ok(())
-            }
-            Message::WeightsQuery { .. } | Message::ChunkQuery { .. } => Ok(()),
-            Message::LinkReport { links } => {
-                if links.len() > MEMBERS_MAX {
-                    return Err(format!("{} links, at most {MEMBERS_MAX}", links.len()));
-                }
-                links.iter().try_for_each(|l| name(&l.node_id, "node id"))
-            }
-            Message::Begin(b) => {
-                name(&b.origin, "origin")?;
-                if b.prompt.is_empty() || b.prompt.len() > CONTEXT_TOKENS_MAX {
-                    return Err(format!(
-                        "prompt of {} tokens (1..={CONTEXT_TOKENS_MAX})",
-                        b.prompt.len()
-                    ));
-                }
-                if b.context as usize > CONTEXT_TOKENS_MAX || (b.context as usize) < b.prompt.len()
-                {
-                    return Err(format!(
-                        "context of {} tokens for a {}-token prompt (at most {CONTEXT_TOKENS_MAX})",
-                        b.context,
-                        b.prompt.len()
-                    ));
-                }
-                Ok(())
-            }
-            Message::Input(i) => {
-                if i.tokens.is_empty() || i.tokens.len() > TOKENS_PER_MESSAGE_MAX {
-                    return Err(format!(
-                        "{} input tokens (1..={TOKENS_PER_MESSAGE_MAX})",
-                        i.tokens.len()
-                    ));
-                }
-                Ok(())
-            }
-            Message::Failed { reason, .. } => text(reason, "reason"),
-            Message::Load(l) => {
-                let fine = |x: f32| x.is_finite() && x >= 0.0;
-                if fine(l.tokens_per_s) && fine(l.busy) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "load report with {} tok/s, busy {}",
-                        l.tokens_per_s, l.busy
-                    ))
-                }
-            }
-            Message::Cancel { .. } | Message::Ack => Ok(()),
-        }
-    }
-}
-
-fn text(s: &str, what: &str) -> Result<(), String> {
-    if s.len() > TEXT_BYTES_MAX {
-        return Err(format!(
-            "{what} of {} bytes, at most {TEXT_BYTES_MAX}",
-            s.len()
-        ));
-    }
-    Ok(())
-}
-
-fn validate_members(members: &[MemberAddrs]) -> Result<(), String> {
-    if members.len() > MEMBERS_MAX {
-        return Err(format!("{} members, at most {MEMBERS_MAX}", members.len()));
-    }
-    for m in members {
-        name(&m.node_id, "node id")?;
-        if m.addrs.len() > ADDRS_MAX {
-            return Err(format!("{} addresses, at most {ADDRS_MAX}", m.addrs.len()));
-        }
-        m.addrs.iter().try_for_each(|a| name(a, "address"))?;
-    }
-    Ok(())
-}
-
-fn name(s: &str, what: &str) -> Result<(), String> {
-    if s.len() > NAME_BYTES_MAX {
-        return Err(format!(
-            "{what} of {} bytes, at most {NAME_BYTES_MAX}",
-            s.len()
-        ));
-    }
-    Ok(())
-}
-
-fn validate_plan(p: &Plan) -> Result<(), String> {
-    if p.stages.is_empty() || p.stages.len() > STAGES_MAX {
-        return Err(format!(
-            "plan with {} stages (1..={STAGES_MAX})",
-            p.stages.len()
-        ));
-    }
-    let mut next = 0;
-    for s in &p.stages {
-        name(&s.node_id, "node id")?;
-        if s.layers_start != next || s.layers_end <= s.layers_start {
-            return Err(format!(
-                "plan stages must be contiguous and non-empty: {}..{} after layer {next}",
-                s.layers_start, s.layers_end
-            ));
-        }
-        next = s.layers_end;
-    }
-    if next != p.n_layers {
-        return Err(format!("plan covers layers 0..{next} of {}", p.n_layers));
-    }
-    Ok(())
-}
-
-fn validate_activations(a: &Activations) -> Result<(), String> {
-    if a.batch.is_empty() || a.batch.len() > REQUESTS_PER_MESSAGE_MAX {
-        return Err(format!(
-            "{} sequences in one batch (1..={REQUESTS_PER_MESSAGE_MAX})",
-            a.batch.len()
-        ));
-    }
-    let mut rows = 0u64;
-    for s in &a.batch {
-        if s.rows == 0 || s.rows as usize > TOKENS_PER_MESSAGE_MAX {
-            return Err(format!(
-                "request {} has {} rows (1..={TOKENS_PER_MESSAGE_MAX})",
-                s.request_id, s.rows
-            ));
-        }
-        rows += u64::from(s.rows);
-    }
-    let expected = rows * u64::from(a.dim) * a.dtype.size() as u64;
-    if a.payload.len() > TENSOR_BYTES_MAX {
-        return Err(format!(
-            "payload of {} bytes, at most {TENSOR_BYTES_MAX}",
-            a.payload.len()
-        ));
-    }
-    if expected != a.payload.len() as u64 {
-        return Err(format!(
-            "payload of {} bytes, shape [{rows}, {}] {:?} needs {expected}",
-            a.payload.len(),
-            a.dim,
-            a.dtype
-        ));
-    }
-    Ok(())
 }

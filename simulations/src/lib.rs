@@ -5,7 +5,7 @@
 //! `shoal node` runs: the planner and its cost model
 //! ([`sharding::planner`], [`sharding::NodeSpec::pass_us`]) choose the split
 //! and price each forward pass, and each stage's queue is the node's own
-//! continuous batcher ([`node::cluster::batch::Batcher`]) fed with rows
+//! continuous batcher ([`schedule::Batcher`]) fed with rows
 //! instead of tensors. Only compute and transfer are modelled: no model
 //! runs, so a 70B model on eight laptops simulates in milliseconds.
 //!
@@ -19,6 +19,10 @@
 //!
 //! Architecture Invariant: no I/O in [`sim`]; the scenario reads a GGUF's
 //! header only when the scenario names one.
+//! Architecture Invariant: the simulator builds without candle, tokio,
+//! libp2p, quinn or axum: it depends on `schedule`, `sharding` and
+//! `protocol` only (checked by the `dependency_edges` test), and has no
+//! copy of a scheduling decision of its own.
 
 pub mod report;
 pub mod scenario;

@@ -4,7 +4,7 @@
 //!
 //! What a request does here is what it does in `shoal node`: the origin
 //! (the node the request arrived at) sends the prompt to the first stage in
-//! pieces of [`PROMPT_CHUNK_TOKENS`]; each stage queues chunks in a
+//! pieces of [`schedule::PROMPT_CHUNK_TOKENS`]; each stage queues chunks in a
 //! [`Batcher`] and, when idle, runs the batch it picks (the first stage of a
 //! pipeline keeps one micro-batch per stage); hidden states of a batch go on
 //! in one message; the last stage samples and each token goes back to the
@@ -19,12 +19,10 @@ use std::collections::{BinaryHeap, HashMap};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use node::cluster::batch::{Batcher, Next, Rows, Work};
-use node::cluster::worker::SEQUENCES_MAX;
-use node::engine::PROMPT_CHUNK_TOKENS;
 use protocol::SeqRows;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use schedule::{micro_batch_cap, prompt_chunks, Batcher, Next, Rows, Work};
 use sharding::planner::mib;
 use sharding::{
     evaluate, plan, LinkSpec, ModelSpec, NodeSpec, Plan, PlanError, PlanGoal, PlanInput,
@@ -467,12 +465,9 @@ impl<'a> World<'a> {
         }
         let prompt = self.requests[request].prompt;
         let head = self.stages[0].node;
-        let chunks = prompt.div_ceil(PROMPT_CHUNK_TOKENS);
-        for c in 0..chunks {
-            let start = c * PROMPT_CHUNK_TOKENS;
-            let rows = (prompt - start).min(PROMPT_CHUNK_TOKENS);
-            let land = self.send(self.entry, head, rows as u64 * 4 + 32);
-            let work = token_work(request as u64, start, rows, c + 1 == chunks);
+        for c in prompt_chunks(prompt) {
+            let land = self.send(self.entry, head, c.rows as u64 * 4 + 32);
+            let work = token_work(request as u64, c.start, c.rows, c.sample);
             self.schedule(
                 land,
                 Event::Deliver {
@@ -504,11 +499,7 @@ impl<'a> World<'a> {
             Next::Run => {}
         }
         let first = s == 0;
-        let seqs_max = if first && n_stages > 1 {
-            active.div_ceil(n_stages).max(1)
-        } else {
-            SEQUENCES_MAX
-        };
+        let seqs_max = micro_batch_cap(first, n_stages, active);
         let batch = stage.batcher.next_batch(seqs_max, first, now);
         if batch.is_empty() {
             return;

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod synth;
+
 /// The `shoal` binary next to the test executable (built by `cargo test --workspace`).
 pub fn shoal_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
@@ -27,7 +29,7 @@ pub fn shoal_bin() -> PathBuf {
 
 /// The default model, fetched and cached.
 pub fn default_model() -> PathBuf {
-    node::models::default_model().expect("default model")
+    models::default_model().expect("default model")
 }
 
 /// A `shoal node` process.

@@ -16,13 +16,17 @@ const SETTINGS: [&[&str]; 2] = [
 ];
 
 fn keyfile(dir: &Path, name: &str) -> String {
+    let path = dir.join(name);
     let out = std::process::Command::new(shoal_tests::shoal_bin())
         .arg("keygen")
+        .arg(&path)
         .output()
         .unwrap();
     assert!(out.status.success());
-    let path = dir.join(name);
-    std::fs::write(&path, &out.stdout).unwrap();
+    // The key is written, never printed.
+    let key = std::fs::read_to_string(&path).unwrap();
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains(key.trim()), "keygen printed the key");
     path.display().to_string()
 }
 
@@ -194,7 +198,7 @@ fn killing_a_stage_fails_its_request_and_the_cluster_replans() {
 }
 
 fn synthetic_big_model(dir: &Path) -> std::path::PathBuf {
-    use node::models::{write_synthetic_gguf, SynthSpec};
+    use shoal_tests::synth::{write_synthetic_gguf, SynthSpec};
     let path = dir.join("big.gguf");
     let spec = SynthSpec {
         n_layers: 36,
@@ -589,7 +593,7 @@ fn a_node_without_the_model_fetches_its_layers_from_peers_and_serves() {
 
 #[test]
 fn nodes_holding_different_models_do_not_serve_together() {
-    use node::models::{write_synthetic_gguf, SynthSpec};
+    use shoal_tests::synth::{write_synthetic_gguf, SynthSpec};
     let dir = tempfile::tempdir().unwrap();
     let (x, y) = (dir.path().join("x.gguf"), dir.path().join("y.gguf"));
     write_synthetic_gguf(

@@ -5,9 +5,9 @@ use std::ops::Range;
 use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
-use node::models::{write_synthetic_gguf, SynthSpec};
-use node::{BatchSeq, Engine, KvCache, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
+use engine::{BatchSeq, Engine, KvCache, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
 use sharding::{GgufFile, ModelLayout};
+use shoal_tests::synth::{write_synthetic_gguf, SynthSpec};
 
 /// Runs `steps` (token batches) through a pipeline of stages split at
 /// `cuts`, each stage with its own cache, and returns the logits per step.
@@ -85,7 +85,7 @@ fn assert_splits_equal(path: &Path, cut_sets: &[Vec<usize>]) {
 
 #[test]
 fn real_model_splits_equal_full_run() {
-    let path = node::models::default_model().unwrap();
+    let path = shoal_tests::default_model();
     assert_splits_equal(
         &path,
         &[vec![1], vec![15], vec![29], vec![7, 22], vec![10, 20]],
@@ -221,7 +221,7 @@ fn assert_batching_is_exact(path: &Path) {
 
 #[test]
 fn batched_sequences_equal_one_at_a_time() {
-    assert_batching_is_exact(&node::models::default_model().unwrap());
+    assert_batching_is_exact(&shoal_tests::default_model());
     let dir = tempfile::tempdir().unwrap();
     for (i, dtype) in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::F16]
         .into_iter()
@@ -241,7 +241,7 @@ fn batched_sequences_equal_one_at_a_time() {
 
 #[test]
 fn stage_maps_only_its_layers() {
-    let path = node::models::default_model().unwrap();
+    let path = shoal_tests::default_model();
     let gguf = GgufFile::open(&path).unwrap();
     let layout = ModelLayout::from_gguf(&gguf).unwrap();
     let mid: Range<usize> = 10..20;
@@ -255,7 +255,7 @@ fn stage_maps_only_its_layers() {
 }
 
 fn load_default() -> Engine {
-    let path = node::models::default_model().unwrap();
+    let path = shoal_tests::default_model();
     Engine::load(
         &path,
         &LoadOptions {
@@ -271,9 +271,9 @@ fn load_default() -> Engine {
 fn prompt_longer_than_context_is_an_error() {
     let engine = load_default();
     let prompt: Vec<u32> = (0..100).collect();
-    let opts = node::GenerateOptions {
+    let opts = engine::GenerateOptions {
         max_tokens: 4,
-        sampling: node::SamplingParams::greedy(),
+        sampling: engine::SamplingParams::greedy(),
         context: 64,
     };
     let err = engine.generate(&prompt, &opts, &mut |_| true).unwrap_err();
@@ -294,7 +294,7 @@ fn tokenizer_round_trips_and_chat_template_renders() {
         assert_eq!(tok.decode(&ids), text);
     }
     let ids = engine
-        .chat_tokens(&[node::chat::Message {
+        .chat_tokens(&[engine::chat::Message {
             role: "user".into(),
             content: "Hi".into(),
         }])
@@ -308,16 +308,16 @@ fn tokenizer_round_trips_and_chat_template_renders() {
 fn greedy_generation_is_deterministic_and_stops() {
     let engine = load_default();
     let prompt = engine.raw_tokens("The capital of France is").unwrap();
-    let opts = node::GenerateOptions {
+    let opts = engine::GenerateOptions {
         max_tokens: 12,
-        sampling: node::SamplingParams::greedy(),
+        sampling: engine::SamplingParams::greedy(),
         context: 64,
     };
     let run = || {
         let mut text = String::new();
         let stats = engine
             .generate(&prompt, &opts, &mut |ev| {
-                if let node::GenerateEvent::Token { text: t, .. } = ev {
+                if let engine::GenerateEvent::Token { text: t, .. } = ev {
                     text.push_str(t);
                 }
                 true

@@ -11,8 +11,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use sharding::{GgufFile, ModelLayout, BATCH_ROWS_KNEE};
 
-use crate::model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput};
-use crate::EngineError;
+use engine::model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput};
+use engine::EngineError;
 
 /// Passes timed per measurement (after one warm-up): enough for a stable
 /// median; the four measurements take about a second on the default model
@@ -115,10 +115,10 @@ fn time_passes(stage: &Stage, dim: usize, seqs: usize, rows: usize) -> Result<f6
         .collect();
     let hidden = Tensor::from_vec(x, (total, dim), &Device::Cpu)?;
     let tokens = vec![0u32; total];
-    let mut caches: Vec<crate::KvCache> = (0..seqs)
+    let mut caches: Vec<engine::KvCache> = (0..seqs)
         .map(|_| stage.new_cache((STEPS + 1) * rows))
         .collect();
-    let run = |caches: &mut Vec<crate::KvCache>| {
+    let run = |caches: &mut Vec<engine::KvCache>| {
         let mut batch: Vec<BatchSeq<'_>> = caches
             .iter_mut()
             .map(|c| {

@@ -37,8 +37,8 @@ use sharding::manifest::{self, CHUNK_BYTES};
 use sharding::{Manifest, ModelLayout};
 use tracing::{info, warn};
 
-use super::key::ClusterKey;
-use super::swarm::{self, BehaviourEvent};
+use crate::key::ClusterKey;
+use crate::swarm::{self, BehaviourEvent};
 
 /// Chunk requests in flight at once: enough to keep a LAN link busy
 /// without holding more than a few chunks in memory.
@@ -372,7 +372,7 @@ fn tensor_ranges(layout: &ModelLayout, layers: &[usize], ends: bool) -> Vec<Rang
 /// Where a fetched model lives: `<cache>/models/fetched/<hash>.gguf`.
 pub fn cache_path(model_hash: &[u8; 32]) -> PathBuf {
     let hex: String = model_hash.iter().map(|b| format!("{b:02x}")).collect();
-    crate::models::cache_dir()
+    models::cache_dir()
         .join("models/fetched")
         .join(format!("{hex}.gguf"))
 }
@@ -389,9 +389,7 @@ pub fn answer(
             Some(i) => Message::Weights(i),
             None => {
                 store.prepare_index(manifest, layout);
-                Message::Refused {
-                    reason: INDEX_PREPARING.into(),
-                }
+                Message::Preparing
             }
         },
         Message::ChunkQuery { index, .. } => match store.read_chunk(*index) {
@@ -414,9 +412,6 @@ pub fn answer(
         },
     }
 }
-
-/// The answer while a holder computes its index: ask again shortly.
-const INDEX_PREPARING: &str = "preparing the weight index; ask again shortly";
 
 /// How long a fetcher waits before asking a preparing holder again.
 const INDEX_RETRY: Duration = Duration::from_millis(300);
@@ -559,7 +554,7 @@ impl Session {
                         return Ok(index);
                     }
                 }
-                Ok(Message::Refused { reason }) if reason == INDEX_PREPARING => {
+                Ok(Message::Preparing) => {
                     // A holder hashing a big file is alive: keep waiting for it.
                     deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
                     tokio::time::sleep(INDEX_RETRY).await;

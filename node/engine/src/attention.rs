@@ -15,8 +15,9 @@ use rayon::prelude::*;
 /// decode step (one row) is a few microseconds, less than a fan-out costs.
 const PARALLEL_ROWS_MIN: usize = 16;
 /// Query rows from which ggml switches to its tiled f32 flash attention
-/// (`GGML_FA_TILE_Q`); below it, the f16-accumulating one-row kernel.
-pub(crate) const TILED_ROWS_MIN: usize = 64;
+/// (`GGML_FA_TILE_Q`); below it, the f16-accumulating one-row kernel. Its
+/// home is `schedule`, whose batcher must not cut chunks across it.
+pub(crate) use schedule::TILED_ROWS_MIN;
 /// Keys per tile of the tiled kernel (`GGML_FA_TILE_KV`).
 const KV_TILE: usize = 64;
 

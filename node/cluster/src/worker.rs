@@ -16,19 +16,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use protocol::{Activations, Begin, DType, Message, SampledToken, SeqRows, Tokens};
+use protocol::{Activations, Begin, DType, Message, RequestError, SampledToken, SeqRows, Tokens};
 use sharding::{GgufFile, ModelLayout};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tracing::{debug, info, info_span, warn};
 
-use super::batch::{Batcher, Next, Rows, Work};
-use crate::model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::KvCache;
+use crate::dataplane::short;
 
-/// Requests a stage holds caches for at once: bounds KV memory against a
-/// flood of Begins (each origin also bounds its own requests).
-pub const SEQUENCES_MAX: usize = 64;
+use engine::model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
+use engine::sampling::{Sampler, SamplingParams};
+use engine::KvCache;
+use schedule::{micro_batch_cap, Batcher, Next, Rows, Work, SEQUENCES_MAX};
 
 /// Messages the worker queue holds: backpressure reaches the QUIC stream
 /// (and the previous stage) when this node falls behind.
@@ -40,6 +38,24 @@ const PENDING_MAX: usize = 2 * SEQUENCES_MAX;
 
 /// How often a worker waiting for the rest of a group looks for it.
 const REGROUP_POLL: Duration = Duration::from_micros(50);
+
+/// Why this node's stage could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// Its layers could not be fetched from members.
+    #[error("weights: {0}")]
+    Weights(#[from] crate::weights::FetchError),
+    /// The model file could not be read or the stage built.
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+}
+
+impl From<sharding::GgufError> for LoadError {
+    fn from(e: sharding::GgufError) -> LoadError {
+        LoadError::Engine(e.into())
+    }
+}
 
 /// Where a worker's output goes (the data plane; a test double in tests).
 pub trait Outbox: Send + Sync {
@@ -86,9 +102,9 @@ pub struct WorkerConfig {
     /// Requests holding a KV cache here right now (read by status).
     pub live: Arc<std::sync::atomic::AtomicUsize>,
     /// Prometheus metrics.
-    pub metrics: Arc<super::metrics::Metrics>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Gets this node's layers from peers when it lacks them.
-    pub fetcher: Arc<super::weights::Fetcher>,
+    pub fetcher: Arc<crate::weights::Fetcher>,
 }
 
 struct Sequence {
@@ -218,7 +234,7 @@ impl Worker {
             return;
         }
         self.stage = None;
-        crate::engine::release_freed_heap();
+        engine::local::release_freed_heap();
         let Some(layers) = layers else {
             info!("this node is not in the plan: no layers loaded");
             return;
@@ -238,12 +254,9 @@ impl Worker {
         }
     }
 
-    fn load(&self, layers: Range<usize>) -> Result<Stage, crate::EngineError> {
+    fn load(&self, layers: Range<usize>) -> Result<Stage, LoadError> {
         // Requests for this plan wait in the queue meanwhile.
-        self.cfg
-            .fetcher
-            .ensure_layers(layers.clone())
-            .map_err(|e| crate::EngineError::Weights(e.to_string()))?;
+        self.cfg.fetcher.ensure_layers(layers.clone())?;
         let gguf = GgufFile::open(&self.cfg.model)?;
         let stage = Stage::load(&gguf, &self.cfg.layout, layers, &self.cfg.load)?;
         stage.prefault(&mut |_, _| {});
@@ -251,35 +264,29 @@ impl Worker {
     }
 
     fn begin(&mut self, b: Begin) {
-        let fail = |why: String| Message::Failed {
+        let fail = |error: RequestError| Message::Failed {
             request_id: b.request_id,
-            reason: why,
+            error,
         };
         let Some(stage) = &self.stage else {
-            self.out.send(
-                &b.origin,
-                fail(format!("node {} holds no layers", self.cfg.me)),
-            );
+            let why = "holds no layers (its stage did not load)".into();
+            self.out.send(&b.origin, fail(self.stage_error(why)));
             return;
         };
         if b.epoch != self.epoch {
-            self.out.send(
-                &b.origin,
-                fail(format!(
-                    "the cluster's plan changed (request for epoch {}, node {} is on {}); retry",
-                    b.epoch, self.cfg.me, self.epoch
-                )),
+            debug!(
+                request_id = b.request_id,
+                "request for epoch {} on epoch {}", b.epoch, self.epoch
             );
+            self.out.send(&b.origin, fail(RequestError::Replanned));
             return;
         }
         if self.seqs.len() >= SEQUENCES_MAX && !self.seqs.contains_key(&b.request_id) {
-            self.out.send(
-                &b.origin,
-                fail(format!(
-                    "node {} is at its limit of {SEQUENCES_MAX} requests",
-                    self.cfg.me
-                )),
-            );
+            let full = RequestError::StageFull {
+                node: short(&self.cfg.me).to_string(),
+                max: SEQUENCES_MAX as u32,
+            };
+            self.out.send(&b.origin, fail(full));
             return;
         }
         let sampler = stage.is_last().then(|| {
@@ -331,14 +338,10 @@ impl Worker {
             return;
         };
         // One micro-batch per stage keeps a pipeline's stages all busy.
-        let seqs_max = if first && self.stages > 1 {
-            self.seqs.len().div_ceil(self.stages)
-        } else {
-            SEQUENCES_MAX
-        };
+        let seqs_max = micro_batch_cap(first, self.stages, self.seqs.len());
         let batch = self.batcher.next_batch(seqs_max, first, Instant::now());
         let mut ready: Vec<(Work, Sequence)> = Vec::with_capacity(batch.len());
-        let mut failed: Vec<(u64, String)> = Vec::new();
+        let mut failed: Vec<(u64, RequestError)> = Vec::new();
         for work in batch {
             let id = work.seq.request_id;
             let Some(seq) = self.seqs.remove(&id) else {
@@ -346,22 +349,16 @@ impl Worker {
             };
             let (pos, rows) = (work.seq.position as usize, work.seq.rows as usize);
             if seq.cache.len() != pos {
-                let why = format!(
-                    "request {id} at position {pos} but node {} has {} cached",
-                    self.cfg.me,
-                    seq.cache.len()
-                );
+                let why = format!("request at position {pos}, {} cached", seq.cache.len());
+                failed.push((id, self.stage_error(why)));
                 self.seqs.insert(id, seq);
-                failed.push((id, why));
             } else if pos + rows > seq.cache.max_len() {
-                let why = format!(
-                    "node {}: context full: {} positions needed, {} allowed",
-                    self.cfg.me,
-                    pos + rows,
-                    seq.cache.max_len()
-                );
+                let full = RequestError::ContextFull {
+                    needed: (pos + rows) as u32,
+                    context: seq.cache.max_len() as u32,
+                };
                 self.seqs.insert(id, seq);
-                failed.push((id, why));
+                failed.push((id, full));
             } else {
                 ready.push((work, seq));
             }
@@ -394,9 +391,16 @@ impl Worker {
         }
         match result {
             Ok(out) => self.send_output(out, order),
-            Err(e) => {
-                self.fail_all(&order, &e.to_string());
+            Err(engine::EngineError::ContextFull { needed, max }) => {
+                let full = RequestError::ContextFull {
+                    needed: needed as u32,
+                    context: max as u32,
+                };
+                for s in &order {
+                    self.fail(s.request_id, full.clone());
+                }
             }
+            Err(e) => self.fail_all(&order, &e.to_string()),
         }
     }
 
@@ -460,23 +464,31 @@ impl Worker {
         }
     }
 
+    /// A failure of this stage's own work.
+    fn stage_error(&self, why: String) -> RequestError {
+        RequestError::Stage {
+            node: short(&self.cfg.me).to_string(),
+            why,
+        }
+    }
+
     /// Fails every request of a pass that went wrong as a whole.
     fn fail_all(&mut self, batch: &[SeqRows], why: &str) {
         for s in batch {
-            self.fail(s.request_id, format!("node {}: {why}", self.cfg.me));
+            self.fail(s.request_id, self.stage_error(why.to_string()));
         }
     }
 
     /// Ends a request here, tells its origin, and frees it downstream.
-    fn fail(&mut self, id: u64, reason: String) {
-        warn!(request_id = id, "{reason}");
+    fn fail(&mut self, id: u64, error: RequestError) {
+        warn!(request_id = id, "{error}");
         if let Some(seq) = self.seqs.get(&id) {
             let origin = seq.origin.clone();
             self.out.send(
                 &origin,
                 Message::Failed {
                     request_id: id,
-                    reason,
+                    error,
                 },
             );
         }
@@ -488,14 +500,14 @@ impl Worker {
 fn run_batch(
     stage: &Stage,
     ready: &mut [(Work, Sequence)],
-) -> Result<StageOutput, crate::EngineError> {
+) -> Result<StageOutput, engine::EngineError> {
     let input_tokens: Vec<u32>;
     let input = if stage.is_first() {
         let mut all = Vec::new();
         for (w, _) in ready.iter() {
             match &w.rows {
                 Rows::Tokens(t) => all.extend_from_slice(t),
-                Rows::Hidden(_) => return Err(crate::EngineError::FirstStageNeedsTokens),
+                Rows::Hidden(_) => return Err(engine::EngineError::FirstStageNeedsTokens),
             }
         }
         input_tokens = all;
@@ -505,7 +517,7 @@ fn run_batch(
         for (w, _) in ready.iter() {
             match &w.rows {
                 Rows::Hidden(h) => all.extend_from_slice(h),
-                Rows::Tokens(_) => return Err(crate::EngineError::NotFirstStage),
+                Rows::Tokens(_) => return Err(engine::EngineError::NotFirstStage),
             }
         }
         let rows: usize = ready.iter().map(|(w, _)| w.seq.rows as usize).sum();

@@ -31,7 +31,7 @@ pub enum KeyError {
         source: std::io::Error,
     },
     /// The file does not hold a key.
-    #[error("cluster key file {path}: expected {} hex digits (make one with `shoal keygen`)", CLUSTER_KEY_BYTES * 2)]
+    #[error("cluster key file {path}: expected {} hex digits (make one with `shoal keygen PATH`)", CLUSTER_KEY_BYTES * 2)]
     Malformed {
         /// The file.
         path: String,
@@ -76,21 +76,28 @@ impl ClusterKey {
     }
 
     /// Reads the key file, or creates it with a new key when it does not
-    /// exist yet (returns whether it was created, so the caller can print it once).
+    /// exist yet (returns whether it was created, so the caller can say where).
     pub fn read_or_create(path: &Path) -> Result<(ClusterKey, bool), KeyError> {
         if path.exists() {
             return Ok((ClusterKey::read(path)?, false));
         }
+        Ok((ClusterKey::create(path)?, true))
+    }
+
+    /// Writes a new random key to `path` (owner-only permissions, parent
+    /// folders created); refuses to overwrite an existing file, since that
+    /// would cut this machine off from its cluster.
+    pub fn create(path: &Path) -> Result<ClusterKey, KeyError> {
         let key = ClusterKey::generate();
         let io = |source| KeyError::Io {
             path: path.display().to_string(),
             source,
         };
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         write_private(path, &format!("{}\n", key.to_hex())).map_err(io)?;
-        Ok((key, true))
+        Ok(key)
     }
 
     /// Proof that the sender of a join holds the key, bound to the cluster

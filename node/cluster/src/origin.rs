@@ -6,16 +6,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::{Begin, Input, Message, Sampling};
+use engine::chat;
+use engine::local::{GenerateEvent, GenerationStats, Progress, StopReason};
+use engine::sampling::SamplingParams;
+use engine::stop::StopMatcher;
+use protocol::{Begin, Input, Message, RequestError, Sampling};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, info_span, Instrument};
 
-use super::Shared;
-use crate::chat;
-use crate::engine::{GenerateEvent, GenerationStats, Progress, PROMPT_CHUNK_TOKENS};
-use crate::sampling::SamplingParams;
-use crate::stop::StopMatcher;
+use crate::shared::Shared;
 
 /// Longest a request waits for one token: a stage that takes longer is
 /// stuck, and the client gets an error instead of a hang. Generous, since a
@@ -28,30 +28,6 @@ const RECENT_MAX: usize = 32;
 /// How long a request whose plan changed before its first token waits for
 /// the next plan before giving up.
 const PLAN_WAIT: Duration = Duration::from_secs(10);
-
-/// Why a request ended without finishing.
-#[derive(Debug)]
-enum Failure {
-    /// The plan changed before the first token: safe to run again.
-    Replanned,
-    /// Anything else, as the client should read it.
-    Other(String),
-}
-
-impl From<String> for Failure {
-    fn from(s: String) -> Self {
-        Failure::Other(s)
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Replanned => f.write_str("the cluster changed during the request; retry"),
-            Failure::Other(s) => f.write_str(s),
-        }
-    }
-}
 
 /// What a client asks for.
 #[derive(Debug, Clone)]
@@ -100,8 +76,8 @@ pub enum AskEvent {
     },
     /// Failed.
     Error {
-        /// What went wrong.
-        message: String,
+        /// What went wrong (its `Display` is the line a person reads).
+        error: RequestError,
     },
 }
 
@@ -133,52 +109,14 @@ pub struct RecentRequest {
     pub tokens_per_s: f64,
 }
 
-/// Why a request was not admitted.
-#[derive(Debug)]
-pub struct Busy {
-    /// Requests waiting already.
-    pub queued: usize,
-}
-
 impl Shared {
-    /// Admits `req` (or refuses it when the wait queue is full) and runs it
-    /// in the background once a running slot is free, first come first
-    /// served. Events arrive on `events`.
-    pub fn submit(
+    /// Runs `req` through the pipeline, streaming events to `events`.
+    /// Dropping the receiver cancels the request along the chain.
+    pub(crate) async fn ask(
         self: &Arc<Self>,
         req: AskRequest,
         events: mpsc::UnboundedSender<AskEvent>,
-    ) -> Result<(), Busy> {
-        let queued = self
-            .queued
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if queued >= self.config.max_queued {
-            self.queued
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            return Err(Busy { queued });
-        }
-        self.metrics.requests_queued.inc();
-        let shared = self.clone();
-        tokio::spawn(async move {
-            // Waiting is given up when the client goes away meanwhile.
-            let permit = tokio::select! {
-                p = shared.running.clone().acquire_owned() => p.ok(),
-                _ = events.closed() => None,
-            };
-            shared
-                .queued
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            shared.metrics.requests_queued.dec();
-            if let Some(_permit) = permit {
-                shared.ask(req, events).await;
-            }
-        });
-        Ok(())
-    }
-
-    /// Runs `req` through the pipeline, streaming events to `events`.
-    /// Dropping the receiver cancels the request along the chain.
-    pub async fn ask(self: &Arc<Self>, req: AskRequest, events: mpsc::UnboundedSender<AskEvent>) {
+    ) {
         let request_id: u64 = rand::random();
         let span = info_span!("request", request_id);
         self.stats.lock().expect("lock").running += 1;
@@ -189,13 +127,12 @@ impl Shared {
             .await;
         // A plan that changed before the first token (a node joined, links
         // were measured) costs the client nothing: run again on the new one.
-        if let Err(Failure::Replanned) = result {
+        if let Err(RequestError::Replanned) = result {
             if self.wait_for_plan(PLAN_WAIT).await {
                 let retry_id: u64 = rand::random();
                 result = self.run(retry_id, req, &events).instrument(span).await;
             }
         }
-        let result = result.map_err(|f| f.to_string());
         let mut stats = self.stats.lock().expect("lock");
         stats.running -= 1;
         self.metrics.requests_running.dec();
@@ -220,10 +157,10 @@ impl Shared {
                 stats.recent.truncate(RECENT_MAX);
                 let _ = events.send(AskEvent::Done { stats: s });
             }
-            Err(message) => {
+            Err(error) => {
                 self.metrics.requests_failed.inc();
                 stats.failed += 1;
-                let _ = events.send(AskEvent::Error { message });
+                let _ = events.send(AskEvent::Error { error });
             }
         }
     }
@@ -241,27 +178,30 @@ impl Shared {
         request_id: u64,
         req: AskRequest,
         events: &mpsc::UnboundedSender<AskEvent>,
-    ) -> Result<GenerationStats, Failure> {
+    ) -> Result<GenerationStats, RequestError> {
         let start = Instant::now();
-        let text = self.text().await.map_err(|e| e.to_string())?;
+        let text = self
+            .text()
+            .await
+            .map_err(|e| RequestError::Model(e.to_string()))?;
         let epoch = self.plan.borrow().as_ref().map(|p| p.epoch);
         let prompt = match &req.prompt {
             Prompt::Raw(t) => text.raw_tokens(t),
             Prompt::Chat(msgs) => text.chat_tokens(msgs),
         }
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| RequestError::BadInput(e.to_string()))?;
         let context = req
             .context
             .unwrap_or(self.config.context)
             .min(self.config.context);
         if prompt.is_empty() {
-            return Err(Failure::Other("empty prompt: nothing to run".into()));
+            return Err(RequestError::EmptyPrompt);
         }
         if prompt.len() >= context {
-            return Err(Failure::Other(format!(
-                "context full: the prompt has {} tokens, the context holds {context} (raise --ctx)",
-                prompt.len()
-            )));
+            return Err(RequestError::ContextFull {
+                needed: prompt.len() as u32,
+                context: context as u32,
+            });
         }
         let plan = self
             .plan
@@ -284,13 +224,12 @@ impl Shared {
             prompt: prompt.clone(),
         };
         self.data.send(&head, Message::Begin(begin)).await?;
-        let chunks = prompt.chunks(PROMPT_CHUNK_TOKENS).count();
-        for (i, chunk) in prompt.chunks(PROMPT_CHUNK_TOKENS).enumerate() {
+        for c in schedule::prompt_chunks(prompt.len()) {
             let input = Input {
                 request_id,
-                position: (i * PROMPT_CHUNK_TOKENS) as u32,
-                tokens: chunk.to_vec(),
-                sample: i + 1 == chunks,
+                position: c.start as u32,
+                tokens: prompt[c.start..c.start + c.rows].to_vec(),
+                sample: c.sample,
             };
             self.data.send(&head, Message::Input(input)).await?;
         }
@@ -305,9 +244,9 @@ impl Shared {
                 Ok(id) => id,
                 Err(e) if first && self.plan.borrow().as_ref().map(|p| p.epoch) != epoch => {
                     tracing::info!("plan changed before the first token ({e}): retrying");
-                    return Err(Failure::Replanned);
+                    return Err(RequestError::Replanned);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             };
             let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
             self.metrics
@@ -361,31 +300,34 @@ impl Shared {
         let mut stats = progress.expect("at least one token").finish(&mut on_event);
         let rest = stop.finish();
         if stopped {
-            stats.stop = crate::engine::StopReason::StopSequence;
+            stats.stop = StopReason::StopSequence;
         } else if !rest.is_empty() {
             let _ = events.send(AskEvent::Tail { text: rest });
         }
         Ok(stats)
     }
 
-    fn no_plan_reason(&self) -> String {
-        match self.membership.lock().expect("lock").plan_error() {
-            Some(e) => format!("the cluster cannot serve this model: {e}"),
-            None => "no plan yet: the cluster is still forming (see `shoal status`)".into(),
+    fn no_plan_reason(&self) -> RequestError {
+        match &self.view.borrow().plan_error {
+            Some(e) => RequestError::Unservable(e.clone()),
+            None => RequestError::NoPlan,
         }
     }
 }
 
-async fn next_token(rx: &mut mpsc::Receiver<Message>) -> Result<u32, String> {
+async fn next_token(rx: &mut mpsc::Receiver<Message>) -> Result<u32, RequestError> {
     match tokio::time::timeout(TOKEN_TIMEOUT, rx.recv()).await {
-        Err(_) => Err(format!(
-            "no token from the cluster in {} s: a stage is stuck",
-            TOKEN_TIMEOUT.as_secs()
-        )),
-        Ok(None) => Err("the request was dropped".into()),
+        Err(_) => Err(RequestError::Timeout {
+            secs: TOKEN_TIMEOUT.as_secs() as u32,
+        }),
+        Ok(None) => Err(RequestError::Cancelled),
         Ok(Some(Message::Tokens(t))) => Ok(t.entries[0].token),
-        Ok(Some(Message::Failed { reason, .. })) => Err(reason),
-        Ok(Some(other)) => Err(format!("unexpected message {other:?}")),
+        Ok(Some(Message::Failed { error, .. })) => Err(error),
+        // The data plane routes only Tokens and Failed to an origin.
+        Ok(Some(_)) => Err(RequestError::Stage {
+            node: "pipeline".into(),
+            why: "unexpected message for an origin".into(),
+        }),
     }
 }
 

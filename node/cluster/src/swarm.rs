@@ -1,6 +1,6 @@
 //! The libp2p side of the control plane: transports (TCP + Noise + Yamux),
 //! behaviours (mDNS, identify, ping, request-response with shoal's frames)
-//! and their settings. The control loop in [`super::control`] drives it.
+//! and their settings. The control loop in `control` drives it.
 
 use std::io;
 use std::net::IpAddr;
@@ -13,7 +13,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, StreamProtocol, Swarm};
 use protocol::{Message, PROTOCOL_VERSION};
 
-use super::wire::{read_frame_futures, write_frame_futures};
+use crate::wire::{read_frame_futures, write_frame_futures};
 
 /// The request-response protocol name, versioned.
 const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/control/1");

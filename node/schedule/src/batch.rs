@@ -1,6 +1,6 @@
 //! Continuous batching on a stage: which queued chunks run together in the
 //! next forward pass. Pure decisions (no model, no sockets), so they are
-//! tested on their own; the worker ([`super::worker`]) feeds the queue and
+//! tested on their own; a node's stage worker feeds the queue and
 //! runs what [`Batcher::next_batch`] picks.
 //!
 //! Policy, in order:
@@ -11,7 +11,7 @@
 //!   ([`BATCH_ROWS_MAX`]), oldest first; a long one is cut so a 4k-token
 //!   prompt does not stall every stream for seconds. Pieces never change
 //!   the arithmetic: attention switches kernels at
-//!   [`crate::attention::TILED_ROWS_MIN`] rows, so a chunk of at least that
+//!   [`crate::TILED_ROWS_MIN`] rows, so a chunk of at least that
 //!   many rows is only cut into pieces that are as long.
 //! - **One chunk per sequence per pass**, in arrival order: a sequence's
 //!   later chunk needs the cache its earlier one writes.
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use protocol::SeqRows;
 
-use crate::attention::TILED_ROWS_MIN;
+use crate::TILED_ROWS_MIN;
 
 /// Rows (positions, summed over sequences) in one forward pass at most.
 pub const BATCH_ROWS_MAX: usize = 256;

@@ -46,6 +46,22 @@ impl Member {
     }
 }
 
+/// Membership as readers outside the control loop see it: a copy the
+/// control loop publishes after each change (status, origins).
+#[derive(Debug, Clone)]
+pub struct View {
+    /// This node's introduction.
+    pub me: Hello,
+    /// The leader's id.
+    pub leader: String,
+    /// Every other member, by id.
+    pub members: Vec<Member>,
+    /// The model as the planner sees it.
+    pub model: ModelSpec,
+    /// Why the leader could not plan, if it could not.
+    pub plan_error: Option<String>,
+}
+
 /// The cluster as this node sees it.
 #[derive(Debug)]
 pub struct Membership {
@@ -63,6 +79,17 @@ impl Membership {
     /// The model as this node plans it.
     pub fn model(&self) -> &ModelSpec {
         &self.model
+    }
+
+    /// A copy for readers outside the control loop.
+    pub fn view(&self) -> View {
+        View {
+            me: self.me.clone(),
+            leader: self.leader().to_string(),
+            members: self.members.values().cloned().collect(),
+            model: self.model.clone(),
+            plan_error: self.plan_error.clone(),
+        }
     }
 
     /// A cluster of one: this node.

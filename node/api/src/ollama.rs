@@ -6,7 +6,6 @@
 //! repeat penalty 1.1 over the last 64 tokens), set through `options` as in
 //! Ollama. Like Ollama, unknown fields are ignored; wrong types are 400.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -20,27 +19,28 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::openai::{model_id, MESSAGES_MAX};
-use super::origin::{AskEvent, AskRequest, Prompt};
-use super::Shared;
-use crate::chat;
-use crate::engine::StopReason;
-use crate::sampling::SamplingParams;
-use crate::stop::StopMatcher;
+use cluster::{AskEvent, AskRequest, Prompt, RequestError};
+use engine::chat;
+use engine::local::{GenerationStats, StopReason};
+use engine::sampling::SamplingParams;
+use engine::stop::StopMatcher;
+
+use crate::errors::{error as err, status_of, too_busy};
+use crate::{AppState, MAX_TOKENS_MAX, MESSAGES_MAX};
 
 /// Tokens generated when `num_predict` is not set (Ollama: until the end
 /// of the context; bounded here as the OpenAI endpoints are).
 const DEFAULT_NUM_PREDICT: usize = 1024;
 
 /// Generation routes (behind the API key when one is set).
-pub fn routes() -> Router<Arc<Shared>> {
+pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/chat", post(chat))
         .route("/api/generate", post(generate))
 }
 
 /// Read-only routes.
-pub fn info_routes() -> Router<Arc<Shared>> {
+pub(crate) fn info_routes() -> Router<AppState> {
     Router::new()
         .route("/api/tags", get(tags))
         .route("/api/version", get(version))
@@ -89,11 +89,6 @@ struct GenerateBody {
     stream: Option<bool>,
 }
 
-/// Ollama's error shape: `{"error": "..."}`.
-fn err(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": msg.into() }))).into_response()
-}
-
 fn bad_json(e: JsonRejection) -> Response {
     err(StatusCode::BAD_REQUEST, e.body_text())
 }
@@ -117,10 +112,7 @@ fn parse<T: serde::de::DeserializeOwned>(
         .map_err(|e| err(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
 }
 
-async fn chat(
-    State(shared): State<Arc<Shared>>,
-    body: Result<Json<Value>, JsonRejection>,
-) -> Response {
+async fn chat(State(app): State<AppState>, body: Result<Json<Value>, JsonRejection>) -> Response {
     let b: ChatBody = match parse(body) {
         Ok(b) => b,
         Err(r) => return r,
@@ -145,7 +137,7 @@ async fn chat(
         });
     }
     serve(
-        shared,
+        app,
         b.model,
         Prompt::Chat(msgs),
         b.options,
@@ -156,7 +148,7 @@ async fn chat(
 }
 
 async fn generate(
-    State(shared): State<Arc<Shared>>,
+    State(app): State<AppState>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
     let b: GenerateBody = match parse(body) {
@@ -179,7 +171,7 @@ async fn generate(
         });
         Prompt::Chat(msgs)
     };
-    serve(shared, b.model, prompt, b.options, b.stream, Kind::Generate).await
+    serve(app, b.model, prompt, b.options, b.stream, Kind::Generate).await
 }
 
 /// Whether `asked` names the served model (`name` or `name:latest`).
@@ -188,23 +180,42 @@ fn same_model(asked: &str, served: &str) -> bool {
 }
 
 async fn serve(
-    shared: Arc<Shared>,
+    app: AppState,
     model: String,
     prompt: Prompt,
     o: Options,
     stream: Option<bool>,
     kind: Kind,
 ) -> Response {
-    let served = model_id(&shared);
+    let served = app.cluster.model().id;
     if !same_model(&model, &served) {
         return err(
             StatusCode::NOT_FOUND,
             format!("model '{model}' not found; this cluster serves '{served}'"),
         );
     }
+    let req = match ask_request(prompt, o) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    if let Err(e) = app.cluster.submit(req, tx) {
+        return too_busy(&e);
+    }
+    let meta = Meta { model, kind };
+    if stream.unwrap_or(true) {
+        return ndjson(rx, meta);
+    }
+    whole(rx, meta).await
+}
+
+/// The request `options` ask for, with Ollama's defaults, checked.
+// The error is the response itself, as in `parse`.
+#[allow(clippy::result_large_err)]
+fn ask_request(prompt: Prompt, o: Options) -> Result<AskRequest, Response> {
     let stop = o.stop.unwrap_or_default();
     if let Err(e) = StopMatcher::validate(&stop) {
-        return err(StatusCode::BAD_REQUEST, e);
+        return Err(err(StatusCode::BAD_REQUEST, e));
     }
     let sampling = SamplingParams {
         temperature: o.temperature.unwrap_or(0.8),
@@ -216,33 +227,29 @@ async fn serve(
         seed: o.seed.unwrap_or_else(rand::random),
     };
     if let Err(e) = sampling.validate() {
-        return err(StatusCode::BAD_REQUEST, e);
+        return Err(err(StatusCode::BAD_REQUEST, e));
     }
     let max_tokens = match o.num_predict {
         None | Some(-1) | Some(-2) => DEFAULT_NUM_PREDICT,
-        Some(n) if n > 0 && n as usize <= super::http::MAX_TOKENS_MAX => n as usize,
+        Some(n) if n > 0 && n as usize <= MAX_TOKENS_MAX => n as usize,
         Some(n) => {
-            return err(
+            return Err(err(
                 StatusCode::BAD_REQUEST,
                 format!("num_predict {n} is out of range"),
-            )
+            ))
         }
     };
-    let req = AskRequest {
+    Ok(AskRequest {
         prompt,
         stop,
         max_tokens,
         sampling,
         context: o.num_ctx,
-    };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    if let Err(busy) = shared.submit(req, tx) {
-        return super::http::too_busy(&busy);
-    }
-    let meta = Meta { model, kind };
-    if stream.unwrap_or(true) {
-        return ndjson(rx, meta);
-    }
+    })
+}
+
+/// The whole answer in one object (`"stream": false`).
+async fn whole(mut rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta) -> Response {
     let mut text = String::new();
     loop {
         match rx.recv().await {
@@ -252,21 +259,14 @@ async fn serve(
                 meta.finish(&mut v, &stats);
                 return Json(v).into_response();
             }
-            Some(AskEvent::Error { message }) => return failure(message),
-            None => return failure("the request ended without an answer".into()),
+            Some(AskEvent::Error { error }) => return failure(&error),
+            None => return failure(&RequestError::Cancelled),
         }
     }
 }
 
-fn failure(message: String) -> Response {
-    let status = if message.contains("context full") || message.contains("empty prompt") {
-        StatusCode::BAD_REQUEST
-    } else if message.contains("cannot serve") || message.contains("no plan") {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::INTERNAL_SERVER_ERROR
-    };
-    err(status, message)
+fn failure(e: &RequestError) -> Response {
+    err(status_of(e), e.to_string())
 }
 
 struct Meta {
@@ -289,7 +289,7 @@ impl Meta {
     }
 
     /// Marks `v` as the last object, with Ollama's counters (nanoseconds).
-    fn finish(&self, v: &mut Value, s: &crate::GenerationStats) {
+    fn finish(&self, v: &mut Value, s: &GenerationStats) {
         let ns = |ms: f64| (ms * 1e6) as u64;
         v["done"] = json!(true);
         v["done_reason"] = json!(match s.stop {
@@ -319,7 +319,7 @@ fn ndjson(rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta) -> Response {
                 meta.finish(&mut v, &stats);
                 (v, true)
             }
-            AskEvent::Error { message } => (json!({ "error": message }), true),
+            AskEvent::Error { error } => (json!({ "error": error.to_string() }), true),
         };
         let mut line = serde_json::to_vec(&v).expect("json");
         line.push(b'\n');
@@ -331,26 +331,18 @@ fn ndjson(rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta) -> Response {
         .expect("valid response")
 }
 
-async fn tags(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    let cfg = &shared.layout.config;
-    let bytes = shared.layout.stage_bytes(0..cfg.n_layers);
-    let digest: String = shared
-        .manifest
-        .model_hash
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let name = model_id(&shared);
+async fn tags(State(app): State<AppState>) -> Json<Value> {
+    let m = app.cluster.model();
     Json(json!({ "models": [{
-        "name": name,
-        "model": name,
+        "name": m.id,
+        "model": m.id,
         "modified_at": rfc3339_now(),
-        "size": bytes,
-        "digest": digest,
+        "size": m.bytes,
+        "digest": m.hash,
         "details": {
             "format": "gguf",
-            "family": cfg.architecture,
-            "families": [cfg.architecture],
+            "family": m.architecture,
+            "families": [m.architecture],
             "parameter_size": "",
             "quantization_level": "",
         },

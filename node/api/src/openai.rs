@@ -3,7 +3,6 @@
 //! `GET /v1/models`. Errors use OpenAI's JSON shape and status codes, so the
 //! official clients raise their usual exception types.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -17,22 +16,21 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::origin::{AskEvent, AskRequest, Prompt};
-use super::Shared;
-use crate::chat;
-use crate::engine::StopReason;
-use crate::sampling::SamplingParams;
-use crate::stop::StopMatcher;
+use cluster::{AskEvent, AskRequest, Prompt, RequestError};
+use engine::chat;
+use engine::local::{GenerationStats, StopReason};
+use engine::sampling::SamplingParams;
+use engine::stop::StopMatcher;
 
-/// Most messages in one chat request.
-pub const MESSAGES_MAX: usize = 1024;
+use crate::errors::{status_of, too_busy};
+use crate::{AppState, MAX_TOKENS_MAX, MESSAGES_MAX};
 
 /// Default `max_tokens` when a request names none: the model may use the
 /// rest of its context, as OpenAI's chat endpoint does (bounded here).
 const DEFAULT_MAX_TOKENS: usize = 1024;
 
 /// The routes, to merge into the node's router.
-pub fn routes() -> Router<Arc<Shared>> {
+pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -83,19 +81,10 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// The model's id in the API: the GGUF file name without `.gguf`.
-pub fn model_id(shared: &Shared) -> String {
-    shared
-        .config
-        .model
-        .file_stem()
-        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
-}
-
-async fn models(State(shared): State<Arc<Shared>>) -> Json<Value> {
+async fn models(State(app): State<AppState>) -> Json<Value> {
     Json(json!({
         "object": "list",
-        "data": [{"id": model_id(&shared), "object": "model", "created": 0, "owned_by": "shoal"}],
+        "data": [{"id": app.cluster.model().id, "object": "model", "created": 0, "owned_by": "shoal"}],
     }))
 }
 
@@ -226,7 +215,7 @@ enum Kind {
 }
 
 async fn chat_completions(
-    State(shared): State<Arc<Shared>>,
+    State(app): State<AppState>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(v) = body?;
@@ -279,7 +268,7 @@ async fn chat_completions(
     let mut common = b.common;
     common.max_tokens = b.max_completion_tokens.or(common.max_tokens);
     serve(
-        shared,
+        app,
         Prompt::Chat(msgs),
         common,
         Kind::Chat,
@@ -289,7 +278,7 @@ async fn chat_completions(
 }
 
 async fn completions(
-    State(shared): State<Arc<Shared>>,
+    State(app): State<AppState>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(v) = body?;
@@ -308,18 +297,35 @@ async fn completions(
         }
     };
     // OpenAI's default for completions.
-    serve(shared, Prompt::Raw(prompt), b.common, Kind::Text, 16).await
+    serve(app, Prompt::Raw(prompt), b.common, Kind::Text, 16).await
 }
 
 /// Validates the common settings and runs the request.
 async fn serve(
-    shared: Arc<Shared>,
+    app: AppState,
     prompt: Prompt,
     c: Common,
     kind: Kind,
     default_max: usize,
 ) -> Result<Response, ApiError> {
-    let model = model_id(&shared);
+    let model = app.cluster.model().id;
+    let req = ask_request(c, prompt, &model, default_max)?;
+    let stream = req.1;
+    let (tx, rx) = mpsc::unbounded_channel();
+    if let Err(e) = app.cluster.submit(req.0, tx) {
+        return Ok(too_busy(&e));
+    }
+    respond(rx, model, kind, stream).await
+}
+
+/// The request a body asks for, checked: the model served, OpenAI's
+/// ranges, stop sequences, sampling. Also whether to stream (and with usage).
+fn ask_request(
+    c: Common,
+    prompt: Prompt,
+    model: &str,
+    default_max: usize,
+) -> Result<(AskRequest, Option<bool>), ApiError> {
     if c.model != model {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
@@ -367,10 +373,10 @@ async fn serve(
     }
     sampling.validate().map_err(|e| ApiError::bad(None, e))?;
     let max_tokens = c.max_tokens.map_or(default_max, |m| m as usize);
-    if max_tokens == 0 || max_tokens > super::http::MAX_TOKENS_MAX {
+    if max_tokens == 0 || max_tokens > MAX_TOKENS_MAX {
         return Err(ApiError::bad(
             Some("max_tokens"),
-            "max_tokens must be at least 1",
+            format!("max_tokens must be 1 to {MAX_TOKENS_MAX}"),
         ));
     }
     let req = AskRequest {
@@ -380,10 +386,23 @@ async fn serve(
         sampling,
         context: None,
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    if let Err(busy) = shared.submit(req, tx) {
-        return Ok(super::http::too_busy(&busy));
-    }
+    let stream = c.stream.then(|| {
+        c.stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    });
+    Ok((req, stream))
+}
+
+/// The answer: server-sent events when streaming (`Some(with_usage)`),
+/// else the whole text once done, with an error before any text as an
+/// error status.
+async fn respond(
+    mut rx: mpsc::UnboundedReceiver<AskEvent>,
+    model: String,
+    kind: Kind,
+    stream_usage: Option<bool>,
+) -> Result<Response, ApiError> {
     let id = format!(
         "{}-{:016x}",
         if kind == Kind::Chat {
@@ -402,14 +421,9 @@ async fn serve(
         model,
         kind,
     };
-    if c.stream {
-        let usage = c
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
+    if let Some(usage) = stream_usage {
         return Ok(stream(rx, meta, usage));
     }
-    // Whole answer: collect, but report an error before any text as an error status.
     let mut text = String::new();
     loop {
         match rx.recv().await {
@@ -417,30 +431,23 @@ async fn serve(
             Some(AskEvent::Done { stats }) => {
                 return Ok(Json(meta.whole(&text, &stats)).into_response());
             }
-            Some(AskEvent::Error { message }) => return Err(failure(message)),
-            None => return Err(failure("the request ended without an answer".into())),
+            Some(AskEvent::Error { error }) => return Err(failure(&error)),
+            None => return Err(failure(&RequestError::Cancelled)),
         }
     }
 }
 
-/// Maps an origin failure to a status: prompt problems are the client's (400),
-/// no plan is 503, the rest 500.
-fn failure(message: String) -> ApiError {
-    let (status, kind, param) =
-        if message.contains("context full") || message.contains("empty prompt") {
-            (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                Some("messages"),
-            )
-        } else if message.contains("cannot serve") || message.contains("no plan") {
-            (StatusCode::SERVICE_UNAVAILABLE, "server_error", None)
-        } else {
-            (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None)
-        };
+/// A failed request in OpenAI's shape; the status follows the variant.
+fn failure(e: &RequestError) -> ApiError {
+    let status = status_of(e);
+    let (kind, param) = if e.is_client_error() {
+        ("invalid_request_error", Some("messages"))
+    } else {
+        ("server_error", None)
+    };
     ApiError {
         status,
-        message,
+        message: e.to_string(),
         kind,
         param,
         code: None,
@@ -461,7 +468,7 @@ fn finish_reason(stop: StopReason) -> &'static str {
     }
 }
 
-fn usage(stats: &crate::GenerationStats) -> Value {
+fn usage(stats: &GenerationStats) -> Value {
     json!({
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.gen_tokens,
@@ -470,7 +477,7 @@ fn usage(stats: &crate::GenerationStats) -> Value {
 }
 
 impl Meta {
-    fn whole(&self, text: &str, stats: &crate::GenerationStats) -> Value {
+    fn whole(&self, text: &str, stats: &GenerationStats) -> Value {
         let choice = match self.kind {
             Kind::Chat => json!({
                 "index": 0,
@@ -574,8 +581,8 @@ fn stream(rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta, with_usage: bool) -
                 out.extend(b"data: [DONE]\n\n");
                 st.done = true;
             }
-            Some(AskEvent::Error { message }) => {
-                out.extend(sse(&failure(message).body()));
+            Some(AskEvent::Error { error }) => {
+                out.extend(sse(&failure(&error).body()));
                 out.extend(b"data: [DONE]\n\n");
                 st.done = true;
             }

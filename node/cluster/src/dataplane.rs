@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use protocol::Message;
+use protocol::{Message, RequestError};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::tls::{AllowList, Fingerprint, Identity};
-use super::wire::{read_frame, write_frame};
-use super::worker::{Outbox, WorkerMsg};
+use crate::tls::{AllowList, Fingerprint, Identity};
+use crate::wire::{read_frame, write_frame};
+use crate::worker::{Outbox, WorkerMsg};
 
 /// Frames queued per outgoing link before senders wait: backpressure
 /// from a slow next stage reaches the one before it.
@@ -45,6 +45,28 @@ pub struct PeerData {
     pub fingerprint: Fingerprint,
 }
 
+/// Why a message could not be sent to a member.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The node is not (or no longer) a member.
+    #[error("node {0} is not a member")]
+    NotMember(String),
+    /// Its link broke twice in a row.
+    #[error("cannot reach node {0} on the data plane")]
+    Unreachable(String),
+}
+
+impl From<SendError> for RequestError {
+    fn from(e: SendError) -> RequestError {
+        let (SendError::NotMember(node) | SendError::Unreachable(node)) = &e;
+        RequestError::StageLost {
+            node: node.clone(),
+            why: e.to_string(),
+        }
+    }
+}
+
 /// This node's data plane.
 pub struct DataPlane {
     me: String,
@@ -56,7 +78,7 @@ pub struct DataPlane {
     worker: Mutex<Option<mpsc::Sender<WorkerMsg>>>,
     requests: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
     runtime: tokio::runtime::Handle,
-    metrics: Arc<super::metrics::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl DataPlane {
@@ -64,7 +86,7 @@ impl DataPlane {
     pub fn bind(
         me: String,
         bind: SocketAddr,
-        metrics: Arc<super::metrics::Metrics>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> std::io::Result<Arc<DataPlane>> {
         let identity = Identity::generate();
         let allowed = AllowList::default();
@@ -149,18 +171,18 @@ impl DataPlane {
     }
 
     /// Fails every request this node originates (the plan changed).
-    pub fn fail_all_requests(&self, reason: &str) {
+    pub fn fail_all_requests(&self, error: &RequestError) {
         let requests = self.requests.lock().expect("lock");
         for (&request_id, tx) in requests.iter() {
             let _ = tx.try_send(Message::Failed {
                 request_id,
-                reason: reason.to_string(),
+                error: error.clone(),
             });
         }
     }
 
     /// Sends `msg` to node `to` (this node included), waiting while the link is full.
-    pub async fn send(self: &Arc<Self>, to: &str, msg: Message) -> Result<(), String> {
+    pub async fn send(self: &Arc<Self>, to: &str, msg: Message) -> Result<(), SendError> {
         if to == self.me {
             self.dispatch(msg).await;
             return Ok(());
@@ -175,10 +197,10 @@ impl DataPlane {
                 }
             }
         }
-        Err(format!("cannot reach node {to} on the data plane"))
+        Err(SendError::Unreachable(short(to).to_string()))
     }
 
-    fn link(self: &Arc<Self>, to: &str) -> Result<mpsc::Sender<Message>, String> {
+    fn link(self: &Arc<Self>, to: &str) -> Result<mpsc::Sender<Message>, SendError> {
         let mut links = self.links.lock().expect("lock");
         if let Some(l) = links.get(to).filter(|l| !l.is_closed()) {
             return Ok(l.clone());
@@ -188,7 +210,7 @@ impl DataPlane {
             .lock()
             .expect("lock")
             .get(to)
-            .ok_or_else(|| format!("node {to} is not a member"))?;
+            .ok_or_else(|| SendError::NotMember(short(to).to_string()))?;
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let span = info_span!("link", peer = %short(to), addr = %peer.addr);
         tokio::spawn(write_loop(self.clone(), to.to_string(), peer, rx).instrument(span));

@@ -15,10 +15,9 @@ use crate::text::TextModel;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{EngineError, KvCache};
 
-/// Tokens fed to the model per forward call while reading a prompt, as
-/// llama.cpp's default `n_batch`: bounds the attention scratch
-/// (`heads x 512 x context` floats) however long the prompt is.
-pub const PROMPT_CHUNK_TOKENS: usize = 512;
+/// Prompts are fed in pieces of this many tokens (one home for the size:
+/// the cluster's origins and the simulator cut prompts the same way).
+pub use schedule::PROMPT_CHUNK_TOKENS;
 
 /// Generation settings for one request.
 #[derive(Debug, Clone)]
@@ -384,7 +383,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// Hands memory freed while loading (header arrays, tokenizer build
 /// scratch, ~10 MB) back to the OS, so resident memory after loading is the
 /// weights plus what is really kept.
-pub(crate) fn release_freed_heap() {
+pub fn release_freed_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {

@@ -1,0 +1,87 @@
+//! A shoal node's HTTP API: OpenAI's and Ollama's endpoints, shoal's own
+//! (`/api/shoal/generate` for `shoal ask`, `/api/status`, `/api/events`),
+//! the status page and Prometheus metrics. Handlers only translate: the
+//! work is the cluster's, reached through [`cluster::Handle`] alone
+//! (submit a request and read its events, read a status snapshot).
+//!
+//! # Layout
+//! - `server`: the HTTP/1 accept loop with its limits (connections,
+//!   header and body deadlines, body size) and the API-key check.
+//! - `errors`: a [`cluster::RequestError`] as an HTTP status (by variant).
+//! - `shoal`: `POST /api/shoal/generate` (NDJSON events).
+//! - `status`: `/`, `/api/status`, `/api/events`, `/metrics`.
+//! - `openai`: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+//! - `ollama`: `/api/chat`, `/api/generate`, `/api/tags`, `/api/version`.
+//!
+//! Architecture Invariant: the API never sees membership, plans or the
+//! data plane: `cluster` exports only [`cluster::Handle`] for it, and the
+//! compiler holds the line.
+
+mod errors;
+mod ollama;
+mod openai;
+mod server;
+mod shoal;
+mod status;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::post;
+use axum::Router;
+use cluster::Handle;
+use tokio_util::sync::CancellationToken;
+
+pub use server::{BODY_BYTES_MAX, BODY_READ_TIMEOUT, CONNECTIONS_MAX, HEADER_READ_TIMEOUT};
+pub use shoal::GenerateBody;
+
+/// Most tokens one request may ask for.
+pub const MAX_TOKENS_MAX: usize = 1 << 20;
+
+/// Most messages in one chat request (OpenAI's and Ollama's).
+pub const MESSAGES_MAX: usize = 1024;
+
+/// Settings of the API.
+#[derive(Debug, Clone, Default)]
+pub struct ApiConfig {
+    /// Bearer token required by the generation endpoints (none: open).
+    pub api_key: Option<String>,
+}
+
+/// What every handler gets.
+pub(crate) struct App {
+    /// The cluster member behind this API.
+    pub cluster: Handle,
+    /// The API's settings.
+    pub config: ApiConfig,
+}
+
+/// Handlers' state.
+pub(crate) type AppState = Arc<App>;
+
+/// Serves the API on `listener` until `stop`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cluster: Handle,
+    config: ApiConfig,
+    stop: CancellationToken,
+) {
+    let app: AppState = Arc::new(App { cluster, config });
+    // Generation needs the API key when one is set; status stays readable.
+    let guarded = Router::new()
+        .route("/api/shoal/generate", post(shoal::generate))
+        .merge(openai::routes())
+        .merge(ollama::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            server::require_key,
+        ));
+    let router = Router::new()
+        .merge(guarded)
+        .merge(status::routes())
+        .merge(ollama::info_routes())
+        .layer(axum::middleware::from_fn(server::read_body_in_time))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(app);
+    server::accept_loop(listener, router, stop).await;
+}

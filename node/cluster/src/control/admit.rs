@@ -1,0 +1,275 @@
+//! Admission: joins proven with the cluster key both ways, answers to
+//! members' requests (plans, loads, link reports, weights), and whom to
+//! dial or back off from.
+
+use std::time::Instant;
+
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{request_response, Multiaddr, PeerId};
+use protocol::{Hello, Join, Message, Welcome, PROTOCOL_VERSION};
+use tracing::{debug, info, warn};
+
+use super::{Control, REFUSED_BACKOFF, REPLAN_SETTLE};
+use crate::dataplane::short;
+
+impl Control {
+    /// Remembers a refusal so neither mDNS nor `--peer` redials it at once.
+    pub(super) fn mark_refused(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        self.refused.insert(peer, now);
+        for (addr, p) in &self.peer_addrs {
+            if *p == Some(peer) {
+                self.refused_addrs.insert(addr.clone(), now);
+            }
+        }
+    }
+
+    pub(super) fn backing_off(&self, peer: &PeerId) -> bool {
+        self.refused
+            .get(peer)
+            .is_some_and(|t| t.elapsed() < REFUSED_BACKOFF)
+    }
+
+    pub(super) fn send_join(&mut self, peer: PeerId) {
+        let me = self.swarm.local_peer_id().to_string();
+        let hello = self.m.me().clone();
+        let proof = self
+            .cfg
+            .key
+            .proof(&self.cfg.cluster, &me, &peer.to_string());
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .control
+            .send_request(&peer, Message::Join(Join { hello, proof }));
+        self.pending_joins.insert(id, peer);
+    }
+
+    pub(super) fn on_control(&mut self, ev: request_response::Event<Message, Message>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let (resp, refuse) = self.on_request(peer, request);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .control
+                        .send_response(channel, resp);
+                    if refuse {
+                        self.mark_refused(peer);
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    let was_join = self.pending_joins.remove(&request_id).is_some();
+                    self.on_response(peer, response, was_join);
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if self.pending_joins.remove(&request_id).is_some() {
+                    info!(peer = %short(&peer.to_string()), "join failed: {error}");
+                } else {
+                    debug!(peer = %short(&peer.to_string()), "control request failed: {error}");
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                // Malformed frames and timeouts land here: that stream is gone, nothing else.
+                info!(peer = %short(&peer.to_string()), "bad control request: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Answers a request; the flag says whether the peer was refused.
+    pub(super) fn on_request(&mut self, peer: PeerId, req: Message) -> (Message, bool) {
+        let pid = peer.to_string();
+        if let Message::Join(j) = req {
+            if let Err(reason) = self.check_hello(&pid, &j.hello, &j.proof, false) {
+                warn!(peer = %short(&pid), "refused join: {reason}");
+                return (Message::Refused { reason }, true);
+            }
+            let me = self.swarm.local_peer_id().to_string();
+            let proof = self.cfg.key.proof(&self.cfg.cluster, &me, &pid);
+            self.admit(peer, j.hello);
+            let m = &self.m;
+            let welcome = Welcome {
+                hello: m.me().clone(),
+                proof,
+                members: m.member_addrs(),
+            };
+            return (Message::Welcome(welcome), false);
+        }
+        // Weights go to anyone proving the key: a node fetching its model
+        // is not a member yet.
+        if let Message::WeightsQuery { proof } | Message::ChunkQuery { proof, .. } = &req {
+            let me = self.swarm.local_peer_id().to_string();
+            if !self.cfg.key.verify(proof, &self.cfg.cluster, &pid, &me) {
+                return (
+                    Message::Refused {
+                        reason: "weights are for holders of this cluster's key".into(),
+                    },
+                    false,
+                );
+            }
+            let sh = &self.shared;
+            return (
+                crate::weights::answer(&sh.weights, &req, &sh.manifest, &sh.layout),
+                false,
+            );
+        }
+        if !self.m.members().contains_key(&pid) {
+            return (
+                Message::Refused {
+                    reason: "not a member of this cluster".into(),
+                },
+                false,
+            );
+        }
+        match req {
+            Message::PlanUpdate { plan, members } => {
+                self.dial_unknown(&members);
+                let accepted = self.m.accept_plan(&pid, plan);
+                match accepted {
+                    Ok(true) => self.apply_plan(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        debug!("{e}");
+                        self.apply_plan();
+                    }
+                }
+                (Message::Ack, false)
+            }
+            Message::Load(load) => {
+                self.m.set_load(&pid, load);
+                (Message::Ack, false)
+            }
+            Message::LinkReport { links } => {
+                if self.m.set_reported(&pid, &links) {
+                    self.replan_at = Some(Instant::now() + REPLAN_SETTLE);
+                }
+                (Message::Ack, false)
+            }
+            other => (
+                Message::Refused {
+                    reason: format!("unexpected control message {:?}", variant(&other)),
+                },
+                false,
+            ),
+        }
+    }
+
+    pub(super) fn on_response(&mut self, peer: PeerId, resp: Message, was_join: bool) {
+        let pid = peer.to_string();
+        match resp {
+            Message::Welcome(w) if was_join => {
+                if let Err(reason) = self.check_hello(&pid, &w.hello, &w.proof, true) {
+                    warn!(peer = %short(&pid), "refusing the node that welcomed us: {reason}");
+                    self.mark_refused(peer);
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    return;
+                }
+                self.admit(peer, w.hello);
+                self.dial_unknown(&w.members);
+            }
+            Message::Refused { reason } => {
+                warn!(peer = %short(&pid), "refused by peer: {reason}");
+                self.mark_refused(peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks a peer's introduction: its id, protocol version, cluster and key proof.
+    pub(super) fn check_hello(
+        &self,
+        pid: &str,
+        h: &Hello,
+        proof: &[u8; 32],
+        answer: bool,
+    ) -> Result<(), String> {
+        if h.version != PROTOCOL_VERSION {
+            return Err(format!(
+                "protocol version {} but this node speaks {PROTOCOL_VERSION}: run the same shoal version on every node",
+                h.version
+            ));
+        }
+        if h.node_id != pid {
+            return Err(format!(
+                "claims to be {} but its connection is {pid}",
+                h.node_id
+            ));
+        }
+        if h.cluster != self.cfg.cluster {
+            return Err(format!(
+                "it belongs to cluster '{}', this node to '{}'",
+                h.cluster, self.cfg.cluster
+            ));
+        }
+        let me = self.swarm.local_peer_id().to_string();
+        // A join proves (sender -> receiver); a welcome answers with (answerer -> joiner).
+        if !self.cfg.key.verify(proof, &self.cfg.cluster, pid, &me) {
+            let who = if answer { "it" } else { "the joining node" };
+            return Err(format!(
+                "{who} does not hold this cluster's key (--cluster-key-file)"
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn admit(&mut self, peer: PeerId, hello: Hello) {
+        let ip = self.ips.get(&peer).copied();
+        let pid = peer.to_string();
+        let (new, other_model) = {
+            let m = &mut self.m;
+            let other = hello.model_hash != m.me().model_hash;
+            (m.join(hello, ip), other)
+        };
+        if new {
+            info!(peer = %short(&pid), ?ip, "node joined the cluster");
+            if other_model {
+                warn!(peer = %short(&pid), "it holds a different model (blake3 manifest differs): it will not serve");
+            }
+            self.members_changed();
+            self.start_probe(pid);
+        }
+    }
+
+    pub(super) fn dial_unknown(&mut self, members: &[protocol::MemberAddrs]) {
+        let me = *self.swarm.local_peer_id();
+        for m in members {
+            let Ok(peer) = m.node_id.parse::<PeerId>() else {
+                continue;
+            };
+            if peer == me || self.swarm.is_connected(&peer) || self.backing_off(&peer) {
+                continue;
+            }
+            let addrs: Vec<Multiaddr> = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            let _ = self
+                .swarm
+                .dial(DialOpts::peer_id(peer).addresses(addrs).build());
+        }
+    }
+}
+
+fn variant(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "Hello",
+        Message::Plan(_) => "Plan",
+        Message::Activations(_) => "Activations",
+        Message::Tokens(_) => "Tokens",
+        _ => "other",
+    }
+}

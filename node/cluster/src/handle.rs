@@ -1,0 +1,108 @@
+//! The one interface between the cluster and the HTTP API: submit a
+//! request and receive its events, read a status snapshot, render the
+//! metrics, describe the model. Nothing else of the member is reachable
+//! from the API crate, so it cannot touch membership or the plan.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use protocol::RequestError;
+use tokio::sync::mpsc;
+
+use crate::origin::{AskEvent, AskRequest};
+use crate::shared::Shared;
+use crate::status::Status;
+
+/// A cheap, cloneable handle on a running member.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+/// The model this member serves, as the API describes it.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Its id in the API: the GGUF file name without `.gguf`.
+    pub id: String,
+    /// Its name from the GGUF metadata.
+    pub name: Option<String>,
+    /// Architecture (`llama`, ...).
+    pub architecture: String,
+    /// Weight bytes.
+    pub bytes: u64,
+    /// blake3 manifest hash, hex.
+    pub hash: String,
+}
+
+impl Handle {
+    pub(crate) fn new(shared: Arc<Shared>) -> Handle {
+        Handle { shared }
+    }
+
+    /// Admits `req` (or refuses it with [`RequestError::Overloaded`] when
+    /// the wait queue is full) and runs it in the background once a
+    /// running slot is free, first come first served. Its events arrive on
+    /// `events`, ending with `Done` or `Error`; dropping the receiver
+    /// cancels it along the pipeline.
+    pub fn submit(
+        &self,
+        req: AskRequest,
+        events: mpsc::UnboundedSender<AskEvent>,
+    ) -> Result<(), RequestError> {
+        let sh = &self.shared;
+        let queued = sh.queued.fetch_add(1, Ordering::SeqCst);
+        if queued >= sh.config.max_queued {
+            sh.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(RequestError::Overloaded {
+                queued: queued as u32,
+            });
+        }
+        sh.metrics.requests_queued.inc();
+        let shared = sh.clone();
+        tokio::spawn(async move {
+            // Waiting is given up when the client goes away meanwhile.
+            let permit = tokio::select! {
+                p = shared.running.clone().acquire_owned() => p.ok(),
+                _ = events.closed() => None,
+            };
+            shared.queued.fetch_sub(1, Ordering::SeqCst);
+            shared.metrics.requests_queued.dec();
+            if let Some(_permit) = permit {
+                shared.ask(req, events).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// The cluster as this node sees it now.
+    pub fn status(&self) -> Status {
+        crate::status::build(&self.shared)
+    }
+
+    /// Prometheus/OpenMetrics text of this node's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// The model this member serves.
+    pub fn model(&self) -> ModelInfo {
+        let sh = &self.shared;
+        let cfg = &sh.layout.config;
+        ModelInfo {
+            id: sh
+                .config
+                .model
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+            name: cfg.name.clone(),
+            architecture: cfg.architecture.clone(),
+            bytes: sh.layout.stage_bytes(0..cfg.n_layers),
+            hash: crate::status::hex(&sh.manifest.model_hash),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+}

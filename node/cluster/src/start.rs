@@ -1,0 +1,236 @@
+//! Starting a cluster member, in named steps: load and calibrate the model,
+//! bind the data plane, introduce this node, spawn the stage worker and the
+//! control loop.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+
+use engine::model::LoadOptions;
+use protocol::{Capabilities, DeviceKind, Hello, PROTOCOL_VERSION};
+use sharding::{GgufFile, Manifest, ModelLayout, ModelSpec};
+use tokio::sync::{watch, OnceCell};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::calibrate::{self, Speed};
+use crate::dataplane::{short, DataPlane};
+use crate::membership::Membership;
+use crate::shared::Shared;
+use crate::{control, metrics, weights, worker, ClusterConfig, Handle, StartError};
+
+/// A running cluster member.
+pub struct Cluster {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    control: tokio::task::JoinHandle<()>,
+}
+
+/// The model as read at start: layout, manifest and this machine's speed.
+struct Loaded {
+    layout: Arc<ModelLayout>,
+    manifest: Manifest,
+    speed: Speed,
+}
+
+impl Cluster {
+    /// Starts a member: reads and hashes the model, calibrates, binds the
+    /// data plane and joins the cluster. `http_addr` is where this node's
+    /// API answers (told to the other members, for the status page).
+    pub async fn start(
+        config: ClusterConfig,
+        http_addr: SocketAddr,
+    ) -> Result<Cluster, StartError> {
+        let loaded = load_model(&config).await?;
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let node_id = keypair.public().to_peer_id().to_string();
+        let metrics = Arc::new(metrics::Metrics::default());
+        let data =
+            DataPlane::bind(node_id.clone(), config.data, metrics.clone()).map_err(|source| {
+                StartError::Bind {
+                    what: "the data plane (QUIC)",
+                    addr: config.data,
+                    source,
+                }
+            })?;
+        let hello = introduce(&config, &node_id, &loaded, &data, http_addr);
+        let membership = Membership::new(hello, model_spec(&config, &loaded), config.goal);
+        let (view_tx, view) = watch::channel(Arc::new(membership.view()));
+        let store = Arc::new(match &config.fetched {
+            Some(index) => weights::WeightStore::partial(&config.model, index.clone()),
+            None => weights::WeightStore::whole(&config.model),
+        });
+        let fetcher = Arc::new(weights::Fetcher {
+            store: store.clone(),
+            sources: Mutex::new(weights::Sources {
+                cluster: config.cluster.clone(),
+                key: config.key.clone(),
+                addrs: config.peers.clone(),
+                mdns: config.mdns,
+            }),
+            runtime: tokio::runtime::Handle::current(),
+            layout: loaded.layout.clone(),
+        });
+        let live_sequences = Arc::new(AtomicUsize::new(0));
+        let worker = worker::spawn(
+            worker::WorkerConfig {
+                me: node_id.clone(),
+                model: config.model.clone(),
+                layout: loaded.layout.clone(),
+                load: LoadOptions {
+                    max_context: config.context,
+                    ..LoadOptions::default()
+                },
+                dtype: config.activations,
+                live: live_sequences.clone(),
+                metrics: metrics.clone(),
+                fetcher: fetcher.clone(),
+            },
+            Arc::new(data.clone()),
+        );
+        data.set_worker(worker);
+        let shared = Arc::new(Shared {
+            view,
+            data,
+            plan: watch::channel(None).0,
+            running: Arc::new(tokio::sync::Semaphore::new(config.max_running.max(1))),
+            config,
+            node_id,
+            layout: loaded.layout,
+            manifest: loaded.manifest,
+            text: OnceCell::new(),
+            stats: Mutex::default(),
+            live_sequences,
+            metrics,
+            queued: AtomicUsize::new(0),
+            load: Mutex::new(protocol::LoadReport::default()),
+            weights: store,
+            fetcher,
+        });
+        let stop = CancellationToken::new();
+        let control = control::start(keypair, membership, view_tx, shared.clone(), stop.clone())
+            .map_err(StartError::Control)?;
+        Ok(Cluster {
+            shared,
+            stop,
+            control,
+        })
+    }
+
+    /// The interface the API uses.
+    pub fn handle(&self) -> Handle {
+        Handle::new(self.shared.clone())
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    /// Stops the member (its peers see it leave).
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.control.await;
+    }
+}
+
+/// Reads the model's layout and manifest and measures this machine's
+/// speed on it, off the async threads.
+async fn load_model(config: &ClusterConfig) -> Result<Loaded, StartError> {
+    let path = config.model.clone();
+    let context = config.context;
+    let fetched = config.fetched.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let gguf = GgufFile::open(&path)?;
+        let layout = ModelLayout::from_gguf(&gguf)?;
+        let manifest = match &fetched {
+            // Checked against its model hash when fetched; layers are
+            // checked as they arrive.
+            Some(i) => Manifest::from_parts(i.layer_hashes.clone(), i.ends_hash, i.header_hash),
+            None => Manifest::compute(&path, &layout)?,
+        };
+        let speed = calibrate::measure(&gguf, &layout, context)?;
+        Ok::<_, engine::EngineError>(Loaded {
+            layout: Arc::new(layout),
+            manifest,
+            speed,
+        })
+    })
+    .await
+    .expect("model load task")?;
+    Ok(loaded)
+}
+
+/// This node's introduction to its peers: identity, model, measured speed,
+/// memory and where it answers.
+fn introduce(
+    config: &ClusterConfig,
+    node_id: &str,
+    loaded: &Loaded,
+    data: &DataPlane,
+    http_addr: SocketAddr,
+) -> Hello {
+    let memory_bytes = config.max_memory.unwrap_or_else(available_memory);
+    let speed = &loaded.speed;
+    info!(
+        node = %short(node_id),
+        model = loaded.layout.config.name.as_deref().unwrap_or("?"),
+        hash = %loaded.manifest.short_hash(),
+        us_per_mib = format!("{:.0}", speed.us_per_mib),
+        head_us = format!("{:.0}", speed.head_us),
+        row_us_per_mib = format!("{:.0}", speed.row_us_per_mib),
+        prompt_row_us_per_mib = format!("{:.0}", speed.prompt_row_us_per_mib),
+        memory_mib = memory_bytes >> 20,
+        data = %data.local_addr(),
+        http = %http_addr,
+        "node starting"
+    );
+    Hello {
+        version: PROTOCOL_VERSION,
+        node_id: node_id.to_string(),
+        cluster: config.cluster.clone(),
+        model_hash: loaded.manifest.model_hash,
+        capabilities: Capabilities {
+            device: DeviceKind::Cpu,
+            threads: config.threads as u32,
+            memory_bytes,
+            us_per_mib: speed.us_per_mib as f32,
+            row_us_per_mib: speed.row_us_per_mib as f32,
+            prompt_row_us_per_mib: speed.prompt_row_us_per_mib as f32,
+            data_addr: config
+                .data_advertise
+                .unwrap_or_else(|| data.local_addr())
+                .to_string(),
+            http_addr: http_addr.to_string(),
+            cert_fingerprint: data.fingerprint(),
+            addrs: Vec::new(),
+        },
+    }
+}
+
+/// The model as the planner sees it from this node.
+fn model_spec(config: &ClusterConfig, loaded: &Loaded) -> ModelSpec {
+    let mut spec = ModelSpec::from_layout(&loaded.layout, config.context as u64, 2);
+    // What actually travels: f16/bf16 activations halve each hop.
+    spec.activation_bytes = loaded.layout.config.dim as u64 * config.activations.size() as u64;
+    // The leader plans with its own measure of the head against the
+    // layers: the ratio is the kernels', the same on every CPU node.
+    spec.last_compute_bytes = loaded.speed.head_compute_bytes();
+    spec
+}
+
+/// Memory available to a new process (Linux `MemAvailable`), or 4 GiB
+/// where it cannot be read.
+pub fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(4 << 30, |kb| kb * 1024)
+}

@@ -1,0 +1,289 @@
+//! The checks a receiver (and, first, the sender) runs on every message:
+//! each limit of [`crate::limits`] and each invariant a node relies on.
+
+use crate::limits::*;
+use crate::message::{Activations, MemberAddrs, Message, Plan};
+
+/// Why a message was refused. Each variant names what broke the rule and
+/// by how much, so a log line is enough to find the peer's bug.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// A text field is longer than its limit.
+    #[error("{what} of {bytes} bytes, at most {max}")]
+    TooLong {
+        /// Which field.
+        what: &'static str,
+        /// Its length.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A list has a count outside its bounds.
+    #[error("{count} {what} ({min}..={max})")]
+    Count {
+        /// What is counted.
+        what: &'static str,
+        /// How many.
+        count: usize,
+        /// Fewest allowed.
+        min: usize,
+        /// Most allowed.
+        max: usize,
+    },
+    /// A plan's stages leave a gap, overlap or are empty.
+    #[error("plan stages must be contiguous and non-empty: {start}..{end} after layer {after}")]
+    PlanGap {
+        /// The stage's first layer.
+        start: u32,
+        /// Its end.
+        end: u32,
+        /// Where the previous stage ended.
+        after: u32,
+    },
+    /// A plan does not cover the model.
+    #[error("plan covers layers 0..{covered} of {layers}")]
+    PlanCoverage {
+        /// Layers covered.
+        covered: u32,
+        /// Layers in the model.
+        layers: u32,
+    },
+    /// A request's context cannot hold its prompt or is over the limit.
+    #[error("context of {context} tokens for a {prompt}-token prompt (at most {max})")]
+    Context {
+        /// Context tokens.
+        context: u32,
+        /// Prompt tokens.
+        prompt: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A weight index whose sizes disagree.
+    #[error("weight index of {chunks} chunks of {chunk_bytes} bytes for {file_bytes} bytes")]
+    WeightIndex {
+        /// Chunk hashes listed.
+        chunks: usize,
+        /// Bytes per chunk.
+        chunk_bytes: u32,
+        /// File size.
+        file_bytes: u64,
+    },
+    /// An activation payload of the wrong size.
+    #[error("payload of {bytes} bytes, shape [{rows}, {dim}] needs {expected} (at most {max})")]
+    Payload {
+        /// Bytes sent.
+        bytes: usize,
+        /// Rows announced.
+        rows: u64,
+        /// Hidden size announced.
+        dim: u32,
+        /// Bytes the shape needs.
+        expected: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// A number that must be finite and non-negative is not.
+    #[error("{what} is {value}, expected a finite number >= 0")]
+    NotFinite {
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: f32,
+    },
+}
+
+fn count(what: &'static str, n: usize, min: usize, max: usize) -> Result<(), ValidationError> {
+    if n < min || n > max {
+        return Err(ValidationError::Count {
+            what,
+            count: n,
+            min,
+            max,
+        });
+    }
+    Ok(())
+}
+
+impl Message {
+    /// Checks every limit and invariant a receiver relies on; the error
+    /// says which.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            Message::Hello(h) => {
+                name(&h.node_id, "node id")?;
+                name(&h.cluster, "cluster name")?;
+                name(&h.capabilities.data_addr, "data address")?;
+                name(&h.capabilities.http_addr, "http address")?;
+                count("addresses", h.capabilities.addrs.len(), 0, ADDRS_MAX)?;
+                h.capabilities
+                    .addrs
+                    .iter()
+                    .try_for_each(|a| name(a, "address"))
+            }
+            Message::Plan(p) => validate_plan(p),
+            Message::Activations(a) => validate_activations(a),
+            Message::Tokens(t) => count(
+                "tokens in one message",
+                t.entries.len(),
+                0,
+                REQUESTS_PER_MESSAGE_MAX,
+            ),
+            Message::Join(j) => Message::Hello(j.hello.clone()).validate(),
+            Message::Welcome(w) => {
+                Message::Hello(w.hello.clone()).validate()?;
+                validate_members(&w.members)
+            }
+            Message::Refused { reason } => text(reason, "reason"),
+            Message::PlanUpdate { plan, members } => {
+                validate_plan(plan)?;
+                validate_members(members)
+            }
+            Message::Weights(w) => {
+                let chunks = w.file_bytes.div_ceil(u64::from(w.chunk_bytes.max(1)));
+                if w.chunk_bytes == 0
+                    || w.chunk_bytes as usize > CHUNK_BYTES_MAX
+                    || w.chunk_hashes.len() as u64 != chunks
+                    || w.have.len() != w.chunk_hashes.len()
+                    || w.chunk_hashes.len() > CHUNKS_MAX
+                    || w.layer_hashes.len() > LAYERS_MAX
+                    || w.header_bytes > w.file_bytes
+                {
+                    return Err(ValidationError::WeightIndex {
+                        chunks: w.chunk_hashes.len(),
+                        chunk_bytes: w.chunk_bytes,
+                        file_bytes: w.file_bytes,
+                    });
+                }
+                Ok(())
+            }
+            Message::Chunk { bytes, .. } => {
+                if bytes.len() > CHUNK_BYTES_MAX {
+                    return Err(ValidationError::TooLong {
+                        what: "chunk",
+                        bytes: bytes.len(),
+                        max: CHUNK_BYTES_MAX,
+                    });
+                }
+                Ok(())
+            }
+            Message::WeightsQuery { .. } | Message::ChunkQuery { .. } | Message::Preparing => {
+                Ok(())
+            }
+            Message::LinkReport { links } => {
+                count("links", links.len(), 0, MEMBERS_MAX)?;
+                links.iter().try_for_each(|l| name(&l.node_id, "node id"))
+            }
+            Message::Begin(b) => {
+                name(&b.origin, "origin")?;
+                count("prompt tokens", b.prompt.len(), 1, CONTEXT_TOKENS_MAX)?;
+                if b.context as usize > CONTEXT_TOKENS_MAX || (b.context as usize) < b.prompt.len()
+                {
+                    return Err(ValidationError::Context {
+                        context: b.context,
+                        prompt: b.prompt.len(),
+                        max: CONTEXT_TOKENS_MAX,
+                    });
+                }
+                Ok(())
+            }
+            Message::Input(i) => count("input tokens", i.tokens.len(), 1, TOKENS_PER_MESSAGE_MAX),
+            Message::Failed { error, .. } => error.texts().try_for_each(|t| text(t, "reason")),
+            Message::Load(l) => {
+                finite(l.tokens_per_s, "load tokens/s")?;
+                finite(l.busy, "load busy")
+            }
+            Message::Cancel { .. } | Message::Ack => Ok(()),
+        }
+    }
+}
+
+fn finite(x: f32, what: &'static str) -> Result<(), ValidationError> {
+    if x.is_finite() && x >= 0.0 {
+        Ok(())
+    } else {
+        Err(ValidationError::NotFinite { what, value: x })
+    }
+}
+
+fn longest(s: &str, what: &'static str, max: usize) -> Result<(), ValidationError> {
+    if s.len() > max {
+        return Err(ValidationError::TooLong {
+            what,
+            bytes: s.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn text(s: &str, what: &'static str) -> Result<(), ValidationError> {
+    longest(s, what, TEXT_BYTES_MAX)
+}
+
+fn name(s: &str, what: &'static str) -> Result<(), ValidationError> {
+    longest(s, what, NAME_BYTES_MAX)
+}
+
+fn validate_members(members: &[MemberAddrs]) -> Result<(), ValidationError> {
+    count("members", members.len(), 0, MEMBERS_MAX)?;
+    for m in members {
+        name(&m.node_id, "node id")?;
+        count("addresses", m.addrs.len(), 0, ADDRS_MAX)?;
+        m.addrs.iter().try_for_each(|a| name(a, "address"))?;
+    }
+    Ok(())
+}
+
+fn validate_plan(p: &Plan) -> Result<(), ValidationError> {
+    count("plan stages", p.stages.len(), 1, STAGES_MAX)?;
+    let mut next = 0;
+    for s in &p.stages {
+        name(&s.node_id, "node id")?;
+        if s.layers_start != next || s.layers_end <= s.layers_start {
+            return Err(ValidationError::PlanGap {
+                start: s.layers_start,
+                end: s.layers_end,
+                after: next,
+            });
+        }
+        next = s.layers_end;
+    }
+    if next != p.n_layers {
+        return Err(ValidationError::PlanCoverage {
+            covered: next,
+            layers: p.n_layers,
+        });
+    }
+    Ok(())
+}
+
+fn validate_activations(a: &Activations) -> Result<(), ValidationError> {
+    count(
+        "sequences in one batch",
+        a.batch.len(),
+        1,
+        REQUESTS_PER_MESSAGE_MAX,
+    )?;
+    let mut rows = 0u64;
+    for s in &a.batch {
+        count(
+            "rows of one sequence",
+            s.rows as usize,
+            1,
+            TOKENS_PER_MESSAGE_MAX,
+        )?;
+        rows += u64::from(s.rows);
+    }
+    let expected = rows * u64::from(a.dim) * a.dtype.size() as u64;
+    if a.payload.len() > TENSOR_BYTES_MAX || expected != a.payload.len() as u64 {
+        return Err(ValidationError::Payload {
+            bytes: a.payload.len(),
+            rows,
+            dim: a.dim,
+            expected,
+            max: TENSOR_BYTES_MAX,
+        });
+    }
+    Ok(())
+}
