@@ -1,0 +1,126 @@
+//! What a cluster refuses or survives: a model too big, a wrong key, a
+//! stage killed mid-answer, nodes holding different models.
+
+use crate::prelude::*;
+
+#[test]
+fn a_model_no_node_can_hold_is_refused_with_how_much_is_missing() {
+    let _serial = serial();
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut one = loopback_cluster(dir.path(), &model, 1, "60M", &[]);
+    let s = one[0].wait_status(secs(10), |s| s["plan_error"].is_string());
+    let e = s["plan_error"].as_str().unwrap();
+    assert!(e.contains("MiB missing"), "{e}");
+    let (_, err, ok) = one[0].ask(&["-n", "4"], "hello");
+    assert!(!ok);
+    assert!(err.contains("cannot serve this model"), "{err}");
+}
+
+#[test]
+fn a_node_with_the_wrong_key_is_refused() {
+    let _serial = serial();
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = loopback_cluster(dir.path(), &model, 1, "1G", &[]).remove(0);
+    let wrong = keyfile(dir.path(), "wrong");
+    let m = model.display().to_string();
+    let peer = a.addr_on("127.0.0.1");
+    let mut b = loopback_node(dir.path(), &m, &wrong, &["--peer", &peer]);
+    // Both sides try to join each other: whichever answers first refuses
+    // (and logs why), the other sees the refusal.
+    let markers = ["does not hold this cluster's key", "refused by peer"];
+    a.wait_log_any(&markers, secs(10));
+    b.wait_log_any(&markers, secs(10));
+    assert_eq!(plan_size(&a.status()).0, 1);
+    assert_eq!(plan_size(&b.status()).0, 1);
+}
+
+#[test]
+fn killing_a_stage_fails_its_request_and_the_cluster_replans() {
+    let _serial = serial();
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    // Any two of the three hold the model: the plan uses two, the third is spare.
+    let mut nodes = loopback_cluster(dir.path(), &model, 3, "80M", &[]);
+    let s = wait_plan(&mut nodes[0], 3, 2);
+    let staged: Vec<String> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| !n["layers"].is_null())
+        .map(|n| n["http"].as_str().unwrap().to_string())
+        .collect();
+    let find = |http: &str| nodes.iter().position(|n| n.http.ends_with(http)).unwrap();
+    let (asked, victim) = (find(&staged[0]), find(&staged[1]));
+    let survivor = (0..3).find(|i| *i != victim).unwrap();
+    // Killed once the answer is streaming (its first token is out): a
+    // request still before its first token would be rerun on the new plan.
+    let streaming = Streaming::start(
+        &nodes[asked],
+        &["--temp", "0", "-n", "2000", "--no-template"],
+        "Once upon a time",
+    );
+    let killed_at = Instant::now();
+    nodes[victim].kill();
+    let (_, err, ok) = streaming.finish();
+    let took = killed_at.elapsed();
+    assert!(!ok, "the request should fail");
+    assert!(err.contains("error:"), "{err}");
+    assert!(took < secs(15), "took {took:?} to fail");
+    wait_plan(&mut nodes[survivor], 2, 2);
+    let want = run_single(&model, SETTINGS[0], PROMPTS[0]);
+    let (got, err, ok) = nodes[survivor].ask(SETTINGS[0], PROMPTS[0]);
+    assert!(ok, "{err}");
+    assert_eq!(got, want);
+}
+
+#[test]
+fn nodes_holding_different_models_do_not_serve_together() {
+    let _serial = serial();
+    use shoal_tests::synth::{write_synthetic_gguf, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let (x, y) = (dir.path().join("x.gguf"), dir.path().join("y.gguf"));
+    write_synthetic_gguf(
+        &x,
+        &SynthSpec {
+            seed: 1,
+            ..SynthSpec::default()
+        },
+    )
+    .unwrap();
+    write_synthetic_gguf(
+        &y,
+        &SynthSpec {
+            seed: 2,
+            ..SynthSpec::default()
+        },
+    )
+    .unwrap();
+    let mut a = loopback_cluster(dir.path(), &x, 1, "1G", &[]).remove(0);
+    let key = dir.path().join("key").display().to_string();
+    let (ys, first) = (y.display().to_string(), a.addr_on("127.0.0.1"));
+    let mut b = loopback_node(dir.path(), &ys, &key, &["--peer", &first]);
+    let other_model = |s: &Value| {
+        plan_size(s).0 == 2
+            && s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["same_model"] == false)
+    };
+    let sa = a.wait_status(secs(10), other_model);
+    let sb = b.wait_status(secs(10), other_model);
+    // The leader serves its own model alone; the other node refuses its plan.
+    let (served, idle) = if sa["leader"] == sa["node_id"] {
+        (&sa, &mut b)
+    } else {
+        (&sb, &mut a)
+    };
+    assert_eq!(plan_size(served), (2, 1), "{served:#}");
+    let s = idle.wait_status(secs(10), |s| s["plan_error"].is_string());
+    assert!(
+        s["plan_error"].as_str().unwrap().contains("another model"),
+        "{s:#}"
+    );
+}
