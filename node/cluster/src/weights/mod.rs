@@ -19,26 +19,16 @@
 //! on (a middle layer, the last one and the head); the worker fetches the
 //! rest of its stage when a plan assigns it ([`Fetcher::ensure_layers`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use libp2p::request_response::{self, OutboundRequestId};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId};
-use protocol::{Message, WeightIndex};
+use protocol::WeightIndex;
 use serde::{Deserialize, Serialize};
 use sharding::manifest::{self, CHUNK_BYTES};
-use sharding::{Manifest, ModelLayout};
-use tracing::{info, warn};
-
-use crate::key::ClusterKey;
-use crate::swarm::{self, BehaviourEvent};
+use sharding::ModelLayout;
+use tracing::info;
 
 /// Chunk requests in flight at once: enough to keep a LAN link busy
 /// without holding more than a few chunks in memory.
@@ -310,4 +300,6 @@ mod store;
 mod tests;
 
 pub use session::Sources;
+use session::*;
+use store::*;
 pub use store::{answer, cache_path, WeightStore};

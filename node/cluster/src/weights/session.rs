@@ -2,7 +2,7 @@
 //! index and chunks it asks them for, each chunk checked on arrival.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId};
@@ -16,7 +16,7 @@ use crate::key::ClusterKey;
 use crate::swarm::{self, BehaviourEvent};
 
 /// How long a fetcher waits before asking a preparing holder again.
-const INDEX_RETRY: Duration = Duration::from_millis(300);
+pub(super) const INDEX_RETRY: Duration = Duration::from_millis(300);
 
 /// Where and how to fetch from.
 #[derive(Clone)]
@@ -33,7 +33,7 @@ pub struct Sources {
 
 /// A fetch session: its own short-lived libp2p identity, connected to the
 /// holders it can reach, asking chunks from those that have them.
-struct Session {
+pub(super) struct Session {
     swarm: libp2p::Swarm<swarm::Behaviour>,
     sources: Sources,
     /// Holders that answered, with their index.
@@ -43,7 +43,7 @@ struct Session {
 }
 
 impl Session {
-    fn start(sources: Sources) -> Result<Session, FetchError> {
+    pub(super) fn start(sources: Sources) -> Result<Session, FetchError> {
         let keypair = libp2p::identity::Keypair::generate_ed25519();
         let mut swarm = swarm::build(keypair, sources.mdns).map_err(FetchError::Swarm)?;
         for a in &sources.addrs {
@@ -58,14 +58,14 @@ impl Session {
         })
     }
 
-    fn proof(&self, to: &PeerId) -> [u8; 32] {
+    pub(super) fn proof(&self, to: &PeerId) -> [u8; 32] {
         let me = self.swarm.local_peer_id().to_string();
         self.sources
             .key
             .proof(&self.sources.cluster, &me, &to.to_string())
     }
 
-    fn ask_index(&mut self, peer: PeerId) {
+    pub(super) fn ask_index(&mut self, peer: PeerId) {
         if self.asked.insert(peer) {
             let proof = self.proof(&peer);
             let id = self
@@ -77,7 +77,7 @@ impl Session {
         }
     }
 
-    fn ask_chunk(&mut self, peer: PeerId, index: u32) {
+    pub(super) fn ask_chunk(&mut self, peer: PeerId, index: u32) {
         let proof = self.proof(&peer);
         let id = self
             .swarm
@@ -88,7 +88,7 @@ impl Session {
     }
 
     /// Drives the swarm until one event of interest: a response or failure.
-    async fn next(&mut self) -> Option<(PeerId, Option<u32>, Result<Message, String>)> {
+    pub(super) async fn next(&mut self) -> Option<(PeerId, Option<u32>, Result<Message, String>)> {
         loop {
             match self.swarm.select_next_some().await {
                 SwarmEvent::ConnectionEstablished { peer_id, .. } => self.ask_index(peer_id),
@@ -129,7 +129,10 @@ impl Session {
 
     /// Waits for the first holder's index of the model (any model when
     /// `want` is none).
-    async fn first_index(&mut self, want: Option<[u8; 32]>) -> Result<WeightIndex, FetchError> {
+    pub(super) async fn first_index(
+        &mut self,
+        want: Option<[u8; 32]>,
+    ) -> Result<WeightIndex, FetchError> {
         let mut deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         loop {
             let ev = tokio::time::timeout_at(deadline, self.next())
@@ -160,7 +163,7 @@ impl Session {
     }
 
     /// Fetches `chunks` into `store`, spreading them over the holders.
-    async fn fetch(
+    pub(super) async fn fetch(
         &mut self,
         store: &WeightStore,
         chunks: Vec<u32>,
@@ -270,4 +273,3 @@ impl Session {
         Ok(())
     }
 }
-

@@ -1,7 +1,6 @@
 //! The model file as this node holds it (whole, or chunks fetched so far)
 //! and the answers it gives to fetching nodes.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -17,14 +16,14 @@ use super::*;
 
 /// The model file as this node holds it: whole, or in verified chunks.
 pub struct WeightStore {
-    path: PathBuf,
+    pub(super) path: PathBuf,
     /// For a whole file, computed on the first query (hashing costs a read).
-    index: OnceLock<WeightIndex>,
-    have: Mutex<Vec<u8>>,
-    complete: bool,
-    status: Mutex<WeightsStatus>,
+    pub(super) index: OnceLock<WeightIndex>,
+    pub(super) have: Mutex<Vec<u8>>,
+    pub(super) complete: bool,
+    pub(super) status: Mutex<WeightsStatus>,
     /// Whether the index of a whole file is being computed in the background.
-    preparing: std::sync::atomic::AtomicBool,
+    pub(super) preparing: std::sync::atomic::AtomicBool,
 }
 
 impl WeightStore {
@@ -81,7 +80,7 @@ impl WeightStore {
         self.status.lock().expect("status lock").clone()
     }
 
-    fn refresh_status(&self) {
+    pub(super) fn refresh_status(&self) {
         let Some(index) = self.index.get() else {
             return;
         };
@@ -137,7 +136,7 @@ impl WeightStore {
     }
 
     /// The index if it is ready (a whole file's is computed on demand).
-    fn ready_index(&self) -> Option<WeightIndex> {
+    pub(super) fn ready_index(&self) -> Option<WeightIndex> {
         let mut i = self.index.get()?.clone();
         if !self.complete {
             i.have = self.have.lock().expect("have lock").clone();
@@ -147,7 +146,7 @@ impl WeightStore {
 
     /// Starts computing a whole file's index on a thread of its own (it
     /// reads the whole file: seconds to minutes, never on the control loop).
-    fn prepare_index(self: &Arc<Self>, manifest: &Manifest, layout: &Arc<ModelLayout>) {
+    pub(super) fn prepare_index(self: &Arc<Self>, manifest: &Manifest, layout: &Arc<ModelLayout>) {
         use std::sync::atomic::Ordering;
         if self.preparing.swap(true, Ordering::SeqCst) {
             return;
@@ -198,7 +197,7 @@ impl WeightStore {
     }
 
     /// Checks `bytes` against chunk `i`'s hash; writes and records it if right.
-    fn put_chunk(&self, i: u32, bytes: &[u8]) -> Result<bool, FetchError> {
+    pub(super) fn put_chunk(&self, i: u32, bytes: &[u8]) -> Result<bool, FetchError> {
         let index = self.index.get().expect("partial stores have an index");
         let want = index.chunk_hashes.get(i as usize);
         if want != Some(blake3::hash(bytes).as_bytes()) || bytes.len() as u64 != chunk_len(index, i)
@@ -229,7 +228,7 @@ impl WeightStore {
     }
 
     /// Forgets chunks (a layer that failed its hash).
-    fn drop_chunks(&self, chunks: &[u32]) {
+    pub(super) fn drop_chunks(&self, chunks: &[u32]) {
         let have = {
             let mut have = self.have.lock().expect("have lock");
             for &c in chunks {
@@ -241,16 +240,16 @@ impl WeightStore {
         self.refresh_status();
     }
 
-    fn set_fetching(&self, what: Option<String>) {
+    pub(super) fn set_fetching(&self, what: Option<String>) {
         self.status.lock().expect("status lock").fetching = what;
     }
 
-    fn count_refetch(&self) {
+    pub(super) fn count_refetch(&self) {
         self.status.lock().expect("status lock").chunks_refetched += 1;
     }
 }
 
-fn chunk_len(index: &WeightIndex, i: u32) -> u64 {
+pub(super) fn chunk_len(index: &WeightIndex, i: u32) -> u64 {
     let start = u64::from(i) * u64::from(index.chunk_bytes);
     index
         .file_bytes
@@ -258,14 +257,14 @@ fn chunk_len(index: &WeightIndex, i: u32) -> u64 {
         .min(u64::from(index.chunk_bytes))
 }
 
-fn have_path(path: &Path) -> PathBuf {
+pub(super) fn have_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".have");
     PathBuf::from(p)
 }
 
 /// Checks that `index`'s manifest parts hash to its model hash.
-fn check_index(index: &WeightIndex) -> Result<Manifest, FetchError> {
+pub(super) fn check_index(index: &WeightIndex) -> Result<Manifest, FetchError> {
     let m = Manifest::from_parts(
         index.layer_hashes.clone(),
         index.ends_hash,
@@ -280,7 +279,7 @@ fn check_index(index: &WeightIndex) -> Result<Manifest, FetchError> {
 }
 
 /// Byte ranges of the tensors of `layers`, and of the embedding/head with `ends`.
-fn tensor_ranges(layout: &ModelLayout, layers: &[usize], ends: bool) -> Vec<Range<u64>> {
+pub(super) fn tensor_ranges(layout: &ModelLayout, layers: &[usize], ends: bool) -> Vec<Range<u64>> {
     let blocks = layers.iter().flat_map(|&l| layout.layers[l].tensors.iter());
     let ends = layout.end_tensors().filter(|_| ends);
     blocks.chain(ends).map(|t| t.byte_range()).collect()
@@ -332,7 +331,7 @@ pub fn answer(
 
 /// Test hook: `SHOAL_FAULT_CORRUPT_CHUNK=<n>` makes this node send chunk
 /// `n` corrupted, once — to prove the receiver catches and refetches it.
-fn fault_corrupts(index: u32) -> bool {
+pub(super) fn fault_corrupts(index: u32) -> bool {
     static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     std::env::var("SHOAL_FAULT_CORRUPT_CHUNK")
         .ok()
@@ -340,4 +339,3 @@ fn fault_corrupts(index: u32) -> bool {
         == Some(index)
         && !DONE.swap(true, std::sync::atomic::Ordering::SeqCst)
 }
-

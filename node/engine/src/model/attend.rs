@@ -166,31 +166,3 @@ pub(super) fn causal_mask(t: usize, pos: usize, device: &Device) -> candle_core:
         .collect();
     Tensor::from_vec(mask, (t, len), device)
 }
-
-/// Rows `rows` of a row-major `[_, n * hd]` matrix as `[n, rows.len(), hd]`.
-pub(super) fn heads_first(src: &[f32], rows: Range<usize>, n: usize, hd: usize) -> Vec<f32> {
-    let t = rows.len();
-    let width = n * hd;
-    let mut out = vec![0f32; n * t * hd];
-    for (i, r) in rows.enumerate() {
-        let row = &src[r * width..(r + 1) * width];
-        for h in 0..n {
-            out[(h * t + i) * hd..][..hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
-        }
-    }
-    out
-}
-
-/// `[t, pos + t]`: 0 where query `i` (at `pos + i`) may see key `j`, -inf after it.
-pub(super) fn causal_mask(t: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let len = pos + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..len).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(mask, (t, len), device)
-}
-
-/// Maps the stage's tensors in as few spans as sensible: tensors closer than
-/// [`SPAN_GAP_BYTES_MAX`] share a mapping, so a layer range is one mapping
-/// while a distant embedding/head gets its own and the layers of other
-/// stages are never mapped.

@@ -27,6 +27,8 @@ use crate::EngineError;
 mod attend;
 mod load;
 
+use attend::causal_mask;
+
 /// How a stage is loaded.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
