@@ -23,10 +23,15 @@ pub const SETTINGS: [&[&str]; 2] = [
 /// Longest a cluster takes to agree on a plan (scaled).
 pub const PLAN_WAIT: Duration = Duration::from_secs(30);
 
-/// A new cluster key file `name` in `dir` (by `shoal keygen`, which must
-/// not print it); its path.
+/// The cluster key file `name` in `dir`, made by `shoal keygen` (which
+/// must not print it) unless it exists; its path.
 pub fn keyfile(dir: &Path, name: &str) -> String {
     let path = dir.join(name);
+    if path.exists() {
+        // Made by an earlier cluster of the same test: keygen never
+        // overwrites a key, and this one is as good.
+        return path.display().to_string();
+    }
     let out = Command::new(shoal_bin())
         .arg("keygen")
         .arg(&path)
@@ -39,24 +44,23 @@ pub fn keyfile(dir: &Path, name: &str) -> String {
     path.display().to_string()
 }
 
-/// Starts one node on loopback (no mDNS, any ports, one thread, 512-token context).
+/// Flags of a test node on loopback: no mDNS, any ports.
+pub const LOOPBACK: [&str; 5] = [
+    "--no-mdns",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--http",
+    "127.0.0.1:0",
+];
+
+/// Flags every test node gets: one thread (several nodes share 2 cores),
+/// a 512-token context (small KV caches).
+pub const SMALL: [&str; 4] = ["-t", "1", "--ctx", "512"];
+
+/// Starts one node on loopback ([`LOOPBACK`], [`SMALL`]).
 pub fn loopback_node(dir: &Path, model: &str, key: &str, extra: &[&str]) -> NodeProc {
-    let base = [
-        "-m",
-        model,
-        "--cluster-key-file",
-        key,
-        "--no-mdns",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--http",
-        "127.0.0.1:0",
-        "-t",
-        "1",
-        "--ctx",
-        "512",
-    ];
-    NodeProc::start(dir, None, &[&base[..], extra].concat())
+    let own = ["-m", model, "--cluster-key-file", key];
+    NodeProc::start(dir, None, &[&own[..], &LOOPBACK, &SMALL, extra].concat())
 }
 
 /// Starts `n` nodes on loopback, each dialling the first with `--peer`.
@@ -85,7 +89,7 @@ pub fn lan_or_skip(n: usize) -> Option<Lan> {
     prerequisite("network namespaces (root and iproute2)", Lan::available()).then(|| Lan::new(n))
 }
 
-/// Starts a node in host `i` of `lan` (mDNS on, one thread, 512-token context).
+/// Starts a node in host `i` of `lan` (mDNS on, [`SMALL`]).
 pub fn ns_node(
     dir: &Path,
     lan: &Lan,
@@ -94,25 +98,50 @@ pub fn ns_node(
     model: &str,
     extra: &[&str],
 ) -> NodeProc {
-    let base = [
+    let own = [
         "-m",
         model,
         "--cluster-key-file",
         key,
         "--http",
         "127.0.0.1:0",
-        "-t",
-        "1",
-        "--ctx",
-        "512",
     ];
-    NodeProc::start(dir, Some(&lan.hosts[i]), &[&base[..], extra].concat())
+    NodeProc::start(
+        dir,
+        Some(&lan.hosts[i]),
+        &[&own[..], &SMALL, extra].concat(),
+    )
 }
 
-/// Waits until `node` sees `nodes` members and a plan of `stages` stages.
+/// Chromium, or `None` where it cannot be installed (said loudly; a
+/// failure under `SHOAL_TEST_STRICT=1`).
+pub fn chromium_or_skip() -> Option<std::path::PathBuf> {
+    let chromium = crate::chromium();
+    prerequisite(
+        "Chromium (apt-get install chromium failed)",
+        chromium.is_some(),
+    )
+    .then_some(chromium)
+    .flatten()
+}
+
+/// Waits until `node` sees `nodes` members and a plan of `stages` stages
+/// (for clusters where the model's size leaves the planner one choice).
 pub fn wait_plan(node: &mut NodeProc, nodes: usize, stages: usize) -> Value {
+    wait_plan_with(node, nodes, |s| s == stages)
+}
+
+/// Waits until `node` sees `nodes` members and a plan whose number of
+/// stages `stages_ok` accepts (where measured speeds may tip the planner
+/// either way, a test must not demand one shape).
+pub fn wait_plan_with(
+    node: &mut NodeProc,
+    nodes: usize,
+    stages_ok: impl Fn(usize) -> bool,
+) -> Value {
     node.wait_status(crate::scaled(PLAN_WAIT), |s| {
-        plan_size(s) == (nodes, stages) && !s["plan"].is_null()
+        let (members, stages) = plan_size(s);
+        members == nodes && stages_ok(stages) && !s["plan"].is_null()
     })
 }
 

@@ -167,7 +167,7 @@ impl Shared {
 
     /// Waits until a plan is in force; false after `timeout`.
     async fn wait_for_plan(&self, timeout: Duration) -> bool {
-        let mut rx = self.plan.subscribe();
+        let mut rx = self.plan.clone();
         tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
             .await
             .is_ok_and(|r| r.is_ok())
@@ -185,6 +185,56 @@ impl Shared {
             .await
             .map_err(|e| RequestError::Model(e.to_string()))?;
         let epoch = self.plan.borrow().as_ref().map(|p| p.epoch);
+        let (prompt, context) = self.tokenize(&text, &req)?;
+        let (mut rx, guard) = self.open(request_id, &req, &prompt, context).await?;
+        let head = guard.head.clone();
+        let mut out = Output::new(events, req.stop.clone());
+        let mut progress = None;
+        let mut position = prompt.len();
+        let mut last_token_at: Option<Instant> = None;
+        loop {
+            let id = match next_token(&mut rx).await {
+                Ok(id) => id,
+                Err(e)
+                    if progress.is_none()
+                        && self.plan.borrow().as_ref().map(|p| p.epoch) != epoch =>
+                {
+                    tracing::info!("plan changed before the first token ({e}): retrying");
+                    return Err(RequestError::Replanned);
+                }
+                Err(e) => return Err(e),
+            };
+            if progress.is_none() {
+                info!(prompt_tokens = prompt.len(), "first token");
+            }
+            let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
+            self.count_token(&mut last_token_at);
+            let room = position < context;
+            if !p.on_token(text.tokenizer(), id, req.max_tokens, room, &mut |e| {
+                out.on_event(e)
+            }) {
+                break;
+            }
+            let input = Input {
+                request_id,
+                position: position as u32,
+                tokens: vec![id],
+                sample: true,
+            };
+            self.data.send(&head, Message::Input(input)).await?;
+            position += 1;
+        }
+        drop(guard);
+        Ok(out.finish(progress.expect("at least one token")))
+    }
+
+    /// The request's prompt as tokens, checked against its context; and
+    /// that context (the request's, at most the node's).
+    fn tokenize(
+        &self,
+        text: &engine::text::TextModel,
+        req: &AskRequest,
+    ) -> Result<(Vec<u32>, usize), RequestError> {
         let prompt = match &req.prompt {
             Prompt::Raw(t) => text.raw_tokens(t),
             Prompt::Chat(msgs) => text.chat_tokens(msgs),
@@ -203,13 +253,26 @@ impl Shared {
                 context: context as u32,
             });
         }
+        Ok((prompt, context))
+    }
+
+    /// Opens the request along the plan in force: `Begin`, then the prompt
+    /// in chunks to the first stage. Its tokens arrive on the receiver;
+    /// the guard frees it along the chain when dropped.
+    async fn open(
+        self: &Arc<Self>,
+        request_id: u64,
+        req: &AskRequest,
+        prompt: &[u32],
+        context: usize,
+    ) -> Result<(mpsc::Receiver<Message>, RequestGuard), RequestError> {
         let plan = self
             .plan
             .borrow()
             .clone()
             .ok_or_else(|| self.no_plan_reason())?;
         let head = plan.stages[0].node_id.clone();
-        let mut rx = self.data.open_request(request_id);
+        let rx = self.data.open_request(request_id);
         let guard = RequestGuard {
             shared: self.clone(),
             id: request_id,
@@ -221,7 +284,7 @@ impl Shared {
             origin: self.node_id.clone(),
             context: context as u32,
             sampling: Sampling::from(&req.sampling),
-            prompt: prompt.clone(),
+            prompt: prompt.to_vec(),
         };
         self.data.send(&head, Message::Begin(begin)).await?;
         for c in schedule::prompt_chunks(prompt.len()) {
@@ -233,78 +296,19 @@ impl Shared {
             };
             self.data.send(&head, Message::Input(input)).await?;
         }
-        let mut first = true;
-        let mut progress = None;
-        let mut position = prompt.len();
-        let mut stop = StopMatcher::new(req.stop.clone());
-        let mut stopped = false;
-        let mut last_token_at: Option<Instant> = None;
-        loop {
-            let id = match next_token(&mut rx).await {
-                Ok(id) => id,
-                Err(e) if first && self.plan.borrow().as_ref().map(|p| p.epoch) != epoch => {
-                    tracing::info!("plan changed before the first token ({e}): retrying");
-                    return Err(RequestError::Replanned);
-                }
-                Err(e) => return Err(e),
-            };
-            let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
+        Ok((rx, guard))
+    }
+
+    /// Counts a streamed token and the time since the last one.
+    fn count_token(&self, last_token_at: &mut Option<Instant>) {
+        self.metrics
+            .streamed_tokens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = last_token_at.replace(Instant::now()) {
             self.metrics
-                .streamed_tokens
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if let Some(t) = last_token_at.replace(Instant::now()) {
-                self.metrics
-                    .token_latency
-                    .observe(t.elapsed().as_secs_f64());
-            }
-            if first {
-                first = false;
-                info!(prompt_tokens = prompt.len(), "first token");
-            }
-            let mut on_event = |e: GenerateEvent<'_>| match e {
-                GenerateEvent::Token { id, text } => {
-                    let (text, hit) = stop.push(text);
-                    stopped |= hit;
-                    events.send(AskEvent::Token { id, text }).is_ok() && !hit
-                }
-                GenerateEvent::Tail { text } => {
-                    let (text, hit) = stop.push(text);
-                    stopped |= hit;
-                    events.send(AskEvent::Tail { text }).is_ok()
-                }
-            };
-            let room = position < context;
-            if !p.on_token(text.tokenizer(), id, req.max_tokens, room, &mut on_event) {
-                break;
-            }
-            let input = Input {
-                request_id,
-                position: position as u32,
-                tokens: vec![id],
-                sample: true,
-            };
-            self.data.send(&head, Message::Input(input)).await?;
-            position += 1;
+                .token_latency
+                .observe(t.elapsed().as_secs_f64());
         }
-        drop(guard);
-        let mut on_event = |e: GenerateEvent<'_>| {
-            if let GenerateEvent::Tail { text } = e {
-                if !stopped {
-                    let (text, hit) = stop.push(text);
-                    stopped |= hit;
-                    let _ = events.send(AskEvent::Tail { text });
-                }
-            }
-            true
-        };
-        let mut stats = progress.expect("at least one token").finish(&mut on_event);
-        let rest = stop.finish();
-        if stopped {
-            stats.stop = StopReason::StopSequence;
-        } else if !rest.is_empty() {
-            let _ = events.send(AskEvent::Tail { text: rest });
-        }
-        Ok(stats)
     }
 
     fn no_plan_reason(&self) -> RequestError {
@@ -312,6 +316,64 @@ impl Shared {
             Some(e) => RequestError::Unservable(e.clone()),
             None => RequestError::NoPlan,
         }
+    }
+}
+
+/// The client's side of a request: text through the stop sequences to
+/// its events.
+struct Output<'a> {
+    events: &'a mpsc::UnboundedSender<AskEvent>,
+    stop: StopMatcher,
+    /// A stop sequence was hit (the text stops before it).
+    stopped: bool,
+}
+
+impl<'a> Output<'a> {
+    fn new(events: &'a mpsc::UnboundedSender<AskEvent>, stop: Vec<String>) -> Output<'a> {
+        Output {
+            events,
+            stop: StopMatcher::new(stop),
+            stopped: false,
+        }
+    }
+
+    /// Passes one event on; false when generation should stop (a stop
+    /// sequence, or the client gone).
+    fn on_event(&mut self, e: GenerateEvent<'_>) -> bool {
+        match e {
+            GenerateEvent::Token { id, text } => {
+                let (text, hit) = self.stop.push(text);
+                self.stopped |= hit;
+                self.events.send(AskEvent::Token { id, text }).is_ok() && !hit
+            }
+            GenerateEvent::Tail { text } => {
+                let (text, hit) = self.stop.push(text);
+                self.stopped |= hit;
+                self.events.send(AskEvent::Tail { text }).is_ok()
+            }
+        }
+    }
+
+    /// The text held back at the end, and the request's stats.
+    fn finish(mut self, progress: Progress) -> GenerationStats {
+        let mut on_event = |e: GenerateEvent<'_>| {
+            if let GenerateEvent::Tail { text } = e {
+                if !self.stopped {
+                    let (text, hit) = self.stop.push(text);
+                    self.stopped |= hit;
+                    let _ = self.events.send(AskEvent::Tail { text });
+                }
+            }
+            true
+        };
+        let mut stats = progress.finish(&mut on_event);
+        let rest = self.stop.finish();
+        if self.stopped {
+            stats.stop = StopReason::StopSequence;
+        } else if !rest.is_empty() {
+            let _ = self.events.send(AskEvent::Tail { text: rest });
+        }
+        stats
     }
 }
 

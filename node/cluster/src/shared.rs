@@ -21,8 +21,9 @@ pub(crate) struct Shared {
     pub view: watch::Receiver<Arc<View>>,
     /// The data plane.
     pub data: Arc<DataPlane>,
-    /// The plan in force (sent by the control loop only), watched by origins.
-    pub plan: watch::Sender<Option<Plan>>,
+    /// The plan in force, watched by origins (the control loop holds the
+    /// only sender).
+    pub plan: watch::Receiver<Option<Plan>>,
     /// Node settings.
     pub config: ClusterConfig,
     /// This node's id.

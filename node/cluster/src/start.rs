@@ -56,21 +56,8 @@ impl Cluster {
         let hello = introduce(&config, &node_id, &loaded, &data, http_addr);
         let membership = Membership::new(hello, model_spec(&config, &loaded), config.goal);
         let (view_tx, view) = watch::channel(Arc::new(membership.view()));
-        let store = Arc::new(match &config.fetched {
-            Some(index) => weights::WeightStore::partial(&config.model, index.clone()),
-            None => weights::WeightStore::whole(&config.model),
-        });
-        let fetcher = Arc::new(weights::Fetcher {
-            store: store.clone(),
-            sources: Mutex::new(weights::Sources {
-                cluster: config.cluster.clone(),
-                key: config.key.clone(),
-                addrs: config.peers.clone(),
-                mdns: config.mdns,
-            }),
-            runtime: tokio::runtime::Handle::current(),
-            layout: loaded.layout.clone(),
-        });
+        let (plan_tx, plan) = watch::channel(None);
+        let (store, fetcher) = weight_store(&config, &loaded.layout);
         let live_sequences = Arc::new(AtomicUsize::new(0));
         let worker = worker::spawn(
             worker::WorkerConfig {
@@ -92,7 +79,7 @@ impl Cluster {
         let shared = Arc::new(Shared {
             view,
             data,
-            plan: watch::channel(None).0,
+            plan,
             running: Arc::new(tokio::sync::Semaphore::new(config.max_running.max(1))),
             config,
             node_id,
@@ -108,7 +95,11 @@ impl Cluster {
             fetcher,
         });
         let stop = CancellationToken::new();
-        let control = control::start(keypair, membership, view_tx, shared.clone(), stop.clone())
+        let publish = control::Publish {
+            view: view_tx,
+            plan: plan_tx,
+        };
+        let control = control::start(keypair, membership, publish, shared.clone(), stop.clone())
             .map_err(StartError::Control)?;
         Ok(Cluster {
             shared,
@@ -159,6 +150,30 @@ async fn load_model(config: &ClusterConfig) -> Result<Loaded, StartError> {
     .await
     .expect("model load task")?;
     Ok(loaded)
+}
+
+/// The model file as this node holds it (whole, or being fetched) and the
+/// fetcher that completes it from members.
+fn weight_store(
+    config: &ClusterConfig,
+    layout: &Arc<ModelLayout>,
+) -> (Arc<weights::WeightStore>, Arc<weights::Fetcher>) {
+    let store = Arc::new(match &config.fetched {
+        Some(index) => weights::WeightStore::partial(&config.model, index.clone()),
+        None => weights::WeightStore::whole(&config.model),
+    });
+    let fetcher = Arc::new(weights::Fetcher {
+        store: store.clone(),
+        sources: Mutex::new(weights::Sources {
+            cluster: config.cluster.clone(),
+            key: config.key.clone(),
+            addrs: config.peers.clone(),
+            mdns: config.mdns,
+        }),
+        runtime: tokio::runtime::Handle::current(),
+        layout: layout.clone(),
+    });
+    (store, fetcher)
 }
 
 /// This node's introduction to its peers: identity, model, measured speed,

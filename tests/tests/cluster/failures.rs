@@ -41,9 +41,11 @@ fn killing_a_stage_fails_its_request_and_the_cluster_replans() {
     let _serial = serial();
     let model = default_model();
     let dir = tempfile::tempdir().unwrap();
-    // Any two of the three hold the model: the plan uses two, the third is spare.
+    // Any two of the three hold the model: the plan uses two (the third
+    // spare) or all three, as the measured speeds make it; the test needs
+    // only a stage to kill that is not the origin, and two nodes after.
     let mut nodes = loopback_cluster(dir.path(), &model, 3, "80M", &[]);
-    let s = wait_plan(&mut nodes[0], 3, 2);
+    let s = wait_plan_with(&mut nodes[0], 3, |stages| stages >= 2);
     let staged: Vec<String> = s["nodes"]
         .as_array()
         .unwrap()

@@ -5,14 +5,9 @@ use crate::prelude::*;
 #[test]
 fn the_status_page_renders_the_cluster_in_chromium() {
     let _serial = serial();
-    let chromium = shoal_tests::chromium();
-    if !prerequisite(
-        "Chromium (apt-get install chromium failed)",
-        chromium.is_some(),
-    ) {
+    let Some(chromium) = chromium_or_skip() else {
         return;
-    }
-    let chromium = chromium.expect("checked");
+    };
     let model = default_model();
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = loopback_cluster(dir.path(), &model, 2, "80M", &[]);
@@ -50,14 +45,9 @@ fn the_status_page_renders_the_cluster_in_chromium() {
 #[test]
 fn the_live_page_shows_a_node_joining_and_leaving_within_two_seconds() {
     let _serial = serial();
-    let chromium = shoal_tests::chromium();
-    if !prerequisite(
-        "Chromium (apt-get install chromium failed)",
-        chromium.is_some(),
-    ) {
+    let Some(chromium) = chromium_or_skip() else {
         return;
-    }
-    let chromium = chromium.expect("checked");
+    };
     let ws = python_package("websocket-1", "websocket", "websocket-client>=1.6,<2");
     let model = default_model();
     let dir = tempfile::tempdir().unwrap();

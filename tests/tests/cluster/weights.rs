@@ -9,18 +9,8 @@ fn a_node_without_the_model_fetches_its_layers_from_peers_and_serves() {
     let dir = tempfile::tempdir().unwrap();
     let key = keyfile(dir.path(), "key");
     let m = model.display().to_string();
-    let base = ["--max-memory", "60M", "--ctx", "512"];
-    let loopback = [
-        "--cluster-key-file",
-        &key,
-        "--no-mdns",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--http",
-        "127.0.0.1:0",
-        "-t",
-        "1",
-    ];
+    let base = [&["--max-memory", "60M"][..], &SMALL].concat();
+    let loopback = [&["--cluster-key-file", &key][..], &LOOPBACK].concat();
     // The holder sends the header chunk corrupted once.
     let holder_args = [&["-m", &m][..], &loopback[..], &base[..]].concat();
     let mut holder = NodeProc::start_with_env(

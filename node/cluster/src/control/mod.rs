@@ -20,7 +20,7 @@ use libp2p::request_response::OutboundRequestId;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
-use protocol::Message;
+use protocol::{Message, Plan};
 use tokio::sync::watch;
 
 mod admit;
@@ -54,6 +54,15 @@ const PROBE_ATTEMPTS: u32 = 5;
 const LOAD_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_RETRY: Duration = Duration::from_millis(300);
 
+/// The control loop's outputs: the only senders of membership's view and
+/// of the plan in force.
+pub(crate) struct Publish {
+    /// A copy of membership after each event.
+    pub view: watch::Sender<Arc<View>>,
+    /// The plan this node runs.
+    pub plan: watch::Sender<Option<Plan>>,
+}
+
 /// Settings of the control plane (from the member's config).
 struct ControlConfig {
     /// libp2p listen addresses.
@@ -72,7 +81,7 @@ struct ControlConfig {
 pub(crate) fn start(
     keypair: libp2p::identity::Keypair,
     membership: Membership,
-    view: watch::Sender<Arc<View>>,
+    publish: Publish,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
@@ -96,7 +105,7 @@ pub(crate) fn start(
         cfg,
         shared,
         m: membership,
-        view,
+        publish,
         last_plan_error: None,
         pending_joins: HashMap::new(),
         refused: HashMap::new(),
@@ -132,8 +141,8 @@ struct Control {
     shared: Arc<Shared>,
     /// Membership and plan: this loop is their only writer.
     m: Membership,
-    /// Where readers get a copy of membership after each change.
-    view: watch::Sender<Arc<View>>,
+    /// Where readers get membership and the plan.
+    publish: Publish,
     /// The last planning error logged (to log each once).
     last_plan_error: Option<String>,
     /// Joins sent and not answered yet.
@@ -168,7 +177,7 @@ impl Control {
                 Some((peer, result)) = self.probes.1.recv() => self.on_probe(peer, result),
                 _ = tick.tick() => self.on_tick(),
             }
-            self.view.send_replace(Arc::new(self.m.view()));
+            self.publish.view.send_replace(Arc::new(self.m.view()));
         }
     }
 

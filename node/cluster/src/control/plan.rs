@@ -175,7 +175,7 @@ impl Control {
     /// reconfigures the worker, and tells origins.
     pub(super) fn install_plan(&mut self, plan: Option<Plan>) {
         let sh = self.shared.clone();
-        let old = sh.plan.borrow().clone();
+        let old = self.publish.plan.borrow().clone();
         if old == plan {
             return;
         }
@@ -218,7 +218,7 @@ impl Control {
         };
         // The worker hears of the plan before any request of it can reach it.
         sh.data.to_worker_now(msg);
-        sh.plan.send_replace(plan);
+        self.publish.plan.send_replace(plan);
         // Requests see the new plan (or none) by the time they fail: one
         // that had no token yet runs again on the new plan.
         if old.is_some() {

@@ -178,17 +178,7 @@ impl Session {
             .get()
             .expect("partial store has an index")
             .clone();
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(total_bytes),
-            indicatif::ProgressDrawTarget::stderr(),
-        );
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
-            )
-            .expect("template"),
-        );
-        bar.set_message(format!("fetching {what}"));
+        let bar = progress_bar(total_bytes, what);
         let mut queue: VecDeque<u32> = chunks.into();
         let mut tries: HashMap<u32, u32> = HashMap::new();
         let mut in_flight = 0usize;
@@ -199,20 +189,8 @@ impl Session {
             // Ask holders of each queued chunk, round robin.
             while in_flight < IN_FLIGHT {
                 let Some(c) = queue.pop_front() else { break };
-                let holders: Vec<PeerId> = self
-                    .holders
-                    .iter()
-                    .filter(|(_, i)| i.have.get(c as usize) == Some(&1))
-                    .map(|(p, _)| *p)
-                    .collect();
-                if holders.is_empty() {
-                    return Err(FetchError::Chunk {
-                        index: c,
-                        why: "no connected node holds it".into(),
-                    });
-                }
                 let peer =
-                    holders[(turn + tries.get(&c).copied().unwrap_or(0) as usize) % holders.len()];
+                    self.holder_of(c, turn + tries.get(&c).copied().unwrap_or(0) as usize)?;
                 turn += 1;
                 self.ask_chunk(peer, c);
                 in_flight += 1;
@@ -272,4 +250,37 @@ impl Session {
         bar.finish_and_clear();
         Ok(())
     }
+
+    /// The `turn`-th holder (round robin) of chunk `c`.
+    fn holder_of(&self, c: u32, turn: usize) -> Result<PeerId, FetchError> {
+        let holders: Vec<PeerId> = self
+            .holders
+            .iter()
+            .filter(|(_, i)| i.have.get(c as usize) == Some(&1))
+            .map(|(p, _)| *p)
+            .collect();
+        if holders.is_empty() {
+            return Err(FetchError::Chunk {
+                index: c,
+                why: "no connected node holds it".into(),
+            });
+        }
+        Ok(holders[turn % holders.len()])
+    }
+}
+
+/// A progress bar on stderr for a fetch of `total_bytes`.
+fn progress_bar(total_bytes: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total_bytes),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .expect("template"),
+    );
+    bar.set_message(format!("fetching {what}"));
+    bar
 }

@@ -363,6 +363,12 @@ impl Tokenizer {
         }
     }
 
+    /// Whether decoding cleans up spaces (llama.cpp's `clean_spaces`):
+    /// then a decode need not give the input text back.
+    pub fn cleans_spaces(&self) -> bool {
+        self.clean_spaces
+    }
+
     /// Detokenizes a sequence (llama.cpp `detokenize` with `remove_special = false`,
     /// `unparse_special = false`): with `add_space_prefix` the first token loses one leading
     /// space (only when it is text: after a BOS nothing is stripped, as in llama.cpp), and

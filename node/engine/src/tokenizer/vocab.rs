@@ -268,46 +268,68 @@ fn resolve(default: Option<u32>, given: Option<u64>, n: usize) -> Option<u32> {
     }
 }
 
-/// Builds the tokenizer (llama.cpp `llama_vocab::impl::load`, in order).
-pub(super) fn build(mut p: TokenizerParts) -> Result<Tokenizer, TokenizerError> {
+/// What the tokenizer model type implies before the GGUF's own keys.
+struct Defaults {
+    /// SentencePiece (`llama`) rather than byte-level BPE (`gpt2`).
+    is_spm: bool,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    unk: Option<u32>,
+    add_space_prefix: bool,
+    add_bos: bool,
+    clean_spaces: bool,
+    /// BPE only: pre-tokenizer regexes and whether merges are ignored.
+    bpe_config: Option<(&'static [&'static str], bool)>,
+}
+
+/// The defaults of `p`'s tokenizer model and pre-tokenizer (llama.cpp's).
+fn defaults(p: &TokenizerParts) -> Result<Defaults, TokenizerError> {
     let is_spm = match p.model.as_str() {
         "llama" => true,
         "gpt2" => false,
         other => return Err(TokenizerError::UnsupportedModel(other.to_owned())),
     };
-    let pre = p.pre.clone().unwrap_or_default();
-    let (mut bos, eos, unk) = if is_spm {
-        (Some(1), Some(2), Some(0))
-    } else {
-        (Some(11), Some(11), None)
-    };
-    let (add_space_prefix, add_bos, clean_spaces);
-    let mut bpe_config = None;
     if is_spm {
-        (add_space_prefix, add_bos, clean_spaces) = (true, true, false);
-    } else {
-        if UNSUPPORTED.contains(&pre.as_str()) {
-            return Err(TokenizerError::UnsupportedPre(pre));
-        }
-        let flags = pre_flags(&pre);
-        (add_space_prefix, add_bos, clean_spaces) = (false, flags.add_bos, flags.clean_spaces);
-        if flags.no_default_bos {
-            bos = None;
-        }
-        let regexes = pre_tokenizer_regexes(&pre).unwrap_or(FALLBACK);
-        bpe_config = Some((regexes, flags.ignore_merges));
+        return Ok(Defaults {
+            is_spm,
+            bos: Some(1),
+            eos: Some(2),
+            unk: Some(0),
+            add_space_prefix: true,
+            add_bos: true,
+            clean_spaces: false,
+            bpe_config: None,
+        });
     }
-    let add_space_prefix = p.add_space_prefix.unwrap_or(add_space_prefix);
+    let pre = p.pre.clone().unwrap_or_default();
+    if UNSUPPORTED.contains(&pre.as_str()) {
+        return Err(TokenizerError::UnsupportedPre(pre));
+    }
+    let flags = pre_flags(&pre);
+    let regexes = pre_tokenizer_regexes(&pre).unwrap_or(FALLBACK);
+    Ok(Defaults {
+        is_spm,
+        bos: (!flags.no_default_bos).then_some(11),
+        eos: Some(11),
+        unk: None,
+        add_space_prefix: false,
+        add_bos: flags.add_bos,
+        clean_spaces: flags.clean_spaces,
+        bpe_config: Some((regexes, flags.ignore_merges)),
+    })
+}
 
+/// Builds the tokenizer (llama.cpp `llama_vocab::impl::load`, in order).
+pub(super) fn build(mut p: TokenizerParts) -> Result<Tokenizer, TokenizerError> {
+    let d = defaults(&p)?;
+    let add_space_prefix = p.add_space_prefix.unwrap_or(d.add_space_prefix);
     let mut vocab = build_vocab(&mut p)?;
     let n = vocab.texts.len();
     let ids = std::mem::take(&mut p.ids);
-    let bos = resolve(bos, ids.bos, n);
-    let eos = resolve(eos, ids.eos, n);
-    let unk = resolve(unk, ids.unk, n);
-    let mut eot = resolve(None, ids.eot, n);
-    let mut eom = resolve(None, ids.eom, n);
-    let add_bos = p.add_bos.unwrap_or(add_bos);
+    let bos = resolve(d.bos, ids.bos, n);
+    let eos = resolve(d.eos, ids.eos, n);
+    let unk = resolve(d.unk, ids.unk, n);
+    let add_bos = p.add_bos.unwrap_or(d.add_bos);
     let add_eos = p.add_eos.unwrap_or(false);
     if add_bos && bos.is_none() {
         let reason = format!("{KEY_ADD_BOS} is true, but tokenizer.ggml.bos_token_id is not set");
@@ -317,7 +339,51 @@ pub(super) fn build(mut p: TokenizerParts) -> Result<Tokenizer, TokenizerError> 
         let reason = format!("{KEY_ADD_EOS} is true, but tokenizer.ggml.eos_token_id is not set");
         return Err(TokenizerError::InvalidVocab(reason));
     }
+    let (eot, eog) = end_of_generation(&mut vocab, &ids, eos);
+    let special_cache = special_cache(&vocab);
+    let pieces = (0..n)
+        .map(|id| piece(&vocab, d.is_spm, id).into_boxed_slice())
+        .collect();
+    apply_model_quirks(&mut vocab, &special_cache, &p);
+    let algorithm = match d.bpe_config {
+        None => Algorithm::Spm,
+        Some((regexes, ignore_merges)) => {
+            let merges = p.merges.as_deref().unwrap_or(&[]);
+            let engine = bpe::BpeEngine::new(&vocab, merges, regexes, ignore_merges)?;
+            // The engine holds its own text -> id map: a second one would
+            // cost ~4 MB of resident memory for nothing.
+            vocab.ids = HashMap::new();
+            Algorithm::Bpe(Box::new(engine))
+        }
+    };
+    Ok(Tokenizer {
+        vocab,
+        algorithm,
+        bos,
+        eos,
+        eot,
+        unk,
+        add_bos,
+        add_eos,
+        add_space_prefix,
+        clean_spaces: d.clean_spaces,
+        eog,
+        special_cache,
+        pieces,
+    })
+}
 
+/// The end-of-turn token and every end-of-generation token: the GGUF's
+/// ids, then tokens recognised by their text (marked as control), with
+/// llama.cpp's exceptions. Returns (eot, eog).
+fn end_of_generation(
+    vocab: &mut Vocab,
+    ids: &SpecialIds,
+    eos: Option<u32>,
+) -> (Option<u32>, BTreeSet<u32>) {
+    let n = vocab.texts.len();
+    let mut eot = resolve(None, ids.eot, n);
+    let mut eom = resolve(None, ids.eom, n);
     // Special tokens recognised by their text (llama.cpp iterates a hash map; here ids
     // ascend, which only matters when a vocab has two candidates for the same role).
     let mut fim_pad = resolve(None, ids.fim_pad, n);
@@ -362,66 +428,43 @@ pub(super) fn build(mut p: TokenizerParts) -> Result<Tokenizer, TokenizerError> 
         }
     }
     eog.extend([eos, eot, eom].into_iter().flatten());
+    eog_exceptions(vocab, &mut eog);
+    (eot, eog)
+}
+
+/// llama.cpp's exceptions to end-of-generation by text.
+fn eog_exceptions(vocab: &mut Vocab, eog: &mut BTreeSet<u32>) {
     let find_eog = |eog: &BTreeSet<u32>, text: &str| -> Option<u32> {
         eog.iter()
             .copied()
             .find(|&id| vocab.texts[id as usize] == text)
     };
     // harmony / solar-open: "<|end|>" is not EOG when "<|return|>"/"<|call|>" or "<|calls|>"/"<|flush|>" are
-    let has = |t: &str| find_eog(&eog, t).is_some();
+    let has = |t: &str| find_eog(eog, t).is_some();
     let harmony = has("<|return|>") && has("<|call|>") || has("<|calls|>") && has("<|flush|>");
-    if let Some(end) = find_eog(&eog, "<|end|>").filter(|_| harmony) {
+    if let Some(end) = find_eog(eog, "<|end|>").filter(|_| harmony) {
         eog.remove(&end);
         vocab.attrs[end as usize] = attr::USER_DEFINED;
     }
     // gemma4 / paddleocr: "</s>" is not EOG when "<|tool_response>" is
-    if let Some(s) = find_eog(&eog, "</s>").filter(|_| find_eog(&eog, "<|tool_response>").is_some())
-    {
+    if let Some(s) = find_eog(eog, "</s>").filter(|_| find_eog(eog, "<|tool_response>").is_some()) {
         eog.remove(&s);
         vocab.attrs[s as usize] = attr::NORMAL;
     }
+}
 
+/// Control, user-defined and unknown tokens, longest text first.
+fn special_cache(vocab: &Vocab) -> Vec<u32> {
     let special = attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN;
-    let mut special_cache: Vec<u32> = (0..n as u32)
+    let mut cache: Vec<u32> = (0..vocab.texts.len() as u32)
         .filter(|&id| vocab.attrs[id as usize] & special != 0)
         .collect();
-    special_cache.sort_by(|&a, &b| {
+    cache.sort_by(|&a, &b| {
         vocab.texts[b as usize]
             .len()
             .cmp(&vocab.texts[a as usize].len())
     });
-
-    let pieces = (0..n)
-        .map(|id| piece(&vocab, is_spm, id).into_boxed_slice())
-        .collect();
-    apply_model_quirks(&mut vocab, &special_cache, &p);
-
-    let algorithm = match bpe_config {
-        None => Algorithm::Spm,
-        Some((regexes, ignore_merges)) => {
-            let merges = p.merges.as_deref().unwrap_or(&[]);
-            let engine = bpe::BpeEngine::new(&vocab, merges, regexes, ignore_merges)?;
-            // The engine holds its own text -> id map: a second one would
-            // cost ~4 MB of resident memory for nothing.
-            vocab.ids = HashMap::new();
-            Algorithm::Bpe(Box::new(engine))
-        }
-    };
-    Ok(Tokenizer {
-        vocab,
-        algorithm,
-        bos,
-        eos,
-        eot,
-        unk,
-        add_bos,
-        add_eos,
-        add_space_prefix,
-        clean_spaces,
-        eog,
-        special_cache,
-        pieces,
-    })
+    cache
 }
 
 /// llama.cpp `token_to_piece(id, special = false)` without the leading-space strip.
