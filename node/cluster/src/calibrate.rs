@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use sharding::{GgufFile, ModelLayout, BATCH_ROWS_KNEE};
 
 use engine::model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput};
-use engine::EngineError;
+use engine::{EngineError, PassError};
 
 /// Passes timed per measurement (after one warm-up): enough for a stable
 /// median; the four measurements take about a second on the default model
@@ -113,7 +113,7 @@ fn time_passes(stage: &Stage, dim: usize, seqs: usize, rows: usize) -> Result<f6
     let x: Vec<f32> = (0..dim * total)
         .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
         .collect();
-    let hidden = Tensor::from_vec(x, (total, dim), &Device::Cpu)?;
+    let hidden = Tensor::from_vec(x, (total, dim), &Device::Cpu).map_err(PassError::from)?;
     let tokens = vec![0u32; total];
     let mut caches: Vec<engine::KvCache> = (0..seqs)
         .map(|_| stage.new_cache((STEPS + 1) * rows))

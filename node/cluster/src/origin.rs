@@ -127,12 +127,16 @@ impl Shared {
             .await;
         // A plan that changed before the first token (a node joined, links
         // were measured) costs the client nothing: run again on the new one.
-        if let Err(RequestError::Replanned) = result {
+        if let Err(Attempt::Rerun) = result {
             if self.wait_for_plan(PLAN_WAIT).await {
                 let retry_id: u64 = rand::random();
                 result = self.run(retry_id, req, &events).instrument(span).await;
             }
         }
+        let result = result.map_err(|a| match a {
+            Attempt::Rerun => RequestError::Replanned,
+            Attempt::Failed(e) => e,
+        });
         let mut stats = self.stats.lock().expect("lock");
         stats.running -= 1;
         self.metrics.requests_running.dec();
@@ -178,7 +182,7 @@ impl Shared {
         request_id: u64,
         req: AskRequest,
         events: &mpsc::UnboundedSender<AskEvent>,
-    ) -> Result<GenerationStats, RequestError> {
+    ) -> Result<GenerationStats, Attempt> {
         let start = Instant::now();
         let text = self
             .text()
@@ -200,9 +204,9 @@ impl Shared {
                         && self.plan.borrow().as_ref().map(|p| p.epoch) != epoch =>
                 {
                     tracing::info!("plan changed before the first token ({e}): retrying");
-                    return Err(RequestError::Replanned);
+                    return Err(Attempt::Rerun);
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             if progress.is_none() {
                 info!(prompt_tokens = prompt.len(), "first token");
@@ -316,6 +320,28 @@ impl Shared {
             Some(e) => RequestError::Unservable(e.clone()),
             None => RequestError::NoPlan,
         }
+    }
+}
+
+/// How one attempt at a request ended without an answer.
+#[derive(Debug)]
+enum Attempt {
+    /// The plan changed before the first token: safe to run again (nothing
+    /// reached the client yet).
+    Rerun,
+    /// Failed, as the client should read it.
+    Failed(RequestError),
+}
+
+impl From<RequestError> for Attempt {
+    fn from(e: RequestError) -> Attempt {
+        Attempt::Failed(e)
+    }
+}
+
+impl From<crate::dataplane::SendError> for Attempt {
+    fn from(e: crate::dataplane::SendError) -> Attempt {
+        Attempt::Failed(e.into())
     }
 }
 

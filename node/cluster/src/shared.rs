@@ -54,7 +54,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The tokenizer and template, loaded on first use.
-    pub async fn text(&self) -> Result<Arc<TextModel>, engine::EngineError> {
+    pub async fn text(&self) -> Result<Arc<TextModel>, engine::LoadError> {
         let path = self.config.model.clone();
         self.text
             .get_or_try_init(|| async move {

@@ -14,6 +14,7 @@
 //! - [`stop`]: stop sequences over streamed text (pure).
 //! - [`local`]: a whole model on one machine: load, prompt, generate, score.
 //! - [`text`]: tokenizer and chat template together (text in, tokens out).
+//! - [`error`]: load errors apart from forward-pass and text errors.
 //!
 //! Architecture Invariant: the engine knows nothing of networks: no tokio,
 //! libp2p, quinn, axum or HTTP in its dependency tree (checked by the
@@ -22,6 +23,7 @@
 
 pub mod attention;
 pub mod chat;
+pub mod error;
 pub mod ggml_ops;
 pub mod kv_cache;
 pub mod linear;
@@ -33,80 +35,8 @@ pub mod stop;
 pub mod text;
 pub mod tokenizer;
 
-use std::ops::Range;
-
+pub use error::{EngineError, LoadError, PassError, TextError};
 pub use kv_cache::KvCache;
 pub use local::{Engine, GenerateEvent, GenerateOptions, GenerationStats, Session, StopReason};
 pub use model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
 pub use sampling::{Sampler, SamplingParams};
-
-/// Errors of loading a model or stage, or of running a forward pass.
-/// Load errors (the file, its layout, tokenizer, template) and pass errors
-/// (context, input shape, compute) are apart: [`EngineError::is_load`].
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum EngineError {
-    /// The model file could not be read.
-    #[error(transparent)]
-    Gguf(#[from] sharding::GgufError),
-    /// The file is not a model shoal can run.
-    #[error(transparent)]
-    Layout(#[from] sharding::LayoutError),
-    /// The tokenizer metadata is unusable.
-    #[error(transparent)]
-    Tokenizer(#[from] tokenizer::TokenizerError),
-    /// The chat template is unusable.
-    #[error(transparent)]
-    Chat(#[from] chat::ChatError),
-    /// A tensor operation failed (shape bug or device error).
-    #[error("compute error: {0}")]
-    Candle(#[from] candle_core::Error),
-    /// The requested layers are not a non-empty range inside the model.
-    #[error("layer range {range:?} is not inside the model's {n_layers} layers")]
-    BadLayerRange {
-        /// Requested range.
-        range: Range<usize>,
-        /// Layers in the model.
-        n_layers: usize,
-    },
-    /// The sequence would exceed its context window.
-    #[error("context full: {needed} tokens needed, the context holds {max} (raise --ctx)")]
-    ContextFull {
-        /// Positions the step needs.
-        needed: usize,
-        /// The context size.
-        max: usize,
-    },
-    /// A prompt with no tokens.
-    #[error("empty input: nothing to run")]
-    EmptyInput,
-    /// Tokens were sent to a stage that does not hold the embedding.
-    #[error("this stage does not start the model: it takes hidden states, not tokens")]
-    NotFirstStage,
-    /// Hidden states were sent to the first stage.
-    #[error("the first stage takes tokens, not hidden states")]
-    FirstStageNeedsTokens,
-    /// Hidden states of the wrong shape or type.
-    #[error("hidden states of shape {shape:?}, expected [tokens, {dim}] f32")]
-    BadHidden {
-        /// The shape received.
-        shape: Vec<usize>,
-        /// The model's hidden size.
-        dim: usize,
-    },
-}
-
-impl EngineError {
-    /// Whether this error comes from loading (file, layout, tokenizer,
-    /// template, layer range) rather than from running a pass.
-    pub fn is_load(&self) -> bool {
-        matches!(
-            self,
-            EngineError::Gguf(_)
-                | EngineError::Layout(_)
-                | EngineError::Tokenizer(_)
-                | EngineError::Chat(_)
-                | EngineError::BadLayerRange { .. }
-        )
-    }
-}

@@ -13,7 +13,7 @@ use crate::model::{LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::text::TextModel;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
-use crate::{EngineError, KvCache};
+use crate::{EngineError, KvCache, LoadError, PassError, TextError};
 
 /// Prompts are fed in pieces of this many tokens (one home for the size:
 /// the cluster's origins and the simulator cut prompts the same way).
@@ -118,7 +118,7 @@ impl Engine {
         path: &Path,
         opts: &LoadOptions,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Engine, EngineError> {
+    ) -> Result<Engine, LoadError> {
         let gguf = GgufFile::open(path)?;
         let layout = ModelLayout::from_gguf(&gguf)?;
         let text = TextModel::from_gguf(&gguf)?;
@@ -168,12 +168,12 @@ impl Engine {
     }
 
     /// Tokens of a chat conversation; see [`TextModel::chat_tokens`].
-    pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
+    pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>, TextError> {
         self.text.chat_tokens(messages)
     }
 
     /// Tokens of raw text (completion mode), with BOS if the model wants one.
-    pub fn raw_tokens(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+    pub fn raw_tokens(&self, text: &str) -> Result<Vec<u32>, TextError> {
         self.text.raw_tokens(text)
     }
 
@@ -183,12 +183,12 @@ impl Engine {
     }
 
     /// Feeds `tokens` to the model in chunks and returns the logits of the last one.
-    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
+    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, PassError> {
         if tokens.is_empty() {
-            return Err(EngineError::EmptyInput);
+            return Err(PassError::EmptyInput);
         }
         if cache.len() + tokens.len() > cache.max_len() {
-            return Err(EngineError::ContextFull {
+            return Err(PassError::ContextFull {
                 needed: cache.len() + tokens.len(),
                 max: cache.max_len(),
             });
@@ -206,7 +206,7 @@ impl Engine {
         tokens: &[u32],
         cache: &mut KvCache,
         want: LogitsFor,
-    ) -> Result<candle_core::Tensor, EngineError> {
+    ) -> Result<candle_core::Tensor, PassError> {
         match self
             .stage
             .forward(StageInput::Tokens(tokens), cache, want)?
@@ -246,13 +246,14 @@ impl Engine {
         let start = Instant::now();
         let cache = &mut session.cache;
         if prompt.is_empty() {
-            return Err(EngineError::EmptyInput);
+            return Err(PassError::EmptyInput.into());
         }
         if prompt.len() >= cache.max_len() {
-            return Err(EngineError::ContextFull {
+            return Err(PassError::ContextFull {
                 needed: prompt.len() + 1,
                 max: cache.max_len(),
-            });
+            }
+            .into());
         }
         // Keep at least one prompt token to run: its logits pick the first reply token.
         let reuse = common_prefix(&session.tokens, prompt).min(prompt.len() - 1);
@@ -268,7 +269,10 @@ impl Engine {
             if !progress.on_token(self.text.tokenizer(), id, opts.max_tokens, room, on_event) {
                 break;
             }
-            logits = self.step(&[id], cache, LogitsFor::Last)?.to_vec1()?;
+            logits = self
+                .step(&[id], cache, LogitsFor::Last)?
+                .to_vec1()
+                .map_err(PassError::from)?;
             session.tokens.push(id);
         }
         Ok(progress.finish(on_event))

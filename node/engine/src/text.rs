@@ -6,7 +6,7 @@ use sharding::GgufFile;
 
 use crate::chat::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
-use crate::EngineError;
+use crate::{LoadError, TextError};
 
 /// A model's tokenizer and chat template.
 pub struct TextModel {
@@ -16,7 +16,7 @@ pub struct TextModel {
 
 impl TextModel {
     /// Builds both from the GGUF's metadata.
-    pub fn from_gguf(gguf: &GgufFile) -> Result<TextModel, EngineError> {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<TextModel, LoadError> {
         Ok(TextModel {
             tokenizer: Tokenizer::from_gguf(gguf)?,
             template: ChatTemplate::from_gguf(gguf)?,
@@ -36,7 +36,7 @@ impl TextModel {
     /// Tokens of a chat conversation, rendered with the model's template and
     /// ready for the assistant's reply. Without a template, the messages'
     /// contents are joined and fed raw.
-    pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
+    pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>, TextError> {
         match &self.template {
             Some(t) => {
                 let text = t.render(messages, true)?;
@@ -51,7 +51,7 @@ impl TextModel {
     }
 
     /// Tokens of raw text (completion mode), with BOS if the model wants one.
-    pub fn raw_tokens(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+    pub fn raw_tokens(&self, text: &str) -> Result<Vec<u32>, TextError> {
         Ok(self.tokenizer.encode(text, true, false)?)
     }
 }

@@ -48,7 +48,7 @@ pub enum LoadError {
     Weights(#[from] crate::weights::FetchError),
     /// The model file could not be read or the stage built.
     #[error(transparent)]
-    Engine(#[from] engine::EngineError),
+    Engine(#[from] engine::LoadError),
 }
 
 impl From<sharding::GgufError> for LoadError {
@@ -391,7 +391,7 @@ impl Worker {
         }
         match result {
             Ok(out) => self.send_output(out, order),
-            Err(engine::EngineError::ContextFull { needed, max }) => {
+            Err(engine::PassError::ContextFull { needed, max }) => {
                 let full = RequestError::ContextFull {
                     needed: needed as u32,
                     context: max as u32,
@@ -500,14 +500,14 @@ impl Worker {
 fn run_batch(
     stage: &Stage,
     ready: &mut [(Work, Sequence)],
-) -> Result<StageOutput, engine::EngineError> {
+) -> Result<StageOutput, engine::PassError> {
     let input_tokens: Vec<u32>;
     let input = if stage.is_first() {
         let mut all = Vec::new();
         for (w, _) in ready.iter() {
             match &w.rows {
                 Rows::Tokens(t) => all.extend_from_slice(t),
-                Rows::Hidden(_) => return Err(engine::EngineError::FirstStageNeedsTokens),
+                Rows::Hidden(_) => return Err(engine::PassError::FirstStageNeedsTokens),
             }
         }
         input_tokens = all;
@@ -517,7 +517,7 @@ fn run_batch(
         for (w, _) in ready.iter() {
             match &w.rows {
                 Rows::Hidden(h) => all.extend_from_slice(h),
-                Rows::Tokens(_) => return Err(engine::EngineError::NotFirstStage),
+                Rows::Tokens(_) => return Err(engine::PassError::NotFirstStage),
             }
         }
         let rows: usize = ready.iter().map(|(w, _)| w.seq.rows as usize).sum();

@@ -11,10 +11,10 @@ impl Stage {
         layout: &ModelLayout,
         layers: Range<usize>,
         opts: &LoadOptions,
-    ) -> Result<Stage, EngineError> {
+    ) -> Result<Stage, LoadError> {
         let n_layers = layout.layers.len();
         if layers.start >= layers.end || layers.end > n_layers {
-            return Err(EngineError::BadLayerRange {
+            return Err(LoadError::BadLayerRange {
                 range: layers,
                 n_layers,
             });
@@ -123,10 +123,7 @@ impl Stage {
     }
 }
 
-fn map_spans(
-    gguf: &GgufFile,
-    tensors: &[&TensorInfo],
-) -> Result<Vec<Arc<MappedSpan>>, EngineError> {
+fn map_spans(gguf: &GgufFile, tensors: &[&TensorInfo]) -> Result<Vec<Arc<MappedSpan>>, LoadError> {
     let mut ranges: Vec<(u64, u64)> = tensors
         .iter()
         .map(|t| (t.offset, t.offset + t.size_bytes))

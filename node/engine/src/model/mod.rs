@@ -22,7 +22,7 @@ use crate::attention::{self, AttnShape};
 use crate::ggml_ops;
 use crate::kv_cache::KvCache;
 use crate::linear::{Embedding, LinearGroup, WeightBytes};
-use crate::EngineError;
+use crate::{LoadError, PassError};
 
 mod attend;
 mod load;
@@ -186,7 +186,7 @@ impl Stage {
         input: StageInput<'_>,
         cache: &mut KvCache,
         logits: LogitsFor,
-    ) -> Result<StageOutput, EngineError> {
+    ) -> Result<StageOutput, PassError> {
         let rows = match &input {
             StageInput::Tokens(ids) => ids.len(),
             StageInput::Hidden(h) => h.dim(0)?,
@@ -211,7 +211,7 @@ impl Stage {
         &self,
         input: StageInput<'_>,
         seqs: &mut [BatchSeq<'_>],
-    ) -> Result<StageOutput, EngineError> {
+    ) -> Result<StageOutput, PassError> {
         // Every matmul and many candle ops fan out on rayon's pool. Called
         // from outside the pool, each of those hundreds of calls per token
         // would hand work to a pool thread and sleep on a latch; running the
@@ -227,22 +227,22 @@ impl Stage {
         &self,
         input: StageInput<'_>,
         seqs: &mut [BatchSeq<'_>],
-    ) -> Result<StageOutput, EngineError> {
+    ) -> Result<StageOutput, PassError> {
         let x = match input {
             StageInput::Tokens(ids) => {
-                let emb = self.embedding.as_ref().ok_or(EngineError::NotFirstStage)?;
+                let emb = self.embedding.as_ref().ok_or(PassError::NotFirstStage)?;
                 if ids.is_empty() {
-                    return Err(EngineError::EmptyInput);
+                    return Err(PassError::EmptyInput);
                 }
                 emb.forward(ids, &self.device)?
             }
             StageInput::Hidden(h) => {
                 if self.is_first() {
-                    return Err(EngineError::FirstStageNeedsTokens);
+                    return Err(PassError::FirstStageNeedsTokens);
                 }
                 let (t, dim) = h.dims2()?;
                 if dim != self.config.dim || t == 0 || h.dtype() != DType::F32 {
-                    return Err(EngineError::BadHidden {
+                    return Err(PassError::BadHidden {
                         shape: h.dims().to_vec(),
                         dim: self.config.dim,
                     });
@@ -252,10 +252,10 @@ impl Stage {
         };
         let total = x.dim(0)?;
         if seqs.is_empty() || seqs.iter().any(|s| s.rows == 0) {
-            return Err(EngineError::EmptyInput);
+            return Err(PassError::EmptyInput);
         }
         if seqs.iter().map(|s| s.rows).sum::<usize>() != total {
-            return Err(EngineError::BadHidden {
+            return Err(PassError::BadHidden {
                 shape: x.dims().to_vec(),
                 dim: self.config.dim,
             });
@@ -263,7 +263,7 @@ impl Stage {
         for s in seqs.iter() {
             let pos = s.cache.len();
             if pos + s.rows > s.cache.max_len() {
-                return Err(EngineError::ContextFull {
+                return Err(PassError::ContextFull {
                     needed: pos + s.rows,
                     max: s.cache.max_len(),
                 });
