@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use cluster::AskEvent;
 
-use crate::common::GenArgs;
+use crate::common::{GenArgs, PromptArgs};
 
 /// Largest prompt read from stdin.
 const PROMPT_BYTES_MAX: usize = 1 << 20;
@@ -23,12 +23,8 @@ pub struct AskArgs {
     node: String,
     #[command(flatten)]
     gen: GenArgs,
-    /// Feed the prompt raw (completion mode) instead of through the chat template.
-    #[arg(long)]
-    no_template: bool,
-    /// System message for chat mode.
-    #[arg(long)]
-    system: Option<String>,
+    #[command(flatten)]
+    text: PromptArgs,
     /// Context window (default: the node's).
     #[arg(short = 'c', long = "ctx")]
     ctx: Option<usize>,
@@ -87,8 +83,8 @@ pub fn main(args: AskArgs) -> anyhow::Result<()> {
         }
     };
     let mut body = generate_body(&prompt, &args.gen)?;
-    body["raw"] = args.no_template.into();
-    body["system"] = serde_json::json!(args.system);
+    body["raw"] = args.text.no_template.into();
+    body["system"] = serde_json::json!(args.text.system);
     body["context"] = serde_json::json!(args.ctx);
     stream_answer(&args.node, args.api_key.as_deref(), &body, args.verbose)
 }

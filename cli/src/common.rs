@@ -94,6 +94,17 @@ fn load_engine(path: &Path, ctx: usize, quiet: bool) -> anyhow::Result<Engine> {
 }
 
 /// Sampling and length flags (shared with `shoal ask` later).
+/// How a prompt is fed: raw or through the chat template (`run` and `ask`).
+#[derive(Args, Debug, Clone)]
+pub struct PromptArgs {
+    /// Feed the prompt raw (completion mode) instead of through the chat template.
+    #[arg(long)]
+    pub no_template: bool,
+    /// System message for chat mode.
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct GenArgs {
     /// Most tokens to generate.

@@ -27,9 +27,12 @@ mod tokenize;
 
 use clap::{Parser, Subcommand};
 
-/// shoal: serve big LLMs from the ordinary machines of an office.
+/// shoal: serve big LLMs from the ordinary machines of an office. `node`
+/// on each machine forms a cluster; `ask`, `status` and any OpenAI or
+/// Ollama client use it; `run`, `bench` and `perplexity` work on one
+/// machine; `simulate` sizes a cluster before it exists.
 #[derive(Parser, Debug)]
-#[command(name = "shoal", version, about)]
+#[command(name = "shoal", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

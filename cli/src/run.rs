@@ -6,7 +6,7 @@ use clap::Args;
 use engine::chat::Message;
 use engine::{Engine, GenerateEvent, GenerateOptions, GenerationStats, Session};
 
-use crate::common::{GenArgs, ModelArgs};
+use crate::common::{GenArgs, ModelArgs, PromptArgs};
 
 /// Largest prompt read from stdin; a bigger one is surely a mistake.
 const PROMPT_BYTES_MAX: usize = 16 << 20;
@@ -18,12 +18,8 @@ pub struct RunArgs {
     model: ModelArgs,
     #[command(flatten)]
     gen: GenArgs,
-    /// Feed the prompt raw (completion mode) instead of through the chat template.
-    #[arg(long)]
-    no_template: bool,
-    /// System message for chat mode.
-    #[arg(long)]
-    system: Option<String>,
+    #[command(flatten)]
+    text: PromptArgs,
     /// Print timings to stderr.
     #[arg(short, long)]
     verbose: bool,
@@ -61,6 +57,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
         context: args.model.ctx,
     };
     let mut messages: Vec<Message> = args
+        .text
         .system
         .iter()
         .map(|s| Message {
@@ -71,7 +68,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     let mut session = Session::new(engine.new_cache(opts.context));
     match prompt {
         Some(p) => {
-            let tokens = if args.no_template {
+            let tokens = if args.text.no_template {
                 engine.raw_tokens(&p)?
             } else {
                 messages.push(Message {
@@ -118,7 +115,7 @@ fn chat_loop(
         if line.trim().is_empty() {
             continue;
         }
-        let tokens = if args.no_template {
+        let tokens = if args.text.no_template {
             let mut t = session.tokens().to_vec();
             t.extend(
                 engine

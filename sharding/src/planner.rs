@@ -122,7 +122,7 @@ pub struct ModelSpec {
     /// The last stage's extra work per token (head, logits), as the bytes
     /// of layer weights that take as long: a head in another quant type
     /// than the layers runs at another speed per byte. Calibrated by the
-    /// node (see `node::cluster::calibrate`); `last_bytes` when unknown.
+    /// node (see `cluster::calibrate`); `last_bytes` when unknown.
     pub last_compute_bytes: u64,
     /// KV cache bytes per token of context per layer.
     pub kv_bytes_per_token_layer: u64,
