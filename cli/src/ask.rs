@@ -149,7 +149,7 @@ pub fn stream_answer(
                 }
                 return Ok(());
             }
-            AskEvent::Error { error } => {
+            AskEvent::Error { error, .. } => {
                 println!();
                 anyhow::bail!("{error}");
             }

@@ -298,7 +298,7 @@ fn one_request(url: &str, tokens: usize, start: Instant) -> anyhow::Result<Reque
                 log.prompt = stats.prompt_tokens;
                 return Ok(log);
             }
-            AskEvent::Error { error } => anyhow::bail!("the node failed a request: {error}"),
+            AskEvent::Error { error, .. } => anyhow::bail!("the node failed a request: {error}"),
         }
     }
 }

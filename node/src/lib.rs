@@ -55,9 +55,11 @@ pub struct Node {
 }
 
 impl Node {
-    /// Binds the API first (its address is part of this node's
-    /// introduction), starts the cluster member, then serves the API.
+    /// Reads and measures the model and binds the data plane, then binds
+    /// the API (its address is part of this node's introduction), starts
+    /// the cluster member, and serves the API.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let prepared = cluster::Cluster::prepare(config.cluster).await?;
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|source| NodeError::BindHttp {
@@ -65,7 +67,7 @@ impl Node {
                 source,
             })?;
         let http_addr = listener.local_addr().expect("bound listener");
-        let cluster = cluster::Cluster::start(config.cluster, http_addr).await?;
+        let cluster = prepared.start(http_addr)?;
         let stop = CancellationToken::new();
         let http = tokio::spawn(api::serve(
             listener,

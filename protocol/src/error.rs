@@ -22,7 +22,7 @@ pub enum RequestError {
         context: u32,
     },
     /// The input could not be turned into tokens (template, tokenizer).
-    #[error("bad input: {0}")]
+    #[error("{0}")]
     BadInput(String),
     /// The cluster has no plan that can hold the model.
     #[error("the cluster cannot serve this model: {0}")]
@@ -34,7 +34,7 @@ pub enum RequestError {
     #[error("the cluster changed during the request (a node left or joined); retry")]
     Replanned,
     /// A stage of the request's plan was not reachable or its link broke.
-    #[error("stage {node} unreachable: {why}")]
+    #[error("{why}")]
     StageLost {
         /// The stage's node id (short form).
         node: String,
@@ -73,34 +73,25 @@ pub enum RequestError {
         why: String,
     },
     /// The origin could not read the model's tokenizer or template.
-    #[error("model: {0}")]
+    #[error("{0}")]
     Model(String),
 }
 
 impl RequestError {
-    /// Whether the client's request is at fault (its input), as opposed to
-    /// the cluster's state.
+    /// Whether the client's prompt is at fault (empty, or longer than the
+    /// context): HTTP 400.
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            RequestError::EmptyPrompt
-                | RequestError::ContextFull { .. }
-                | RequestError::BadInput(_)
+            RequestError::EmptyPrompt | RequestError::ContextFull { .. }
         )
     }
 
-    /// Whether the cluster cannot take the request now but may soon
-    /// (no plan, a stage lost or full, a replan, a full queue).
+    /// Whether the cluster has no plan that serves the model (none yet, or
+    /// none possible): HTTP 503. Everything else but a full queue is the
+    /// server's (500), as before the errors were typed.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            RequestError::Unservable(_)
-                | RequestError::NoPlan
-                | RequestError::Replanned
-                | RequestError::StageLost { .. }
-                | RequestError::StageFull { .. }
-                | RequestError::Timeout { .. }
-        )
+        matches!(self, RequestError::Unservable(_) | RequestError::NoPlan)
     }
 
     /// The texts inside, for the codec's length checks.

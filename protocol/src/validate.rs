@@ -188,7 +188,18 @@ impl Message {
                 Ok(())
             }
             Message::Input(i) => count("input tokens", i.tokens.len(), 1, TOKENS_PER_MESSAGE_MAX),
-            Message::Failed { error, .. } => error.texts().try_for_each(|t| text(t, "reason")),
+            Message::Failed { error, .. } => {
+                // All its texts together, as the one reason string was.
+                let bytes: usize = error.texts().map(str::len).sum();
+                if bytes > TEXT_BYTES_MAX {
+                    return Err(ValidationError::TooLong {
+                        what: "reason",
+                        bytes,
+                        max: TEXT_BYTES_MAX,
+                    });
+                }
+                Ok(())
+            }
             Message::Load(l) => {
                 finite(l.tokens_per_s, "load tokens/s")?;
                 finite(l.busy, "load busy")

@@ -10,9 +10,9 @@ use serde::Serialize;
 /// Seconds a client refused for a full queue is told to wait.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
-/// The status a failed request gets: the client's input is at fault (400),
-/// the node is full (429), the cluster cannot serve now (503), anything
-/// else is the server's (500).
+/// The status a failed request gets: the client's prompt is at fault (400),
+/// the node is full (429), the cluster has no plan for the model (503),
+/// anything else is the server's (500).
 pub fn status_of(e: &RequestError) -> StatusCode {
     if e.is_client_error() {
         StatusCode::BAD_REQUEST
@@ -64,12 +64,12 @@ mod tests {
                 },
                 400,
             ),
-            (RequestError::BadInput("x".into()), 400),
+            (RequestError::BadInput("x".into()), 500),
             (RequestError::Overloaded { queued: 3 }, 429),
             (RequestError::NoPlan, 503),
             (RequestError::Unservable("too big".into()), 503),
-            (RequestError::Replanned, 503),
-            (RequestError::Timeout { secs: 120 }, 503),
+            (RequestError::Replanned, 500),
+            (RequestError::Timeout { secs: 120 }, 500),
             (
                 RequestError::Stage {
                     node: "a".into(),

@@ -259,7 +259,7 @@ async fn whole(mut rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta) -> Respons
                 meta.finish(&mut v, &stats);
                 return Json(v).into_response();
             }
-            Some(AskEvent::Error { error }) => return failure(&error),
+            Some(AskEvent::Error { error, .. }) => return failure(&error),
             None => return failure(&RequestError::Cancelled),
         }
     }
@@ -319,7 +319,7 @@ fn ndjson(rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta) -> Response {
                 meta.finish(&mut v, &stats);
                 (v, true)
             }
-            AskEvent::Error { error } => (json!({ "error": error.to_string() }), true),
+            AskEvent::Error { error, .. } => (json!({ "error": error.to_string() }), true),
         };
         let mut line = serde_json::to_vec(&v).expect("json");
         line.push(b'\n');

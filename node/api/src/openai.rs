@@ -431,7 +431,7 @@ async fn respond(
             Some(AskEvent::Done { stats }) => {
                 return Ok(Json(meta.whole(&text, &stats)).into_response());
             }
-            Some(AskEvent::Error { error }) => return Err(failure(&error)),
+            Some(AskEvent::Error { error, .. }) => return Err(failure(&error)),
             None => return Err(failure(&RequestError::Cancelled)),
         }
     }
@@ -581,7 +581,7 @@ fn stream(rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta, with_usage: bool) -
                 out.extend(b"data: [DONE]\n\n");
                 st.done = true;
             }
-            Some(AskEvent::Error { error }) => {
+            Some(AskEvent::Error { error, .. }) => {
                 out.extend(sse(&failure(&error).body()));
                 out.extend(b"data: [DONE]\n\n");
                 st.done = true;

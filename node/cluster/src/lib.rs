@@ -49,7 +49,7 @@ pub use handle::{Handle, ModelInfo};
 pub use libp2p::Multiaddr;
 pub use origin::{AskEvent, AskRequest, NodeStats, Prompt, RecentRequest};
 pub use protocol::RequestError;
-pub use start::{available_memory, Cluster};
+pub use start::{available_memory, Cluster, Prepared};
 
 use key::ClusterKey;
 use protocol::DType;

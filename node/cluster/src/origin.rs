@@ -76,7 +76,10 @@ pub enum AskEvent {
     },
     /// Failed.
     Error {
-        /// What went wrong (its `Display` is the line a person reads).
+        /// What went wrong, as a person reads it (the shape older clients
+        /// read: `{"error": {"message": ...}}`).
+        message: String,
+        /// What went wrong, typed.
         error: RequestError,
     },
 }
@@ -164,7 +167,10 @@ impl Shared {
             Err(error) => {
                 self.metrics.requests_failed.inc();
                 stats.failed += 1;
-                let _ = events.send(AskEvent::Error { error });
+                let _ = events.send(AskEvent::Error {
+                    message: error.to_string(),
+                    error,
+                });
             }
         }
     }

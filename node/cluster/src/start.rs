@@ -33,14 +33,22 @@ struct Loaded {
     speed: Speed,
 }
 
+/// A member half started: its model read and measured, its data plane
+/// bound. The API binds its socket between the two halves, so that a port
+/// in use is reported after a bad model, as a node always did.
+pub struct Prepared {
+    config: ClusterConfig,
+    loaded: Loaded,
+    keypair: libp2p::identity::Keypair,
+    node_id: String,
+    metrics: Arc<metrics::Metrics>,
+    data: Arc<DataPlane>,
+}
+
 impl Cluster {
-    /// Starts a member: reads and hashes the model, calibrates, binds the
-    /// data plane and joins the cluster. `http_addr` is where this node's
-    /// API answers (told to the other members, for the status page).
-    pub async fn start(
-        config: ClusterConfig,
-        http_addr: SocketAddr,
-    ) -> Result<Cluster, StartError> {
+    /// The first half of a start: reads and hashes the model, calibrates,
+    /// binds the data plane.
+    pub async fn prepare(config: ClusterConfig) -> Result<Prepared, StartError> {
         let loaded = load_model(&config).await?;
         let keypair = libp2p::identity::Keypair::generate_ed25519();
         let node_id = keypair.public().to_peer_id().to_string();
@@ -53,6 +61,39 @@ impl Cluster {
                     source,
                 }
             })?;
+        Ok(Prepared {
+            config,
+            loaded,
+            keypair,
+            node_id,
+            metrics,
+            data,
+        })
+    }
+
+    /// Starts a member in one go ([`Cluster::prepare`], then
+    /// [`Prepared::start`]). `http_addr` is where this node's API answers
+    /// (told to the other members, for the status page).
+    pub async fn start(
+        config: ClusterConfig,
+        http_addr: SocketAddr,
+    ) -> Result<Cluster, StartError> {
+        Cluster::prepare(config).await?.start(http_addr)
+    }
+}
+
+impl Prepared {
+    /// The second half: introduces this node, spawns the stage worker and
+    /// the control loop, and joins the cluster.
+    pub fn start(self, http_addr: SocketAddr) -> Result<Cluster, StartError> {
+        let Prepared {
+            config,
+            loaded,
+            keypair,
+            node_id,
+            metrics,
+            data,
+        } = self;
         let hello = introduce(&config, &node_id, &loaded, &data, http_addr);
         let membership = Membership::new(hello, model_spec(&config, &loaded), config.goal);
         let (view_tx, view) = watch::channel(Arc::new(membership.view()));
@@ -107,7 +148,9 @@ impl Cluster {
             control,
         })
     }
+}
 
+impl Cluster {
     /// The interface the API uses.
     pub fn handle(&self) -> Handle {
         Handle::new(self.shared.clone())

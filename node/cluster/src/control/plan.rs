@@ -2,6 +2,7 @@
 //! reports; the leader's replanning; installing a plan on this node.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use libp2p::{Multiaddr, PeerId};
@@ -175,6 +176,9 @@ impl Control {
     /// reconfigures the worker, and tells origins.
     pub(super) fn install_plan(&mut self, plan: Option<Plan>) {
         let sh = self.shared.clone();
+        // Readers see the membership (and plan error) that goes with the
+        // plan before they see the plan.
+        self.publish.view.send_replace(Arc::new(self.m.view()));
         let old = self.publish.plan.borrow().clone();
         if old == plan {
             return;
