@@ -46,6 +46,28 @@ impl Member {
     }
 }
 
+/// Why a plan from a member was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanRejected {
+    /// It does not come from the leader this node sees.
+    #[error("plan from {from} ignored: the leader is {leader}")]
+    NotLeader {
+        /// The sender.
+        from: String,
+        /// The leader.
+        leader: String,
+    },
+    /// The leader serves another model (this node cannot take part).
+    #[error("the cluster's leader serves another model (blake3 {theirs}), this node holds {ours}: start it with the same GGUF")]
+    OtherModel {
+        /// The plan's model hash (short).
+        theirs: String,
+        /// This node's (short).
+        ours: String,
+    },
+}
+
 /// Membership as readers outside the control loop see it: a copy the
 /// control loop publishes after each change (status, origins).
 #[derive(Debug, Clone)]
@@ -256,21 +278,20 @@ impl Membership {
 
     /// Accepts a plan from `from` if it leads and the plan is new; true when
     /// the plan in force changed.
-    pub fn accept_plan(&mut self, from: &str, plan: Plan) -> Result<bool, String> {
+    pub fn accept_plan(&mut self, from: &str, plan: Plan) -> Result<bool, PlanRejected> {
         if from != self.leader() {
-            return Err(format!(
-                "plan from {from} ignored: the leader is {}",
-                self.leader()
-            ));
+            return Err(PlanRejected::NotLeader {
+                from: from.to_string(),
+                leader: self.leader().to_string(),
+            });
         }
         if plan.model_hash != self.me.model_hash {
-            let e = format!(
-                "the cluster's leader serves another model (blake3 {}), this node holds {}: start it with the same GGUF",
-                sharding::manifest::short_hex(&plan.model_hash),
-                sharding::manifest::short_hex(&self.me.model_hash)
-            );
+            let e = PlanRejected::OtherModel {
+                theirs: sharding::manifest::short_hex(&plan.model_hash),
+                ours: sharding::manifest::short_hex(&self.me.model_hash),
+            };
             self.plan = None;
-            self.plan_error = Some(e.clone());
+            self.plan_error = Some(e.to_string());
             return Err(e);
         }
         if self.plan.as_ref() == Some(&plan) || plan.epoch < self.epoch {

@@ -10,6 +10,40 @@ use protocol::{Hello, Join, Message, Welcome, PROTOCOL_VERSION};
 use tracing::{debug, info, warn};
 
 use super::{Control, REFUSED_BACKOFF, REPLAN_SETTLE};
+
+/// Why a peer's introduction was refused (its text goes back in
+/// `Refused`, for the peer's log).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Refusal {
+    /// Another protocol version.
+    #[error("protocol version {theirs} but this node speaks {PROTOCOL_VERSION}: run the same shoal version on every node")]
+    Version {
+        /// The peer's version.
+        theirs: u32,
+    },
+    /// Its id is not its connection's.
+    #[error("claims to be {claimed} but its connection is {connection}")]
+    Impostor {
+        /// The id it claims.
+        claimed: String,
+        /// Its connection's peer id.
+        connection: String,
+    },
+    /// Another cluster's node.
+    #[error("it belongs to cluster '{theirs}', this node to '{ours}'")]
+    OtherCluster {
+        /// Its cluster.
+        theirs: String,
+        /// Ours.
+        ours: String,
+    },
+    /// No valid key proof.
+    #[error("{} does not hold this cluster's key (--cluster-key-file)", if *.welcome { "it" } else { "the joining node" })]
+    NoKey {
+        /// The proof came in a welcome (an answer), not a join.
+        welcome: bool,
+    },
+}
 use crate::dataplane::short;
 
 impl Control {
@@ -93,8 +127,9 @@ impl Control {
     pub(super) fn on_request(&mut self, peer: PeerId, req: Message) -> (Message, bool) {
         let pid = peer.to_string();
         if let Message::Join(j) = req {
-            if let Err(reason) = self.check_hello(&pid, &j.hello, &j.proof, false) {
-                warn!(peer = %short(&pid), "refused join: {reason}");
+            if let Err(refusal) = self.check_hello(&pid, &j.hello, &j.proof, false) {
+                warn!(peer = %short(&pid), "refused join: {refusal}");
+                let reason = refusal.to_string();
                 return (Message::Refused { reason }, true);
             }
             let me = self.swarm.local_peer_id().to_string();
@@ -196,32 +231,26 @@ impl Control {
         h: &Hello,
         proof: &[u8; 32],
         answer: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         if h.version != PROTOCOL_VERSION {
-            return Err(format!(
-                "protocol version {} but this node speaks {PROTOCOL_VERSION}: run the same shoal version on every node",
-                h.version
-            ));
+            return Err(Refusal::Version { theirs: h.version });
         }
         if h.node_id != pid {
-            return Err(format!(
-                "claims to be {} but its connection is {pid}",
-                h.node_id
-            ));
+            return Err(Refusal::Impostor {
+                claimed: h.node_id.clone(),
+                connection: pid.to_string(),
+            });
         }
         if h.cluster != self.cfg.cluster {
-            return Err(format!(
-                "it belongs to cluster '{}', this node to '{}'",
-                h.cluster, self.cfg.cluster
-            ));
+            return Err(Refusal::OtherCluster {
+                theirs: h.cluster.clone(),
+                ours: self.cfg.cluster.clone(),
+            });
         }
         let me = self.swarm.local_peer_id().to_string();
         // A join proves (sender -> receiver); a welcome answers with (answerer -> joiner).
         if !self.cfg.key.verify(proof, &self.cfg.cluster, pid, &me) {
-            let who = if answer { "it" } else { "the joining node" };
-            return Err(format!(
-                "{who} does not hold this cluster's key (--cluster-key-file)"
-            ));
+            return Err(Refusal::NoKey { welcome: answer });
         }
         Ok(())
     }
