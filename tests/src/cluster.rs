@@ -106,10 +106,12 @@ pub fn ns_node(
         "--http",
         "127.0.0.1:0",
     ];
-    NodeProc::start(
+    // mDNS at debug: when discovery fails, the log says what was sent and heard.
+    NodeProc::start_with_env(
         dir,
         Some(&lan.hosts[i]),
         &[&own[..], &SMALL, extra].concat(),
+        &[("RUST_LOG", "info,libp2p_mdns=debug")],
     )
 }
 

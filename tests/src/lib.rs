@@ -44,7 +44,7 @@ use std::time::Duration;
 
 pub use browser::{chromium, headless};
 pub use lan::Lan;
-pub use proc::NodeProc;
+pub use proc::{LogsOnFailure, NodeProc};
 pub use relay::UdpRelay;
 
 /// The `shoal` binary next to the test executable (built by `cargo test --workspace`).

@@ -9,6 +9,36 @@ use serde_json::Value;
 
 use crate::shoal_bin;
 
+/// Prints the logs of a test's nodes if the test fails: a failed wait on
+/// one node often has its cause in another's log. Holds paths, not the
+/// nodes, so the test keeps using them.
+pub struct LogsOnFailure(Vec<PathBuf>);
+
+impl LogsOnFailure {
+    /// Watches the logs of `nodes`.
+    pub fn of(nodes: &[&NodeProc]) -> LogsOnFailure {
+        LogsOnFailure(nodes.iter().map(|n| n.log.clone()).collect())
+    }
+}
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for path in &self.0 {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!("--- {} (last {} lines)", path.display(), tail.len());
+            eprintln!("{}", tail.join("\n"));
+        }
+    }
+}
+
+/// Lines of each node's log shown when a test fails.
+const LOG_TAIL_LINES: usize = 150;
+
 /// How often a wait polls the node's status.
 const STATUS_POLL: Duration = Duration::from_millis(50);
 

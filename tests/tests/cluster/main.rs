@@ -20,6 +20,6 @@ mod prelude {
     pub use shoal_tests::cluster::*;
     pub use shoal_tests::python::*;
     pub use shoal_tests::{
-        default_model, plan_size, prerequisite, run_single, secs, serial, NodeProc,
+        default_model, plan_size, prerequisite, run_single, secs, serial, LogsOnFailure, NodeProc,
     };
 }

@@ -16,6 +16,7 @@ fn namespaces_form_a_cluster_by_mdns_and_match_one_machine() {
     let mut nodes: Vec<NodeProc> = (0..3)
         .map(|i| ns_node(dir.path(), &lan, i, &key, &m, &["--max-memory", "50M"]))
         .collect();
+    let _logs = LogsOnFailure::of(&nodes.iter().collect::<Vec<_>>());
     let started = Instant::now();
     wait_plan(&mut nodes[0], 3, 3);
     let took = started.elapsed();

@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{request_response, Multiaddr, PeerId};
 use protocol::{Hello, Join, Message, Welcome, PROTOCOL_VERSION};
 use tracing::{debug, info, warn};
@@ -286,9 +285,7 @@ impl Control {
             if addrs.is_empty() {
                 continue;
             }
-            let _ = self
-                .swarm
-                .dial(DialOpts::peer_id(peer).addresses(addrs).build());
+            let _ = self.swarm.dial(super::dial_opts(peer, addrs));
         }
     }
 }

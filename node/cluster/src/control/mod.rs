@@ -132,6 +132,20 @@ pub(crate) fn start(
     Ok(tokio::spawn(async move { ctl.run(stop).await }))
 }
 
+/// How this node dials a peer: from a fresh port. libp2p's default reuses
+/// the listening port, and two nodes that discover each other in the same
+/// instant (mDNS answers arrive together) then open one TCP connection from
+/// both ends at once, on which both sides start the Noise handshake as its
+/// initiator: it fails, and neither dials again (seen in namespaces: a node
+/// left out for good in about one start in eight). With fresh ports the two
+/// dials are two connections, and both work.
+fn dial_opts(peer: PeerId, addrs: Vec<Multiaddr>) -> DialOpts {
+    DialOpts::peer_id(peer)
+        .addresses(addrs)
+        .allocate_new_port()
+        .build()
+}
+
 /// A data-plane probe's outcome: (peer, (rtt µs, bytes per second)).
 type ProbeResult = (String, Result<(u32, f64), String>);
 
@@ -199,7 +213,11 @@ impl Control {
                 .collect();
             for addr in addrs {
                 debug!(%addr, "dialling --peer");
-                if let Err(e) = self.swarm.dial(addr.clone()) {
+                let opts = DialOpts::unknown_peer_id()
+                    .address(addr.clone())
+                    .allocate_new_port()
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
                     debug!(%addr, "dial failed: {e}");
                 }
             }
@@ -289,8 +307,7 @@ impl Control {
                 continue;
             }
             debug!(peer = %short(&peer.to_string()), ?addrs, "discovered by mDNS");
-            let opts = DialOpts::peer_id(peer).addresses(addrs).build();
-            if let Err(e) = self.swarm.dial(opts) {
+            if let Err(e) = self.swarm.dial(dial_opts(peer, addrs)) {
                 debug!("dial failed: {e}");
             }
         }
