@@ -1,4 +1,5 @@
-//! Headless Chromium for the status page tests.
+//! Headless Chromium for the status page tests, and the other system
+//! tools tests use (installed with apt where missing).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -7,26 +8,44 @@ use std::process::{Command, Stdio};
 /// are root); `None` where it cannot be had.
 pub fn chromium() -> Option<PathBuf> {
     let bin = PathBuf::from("/usr/bin/chromium");
-    if bin.exists() {
-        return Some(bin);
+    if bin.exists() || apt_install("chromium") {
+        return bin.exists().then_some(bin);
     }
+    None
+}
+
+/// Installs a Debian package (the test machines are root and reach
+/// Debian's mirror): from the cached package lists first, then after an
+/// update. Whether it worked.
+pub fn apt_install(package: &str) -> bool {
     let install = |update: bool| {
-        let mut c = Command::new("sh");
+        let get = format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -q {package}");
         let cmd = if update {
-            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium"
+            format!("apt-get update -q && {get}")
         } else {
-            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium"
+            get
         };
-        c.arg("-c")
+        Command::new("sh")
+            .arg("-c")
             .arg(cmd)
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        c.status().is_ok_and(|s| s.success())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     };
-    if !install(false) && !install(true) {
-        return None;
-    }
-    bin.exists().then_some(bin)
+    install(false) || install(true)
+}
+
+/// Whether `program --version` runs, installing Debian's `package` first
+/// when it does not.
+pub fn tool(program: &str, package: &str) -> bool {
+    let runs = || {
+        Command::new(program)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    runs() || (apt_install(package) && runs())
 }
 
 /// Runs headless Chromium on `url` with `args` (e.g. `--screenshot=F`,

@@ -17,13 +17,16 @@ pub struct Lan {
 }
 
 impl Lan {
-    /// Whether this machine lets us make namespaces (root and `ip`).
+    /// Whether this machine lets us make namespaces: root, and iproute2
+    /// (`ip`, `bridge`, `tc`; installed with apt when missing).
     pub fn available() -> bool {
-        let ok = Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        ok && unsafe_is_root()
+        let ip = || {
+            Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        unsafe_is_root() && (ip() || (crate::browser::apt_install("iproute2") && ip()))
     }
 
     /// Makes `n` hosts on one bridge.

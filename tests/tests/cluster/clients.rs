@@ -3,12 +3,9 @@
 
 use crate::prelude::*;
 
-/// Whether curl runs here.
+/// Whether curl runs here (installed with apt when missing).
 fn curl_available() -> bool {
-    std::process::Command::new("curl")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    shoal_tests::browser::tool("curl", "curl")
 }
 
 /// curl with `args` (the test checked it is installed).
