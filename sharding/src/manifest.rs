@@ -141,7 +141,12 @@ pub fn chunk_hashes(path: &Path) -> Result<Vec<[u8; 32]>, GgufError> {
 
 /// The first 6 bytes of a hash in hex.
 pub fn short_hex(hash: &[u8; 32]) -> String {
-    hash[..6].iter().map(|b| format!("{b:02x}")).collect()
+    hex(&hash[..6])
+}
+
+/// Bytes as lower-case hex (hashes and keys in files, logs and status).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn hash_tensor(

@@ -187,7 +187,7 @@ async fn serve(
     stream: Option<bool>,
     kind: Kind,
 ) -> Response {
-    let served = app.cluster.model().id;
+    let served = app.cluster.model().id.clone();
     if !same_model(&model, &served) {
         return err(
             StatusCode::NOT_FOUND,

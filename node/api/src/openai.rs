@@ -308,11 +308,10 @@ async fn serve(
     kind: Kind,
     default_max: usize,
 ) -> Result<Response, ApiError> {
-    let model = app.cluster.model().id;
-    let req = ask_request(c, prompt, &model, default_max)?;
-    let stream = req.1;
+    let model = app.cluster.model().id.clone();
+    let (req, stream) = ask_request(c, prompt, &model, default_max)?;
     let (tx, rx) = mpsc::unbounded_channel();
-    if let Err(e) = app.cluster.submit(req.0, tx) {
+    if let Err(e) = app.cluster.submit(req, tx) {
         return Ok(too_busy(&e));
     }
     respond(rx, model, kind, stream).await

@@ -17,6 +17,8 @@ use crate::status::Status;
 #[derive(Clone)]
 pub struct Handle {
     shared: Arc<Shared>,
+    /// Fixed for the member's life: described once, not per request.
+    model: Arc<ModelInfo>,
 }
 
 /// The model this member serves, as the API describes it.
@@ -24,8 +26,6 @@ pub struct Handle {
 pub struct ModelInfo {
     /// Its id in the API: the GGUF file name without `.gguf`.
     pub id: String,
-    /// Its name from the GGUF metadata.
-    pub name: Option<String>,
     /// Architecture (`llama`, ...).
     pub architecture: String,
     /// Weight bytes.
@@ -36,7 +36,18 @@ pub struct ModelInfo {
 
 impl Handle {
     pub(crate) fn new(shared: Arc<Shared>) -> Handle {
-        Handle { shared }
+        let cfg = &shared.layout.config;
+        let model = Arc::new(ModelInfo {
+            id: shared
+                .config
+                .model
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+            architecture: cfg.architecture.clone(),
+            bytes: shared.layout.stage_bytes(0..cfg.n_layers),
+            hash: sharding::manifest::hex(&shared.manifest.model_hash),
+        });
+        Handle { shared, model }
     }
 
     /// Admits `req` (or refuses it with [`RequestError::Overloaded`] when
@@ -85,24 +96,7 @@ impl Handle {
     }
 
     /// The model this member serves.
-    pub fn model(&self) -> ModelInfo {
-        let sh = &self.shared;
-        let cfg = &sh.layout.config;
-        ModelInfo {
-            id: sh
-                .config
-                .model
-                .file_stem()
-                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
-            name: cfg.name.clone(),
-            architecture: cfg.architecture.clone(),
-            bytes: sh.layout.stage_bytes(0..cfg.n_layers),
-            hash: crate::status::hex(&sh.manifest.model_hash),
-        }
-    }
-
-    /// This node's id.
-    pub fn node_id(&self) -> &str {
-        &self.shared.node_id
+    pub fn model(&self) -> &ModelInfo {
+        &self.model
     }
 }

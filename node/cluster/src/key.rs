@@ -61,7 +61,7 @@ impl ClusterKey {
 
     /// The key as hex, the format of key files.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        sharding::manifest::hex(&self.0)
     }
 
     /// Reads a key file.

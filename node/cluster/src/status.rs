@@ -162,7 +162,7 @@ pub(crate) fn build(shared: &Shared) -> Status {
             name: cfg.name.clone(),
             architecture: cfg.architecture.clone(),
             layers: cfg.n_layers,
-            hash: hex(&shared.manifest.model_hash),
+            hash: sharding::manifest::hex(&shared.manifest.model_hash),
             bytes: shared.layout.stage_bytes(0..cfg.n_layers),
             head_compute_bytes: m.model.last_compute_bytes,
             context: m.model.context_tokens,
@@ -184,9 +184,4 @@ pub(crate) fn build(shared: &Shared) -> Status {
         cluster_tokens_per_s,
         weights: shared.weights.status(),
     }
-}
-
-/// Bytes as lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -287,10 +287,9 @@ pub(super) fn tensor_ranges(layout: &ModelLayout, layers: &[usize], ends: bool) 
 
 /// Where a fetched model lives: `<cache>/models/fetched/<hash>.gguf`.
 pub fn cache_path(model_hash: &[u8; 32]) -> PathBuf {
-    let hex: String = model_hash.iter().map(|b| format!("{b:02x}")).collect();
     models::cache_dir()
         .join("models/fetched")
-        .join(format!("{hex}.gguf"))
+        .join(format!("{}.gguf", manifest::hex(model_hash)))
 }
 
 /// Hands out the weights this node holds: the control loop's answers.
