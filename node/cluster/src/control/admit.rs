@@ -9,6 +9,7 @@ use protocol::{Hello, Join, Message, Welcome, PROTOCOL_VERSION};
 use tracing::{debug, info, warn};
 
 use super::{Control, REFUSED_BACKOFF, REPLAN_SETTLE};
+use crate::dataplane::short;
 
 /// Why a peer's introduction was refused (its text goes back in
 /// `Refused`, for the peer's log).
@@ -43,7 +44,6 @@ pub(super) enum Refusal {
         welcome: bool,
     },
 }
-use crate::dataplane::short;
 
 impl Control {
     /// Remembers a refusal so neither mDNS nor `--peer` redials it at once.
@@ -134,11 +134,10 @@ impl Control {
             let me = self.swarm.local_peer_id().to_string();
             let proof = self.cfg.key.proof(&self.cfg.cluster, &me, &pid);
             self.admit(peer, j.hello);
-            let m = &self.m;
             let welcome = Welcome {
-                hello: m.me().clone(),
+                hello: self.m.me().clone(),
                 proof,
-                members: m.member_addrs(),
+                members: self.m.member_addrs(),
             };
             return (Message::Welcome(welcome), false);
         }
@@ -257,11 +256,8 @@ impl Control {
     pub(super) fn admit(&mut self, peer: PeerId, hello: Hello) {
         let ip = self.ips.get(&peer).copied();
         let pid = peer.to_string();
-        let (new, other_model) = {
-            let m = &mut self.m;
-            let other = hello.model_hash != m.me().model_hash;
-            (m.join(hello, ip), other)
-        };
+        let other_model = hello.model_hash != self.m.me().model_hash;
+        let new = self.m.join(hello, ip);
         if new {
             info!(peer = %short(&pid), ?ip, "node joined the cluster");
             if other_model {

@@ -232,12 +232,9 @@ impl Control {
         }
         if now.duration_since(self.last_report) >= REPORT_INTERVAL {
             self.last_report = now;
-            let (leader, links, is_leader) = {
-                let m = &self.m;
-                (m.leader().to_string(), m.my_links(), m.is_leader())
-            };
-            if !is_leader && !links.is_empty() {
-                if let Ok(peer) = leader.parse::<PeerId>() {
+            let links = self.m.my_links();
+            if !self.m.is_leader() && !links.is_empty() {
+                if let Ok(peer) = self.m.leader().parse::<PeerId>() {
                     self.swarm
                         .behaviour_mut()
                         .control

@@ -80,23 +80,20 @@ impl Control {
     /// Members changed: update the data plane's allow list, drop a plan
     /// naming a node that left, and (if leading) replan after settling.
     pub(super) fn members_changed(&mut self) {
-        let (peers, stale) = {
-            let m = &mut self.m;
-            let peers: HashMap<String, PeerData> = m
-                .members()
-                .iter()
-                .filter_map(|(id, mem)| {
-                    Some((
-                        id.clone(),
-                        PeerData {
-                            addr: mem.data_addr()?,
-                            fingerprint: mem.hello.capabilities.cert_fingerprint,
-                        },
-                    ))
-                })
-                .collect();
-            (peers, m.clear_plan_if_stale())
-        };
+        let peers: HashMap<String, PeerData> = self
+            .m
+            .members()
+            .iter()
+            .filter_map(|(id, mem)| {
+                Some((
+                    id.clone(),
+                    PeerData {
+                        addr: mem.data_addr()?,
+                        fingerprint: mem.hello.capabilities.cert_fingerprint,
+                    },
+                ))
+            })
+            .collect();
         self.shared.data.set_members(peers);
         // Members are where missing layers come from.
         let addrs: Vec<Multiaddr> = self
@@ -120,7 +117,7 @@ impl Control {
             .into_iter()
             .chain(self.cfg.peers.iter().cloned())
             .collect();
-        if stale {
+        if self.m.clear_plan_if_stale() {
             self.apply_plan();
         }
         self.replan_at = Some(Instant::now() + REPLAN_SETTLE);
@@ -128,15 +125,12 @@ impl Control {
 
     /// The leader plans and tells every member; others wait for it.
     pub(super) fn replan(&mut self) {
-        let (result, members, ids) = {
-            let m = &mut self.m;
-            if !m.is_leader() {
-                return;
-            }
-            let r = m.replan();
-            let ids: BTreeSet<String> = m.members().keys().cloned().collect();
-            (r, m.member_addrs(), ids)
-        };
+        if !self.m.is_leader() {
+            return;
+        }
+        let result = self.m.replan();
+        let ids: BTreeSet<String> = self.m.members().keys().cloned().collect();
+        let members = self.m.member_addrs();
         match result {
             Ok(Some(_)) => self.apply_plan(),
             Ok(None) => {}
@@ -175,7 +169,7 @@ impl Control {
     /// Installs a plan (or none): logs it, fails requests of the old one,
     /// reconfigures the worker, and tells origins.
     pub(super) fn install_plan(&mut self, plan: Option<Plan>) {
-        let sh = self.shared.clone();
+        let sh = &self.shared;
         // Readers see the membership (and plan error) that goes with the
         // plan before they see the plan.
         self.publish.view.send_replace(Arc::new(self.m.view()));
