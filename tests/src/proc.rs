@@ -53,6 +53,18 @@ fn enter_netns(ns: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The `shoal` binary as a command, run inside namespace `netns` if given.
+fn shoal_in(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(shoal_bin());
+            c
+        }
+        None => Command::new(shoal_bin()),
+    }
+}
+
 /// A `shoal node` process.
 pub struct NodeProc {
     child: Child,
@@ -83,14 +95,7 @@ impl NodeProc {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let log = dir.join(format!("node{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(shoal_bin());
-                c
-            }
-            None => Command::new(shoal_bin()),
-        };
+        let mut cmd = shoal_in(netns);
         cmd.arg("node")
             .args(args)
             .env("RUST_LOG", "info,libp2p_mdns=warn")
@@ -160,14 +165,7 @@ impl NodeProc {
     /// Runs a `shoal` client command (`ask`, `status`) against this node,
     /// inside its namespace.
     pub fn client(&self, sub: &str, args: &[&str]) -> Output {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(shoal_bin());
-                c
-            }
-            None => Command::new(shoal_bin()),
-        };
+        let mut cmd = shoal_in(self.netns.as_deref());
         cmd.arg(sub)
             .args(["--node", &self.http])
             .args(args)
