@@ -229,8 +229,15 @@ fn tiled(s: AttnShape, q: &[f32], k: &[f16], v: &[f16], pos: usize, scale: f32, 
 }
 
 /// f16 dot product summed as ggml's AVX2 `ggml_vec_dot_f16`: four 8-lane
-/// f32 accumulators over 32-element steps, reduced pairwise, tail in f64.
+/// f32 accumulators over 32-element steps, reduced pairwise, tail in f64
+/// (or its AVX-512 sibling, 16 lanes over 64-element steps, on CPUs where
+/// llama.cpp runs that one).
 fn dot_f16(simd: bool, a: &[f16], b: &[f16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd && crate::quant::kernels() == crate::quant::Kernels::Avx512 {
+        // SAFETY: AVX-512 F/DQ checked at run time.
+        return unsafe { x86::dot_f16_avx512(a, b) };
+    }
     const STEP: usize = 32;
     let main = a.len() / STEP * STEP;
     // The eight lanes after the pairwise reduction of the accumulators.
@@ -260,6 +267,34 @@ fn dot_f16(simd: bool, a: &[f16], b: &[f16]) -> f32 {
     // 256 -> 128 bits, then two horizontal adds.
     let h = [r[0] + r[4], r[1] + r[5], r[2] + r[6], r[3] + r[7]];
     let mut total = ((h[0] + h[1]) + (h[2] + h[3])) as f64;
+    for i in main..a.len() {
+        total += (a[i].to_f32() * b[i].to_f32()) as f64;
+    }
+    total as f32
+}
+
+/// [`x86::dot_f16_avx512`]'s arithmetic in portable code: the definition
+/// its bits are checked against.
+#[cfg(test)]
+fn dot_f16_wide_portable(a: &[f16], b: &[f16]) -> f32 {
+    const STEP: usize = 64;
+    let main = a.len() / STEP * STEP;
+    let mut acc = [[0f32; 16]; 4];
+    for (ca, cb) in a[..main]
+        .chunks_exact(STEP)
+        .zip(b[..main].chunks_exact(STEP))
+    {
+        for j in 0..4 {
+            for l in 0..16 {
+                let (x, y) = (ca[j * 16 + l].to_f32(), cb[j * 16 + l].to_f32());
+                acc[j][l] = x.mul_add(y, acc[j][l]);
+            }
+        }
+    }
+    let x: [f32; 16] = std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+    let t3: [f32; 8] = std::array::from_fn(|l| x[l + 8] + x[l]);
+    let t6: [f32; 4] = std::array::from_fn(|l| t3[l + 4] + t3[l]);
+    let mut total = ((t6[0] + t6[2]) + (t6[1] + t6[3])) as f64;
     for i in main..a.len() {
         total += (a[i].to_f32() * b[i].to_f32()) as f64;
     }
@@ -368,6 +403,38 @@ mod x86 {
         _mm_storeu_si128(p.as_mut_ptr().add(i) as *mut __m128i, h);
     }
 
+    /// ggml's `ggml_vec_dot_f16` as built for AVX-512 (without FP16): four
+    /// 16-lane accumulators, reduced pairwise, then GCC's
+    /// `_mm512_reduce_add_ps` tree; the tail in f64.
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_f16_avx512(a: &[f16], b: &[f16]) -> f32 {
+        let n = a.len().min(b.len());
+        let load16 = |p: &[f16], i: usize| {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.as_ptr().add(i) as *const __m256i))
+        };
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(load16(a, i + j * 16), load16(b, i + j * 16), *acc);
+            }
+            i += 64;
+        }
+        let x0 = _mm512_add_ps(acc[0], acc[2]);
+        let x1 = _mm512_add_ps(acc[1], acc[3]);
+        let x = _mm512_add_ps(x0, x1);
+        let t3 = _mm256_add_ps(_mm512_extractf32x8_ps::<1>(x), _mm512_castps512_ps256(x));
+        let t6 = _mm_add_ps(_mm256_extractf128_ps::<1>(t3), _mm256_castps256_ps128(t3));
+        let t8 = _mm_add_ps(t6, _mm_shuffle_ps::<0b01_00_11_10>(t6, t6));
+        let mut lanes = [0f32; 4];
+        _mm_storeu_ps(lanes.as_mut_ptr(), t8);
+        let mut total = (lanes[0] + lanes[1]) as f64;
+        for j in i..n {
+            total += (a[j].to_f32() * b[j].to_f32()) as f64;
+        }
+        total as f32
+    }
+
     /// Lanes of `(acc0 + acc2) + (acc1 + acc3)` over `a.len()` (a multiple of 32).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_f16_lanes(a: &[f16], b: &[f16]) -> [f32; 8] {
@@ -461,10 +528,12 @@ mod tests {
         for n in [8usize, 31, 64, 72, 100] {
             let a: Vec<f16> = (0..n).map(val).collect();
             let b: Vec<f16> = (0..n).map(|i| val(i + 17)).collect();
-            assert_eq!(
-                dot_f16(true, &a, &b).to_bits(),
-                dot_f16(false, &a, &b).to_bits()
-            );
+            let portable = if crate::quant::kernels() == crate::quant::Kernels::Avx512 {
+                dot_f16_wide_portable(&a, &b)
+            } else {
+                dot_f16(false, &a, &b)
+            };
+            assert_eq!(dot_f16(true, &a, &b).to_bits(), portable.to_bits());
             let (mut x, mut y) = (a.clone(), a.clone());
             scale_f16(true, &mut x, 0.37);
             scale_f16(false, &mut y, 0.37);

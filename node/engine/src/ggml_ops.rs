@@ -29,9 +29,12 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; gate.len()];
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::quant::simd_available() {
-        // SAFETY: AVX2/FMA checked at run time; bounds by the loop condition.
-        unsafe { i = x86::swiglu(gate, up, &mut y) };
+    match crate::quant::kernels() {
+        // SAFETY: the features each kernel needs were checked at run time;
+        // bounds by the loop conditions.
+        crate::quant::Kernels::Avx512 => unsafe { i = x86::swiglu_avx512(gate, up, &mut y) },
+        crate::quant::Kernels::Avx2 => unsafe { i = x86::swiglu(gate, up, &mut y) },
+        crate::quant::Kernels::Portable => {}
     }
     for j in i..gate.len() {
         y[j] = gate[j] / (1.0 + (-gate[j]).exp()) * up[j];
@@ -115,6 +118,59 @@ mod x86 {
             i += 8;
         }
         i
+    }
+
+    /// SwiGLU over the 16-aligned prefix with ggml's AVX-512 `ggml_v_expf`
+    /// (a different polynomial tail and `scalef`: other bits than AVX2's).
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    pub(super) unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], y: &mut [f32]) -> usize {
+        let mut i = 0;
+        while i + 15 < gate.len() {
+            let x = _mm512_loadu_ps(gate.as_ptr().add(i));
+            let g = _mm512_loadu_ps(up.as_ptr().add(i));
+            let neg = _mm512_sub_ps(_mm512_setzero_ps(), x);
+            let silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), expf512(neg)));
+            _mm512_storeu_ps(y.as_mut_ptr().add(i), _mm512_mul_ps(silu, g));
+            i += 16;
+        }
+        i
+    }
+
+    /// ggml's `ggml_v_expf` for AVX-512, constant for constant.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn expf512(x: __m512) -> __m512 {
+        let c = |bits: u32| _mm512_set1_ps(f32::from_bits(bits));
+        let r = c(0x4B40_0000); // 0x1.8p23
+        let z = _mm512_fmadd_ps(x, c(0x3FB8_AA3B), r); // 0x1.715476p+0
+        let n = _mm512_sub_ps(z, r);
+        let b = _mm512_fnmadd_ps(
+            n,
+            c(0x35BF_BE8E),                         // 0x1.7f7d1cp-20
+            _mm512_fnmadd_ps(n, c(0x3F31_7200), x), // 0x1.62e4p-1
+        );
+        let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+        let u = _mm512_mul_ps(b, b);
+        let j = _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_fmadd_ps(c(0x3C07_2010), b, c(0x3D2B_9F17)), // 0x1.0e4020p-7, 0x1.573e2ep-5
+                u,
+                _mm512_fmadd_ps(c(0x3E2A_AF33), b, c(0x3EFF_FEDB)), // 0x1.555e66p-3, 0x1.fffdb6p-2
+            ),
+            u,
+            _mm512_fmadd_ps(c(0x3F7F_FFF6), b, _mm512_set1_ps(1.0)), // 0x1.ffffecp-1
+        );
+        let res = _mm512_scalef_ps(j, n);
+        if d == 0 {
+            return res;
+        }
+        let zero = _mm512_setzero_ps();
+        let alt = _mm512_mask_blend_ps(
+            _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, zero),
+            _mm512_set1_ps(f32::INFINITY),
+            zero,
+        );
+        _mm512_mask_blend_ps(d, res, alt)
     }
 
     #[inline]

@@ -93,8 +93,10 @@ pub(crate) fn dequantize_rows(
     for (i, o) in out.chunks_exact_mut(k).enumerate() {
         let row = first + i;
         match NativeType::from_ggml(ty) {
-            Some(nt) => quant::dequantize_row(nt, w.bytes(), k, row, o),
-            None => {
+            Some(nt) if k.is_multiple_of(nt.block_elems()) => {
+                quant::dequantize_row(nt, w.bytes(), k, row, o)
+            }
+            _ => {
                 let raw = &w.bytes()[row * row_bytes..(row + 1) * row_bytes];
                 match candle_dtype(ty)
                     .from_data(Cow::Borrowed(raw))
@@ -155,15 +157,12 @@ impl CustomOp1 for CpuGroupOp {
         }
         let t = x.len() / self.k;
         let mut out = vec![0f32; t * self.n_total];
-        let needs_q8 = self
-            .parts
-            .iter()
-            .any(|p| matches!(p.matrix, CpuMatrix::Native(..)));
-        let acts = if needs_q8 {
-            quant::quantize_activations(x, self.k)
-        } else {
-            Vec::new()
+        let native = |k_type: bool| {
+            self.parts
+                .iter()
+                .any(|p| matches!(p.matrix, CpuMatrix::Native(_, ty) if ty.is_k() == k_type))
         };
+        let acts = quant::Activations::new(x, self.k, native(false), native(true));
         let mut col = 0;
         for part in &self.parts {
             match &part.matrix {
@@ -223,8 +222,8 @@ impl LinearGroup {
                 .map(|(w, &n)| {
                     let ty = w.info.ggml_type;
                     let matrix = match NativeType::from_ggml(ty) {
-                        Some(nt) => CpuMatrix::Native(w, nt),
-                        None => {
+                        Some(nt) if k.is_multiple_of(nt.block_elems()) => CpuMatrix::Native(w, nt),
+                        _ => {
                             CpuMatrix::Candle(candle_dtype(ty).from_data(Cow::Borrowed(w.bytes())))
                         }
                     };

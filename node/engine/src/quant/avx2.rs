@@ -1,5 +1,5 @@
-//! AVX2 kernels for the quant types candle runs with scalar code on x86
-//! (Q4_1) or that sit on shoal's hot path (Q4_0, Q8_0 for the tied head).
+//! AVX2 kernels for the 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q8_0).
 //!
 //! Each kernel computes one weight row against `R` activation rows at once:
 //! the weight block is unpacked once and reused `R` times, which is what
@@ -34,8 +34,9 @@ pub(super) unsafe fn dot_rows<const R: usize>(
         debug_assert!(w.len() >= a.len() * ty.block_bytes());
     }
     match ty {
-        NativeType::Q4_1 => dot_q4_1(w, acts, out),
-        NativeType::Q4_0 | NativeType::Q8_0 => dot_sym(ty, w, acts, out),
+        NativeType::Q4_1 | NativeType::Q5_1 => dot_q4_1(ty, w, acts, out),
+        NativeType::Q4_0 | NativeType::Q5_0 | NativeType::Q8_0 => dot_sym(ty, w, acts, out),
+        _ => unreachable!("{ty:?} is not a 32-element type"),
     }
 }
 
@@ -89,6 +90,23 @@ unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
     _mm256_set_m128i(hi, lo)
 }
 
+/// ggml's `bytes_from_bits_32`: bit `i` of the 32 bits at `p` becomes
+/// byte `i`, 0xFF where set.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
+    let bits = i32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
 /// Integer dot of unsigned weights `wu` (0..=15 or |q|) with signed
 /// activations, summed into eight i32 lanes and converted to f32.
 #[inline]
@@ -113,14 +131,13 @@ unsafe fn load_act(a: &BlockQ8) -> __m256i {
 
 #[inline(always)]
 unsafe fn q4_1_block<const R: usize>(
-    b: *const u8,
+    dm: __m128,
+    wq: __m256i,
     acts: &[&[BlockQ8]; R],
     i: usize,
     acc: &mut [__m256; R],
     mins: &mut [__m128; R],
 ) {
-    let dm = half_pair_at(b);
-    let wq = unpack_nibbles(b.add(4));
     for r in 0..R {
         let a = acts[r].get_unchecked(i);
         let act = act_scales(a);
@@ -133,14 +150,37 @@ unsafe fn q4_1_block<const R: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_1<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: &mut [f32; R]) {
+unsafe fn dot_q4_1<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8]; R],
+    out: &mut [f32; R],
+) {
     let nb = acts[0].len();
     let mut acc = [_mm256_setzero_ps(); R];
     // Lane 1 collects m * s (the blocks' min times the activation sum).
     let mut mins = [_mm_setzero_ps(); R];
     let p = w.as_ptr();
-    for i in 0..nb {
-        q4_1_block(p.add(i * 20), acts, i, &mut acc, &mut mins);
+    if ty == NativeType::Q4_1 {
+        for i in 0..nb {
+            let b = p.add(i * 20);
+            q4_1_block(
+                half_pair_at(b),
+                unpack_nibbles(b.add(4)),
+                acts,
+                i,
+                &mut acc,
+                &mut mins,
+            );
+        }
+    } else {
+        let fifth = _mm256_set1_epi8(0x10);
+        for i in 0..nb {
+            let b = p.add(i * 24);
+            let hi = _mm256_and_si256(bytes_from_bits(b.add(4)), fifth);
+            let wq = _mm256_or_si256(unpack_nibbles(b.add(8)), hi);
+            q4_1_block(half_pair_at(b), wq, acts, i, &mut acc, &mut mins);
+        }
     }
     for r in 0..R {
         out[r] = hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(mins[r]));
@@ -176,12 +216,20 @@ unsafe fn dot_sym<const R: usize>(
     let bb = ty.block_bytes();
     let p = w.as_ptr();
     let mut acc = [_mm256_setzero_ps(); R];
-    // Two loops rather than a per-block match (or a closure, which would
+    // One loop per type rather than a per-block match (or a closure, which would
     // not inherit this function's target features).
     if ty == NativeType::Q8_0 {
         for i in 0..nb {
             let b = p.add(i * bb);
             let wq = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            sym_block(half_at(b), wq, acts, i, &mut acc);
+        }
+    } else if ty == NativeType::Q5_0 {
+        let minus16 = _mm256_set1_epi8(0xF0u8 as i8);
+        for i in 0..nb {
+            let b = p.add(i * bb);
+            let hi = _mm256_andnot_si256(bytes_from_bits(b.add(2)), minus16);
+            let wq = _mm256_or_si256(unpack_nibbles(b.add(6)), hi);
             sym_block(half_at(b), wq, acts, i, &mut acc);
         }
     } else {

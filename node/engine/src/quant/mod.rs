@@ -1,28 +1,34 @@
 //! Quantized matrix products on the CPU, straight from GGUF bytes.
 //!
-//! candle 0.11 runs Q4_1 (the quant of shoal's test model) with scalar code
-//! on x86, about 4x slower than llama.cpp. This module holds shoal's own
-//! kernels for the 32-element block types (Q4_0, Q4_1, Q8_0): activations
-//! are quantized once per product to 8-bit blocks (ggml's Q8_1 layout), and
-//! each weight row is dotted against them with AVX2 where the CPU has it.
+//! shoal's own kernels for the block types people download (Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q8_0 and the K types Q4_K, Q5_K, Q6_K): activations are
+//! quantized once per product to 8-bit blocks (ggml's Q8_1 layout for the
+//! 32-element types, Q8_K for the K types), and each weight row is dotted
+//! against them. The arithmetic, down to the order of float additions, is
+//! llama.cpp's on x86, so greedy output is the same token for token.
 //! Weights are read in place from the memory-mapped file: no copy, no
 //! repacking, so resident memory is the file's pages this stage touches.
 //!
-//! Types without a kernel here (K-quants, Q5_*, F16...) go through candle's
+//! Types without a kernel here (Q2_K, Q3_K, F16...) go through candle's
 //! own CPU kernels; see [`crate::linear`].
 //!
 //! # Layout
-//! - `scalar`: the reference kernels (and the non-x86 path).
-//! - `avx2`: the x86 kernels, selected at run time.
+//! - `scalar`, `kquant`: the portable kernels, the definition of the bits
+//!   (and the path on CPUs without AVX2 and on other architectures).
+//! - `avx2`, `kavx2`: the x86 kernels, selected at run time.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod kavx2;
+mod kquant;
 mod scalar;
 
+pub use kquant::{BlockQ8K, Q4KShape, QK_K};
 use rayon::prelude::*;
 use sharding::GgmlType;
 
-/// Elements per block in every type this module runs.
+/// Elements per block of the 32-element types.
 pub const QK: usize = 32;
 
 /// One block of 8-bit activations: ggml's `block_q8_1` with the two halves
@@ -46,8 +52,18 @@ pub enum NativeType {
     Q4_0,
     /// 4-bit, scale and min.
     Q4_1,
+    /// 5-bit, scale only.
+    Q5_0,
+    /// 5-bit, scale and min.
+    Q5_1,
     /// 8-bit.
     Q8_0,
+    /// 4-bit super-blocks of 256 with 6-bit sub-block scales and mins.
+    Q4_K,
+    /// 5-bit super-blocks, Q4_K's scales.
+    Q5_K,
+    /// 6-bit super-blocks with 8-bit sub-block scales.
+    Q6_K,
 }
 
 impl NativeType {
@@ -56,19 +72,87 @@ impl NativeType {
         match ty {
             GgmlType::Q4_0 => Some(Self::Q4_0),
             GgmlType::Q4_1 => Some(Self::Q4_1),
+            GgmlType::Q5_0 => Some(Self::Q5_0),
+            GgmlType::Q5_1 => Some(Self::Q5_1),
             GgmlType::Q8_0 => Some(Self::Q8_0),
+            GgmlType::Q4_K => Some(Self::Q4_K),
+            GgmlType::Q5_K => Some(Self::Q5_K),
+            GgmlType::Q6_K => Some(Self::Q6_K),
             _ => None,
         }
     }
 
-    /// Bytes per 32-element block.
+    /// Whether this is a 256-element K type (activations in Q8_K).
+    pub fn is_k(self) -> bool {
+        matches!(self, Self::Q4_K | Self::Q5_K | Self::Q6_K)
+    }
+
+    /// Elements per block.
+    pub fn block_elems(self) -> usize {
+        if self.is_k() {
+            QK_K
+        } else {
+            QK
+        }
+    }
+
+    /// Bytes per block.
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q4_K => 144,
+            Self::Q5_K => 176,
+            Self::Q6_K => 210,
         }
     }
+}
+
+/// Activation rows quantized for the weight types of one product.
+#[derive(Debug, Default)]
+pub struct Activations {
+    /// 32-element blocks (empty when no 32-element type needs them).
+    pub q8: Vec<BlockQ8>,
+    /// 256-element blocks (empty when no K type needs them).
+    pub q8k: Vec<BlockQ8K>,
+}
+
+impl Activations {
+    /// Quantizes `x` (rows of `k` values) to the block kinds asked for.
+    pub fn new(x: &[f32], k: usize, q8: bool, q8k: bool) -> Self {
+        Activations {
+            q8: if q8 {
+                quantize_activations(x, k)
+            } else {
+                Vec::new()
+            },
+            q8k: if q8k {
+                quantize_activations_k(x, k)
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// Quantizes `x` (rows of `k` values, `k` a multiple of [`QK_K`]) to Q8_K blocks.
+pub fn quantize_activations_k(x: &[f32], k: usize) -> Vec<BlockQ8K> {
+    assert!(
+        k.is_multiple_of(QK_K) && x.len().is_multiple_of(k),
+        "bad activation shape"
+    );
+    let mut out = vec![BlockQ8K::default(); x.len() / QK_K];
+    if x.len() / k >= 4 {
+        out.par_chunks_mut(k / QK_K)
+            .zip(x.par_chunks(k))
+            .for_each(|(o, row)| kquant::quantize_row_k(row, o));
+    } else {
+        kquant::quantize_row_k(x, &mut out);
+    }
+    out
 }
 
 /// Quantizes `x` (rows of `k` values, `k` a multiple of [`QK`]) to 8-bit blocks.
@@ -91,8 +175,13 @@ pub fn quantize_activations(x: &[f32], k: usize) -> Vec<BlockQ8> {
 
 /// Dequantizes row `row` of a `[rows, k]` weight matrix.
 pub fn dequantize_row(ty: NativeType, w: &[u8], k: usize, row: usize, out: &mut [f32]) {
-    let row_bytes = k / QK * ty.block_bytes();
-    scalar::dequantize_row(ty, &w[row * row_bytes..(row + 1) * row_bytes], out);
+    let row_bytes = k / ty.block_elems() * ty.block_bytes();
+    let raw = &w[row * row_bytes..(row + 1) * row_bytes];
+    if ty.is_k() {
+        kquant::dequantize_row(ty, raw, out);
+    } else {
+        scalar::dequantize_row(ty, raw, out);
+    }
 }
 
 /// A weight matrix in ggml layout: `n` rows of `k` values, row-major,
@@ -129,27 +218,114 @@ const ACT_ROWS_PER_PASS: usize = 4;
 
 /// `out[t, col + j] = Σ_i acts[t, i] · w[j, i]` for each activation row `t`.
 ///
-/// `acts` holds `t` rows of `w.k / 32` blocks; `out` is `[t, out_stride]`.
-pub fn matmul(w: WeightView<'_>, acts: &[BlockQ8], out: &mut [f32], out_stride: usize, col: usize) {
-    let bpr = w.k / QK;
+/// `acts` holds `t` rows quantized for `w.ty` (Q8_K blocks for a K type,
+/// Q8_1 blocks otherwise); `out` is `[t, out_stride]`.
+pub fn matmul(
+    w: WeightView<'_>,
+    acts: &Activations,
+    out: &mut [f32],
+    out_stride: usize,
+    col: usize,
+) {
+    if w.ty.is_k() {
+        matmul_blocks(w, &acts.q8k, out, out_stride, col)
+    } else {
+        matmul_blocks(w, &acts.q8, out, out_stride, col)
+    }
+}
+
+/// An activation block kind and the kernels that take it.
+trait ActBlock: Sized + Sync {
+    fn dot_rows<const R: usize>(
+        use_avx2: bool,
+        ty: NativeType,
+        w: &[u8],
+        acts: &[&[Self]; R],
+        out: &mut [f32; R],
+        shape: Q4KShape,
+    );
+}
+
+impl ActBlock for BlockQ8 {
+    #[inline]
+    fn dot_rows<const R: usize>(
+        use_avx2: bool,
+        ty: NativeType,
+        w: &[u8],
+        acts: &[&[Self]; R],
+        out: &mut [f32; R],
+        _shape: Q4KShape,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2 {
+            // SAFETY: `use_avx2` comes from `avx2::available()`; shapes were
+            // checked by `matmul_blocks`.
+            unsafe { avx2::dot_rows(ty, w, acts, out) };
+            return;
+        }
+        let _ = use_avx2;
+        for (o, a) in out.iter_mut().zip(acts) {
+            *o = scalar::dot(ty, w, a);
+        }
+    }
+}
+
+impl ActBlock for BlockQ8K {
+    #[inline]
+    fn dot_rows<const R: usize>(
+        use_avx2: bool,
+        ty: NativeType,
+        w: &[u8],
+        acts: &[&[Self]; R],
+        out: &mut [f32; R],
+        shape: Q4KShape,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2 {
+            // SAFETY: as above.
+            unsafe { kavx2::dot_rows(ty, w, acts, out, shape) };
+            return;
+        }
+        let _ = use_avx2;
+        for (o, a) in out.iter_mut().zip(acts) {
+            *o = kquant::dot(ty, w, a, shape);
+        }
+    }
+}
+
+fn matmul_blocks<B: ActBlock>(
+    w: WeightView<'_>,
+    acts: &[B],
+    out: &mut [f32],
+    out_stride: usize,
+    col: usize,
+) {
+    let bpr = w.k / w.ty.block_elems();
     let row_bytes = bpr * w.ty.block_bytes();
     assert!(
-        w.k.is_multiple_of(QK) && w.bytes.len() == w.n * row_bytes,
+        w.k.is_multiple_of(w.ty.block_elems()) && w.bytes.len() == w.n * row_bytes,
         "weight shape"
     );
-    assert!(acts.len().is_multiple_of(bpr), "activation shape");
+    assert!(
+        bpr > 0 && acts.len().is_multiple_of(bpr),
+        "activation shape"
+    );
     let t = acts.len() / bpr;
     assert!(
         col + w.n <= out_stride && out.len() >= t * out_stride,
         "output shape"
     );
-    let rows: Vec<&[BlockQ8]> = acts.chunks_exact(bpr).collect();
+    let rows: Vec<&[B]> = acts.chunks_exact(bpr).collect();
     let dst = OutPtr {
         ptr: out.as_mut_ptr(),
         stride: out_stride,
         col,
     };
     let use_avx2 = simd_available();
+    // llama.cpp repacks Q4_K matrices of 8k rows and sums them per pair of
+    // sub-blocks for the rows it takes four at a time, per super-block for
+    // the rest (see `kquant`); the row grouping below is the same.
+    let repacked = w.n.is_multiple_of(8);
     let n_tasks = w.n.div_ceil(ROWS_PER_TASK);
     (0..n_tasks).into_par_iter().for_each(|task| {
         let dst = &dst;
@@ -168,22 +344,28 @@ pub fn matmul(w: WeightView<'_>, acts: &[BlockQ8], out: &mut [f32], out_stride: 
                 n if n >= 2 => 2,
                 _ => 1,
             };
+            let shape = match (repacked, take) {
+                (false, _) => Q4KShape::Lanes,
+                (true, ACT_ROWS_PER_PASS) => Q4KShape::PerPair,
+                (true, _) => Q4KShape::PerBlock,
+            };
             for j in weight_rows.clone() {
                 let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
                 let mut vals = [0f32; ACT_ROWS_PER_PASS];
                 match take {
                     ACT_ROWS_PER_PASS => {
                         let a = [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]];
-                        dot_rows(use_avx2, w.ty, wrow, &a, &mut vals);
+                        B::dot_rows(use_avx2, w.ty, wrow, &a, &mut vals, shape);
                     }
                     2 => {
                         let mut two = [0f32; 2];
-                        dot_rows(use_avx2, w.ty, wrow, &[rows[r], rows[r + 1]], &mut two);
+                        let a = [rows[r], rows[r + 1]];
+                        B::dot_rows(use_avx2, w.ty, wrow, &a, &mut two, shape);
                         vals[..2].copy_from_slice(&two);
                     }
                     _ => {
                         let mut one = [0f32; 1];
-                        dot_rows(use_avx2, w.ty, wrow, &[rows[r]], &mut one);
+                        B::dot_rows(use_avx2, w.ty, wrow, &[rows[r]], &mut one, shape);
                         vals[0] = one[0];
                     }
                 }
@@ -199,36 +381,67 @@ pub fn matmul(w: WeightView<'_>, acts: &[BlockQ8], out: &mut [f32], out_stride: 
     });
 }
 
-#[inline]
-fn dot_rows<const R: usize>(
-    use_avx2: bool,
-    ty: NativeType,
-    w: &[u8],
-    acts: &[&[BlockQ8]; R],
-    out: &mut [f32; R],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2 {
-        // SAFETY: `use_avx2` comes from `avx2::available()`; shapes were
-        // checked by `matmul`.
-        unsafe { avx2::dot_rows(ty, w, acts, out) };
-        return;
+/// Which family of kernels runs, chosen once per process from the CPU.
+///
+/// llama.cpp, built for the machine it runs on, sums some vectors in 16
+/// lanes where the CPU has AVX-512 and in 8 lanes where it has AVX2 (the
+/// f16 dot products of attention, SwiGLU's `exp`): the bits differ. shoal
+/// follows the CPU the same way, so its output matches the llama.cpp of
+/// the same machine; the quantized matrix kernels are the same on both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kernels {
+    /// No AVX2: portable code with the AVX2 kernels' arithmetic.
+    Portable,
+    /// AVX2, FMA and F16C (x86-64-v3).
+    Avx2,
+    /// AVX2 plus AVX-512 F/DQ: llama.cpp's AVX-512 arithmetic where it has one.
+    Avx512,
+}
+
+impl Kernels {
+    /// A short name for logs and the status page.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Portable => "portable",
+            Kernels::Avx2 => "avx2",
+            Kernels::Avx512 => "avx512",
+        }
     }
-    let _ = use_avx2;
-    for (o, a) in out.iter_mut().zip(acts) {
-        *o = scalar::dot(ty, w, a);
+
+    fn detect() -> Kernels {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let found = if !avx2::available() {
+                Kernels::Portable
+            } else if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
+                Kernels::Avx512
+            } else {
+                Kernels::Avx2
+            };
+            // SHOAL_KERNELS may ask for a lower family (to match a llama.cpp
+            // built for an older CPU, or to test the portable path), never a
+            // higher one than the CPU has.
+            let asked = match std::env::var("SHOAL_KERNELS").as_deref() {
+                Ok("portable") => Kernels::Portable,
+                Ok("avx2") => Kernels::Avx2,
+                _ => found,
+            };
+            asked.min(found)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Kernels::Portable
     }
 }
 
-/// Whether the SIMD kernels run on this CPU.
+/// The kernel family this process runs (detected once).
+pub fn kernels() -> Kernels {
+    static KERNELS: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    *KERNELS.get_or_init(Kernels::detect)
+}
+
+/// Whether the SIMD kernels (AVX2 or better) run on this CPU.
 pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(avx2::available)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    kernels() >= Kernels::Avx2
 }
 
 #[cfg(test)]
@@ -236,12 +449,28 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    const ALL: [NativeType; 8] = [
+        NativeType::Q4_0,
+        NativeType::Q4_1,
+        NativeType::Q5_0,
+        NativeType::Q5_1,
+        NativeType::Q8_0,
+        NativeType::Q4_K,
+        NativeType::Q5_K,
+        NativeType::Q6_K,
+    ];
+
     fn quantize_weights(ty: NativeType, w: &[f32], k: usize) -> Vec<u8> {
         use candle_core::quantized::{GgmlDType, QTensor};
         let dtype = match ty {
             NativeType::Q4_0 => GgmlDType::Q4_0,
             NativeType::Q4_1 => GgmlDType::Q4_1,
+            NativeType::Q5_0 => GgmlDType::Q5_0,
+            NativeType::Q5_1 => GgmlDType::Q5_1,
             NativeType::Q8_0 => GgmlDType::Q8_0,
+            NativeType::Q4_K => GgmlDType::Q4K,
+            NativeType::Q5_K => GgmlDType::Q5K,
+            NativeType::Q6_K => GgmlDType::Q6K,
         };
         let t = candle_core::Tensor::from_slice(w, (w.len() / k, k), &candle_core::Device::Cpu)
             .unwrap();
@@ -250,6 +479,38 @@ mod tests {
             .data()
             .unwrap()
             .into_owned()
+    }
+
+    /// The reference: every row pair through the portable kernels, with
+    /// the Q4_K shape the row's position in the batch gives it.
+    fn portable(
+        ty: NativeType,
+        bytes: &[u8],
+        n: usize,
+        k: usize,
+        acts: &Activations,
+        t: usize,
+    ) -> Vec<f32> {
+        let row_bytes = k / ty.block_elems() * ty.block_bytes();
+        let mut out = vec![0f32; t * n];
+        for r in 0..t {
+            let shape = match (n.is_multiple_of(8), r < t - t % 4) {
+                (false, _) => Q4KShape::Lanes,
+                (true, true) => Q4KShape::PerPair,
+                (true, false) => Q4KShape::PerBlock,
+            };
+            for j in 0..n {
+                let w = &bytes[j * row_bytes..(j + 1) * row_bytes];
+                out[r * n + j] = if ty.is_k() {
+                    let bpr = k / QK_K;
+                    kquant::dot(ty, w, &acts.q8k[r * bpr..(r + 1) * bpr], shape)
+                } else {
+                    let bpr = k / QK;
+                    scalar::dot(ty, w, &acts.q8[r * bpr..(r + 1) * bpr])
+                };
+            }
+        }
+        out
     }
 
     fn check(ty: NativeType, n: usize, k: usize, t: usize) {
@@ -263,26 +524,24 @@ mod tests {
             n,
             k,
         };
-        let acts = quantize_activations(&x, k);
+        let acts = Activations::new(&x, k, !ty.is_k(), ty.is_k());
         let mut out = vec![0f32; t * (n + 3)];
         matmul(view, &acts, &mut out, n + 3, 3);
-        // Reference: dequantized weights, quantized activations, scalar dot.
+        let reference = portable(ty, &bytes, n, k, &acts, t);
         let mut wrow = vec![0f32; k];
         for j in 0..n {
             dequantize_row(ty, &bytes, k, j, &mut wrow);
             for r in 0..t {
-                let exact: f32 = (0..k).map(|i| wrow[i] * x[r * k + i]).sum();
-                let scalar = scalar::dot(
-                    ty,
-                    &bytes[j * k / QK * ty.block_bytes()..],
-                    &acts[r * k / QK..(r + 1) * k / QK],
-                );
                 let got = out[r * (n + 3) + 3 + j];
-                assert!(
-                    (got - scalar).abs() <= 1e-3 * (1.0 + scalar.abs()),
-                    "{ty:?} simd {got} vs scalar {scalar}"
+                // The SIMD path and the portable one agree to the bit.
+                assert_eq!(
+                    got.to_bits(),
+                    reference[r * n + j].to_bits(),
+                    "{ty:?} row {r} col {j}: {got} vs portable {}",
+                    reference[r * n + j]
                 );
                 // 8-bit activations cost ~1% relative error on sums of this size.
+                let exact: f32 = (0..k).map(|i| wrow[i] * x[r * k + i]).sum();
                 assert!(
                     (got - exact).abs() <= 0.05 * (1.0 + exact.abs()) + 0.02 * (k as f32).sqrt(),
                     "{ty:?} {got} vs exact {exact}"
@@ -293,8 +552,19 @@ mod tests {
 
     #[test]
     fn kernels_match_reference() {
-        for ty in [NativeType::Q4_0, NativeType::Q4_1, NativeType::Q8_0] {
-            for (n, k, t) in [(1, 32, 1), (37, 64, 1), (70, 96, 5), (33, 256, 9)] {
+        for ty in ALL {
+            let shapes: &[(usize, usize, usize)] = if ty.is_k() {
+                &[
+                    (1, 256, 1),
+                    (37, 512, 1),
+                    (16, 256, 5),
+                    (33, 768, 9),
+                    (40, 512, 7),
+                ]
+            } else {
+                &[(1, 32, 1), (37, 64, 1), (70, 96, 5), (33, 256, 9)]
+            };
+            for &(n, k, t) in shapes {
                 check(ty, n, k, t);
             }
         }
@@ -311,5 +581,13 @@ mod tests {
         );
         let zero = quantize_activations(&[0.0; 32], 32);
         assert_eq!((zero[0].d, zero[0].s), (0.0, 0.0));
+        // Q8_K: the signed maximum (positive here) maps to -127 and makes
+        // the scale negative; bsums of 16.
+        let x: Vec<f32> = (0..256).map(|i| i as f32 * 0.1 - 5.0).collect();
+        let k = quantize_activations_k(&x, 256);
+        assert!(k[0].d < 0.0);
+        assert_eq!(k[0].qs[255], -127);
+        let s: i16 = k[0].qs[..16].iter().map(|&q| q as i16).sum();
+        assert_eq!(k[0].bsums[0], s);
     }
 }

@@ -1,5 +1,12 @@
-//! Portable reference kernels: the definition the SIMD kernels must match,
-//! and the path on CPUs without AVX2.
+//! Portable kernels for the 32-element block types: the definition the
+//! SIMD kernels must match bit for bit, and the path on CPUs without AVX2.
+//!
+//! ggml's x86 kernels sum each block's integer products in eight 32-bit
+//! lanes (lane `L` holds elements `4L..4L+4`), scale every lane with one
+//! FMA per block, and add the lanes in a fixed tree at the end. Float
+//! addition is not associative, so this code keeps the same lanes and the
+//! same tree ([`Lanes`]): a machine without AVX2 computes the same bits as
+//! one with it, and both the same bits as llama.cpp.
 
 use super::{BlockQ8, NativeType, QK};
 use half::f16;
@@ -9,42 +16,95 @@ pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// Dot product of one weight row (raw ggml blocks) with one quantized activation row.
+/// Eight f32 accumulators, as one AVX register.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Lanes(pub [f32; 8]);
+
+impl Lanes {
+    /// `lane += scale * ints[lane]`, one FMA per lane.
+    #[inline]
+    pub fn fma(&mut self, scale: f32, ints: &[i32; 8]) {
+        for (a, &v) in self.0.iter_mut().zip(ints) {
+            *a = scale.mul_add(v as f32, *a);
+        }
+    }
+
+    /// ggml's `hsum_float_8`: high half onto low half, then pairs.
+    #[inline]
+    pub fn sum(&self) -> f32 {
+        let a = &self.0;
+        let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+        (s[0] + s[2]) + (s[1] + s[3])
+    }
+}
+
+/// Per-lane integer sums of `w[e] * a[e]` over one 32-element block.
+#[inline]
+pub(super) fn lane_dot(w: &[i32; QK], a: &[i8; QK]) -> [i32; 8] {
+    let mut lanes = [0i32; 8];
+    for (e, (&wv, &av)) in w.iter().zip(a).enumerate() {
+        lanes[e / 4] += wv * av as i32;
+    }
+    lanes
+}
+
+/// The 32 integer weights of one block (before its scale and min), in
+/// element order.
+fn block_ints(ty: NativeType, b: &[u8]) -> [i32; QK] {
+    let mut q = [0i32; QK];
+    match ty {
+        NativeType::Q8_0 => {
+            for (j, v) in q.iter_mut().enumerate() {
+                *v = b[2 + j] as i8 as i32;
+            }
+        }
+        NativeType::Q4_0 | NativeType::Q4_1 => {
+            let (qs, off) = if ty == NativeType::Q4_0 {
+                (&b[2..18], 8)
+            } else {
+                (&b[4..20], 0)
+            };
+            for j in 0..QK / 2 {
+                q[j] = (qs[j] & 0x0F) as i32 - off;
+                q[j + QK / 2] = (qs[j] >> 4) as i32 - off;
+            }
+        }
+        NativeType::Q5_0 | NativeType::Q5_1 => {
+            let (h_at, off) = if ty == NativeType::Q5_0 {
+                (2, 16)
+            } else {
+                (4, 0)
+            };
+            let qh = u32::from_le_bytes([b[h_at], b[h_at + 1], b[h_at + 2], b[h_at + 3]]);
+            let qs = &b[h_at + 4..h_at + 20];
+            for j in 0..QK / 2 {
+                let hi_lo = ((qh >> j) & 1) as i32 * 16;
+                let hi_hi = ((qh >> (j + 16)) & 1) as i32 * 16;
+                q[j] = (qs[j] & 0x0F) as i32 + hi_lo - off;
+                q[j + QK / 2] = (qs[j] >> 4) as i32 + hi_hi - off;
+            }
+        }
+        _ => unreachable!("{ty:?} is not a 32-element type"),
+    }
+    q
+}
+
+/// Dot product of one weight row (raw ggml blocks) with one quantized
+/// activation row, as ggml's AVX2 `ggml_vec_dot_*` computes it.
 pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8]) -> f32 {
     let bb = ty.block_bytes();
-    let mut sum = 0f32;
+    let mut acc = Lanes::default();
+    // The min term of Q4_1/Q5_1, a scalar FMA chain in ggml.
+    let mut summs = 0f32;
     for (i, act) in a.iter().enumerate() {
         let b = &w[i * bb..(i + 1) * bb];
-        sum += match ty {
-            NativeType::Q8_0 => {
-                let q: i32 = (0..QK)
-                    .map(|j| b[2 + j] as i8 as i32 * act.qs[j] as i32)
-                    .sum();
-                f16_at(b, 0) * act.d * q as f32
-            }
-            NativeType::Q4_0 => {
-                let q: i32 = (0..QK / 2)
-                    .map(|j| {
-                        let lo = (b[2 + j] & 0x0F) as i32 - 8;
-                        let hi = (b[2 + j] >> 4) as i32 - 8;
-                        lo * act.qs[j] as i32 + hi * act.qs[j + QK / 2] as i32
-                    })
-                    .sum();
-                f16_at(b, 0) * act.d * q as f32
-            }
-            NativeType::Q4_1 => {
-                let q: i32 = (0..QK / 2)
-                    .map(|j| {
-                        let lo = (b[4 + j] & 0x0F) as i32;
-                        let hi = (b[4 + j] >> 4) as i32;
-                        lo * act.qs[j] as i32 + hi * act.qs[j + QK / 2] as i32
-                    })
-                    .sum();
-                f16_at(b, 2).mul_add(act.s, f16_at(b, 0) * act.d * q as f32)
-            }
-        };
+        let lanes = lane_dot(&block_ints(ty, b), &act.qs);
+        acc.fma(f16_at(b, 0) * act.d, &lanes);
+        if matches!(ty, NativeType::Q4_1 | NativeType::Q5_1) {
+            summs = f16_at(b, 2).mul_add(act.s, summs);
+        }
     }
-    sum
+    acc.sum() + summs
 }
 
 /// Dequantizes one row of raw ggml blocks into `out`.
@@ -53,23 +113,17 @@ pub(super) fn dequantize_row(ty: NativeType, w: &[u8], out: &mut [f32]) {
     for (i, chunk) in out.chunks_exact_mut(QK).enumerate() {
         let b = &w[i * bb..(i + 1) * bb];
         let d = f16_at(b, 0);
+        let q = block_ints(ty, b);
         match ty {
-            NativeType::Q8_0 => {
-                for (j, o) in chunk.iter_mut().enumerate() {
-                    *o = d * b[2 + j] as i8 as f32;
-                }
-            }
-            NativeType::Q4_0 => {
-                for j in 0..QK / 2 {
-                    chunk[j] = d * ((b[2 + j] & 0x0F) as i32 - 8) as f32;
-                    chunk[j + QK / 2] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
-                }
-            }
-            NativeType::Q4_1 => {
+            NativeType::Q4_1 | NativeType::Q5_1 => {
                 let m = f16_at(b, 2);
-                for j in 0..QK / 2 {
-                    chunk[j] = d * (b[4 + j] & 0x0F) as f32 + m;
-                    chunk[j + QK / 2] = d * (b[4 + j] >> 4) as f32 + m;
+                for (o, &v) in chunk.iter_mut().zip(&q) {
+                    *o = d * v as f32 + m;
+                }
+            }
+            _ => {
+                for (o, &v) in chunk.iter_mut().zip(&q) {
+                    *o = d * v as f32;
                 }
             }
         }

@@ -1,0 +1,259 @@
+//! AVX2 kernels for the K types: the arithmetic of [`super::kquant`]'s
+//! portable kernels (ggml's), with each weight super-block unpacked once
+//! and used for `R` activation rows.
+
+use std::arch::x86_64::*;
+
+use super::kquant::{q6_scales, scales_mins, BlockQ8K, Q4KShape};
+use super::scalar::f16_at;
+use super::NativeType;
+
+/// `out[r] = dot(w, acts[r])` for one weight row of K blocks.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w` must hold `acts[r].len()`
+/// blocks of `ty` for every `r`.
+#[inline]
+pub(super) unsafe fn dot_rows<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    shape: Q4KShape,
+) {
+    for a in acts {
+        debug_assert!(w.len() >= a.len() * ty.block_bytes());
+    }
+    match ty {
+        NativeType::Q4_K if shape != Q4KShape::Lanes => {
+            q4k_repacked(w, acts, out, shape == Q4KShape::PerPair)
+        }
+        NativeType::Q4_K | NativeType::Q5_K => q45k_lanes(ty, w, acts, out),
+        NativeType::Q6_K => q6k(w, acts, out),
+        _ => unreachable!("{ty:?} is not a K type"),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_f32(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p as *const __m256i)
+}
+
+/// Unsigned weights times signed activations, pairs summed to i16, then
+/// times a 16-bit scale and summed to eight i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scaled_dot(q: __m256i, a: *const i8, scale: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(q, load(a as *const u8)), scale)
+}
+
+/// The low and high nibbles of 32 bytes, plus for Q5_K the fifth bits
+/// `bit` and `bit + 1` of `qh`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8, qh: __m256i, bit: Option<i32>) -> (__m256i, __m256i) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let bits = load(p);
+    let mut lo = _mm256_and_si256(bits, m4);
+    let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+    if let Some(bit) = bit {
+        lo = _mm256_or_si256(lo, high_bits(qh, bit, 1));
+        hi = _mm256_or_si256(hi, high_bits(qh, bit + 1, 1));
+    }
+    (lo, hi)
+}
+
+/// Bits `shift..` of each byte of `qh` under `mask`, moved to bit 4 and up.
+/// (A function, not a closure: closures do not inherit target features.)
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn high_bits(qh: __m256i, shift: i32, mask: i8) -> __m256i {
+    let shifted = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift));
+    _mm256_slli_epi16(_mm256_and_si256(shifted, _mm256_set1_epi8(mask)), 4)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q45k_lanes<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+) {
+    let bb = ty.block_bytes();
+    let q5 = ty == NativeType::Q5_K;
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut mins4 = [[0f32; 4]; R];
+    let mut summs = [0f32; R];
+    for i in 0..acts[0].len() {
+        let blk = &w[i * bb..(i + 1) * bb];
+        let (sc, mn) = scales_mins(&blk[4..16]);
+        let (wd, wmin) = (f16_at(blk, 0), f16_at(blk, 2));
+        let qs = blk.as_ptr().add(if q5 { 48 } else { 16 });
+        let qh = if q5 {
+            load(blk.as_ptr().add(16))
+        } else {
+            _mm256_setzero_si256()
+        };
+        let mut sumi = [_mm256_setzero_si256(); R];
+        for j in 0..4 {
+            let bit = q5.then_some(2 * j as i32);
+            let (lo, hi) = nibbles(qs.add(32 * j), qh, bit);
+            let (s_lo, s_hi) = (
+                _mm256_set1_epi16(sc[2 * j] as i16),
+                _mm256_set1_epi16(sc[2 * j + 1] as i16),
+            );
+            for r in 0..R {
+                let a = acts[r].get_unchecked(i).qs.as_ptr().add(64 * j);
+                let p = _mm256_add_epi32(scaled_dot(lo, a, s_lo), scaled_dot(hi, a.add(32), s_hi));
+                sumi[r] = _mm256_add_epi32(sumi[r], p);
+            }
+        }
+        for r in 0..R {
+            let y = acts[r].get_unchecked(i);
+            let d = y.d * wd;
+            let dmin = -y.d * wmin;
+            let prod: [i32; 4] = std::array::from_fn(|k| {
+                mn[2 * k] * y.bsum32(2 * k) + mn[2 * k + 1] * y.bsum32(2 * k + 1)
+            });
+            if q5 {
+                let total = (prod[0] + prod[1]) + (prod[2] + prod[3]);
+                summs[r] = dmin.mul_add(total as f32, summs[r]);
+            } else {
+                for (m, &p) in mins4[r].iter_mut().zip(&prod) {
+                    *m = dmin.mul_add(p as f32, *m);
+                }
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        }
+    }
+    for r in 0..R {
+        let m = &mins4[r];
+        let tail = if q5 {
+            summs[r]
+        } else {
+            (m[0] + m[2]) + (m[1] + m[3])
+        };
+        out[r] = hsum_f32(acc[r]) + tail;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_repacked<const R: usize>(
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    per_pair: bool,
+) {
+    let mut acc = [0f32; R];
+    let mut acc_min = [0f32; R];
+    for i in 0..acts[0].len() {
+        let blk = &w[i * 144..(i + 1) * 144];
+        let (sc, mn) = scales_mins(&blk[4..16]);
+        let (wd, wmin) = (f16_at(blk, 0), f16_at(blk, 2));
+        let qs = blk.as_ptr().add(16);
+        let mut sumi = [_mm256_setzero_si256(); R];
+        let mut m_block = [0i32; R];
+        for pair in 0..4 {
+            let (lo, hi) = nibbles(qs.add(32 * pair), _mm256_setzero_si256(), None);
+            let (s_lo, s_hi) = (
+                _mm256_set1_epi16(sc[2 * pair] as i16),
+                _mm256_set1_epi16(sc[2 * pair + 1] as i16),
+            );
+            for r in 0..R {
+                let y = acts[r].get_unchecked(i);
+                let a = y.qs.as_ptr().add(64 * pair);
+                let p = _mm256_add_epi32(scaled_dot(lo, a, s_lo), scaled_dot(hi, a.add(32), s_hi));
+                let m =
+                    mn[2 * pair] * y.bsum32(2 * pair) + mn[2 * pair + 1] * y.bsum32(2 * pair + 1);
+                if per_pair {
+                    acc[r] = (hsum_i32(p) as f32).mul_add(wd * y.d, acc[r]);
+                    acc_min[r] = (m as f32).mul_add(wmin * y.d, acc_min[r]);
+                } else {
+                    sumi[r] = _mm256_add_epi32(sumi[r], p);
+                    m_block[r] += m;
+                }
+            }
+        }
+        if !per_pair {
+            for r in 0..R {
+                let yd = acts[r].get_unchecked(i).d;
+                acc[r] = (hsum_i32(sumi[r]) as f32).mul_add(wd * yd, acc[r]);
+                acc_min[r] = (m_block[r] as f32).mul_add(wmin * yd, acc_min[r]);
+            }
+        }
+    }
+    for r in 0..R {
+        out[r] = acc[r] - acc_min[r];
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k<const R: usize>(w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32; R]) {
+    let m15 = _mm256_set1_epi8(15);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for i in 0..acts[0].len() {
+        let blk = &w[i * 210..(i + 1) * 210];
+        let p = blk.as_ptr();
+        let sc = q6_scales(blk);
+        let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const __m128i));
+        let mut sumi = [_mm256_setzero_si256(); R];
+        for j in 0..2 {
+            let ql1 = load(p.add(64 * j));
+            let ql2 = load(p.add(64 * j + 32));
+            let qh = load(p.add(128 + 32 * j));
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(ql1, m15), high_bits(qh, 0, 3)),
+                _mm256_or_si256(_mm256_and_si256(ql2, m15), high_bits(qh, 2, 3)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m15),
+                    high_bits(qh, 4, 3),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql2, 4), m15),
+                    high_bits(qh, 6, 3),
+                ),
+            ];
+            for (c, &qc) in q.iter().enumerate() {
+                let s = 8 * j + 2 * c;
+                let scale = _mm256_set_m128i(
+                    _mm_set1_epi16(sc[s + 1] as i16),
+                    _mm_set1_epi16(sc[s] as i16),
+                );
+                for r in 0..R {
+                    let a = acts[r].get_unchecked(i).qs.as_ptr().add(128 * j + 32 * c);
+                    sumi[r] = _mm256_add_epi32(sumi[r], scaled_dot(qc, a, scale));
+                }
+            }
+        }
+        let wd = f16_at(blk, 208);
+        for r in 0..R {
+            let y = acts[r].get_unchecked(i);
+            let bsums = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+            let sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, scales16), 5);
+            let s = _mm256_sub_epi32(sumi[r], sub);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * wd), _mm256_cvtepi32_ps(s), acc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum_f32(acc[r]);
+    }
+}

@@ -1,0 +1,277 @@
+//! The 256-element "K" block types (Q4_K, Q5_K, Q6_K): activation
+//! quantization to ggml's `block_q8_K` and the portable kernels, which are
+//! the definition [`super::kavx2`] matches bit for bit.
+//!
+//! Two arithmetic shapes, because llama.cpp has two on x86:
+//! - Q5_K and Q6_K run ggml's `ggml_vec_dot_q*_K_q8_K`: integer products
+//!   in eight lanes per super-block, one FMA per lane and super-block, the
+//!   lanes summed at the end ([`Lanes`]).
+//! - Q4_K matrices whose row count is a multiple of 8 are repacked by
+//!   llama.cpp on AVX2 CPUs (`block_q4_Kx8`), and its repacked kernels
+//!   keep one float accumulator per output: the exact integer dot of each
+//!   super-block (`gemv`, the last `t % 4` rows of a batch) or of each pair
+//!   of sub-blocks (`gemm`, the rows before) is scaled with one FMA, the
+//!   mins in a second accumulator subtracted at the end. Other Q4_K
+//!   matrices take the lane shape of `ggml_vec_dot_q4_K_q8_K`.
+
+use super::scalar::{f16_at, Lanes};
+use super::NativeType;
+
+/// Elements per K block.
+pub const QK_K: usize = 256;
+
+/// One super-block of 8-bit activations: ggml's `block_q8_K`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BlockQ8K {
+    /// Scale (full f32, unlike the 32-element blocks).
+    pub d: f32,
+    /// Quantized values.
+    pub qs: [i8; QK_K],
+    /// Sums of each 16 consecutive `qs`.
+    pub bsums: [i16; QK_K / 16],
+}
+
+impl Default for BlockQ8K {
+    fn default() -> Self {
+        BlockQ8K {
+            d: 0.0,
+            qs: [0; QK_K],
+            bsums: [0; QK_K / 16],
+        }
+    }
+}
+
+impl BlockQ8K {
+    /// Sum of the 32 values of sub-block `j` (ggml's `hadd` of two bsums).
+    #[inline]
+    pub fn bsum32(&self, j: usize) -> i32 {
+        self.bsums[2 * j] as i32 + self.bsums[2 * j + 1] as i32
+    }
+}
+
+/// ggml's `quantize_row_q8_K_ref`: the scale comes from the element of
+/// largest magnitude *with its sign* (the first one on ties), `-127 / max`,
+/// rounded to nearest even and clamped to 127.
+pub(super) fn quantize_row_k(x: &[f32], out: &mut [BlockQ8K]) {
+    for (chunk, block) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in chunk {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *block = BlockQ8K::default();
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in block.qs.iter_mut().zip(chunk) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, sixteen) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+            *s = sixteen.iter().map(|&q| q as i16).sum();
+        }
+        block.d = 1.0 / iscale;
+    }
+}
+
+/// The 6-bit scales and mins of a Q4_K/Q5_K super-block (ggml's
+/// `get_scale_min_k4` for all eight sub-blocks).
+#[inline]
+pub(super) fn scales_mins(s: &[u8]) -> ([i32; 8], [i32; 8]) {
+    let (mut sc, mut mn) = ([0i32; 8], [0i32; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = (s[j] & 63) as i32;
+            mn[j] = (s[j + 4] & 63) as i32;
+        } else {
+            sc[j] = ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4)) as i32;
+            mn[j] = ((s[j + 4] >> 4) | ((s[j] >> 6) << 4)) as i32;
+        }
+    }
+    (sc, mn)
+}
+
+/// The 256 unsigned weights of a Q4_K/Q5_K/Q6_K super-block in element
+/// order (Q6_K's before its -32 offset).
+pub(super) fn super_block_ints(ty: NativeType, b: &[u8]) -> [u8; QK_K] {
+    let mut q = [0u8; QK_K];
+    match ty {
+        NativeType::Q4_K | NativeType::Q5_K => {
+            let (qh, qs) = if ty == NativeType::Q4_K {
+                (None, &b[16..144])
+            } else {
+                (Some(&b[16..48]), &b[48..176])
+            };
+            for j in 0..4 {
+                for l in 0..32 {
+                    let byte = qs[32 * j + l];
+                    let (mut lo, mut hi) = (byte & 0xF, byte >> 4);
+                    if let Some(qh) = qh {
+                        lo |= ((qh[l] >> (2 * j)) & 1) << 4;
+                        hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+                    }
+                    q[64 * j + l] = lo;
+                    q[64 * j + 32 + l] = hi;
+                }
+            }
+        }
+        NativeType::Q6_K => {
+            for j in 0..2 {
+                let ql = &b[64 * j..64 * j + 64];
+                let qh = &b[128 + 32 * j..128 + 32 * j + 32];
+                for l in 0..32 {
+                    let o = 128 * j + l;
+                    q[o] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                    q[o + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                    q[o + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    q[o + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+        }
+        _ => unreachable!("{ty:?} is not a K type"),
+    }
+    q
+}
+
+/// Q6_K's sixteen signed 8-bit scales.
+#[inline]
+pub(super) fn q6_scales(b: &[u8]) -> [i32; 16] {
+    std::array::from_fn(|i| b[192 + i] as i8 as i32)
+}
+
+/// How a Q4_K product sums its super-blocks (see the module notes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Q4KShape {
+    /// `ggml_vec_dot_q4_K_q8_K`: eight lanes.
+    Lanes,
+    /// Repacked `gemv`: one FMA per super-block.
+    PerBlock,
+    /// Repacked `gemm`: one FMA per pair of sub-blocks.
+    PerPair,
+}
+
+/// One weight row dotted with one activation row, as ggml computes it.
+pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8K], shape: Q4KShape) -> f32 {
+    let bb = ty.block_bytes();
+    match ty {
+        NativeType::Q4_K if shape != Q4KShape::Lanes => {
+            dot_q4k_repacked(w, a, shape == Q4KShape::PerPair)
+        }
+        NativeType::Q4_K | NativeType::Q5_K => {
+            let mut acc = Lanes::default();
+            // Q4_K keeps its mins in four float lanes, Q5_K in one scalar.
+            let mut mins4 = [0f32; 4];
+            let mut summs = 0f32;
+            for (i, y) in a.iter().enumerate() {
+                let b = &w[i * bb..(i + 1) * bb];
+                let d = y.d * f16_at(b, 0);
+                let dmin = -y.d * f16_at(b, 2);
+                let (sc, mn) = scales_mins(&b[4..16]);
+                let prod: [i32; 4] = std::array::from_fn(|k| {
+                    mn[2 * k] * y.bsum32(2 * k) + mn[2 * k + 1] * y.bsum32(2 * k + 1)
+                });
+                if ty == NativeType::Q4_K {
+                    for (m, &p) in mins4.iter_mut().zip(&prod) {
+                        *m = dmin.mul_add(p as f32, *m);
+                    }
+                } else {
+                    let total = (prod[0] + prod[1]) + (prod[2] + prod[3]);
+                    summs = dmin.mul_add(total as f32, summs);
+                }
+                let q = super_block_ints(ty, b);
+                let mut lanes = [0i32; 8];
+                for (e, (&qv, &av)) in q.iter().zip(&y.qs).enumerate() {
+                    lanes[(e % 32) / 4] += sc[e / 32] * qv as i32 * av as i32;
+                }
+                acc.fma(d, &lanes);
+            }
+            if ty == NativeType::Q4_K {
+                summs = (mins4[0] + mins4[2]) + (mins4[1] + mins4[3]);
+            }
+            acc.sum() + summs
+        }
+        NativeType::Q6_K => {
+            let mut acc = Lanes::default();
+            for (i, y) in a.iter().enumerate() {
+                let b = &w[i * bb..(i + 1) * bb];
+                let d = y.d * f16_at(b, 208);
+                let sc = q6_scales(b);
+                let q = super_block_ints(ty, b);
+                let mut lanes = [0i32; 8];
+                for (e, (&qv, &av)) in q.iter().zip(&y.qs).enumerate() {
+                    lanes[(e % 32) / 4] += sc[e / 16] * qv as i32 * av as i32;
+                }
+                // The -32 offset, through the activation sums, lane by lane.
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    let m = y.bsums[2 * l] as i32 * sc[2 * l]
+                        + y.bsums[2 * l + 1] as i32 * sc[2 * l + 1];
+                    *lane -= m << 5;
+                }
+                acc.fma(d, &lanes);
+            }
+            acc.sum()
+        }
+        _ => unreachable!("{ty:?} is not a K type"),
+    }
+}
+
+/// Q4_K the way llama.cpp's repacked kernels sum it.
+fn dot_q4k_repacked(w: &[u8], a: &[BlockQ8K], per_pair: bool) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (i, y) in a.iter().enumerate() {
+        let b = &w[i * 144..(i + 1) * 144];
+        let ds = f16_at(b, 0) * y.d;
+        let dm = f16_at(b, 2) * y.d;
+        let (sc, mn) = scales_mins(&b[4..16]);
+        let q = super_block_ints(NativeType::Q4_K, b);
+        let (mut s_block, mut m_block) = (0i32, 0i32);
+        for pair in 0..4 {
+            let mut s = 0i32;
+            for sub in [2 * pair, 2 * pair + 1] {
+                let dot: i32 = (32 * sub..32 * sub + 32)
+                    .map(|e| q[e] as i32 * y.qs[e] as i32)
+                    .sum();
+                s += sc[sub] * dot;
+            }
+            let m = mn[2 * pair] * y.bsum32(2 * pair) + mn[2 * pair + 1] * y.bsum32(2 * pair + 1);
+            if per_pair {
+                acc = (s as f32).mul_add(ds, acc);
+                acc_min = (m as f32).mul_add(dm, acc_min);
+            } else {
+                s_block += s;
+                m_block += m;
+            }
+        }
+        if !per_pair {
+            acc = (s_block as f32).mul_add(ds, acc);
+            acc_min = (m_block as f32).mul_add(dm, acc_min);
+        }
+    }
+    acc - acc_min
+}
+
+/// Dequantizes one row of K blocks (ggml's `dequantize_row_q*_K`).
+pub(super) fn dequantize_row(ty: NativeType, w: &[u8], out: &mut [f32]) {
+    let bb = ty.block_bytes();
+    for (i, chunk) in out.chunks_exact_mut(QK_K).enumerate() {
+        let b = &w[i * bb..(i + 1) * bb];
+        let q = super_block_ints(ty, b);
+        if ty == NativeType::Q6_K {
+            let d = f16_at(b, 208);
+            let sc = q6_scales(b);
+            for (e, o) in chunk.iter_mut().enumerate() {
+                *o = d * sc[e / 16] as f32 * (q[e] as i32 - 32) as f32;
+            }
+        } else {
+            let (d, min) = (f16_at(b, 0), f16_at(b, 2));
+            let (sc, mn) = scales_mins(&b[4..16]);
+            for (e, o) in chunk.iter_mut().enumerate() {
+                let (d1, m1) = (d * sc[e / 32] as f32, min * mn[e / 32] as f32);
+                *o = d1 * q[e] as f32 - m1;
+            }
+        }
+    }
+}
