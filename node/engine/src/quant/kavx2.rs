@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::kquant::{q6_scales, scales_mins, BlockQ8K, Q4KShape};
+use super::kquant::{q6_scales, scales_mins, tiled_step, BlockQ8K, KShape};
 use super::scalar::f16_at;
 use super::NativeType;
 
@@ -19,17 +19,19 @@ pub(super) unsafe fn dot_rows<const R: usize>(
     w: &[u8],
     acts: &[&[BlockQ8K]; R],
     out: &mut [f32; R],
-    shape: Q4KShape,
+    shape: KShape,
 ) {
     for a in acts {
         debug_assert!(w.len() >= a.len() * ty.block_bytes());
     }
-    match ty {
-        NativeType::Q4_K if shape != Q4KShape::Lanes => {
-            q4k_repacked(w, acts, out, shape == Q4KShape::PerPair)
+    let tiled = shape == KShape::Tiled;
+    match (ty, shape) {
+        (NativeType::Q4_K, KShape::PerBlock | KShape::PerPair) => {
+            q4k_repacked(w, acts, out, shape == KShape::PerPair)
         }
-        NativeType::Q4_K | NativeType::Q5_K => q45k_lanes(ty, w, acts, out),
-        NativeType::Q6_K => q6k(w, acts, out),
+        (_, KShape::PerBlock | KShape::PerPair) => unreachable!("{ty:?} is never repacked"),
+        (NativeType::Q4_K | NativeType::Q5_K, _) => q45k(ty, w, acts, out, tiled),
+        (NativeType::Q6_K, _) => q6k(w, acts, out, tiled),
         _ => unreachable!("{ty:?} is not a K type"),
     }
 }
@@ -92,11 +94,12 @@ unsafe fn high_bits(qh: __m256i, shift: i32, mask: i8) -> __m256i {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q45k_lanes<const R: usize>(
+unsafe fn q45k<const R: usize>(
     ty: NativeType,
     w: &[u8],
     acts: &[&[BlockQ8K]; R],
     out: &mut [f32; R],
+    tiled: bool,
 ) {
     let bb = ty.block_bytes();
     let q5 = ty == NativeType::Q5_K;
@@ -134,6 +137,11 @@ unsafe fn q45k_lanes<const R: usize>(
             let prod: [i32; 4] = std::array::from_fn(|k| {
                 mn[2 * k] * y.bsum32(2 * k) + mn[2 * k + 1] * y.bsum32(2 * k + 1)
             });
+            if tiled {
+                let s2 = prod.iter().sum();
+                summs[r] = tiled_step(summs[r], hsum_i32(sumi[r]), s2, wd, Some(wmin), y.d);
+                continue;
+            }
             if q5 {
                 let total = (prod[0] + prod[1]) + (prod[2] + prod[3]);
                 summs[r] = dmin.mul_add(total as f32, summs[r]);
@@ -147,6 +155,10 @@ unsafe fn q45k_lanes<const R: usize>(
     }
     for r in 0..R {
         let m = &mins4[r];
+        if tiled {
+            out[r] = summs[r];
+            continue;
+        }
         let tail = if q5 {
             summs[r]
         } else {
@@ -207,7 +219,9 @@ unsafe fn q4k_repacked<const R: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k<const R: usize>(w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32; R]) {
+unsafe fn q6k<const R: usize>(w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32; R], tiled: bool) {
+    // Tiled: the running sum per row (the lane accumulators stay unused).
+    let mut sum = [0f32; R];
     let m15 = _mm256_set1_epi8(15);
     let mut acc = [_mm256_setzero_ps(); R];
     for i in 0..acts[0].len() {
@@ -250,10 +264,14 @@ unsafe fn q6k<const R: usize>(w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32;
             let bsums = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
             let sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, scales16), 5);
             let s = _mm256_sub_epi32(sumi[r], sub);
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * wd), _mm256_cvtepi32_ps(s), acc[r]);
+            if tiled {
+                sum[r] = tiled_step(sum[r], hsum_i32(s), 0, wd, None, y.d);
+            } else {
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * wd), _mm256_cvtepi32_ps(s), acc[r]);
+            }
         }
     }
     for r in 0..R {
-        out[r] = hsum_f32(acc[r]);
+        out[r] = if tiled { sum[r] } else { hsum_f32(acc[r]) };
     }
 }

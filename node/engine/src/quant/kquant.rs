@@ -2,17 +2,21 @@
 //! quantization to ggml's `block_q8_K` and the portable kernels, which are
 //! the definition [`super::kavx2`] matches bit for bit.
 //!
-//! Two arithmetic shapes, because llama.cpp has two on x86:
-//! - Q5_K and Q6_K run ggml's `ggml_vec_dot_q*_K_q8_K`: integer products
-//!   in eight lanes per super-block, one FMA per lane and super-block, the
+//! llama.cpp sums a K product in one of four shapes on x86 ([`KShape`]),
+//! chosen by the matrix and the batch; shoal picks the same one:
+//! - Q4_K matrices whose row count is a multiple of 8 are repacked
+//!   (`block_q4_Kx8`), and the repacked kernels keep one float accumulator
+//!   per output: the exact integer dot of each super-block (`gemv`, the
+//!   last `t % 4` rows of a batch) or of each pair of sub-blocks (`gemm`,
+//!   the rows before) is scaled with one FMA, the mins in a second
+//!   accumulator subtracted at the end.
+//! - Otherwise a batch of 8 rows or more goes through ggml's tiled K-quant
+//!   kernel (`ggml-cpu/tiled`): per super-block the exact integer sums,
+//!   scaled by the weight's `d` (minus `dmin` times the min sums, fused),
+//!   then one FMA with the activation's `d` into the output.
+//! - Smaller batches run `ggml_vec_dot_q*_K_q8_K`: integer products in
+//!   eight lanes per super-block, one FMA per lane and super-block, the
 //!   lanes summed at the end ([`Lanes`]).
-//! - Q4_K matrices whose row count is a multiple of 8 are repacked by
-//!   llama.cpp on AVX2 CPUs (`block_q4_Kx8`), and its repacked kernels
-//!   keep one float accumulator per output: the exact integer dot of each
-//!   super-block (`gemv`, the last `t % 4` rows of a batch) or of each pair
-//!   of sub-blocks (`gemm`, the rows before) is scaled with one FMA, the
-//!   mins in a second accumulator subtracted at the end. Other Q4_K
-//!   matrices take the lane shape of `ggml_vec_dot_q4_K_q8_K`.
 
 use super::scalar::{f16_at, Lanes};
 use super::NativeType;
@@ -142,24 +146,105 @@ pub(super) fn q6_scales(b: &[u8]) -> [i32; 16] {
     std::array::from_fn(|i| b[192 + i] as i8 as i32)
 }
 
-/// How a Q4_K product sums its super-blocks (see the module notes).
+/// How a K product sums its super-blocks (see the module notes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Q4KShape {
-    /// `ggml_vec_dot_q4_K_q8_K`: eight lanes.
+pub enum KShape {
+    /// `ggml_vec_dot_q*_K_q8_K`: eight lanes.
     Lanes,
-    /// Repacked `gemv`: one FMA per super-block.
+    /// The tiled kernel: one scalar chain per output.
+    Tiled,
+    /// Repacked Q4_K `gemv`: one FMA per super-block.
     PerBlock,
-    /// Repacked `gemm`: one FMA per pair of sub-blocks.
+    /// Repacked Q4_K `gemm`: one FMA per pair of sub-blocks.
     PerPair,
 }
 
+impl KShape {
+    /// The shape llama.cpp uses for a `ty` matrix of `rows` rows, batch
+    /// row `r` of `t`.
+    pub fn of(ty: NativeType, rows: usize, t: usize, r: usize) -> KShape {
+        if ty == NativeType::Q4_K && rows.is_multiple_of(8) {
+            if r < t - t % 4 {
+                KShape::PerPair
+            } else {
+                KShape::PerBlock
+            }
+        } else if t >= TILED_BATCH_MIN {
+            KShape::Tiled
+        } else {
+            KShape::Lanes
+        }
+    }
+}
+
+/// Batch rows from which llama.cpp takes its tiled K-quant kernel
+/// (`ggml_tiled_min_batch`).
+pub const TILED_BATCH_MIN: usize = 8;
+
+/// The tiled kernel's float steps for one super-block: `s1` (scaled
+/// integer dot) times the weight scale, minus `dmin * s2` (fused), then
+/// fused into the running sum with the activation scale.
+#[inline]
+pub(super) fn tiled_step(sum: f32, s1: i32, s2: i32, wd: f32, wmin: Option<f32>, ad: f32) -> f32 {
+    let mut r = s1 as f32 * wd;
+    if let Some(m) = wmin {
+        r = (-m).mul_add(s2 as f32, r);
+    }
+    r.mul_add(ad, sum)
+}
+
 /// One weight row dotted with one activation row, as ggml computes it.
-pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8K], shape: Q4KShape) -> f32 {
+pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8K], shape: KShape) -> f32 {
+    match (ty, shape) {
+        (NativeType::Q4_K, KShape::PerBlock | KShape::PerPair) => {
+            dot_q4k_repacked(w, a, shape == KShape::PerPair)
+        }
+        (_, KShape::Tiled) => dot_tiled(ty, w, a),
+        (_, KShape::PerBlock | KShape::PerPair) => unreachable!("{ty:?} is never repacked"),
+        _ => dot_lanes(ty, w, a),
+    }
+}
+
+/// The exact integer sums of one super-block: `Σ scale·(q·a)` over its
+/// sub-blocks (Q6_K's -32 offset included) and `Σ min·bsum` (0 for Q6_K).
+fn super_block_sums(ty: NativeType, b: &[u8], y: &BlockQ8K) -> (i32, i32) {
+    let q = super_block_ints(ty, b);
+    let dot = |e: std::ops::Range<usize>| -> i32 { e.map(|i| q[i] as i32 * y.qs[i] as i32).sum() };
+    if ty == NativeType::Q6_K {
+        let sc = q6_scales(b);
+        let s1 = (0..16)
+            .map(|s| sc[s] * (dot(16 * s..16 * s + 16) - 32 * y.bsums[s] as i32))
+            .sum();
+        (s1, 0)
+    } else {
+        let (sc, mn) = scales_mins(&b[4..16]);
+        let s1 = (0..8).map(|s| sc[s] * dot(32 * s..32 * s + 32)).sum();
+        let s2 = (0..8).map(|s| mn[s] * y.bsum32(s)).sum();
+        (s1, s2)
+    }
+}
+
+/// A K row the way ggml's tiled kernel sums it.
+fn dot_tiled(ty: NativeType, w: &[u8], a: &[BlockQ8K]) -> f32 {
+    let bb = ty.block_bytes();
+    let mut sum = 0f32;
+    for (i, y) in a.iter().enumerate() {
+        let b = &w[i * bb..(i + 1) * bb];
+        let (s1, s2) = super_block_sums(ty, b, y);
+        let (wd, wmin) = if ty == NativeType::Q6_K {
+            (f16_at(b, 208), None)
+        } else {
+            (f16_at(b, 0), Some(f16_at(b, 2)))
+        };
+        sum = tiled_step(sum, s1, s2, wd, wmin, y.d);
+    }
+    sum
+}
+
+/// A K row as `ggml_vec_dot_q*_K_q8_K` (AVX2) sums it.
+fn dot_lanes(ty: NativeType, w: &[u8], a: &[BlockQ8K]) -> f32 {
     let bb = ty.block_bytes();
     match ty {
-        NativeType::Q4_K if shape != Q4KShape::Lanes => {
-            dot_q4k_repacked(w, a, shape == Q4KShape::PerPair)
-        }
         NativeType::Q4_K | NativeType::Q5_K => {
             let mut acc = Lanes::default();
             // Q4_K keeps its mins in four float lanes, Q5_K in one scalar.

@@ -24,7 +24,7 @@ mod kavx2;
 mod kquant;
 mod scalar;
 
-pub use kquant::{BlockQ8K, Q4KShape, QK_K};
+pub use kquant::{BlockQ8K, KShape, QK_K};
 use rayon::prelude::*;
 use sharding::GgmlType;
 
@@ -242,7 +242,7 @@ trait ActBlock: Sized + Sync {
         w: &[u8],
         acts: &[&[Self]; R],
         out: &mut [f32; R],
-        shape: Q4KShape,
+        shape: KShape,
     );
 }
 
@@ -254,7 +254,7 @@ impl ActBlock for BlockQ8 {
         w: &[u8],
         acts: &[&[Self]; R],
         out: &mut [f32; R],
-        _shape: Q4KShape,
+        _shape: KShape,
     ) {
         #[cfg(target_arch = "x86_64")]
         if use_avx2 {
@@ -278,7 +278,7 @@ impl ActBlock for BlockQ8K {
         w: &[u8],
         acts: &[&[Self]; R],
         out: &mut [f32; R],
-        shape: Q4KShape,
+        shape: KShape,
     ) {
         #[cfg(target_arch = "x86_64")]
         if use_avx2 {
@@ -322,10 +322,9 @@ fn matmul_blocks<B: ActBlock>(
         col,
     };
     let use_avx2 = simd_available();
-    // llama.cpp repacks Q4_K matrices of 8k rows and sums them per pair of
-    // sub-blocks for the rows it takes four at a time, per super-block for
-    // the rest (see `kquant`); the row grouping below is the same.
-    let repacked = w.n.is_multiple_of(8);
+    // The K types' float order depends on the matrix and the batch (see
+    // `kquant`); for repacked Q4_K on the row's place in the batch, which
+    // the grouping below (fours first, then the rest) follows.
     let n_tasks = w.n.div_ceil(ROWS_PER_TASK);
     (0..n_tasks).into_par_iter().for_each(|task| {
         let dst = &dst;
@@ -344,11 +343,7 @@ fn matmul_blocks<B: ActBlock>(
                 n if n >= 2 => 2,
                 _ => 1,
             };
-            let shape = match (repacked, take) {
-                (false, _) => Q4KShape::Lanes,
-                (true, ACT_ROWS_PER_PASS) => Q4KShape::PerPair,
-                (true, _) => Q4KShape::PerBlock,
-            };
+            let shape = KShape::of(w.ty, w.n, t, r);
             for j in weight_rows.clone() {
                 let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
                 let mut vals = [0f32; ACT_ROWS_PER_PASS];
@@ -494,11 +489,7 @@ mod tests {
         let row_bytes = k / ty.block_elems() * ty.block_bytes();
         let mut out = vec![0f32; t * n];
         for r in 0..t {
-            let shape = match (n.is_multiple_of(8), r < t - t % 4) {
-                (false, _) => Q4KShape::Lanes,
-                (true, true) => Q4KShape::PerPair,
-                (true, false) => Q4KShape::PerBlock,
-            };
+            let shape = KShape::of(ty, n, t, r);
             for j in 0..n {
                 let w = &bytes[j * row_bytes..(j + 1) * row_bytes];
                 out[r * n + j] = if ty.is_k() {
