@@ -10,9 +10,14 @@ use serde::{Deserialize, Serialize};
 use crate::ggml::GgmlType;
 use crate::gguf::{GgufFile, TensorInfo};
 
-/// Architectures shoal runs: the llama family. Mistral-style GGUFs declare
-/// `llama`; Qwen2 adds q/k/v biases and NeoX RoPE.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
+/// Architectures shoal runs. Mistral-style GGUFs declare `llama`; Qwen2
+/// adds q/k/v biases and NeoX RoPE; Qwen3 per-head q/k norms; Gemma 3
+/// q/k norms, norms after attention and FFN, GeGLU, a scaled embedding and
+/// sliding-window layers; Phi-3 fused QKV and gate/up matrices; Qwen3-MoE
+/// a routed mixture of experts in every layer.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3",
+];
 
 /// What is wrong with a GGUF as a model (the container itself parsed).
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +79,41 @@ pub enum RopeStyle {
     Neox,
 }
 
-/// Hyperparameters of a llama-family model.
+/// The feed-forward activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Activation {
+    /// `silu(gate) * up` (llama, Qwen, Phi).
+    #[default]
+    SwiGlu,
+    /// `gelu_tanh(gate) * up` (Gemma).
+    GeGlu,
+}
+
+/// A routed mixture of experts in place of the dense feed-forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Experts {
+    /// Experts per layer.
+    pub count: usize,
+    /// Experts each token runs.
+    pub used: usize,
+    /// Inner size of one expert.
+    pub ffn_dim: usize,
+    /// Whether the chosen experts' weights are renormalized to sum to 1.
+    pub normalize: bool,
+}
+
+/// Sliding-window attention on some layers (Gemma 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    /// Keys a query sees, itself included.
+    pub window: usize,
+    /// Per layer: whether it attends within the window only.
+    pub layers: Vec<bool>,
+    /// RoPE base of the windowed layers.
+    pub rope_theta: f32,
+}
+
+/// Hyperparameters of a model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     /// `general.architecture`.
@@ -105,6 +144,37 @@ pub struct ModelConfig {
     pub rope_style: RopeStyle,
     /// Linear RoPE position scaling (1.0 = none).
     pub rope_scale: f32,
+    /// Per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3).
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// RMSNorms after attention and after the feed-forward (Gemma 3).
+    #[serde(default)]
+    pub post_norms: bool,
+    /// The feed-forward activation.
+    #[serde(default)]
+    pub activation: Activation,
+    /// Factor on the token embeddings (Gemma: sqrt(dim)).
+    #[serde(default)]
+    pub embed_scale: Option<f32>,
+    /// Scale of the attention scores.
+    #[serde(default)]
+    pub attn_scale: f32,
+    /// Whether `attn_scale` multiplies q before attention (Gemma, Phi-3)
+    /// rather than the scores inside it: the same math, other roundings.
+    #[serde(default)]
+    pub scale_q: bool,
+    /// Sliding-window attention, if any layer has it.
+    #[serde(default)]
+    pub sliding_window: Option<SlidingWindow>,
+    /// Soft cap of the final logits (`cap * tanh(x / cap)`), if any.
+    #[serde(default)]
+    pub final_softcap: Option<f32>,
+    /// Mixture of experts, if the model has one.
+    #[serde(default)]
+    pub experts: Option<Experts>,
+    /// Phi-3 stores q/k/v as one matrix and gate/up as one.
+    #[serde(default)]
+    pub fused: bool,
 }
 
 /// The tensors of one transformer block.
@@ -146,18 +216,55 @@ pub struct ModelLayout {
     pub layers: Vec<LayerLayout>,
 }
 
-const LAYER_TENSORS: &[&str] = &[
-    "attn_norm.weight",
-    "attn_q.weight",
-    "attn_k.weight",
-    "attn_v.weight",
-    "attn_output.weight",
-    "ffn_norm.weight",
-    "ffn_gate.weight",
-    "ffn_up.weight",
-    "ffn_down.weight",
-];
-const OPTIONAL_LAYER_TENSORS: &[&str] = &["attn_q.bias", "attn_k.bias", "attn_v.bias"];
+/// The tensors of block `index` the model's config calls for: `(suffix,
+/// expected dims, required)`.
+fn layer_tensors(c: &ModelConfig) -> Vec<(&'static str, Vec<u64>, bool)> {
+    let (dim, ffn, hd) = (c.dim as u64, c.ffn_dim as u64, c.head_dim as u64);
+    let q_dim = (c.n_heads * c.head_dim) as u64;
+    let kv_dim = (c.n_kv_heads * c.head_dim) as u64;
+    let mut t = vec![
+        ("attn_norm.weight", vec![dim], true),
+        ("attn_output.weight", vec![q_dim, dim], true),
+        ("ffn_norm.weight", vec![dim], true),
+    ];
+    if c.fused {
+        t.push(("attn_qkv.weight", vec![dim, q_dim + 2 * kv_dim], true));
+    } else {
+        t.push(("attn_q.weight", vec![dim, q_dim], true));
+        t.push(("attn_k.weight", vec![dim, kv_dim], true));
+        t.push(("attn_v.weight", vec![dim, kv_dim], true));
+        t.push(("attn_q.bias", vec![q_dim], false));
+        t.push(("attn_k.bias", vec![kv_dim], false));
+        t.push(("attn_v.bias", vec![kv_dim], false));
+    }
+    if c.qk_norm {
+        t.push(("attn_q_norm.weight", vec![hd], true));
+        t.push(("attn_k_norm.weight", vec![hd], true));
+    }
+    if c.post_norms {
+        t.push(("post_attention_norm.weight", vec![dim], true));
+        t.push(("post_ffw_norm.weight", vec![dim], true));
+    }
+    match (&c.experts, c.fused) {
+        (Some(e), _) => {
+            let (n, eff) = (e.count as u64, e.ffn_dim as u64);
+            t.push(("ffn_gate_inp.weight", vec![dim, n], true));
+            t.push(("ffn_gate_exps.weight", vec![dim, eff, n], true));
+            t.push(("ffn_up_exps.weight", vec![dim, eff, n], true));
+            t.push(("ffn_down_exps.weight", vec![eff, dim, n], true));
+        }
+        (None, true) => {
+            t.push(("ffn_up.weight", vec![dim, 2 * ffn], true));
+            t.push(("ffn_down.weight", vec![ffn, dim], true));
+        }
+        (None, false) => {
+            t.push(("ffn_gate.weight", vec![dim, ffn], true));
+            t.push(("ffn_up.weight", vec![dim, ffn], true));
+            t.push(("ffn_down.weight", vec![ffn, dim], true));
+        }
+    }
+    t
+}
 
 impl ModelLayout {
     /// Describes the model in a parsed GGUF, checking every tensor's shape.
@@ -173,9 +280,7 @@ impl ModelLayout {
                 })
         };
         let c = &config;
-        let (dim, ffn) = (c.dim as u64, c.ffn_dim as u64);
-        let q_dim = (c.n_heads * c.head_dim) as u64;
-        let kv_dim = (c.n_kv_heads * c.head_dim) as u64;
+        let dim = c.dim as u64;
         let vocab = c.vocab_size as u64;
         let token_embd = tensor("token_embd.weight")?;
         check_shape(&path, &token_embd, &[dim, vocab])?;
@@ -189,29 +294,24 @@ impl ModelLayout {
         if let Some(r) = &rope_freqs {
             check_shape(&path, r, &[c.head_dim as u64 / 2])?;
         }
-        let expected = |suffix: &str| -> Vec<u64> {
-            match suffix {
-                "attn_norm.weight" | "ffn_norm.weight" => vec![dim],
-                "attn_q.weight" => vec![dim, q_dim],
-                "attn_k.weight" | "attn_v.weight" => vec![dim, kv_dim],
-                "attn_output.weight" => vec![q_dim, dim],
-                "ffn_gate.weight" | "ffn_up.weight" => vec![dim, ffn],
-                "ffn_down.weight" => vec![ffn, dim],
-                "attn_q.bias" => vec![q_dim],
-                _ => vec![kv_dim],
-            }
-        };
+        let spec = layer_tensors(c);
         let mut layers = Vec::with_capacity(c.n_layers);
         for index in 0..c.n_layers {
             let mut tensors = Vec::new();
-            for suffix in LAYER_TENSORS {
-                let t = tensor(&format!("blk.{index}.{suffix}"))?;
-                check_shape(&path, &t, &expected(suffix))?;
-                tensors.push(t);
-            }
-            for suffix in OPTIONAL_LAYER_TENSORS {
-                if let Some(t) = gguf.tensor(&format!("blk.{index}.{suffix}")) {
-                    check_shape(&path, t, &expected(suffix))?;
+            // Required tensors first, then the optional ones present.
+            for required in [true, false] {
+                for (suffix, dims, _) in spec.iter().filter(|s| s.2 == required) {
+                    let name = format!("blk.{index}.{suffix}");
+                    let Some(t) = gguf.tensor(&name) else {
+                        if required {
+                            return Err(LayoutError::MissingTensor {
+                                path: path.clone(),
+                                tensor: name,
+                            });
+                        }
+                        continue;
+                    };
+                    check_shape(&path, t, dims)?;
                     tensors.push(t.clone());
                 }
             }
@@ -373,19 +473,75 @@ fn read_config(gguf: &GgufFile) -> Result<ModelConfig, LayoutError> {
             )))
         }
     };
+    let neox = matches!(
+        arch.as_str(),
+        "qwen2" | "qwen3" | "qwen3moe" | "gemma3" | "phi3"
+    );
+    let gemma = arch == "gemma3";
+    let ffn_dim = match usize_key("feed_forward_length")? {
+        Some(f) => f,
+        None if arch == "qwen3moe" => 0,
+        None => return Err(missing(&key("feed_forward_length"))),
+    };
+    let experts = if arch == "qwen3moe" {
+        let count = required("expert_count")?;
+        let used = required("expert_used_count")?;
+        if used > count {
+            return Err(unsupported(format!(
+                "{used} experts used per token of {count}"
+            )));
+        }
+        let ffn_dim = match usize_key("expert_feed_forward_length")? {
+            Some(f) => f,
+            None if ffn_dim > 0 => ffn_dim / used,
+            None => return Err(missing(&key("expert_feed_forward_length"))),
+        };
+        Some(Experts {
+            count,
+            used,
+            ffn_dim,
+            normalize: true,
+        })
+    } else {
+        None
+    };
+    // Gemma 3 27B scales by the model width per head, the others by the
+    // head size (llama.cpp's `f_attention_scale`).
+    let attn_scale = if gemma && n_layers == 62 {
+        1.0 / ((dim / n_heads) as f32).sqrt()
+    } else {
+        1.0 / (head_dim as f32).sqrt()
+    };
+    let sliding_window = match usize_key("attention.sliding_window")? {
+        Some(window) if gemma => {
+            let period = usize_key("attention.sliding_window_pattern")?.unwrap_or(6);
+            Some(SlidingWindow {
+                window,
+                layers: (0..n_layers).map(|l| l % period < period - 1).collect(),
+                rope_theta: float_key("rope.freq_base_swa", 10_000.0)?,
+            })
+        }
+        _ => None,
+    };
+    if arch == "phi3" && gguf.tensor("rope_factors_long.weight").is_some() {
+        return Err(unsupported(
+            "Phi-3's long-context RoPE factors (LongRoPE) are not supported yet".into(),
+        ));
+    }
+    let softcap = float_key("final_logit_softcapping", 0.0)?;
     Ok(ModelConfig {
         name: gguf
             .get("general.name")
             .and_then(|v| v.as_str())
             .map(str::to_string),
-        rope_style: if arch == "qwen2" {
+        rope_style: if neox {
             RopeStyle::Neox
         } else {
             RopeStyle::Interleaved
         },
         n_layers,
         dim,
-        ffn_dim: required("feed_forward_length")?,
+        ffn_dim,
         n_heads,
         n_kv_heads,
         head_dim,
@@ -394,6 +550,20 @@ fn read_config(gguf: &GgufFile) -> Result<ModelConfig, LayoutError> {
         rms_eps: float_key("attention.layer_norm_rms_epsilon", 1e-5)?,
         rope_theta: float_key("rope.freq_base", 10_000.0)?,
         rope_scale: if rope_scale > 0.0 { rope_scale } else { 1.0 },
+        qk_norm: matches!(arch.as_str(), "qwen3" | "qwen3moe" | "gemma3"),
+        post_norms: gemma,
+        activation: if gemma {
+            Activation::GeGlu
+        } else {
+            Activation::SwiGlu
+        },
+        embed_scale: gemma.then(|| (dim as f32).sqrt()),
+        attn_scale,
+        scale_q: gemma || arch == "phi3",
+        sliding_window,
+        final_softcap: (softcap > 0.0).then_some(softcap),
+        experts,
+        fused: arch == "phi3",
         architecture: arch,
     })
 }

@@ -20,7 +20,9 @@ pub mod planner;
 
 pub use ggml::GgmlType;
 pub use gguf::{GgufError, GgufFile, TensorInfo, Value};
-pub use layout::{LayoutError, ModelConfig, ModelLayout, RopeStyle};
+pub use layout::{
+    Activation, Experts, LayoutError, ModelConfig, ModelLayout, RopeStyle, SlidingWindow,
+};
 pub use manifest::Manifest;
 pub use planner::{
     evaluate, plan, LinkSpec, ModelSpec, NodeSpec, Plan, PlanError, PlanGoal, PlanInput,

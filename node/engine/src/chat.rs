@@ -101,13 +101,45 @@ fn special_token_text(gguf: &sharding::GgufFile, key: &str, llama_default: u64) 
         .to_owned()
 }
 
+/// Gemma's chat format (Google's template, on one line): a system message
+/// goes in front of the first user turn, the assistant is called "model".
+const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + (message['content'] | trim) + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
+/// ChatML (Qwen's format).
+const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Phi-3's format.
+const PHI3_TEMPLATE: &str = "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}";
+
+/// The format a model family was trained on, for GGUFs that carry no
+/// template (some Gemma 3 conversions): what llama.cpp's built-in list
+/// would pick for the architecture.
+fn builtin_template(architecture: &str) -> Option<&'static str> {
+    match architecture {
+        "gemma3" => Some(GEMMA_TEMPLATE),
+        "qwen2" | "qwen3" | "qwen3moe" => Some(CHATML_TEMPLATE),
+        "phi3" => Some(PHI3_TEMPLATE),
+        _ => None,
+    }
+}
+
 impl ChatTemplate {
-    /// The GGUF's template (`tokenizer.chat_template`), or `None` when it has none.
+    /// The GGUF's template (`tokenizer.chat_template`), else the built-in
+    /// one of its architecture, or `None` when there is neither.
     pub fn from_gguf(gguf: &sharding::GgufFile) -> Result<Option<Self>, ChatError> {
-        let Some(value) = gguf.get("tokenizer.chat_template") else {
-            return Ok(None);
+        let source = match gguf.get("tokenizer.chat_template") {
+            Some(value) => value.as_str().ok_or(ChatError::NotAString)?.to_owned(),
+            None => {
+                let arch = gguf
+                    .get("general.architecture")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("");
+                match builtin_template(arch) {
+                    Some(t) => t.to_owned(),
+                    None => return Ok(None),
+                }
+            }
         };
-        let source = value.as_str().ok_or(ChatError::NotAString)?.to_owned();
         let bos = special_token_text(gguf, "tokenizer.ggml.bos_token_id", 1);
         let eos = special_token_text(gguf, "tokenizer.ggml.eos_token_id", 2);
         Self::new(source, bos, eos).map(Some)
@@ -385,6 +417,27 @@ mod tests {
 
     fn chat() -> Vec<Message> {
         vec![Message::new("user", "Hi there")]
+    }
+
+    #[test]
+    fn builtin_gemma_template() {
+        let t = ChatTemplate::new(
+            builtin_template("gemma3").unwrap().into(),
+            "<bos>".into(),
+            "<eos>".into(),
+        )
+        .unwrap();
+        let msgs = [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi "),
+            Message::new("assistant", "Hello."),
+            Message::new("user", "Why?"),
+        ];
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert!(builtin_template("llama").is_none());
     }
 
     #[test]

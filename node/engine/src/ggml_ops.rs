@@ -42,6 +42,47 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     y
 }
 
+/// ggml's tanh-approximated GELU in f32 (`ggml_gelu_f32`); GCC contracts
+/// `1 + a·x·x` into one FMA, and so does this.
+fn gelu_f32(x: f32) -> f32 {
+    const COEF_A: f32 = 0.044715;
+    // sqrt(2/pi) rounded to f32, as ggml's float constant.
+    let sqrt_2_over_pi = f32::from_bits(0x3f4c_422a);
+    let inner = (COEF_A * x).mul_add(x, 1.0);
+    0.5 * x * (1.0 + (sqrt_2_over_pi * x * inner).tanh())
+}
+
+/// `gelu(gate) * up`, element-wise, as `ggml_vec_geglu_f32`: GELU looked
+/// up in a table of every f16 input (ggml's `GGML_GELU_FP16`), 0 below
+/// -10 and the identity above 10.
+pub fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    use half::f16;
+    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| f16::from_f32(gelu_f32(f16::from_bits(b).to_f32())))
+            .collect()
+    });
+    assert_eq!(gate.len(), up.len());
+    gate.iter()
+        .zip(up)
+        .map(|(&x, &g)| {
+            if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x * g
+            } else {
+                table[f16::from_f32(x).to_bits() as usize].to_f32() * g
+            }
+        })
+        .collect()
+}
+
+/// `x * s` for every element (ggml's `ggml_scale`).
+pub fn scale(x: &mut [f32], s: f32) {
+    x.iter_mut().for_each(|v| *v *= s);
+}
+
 /// RoPE angle table `[positions, half]`: theta_i = pos * scale^i accumulated
 /// by repeated multiplication (ggml's `ggml_rope_cache_init`), with
 /// `scale = base^(-2/dims)`, frequency factors dividing, positions scaled.

@@ -35,6 +35,24 @@ impl WeightBytes {
         WeightBytes { span, info }
     }
 
+    /// Rows `[start, start + count)` of this matrix (GGUF dims `[k, rows…]`,
+    /// any dims after the first flattened into rows) as a matrix of its
+    /// own: an expert of a stacked expert tensor.
+    pub fn rows(&self, start: u64, count: u64) -> WeightBytes {
+        let k = self.info.dims[0];
+        let total: u64 = self.info.dims[1..].iter().product();
+        assert!(start + count <= total, "rows outside {}", self.info.name);
+        let row_bytes = self.info.ggml_type.bytes_for(k);
+        let info = TensorInfo {
+            name: format!("{}[{start}..{}]", self.info.name, start + count),
+            dims: vec![k, count],
+            ggml_type: self.info.ggml_type,
+            offset: self.info.offset + start * row_bytes,
+            size_bytes: count * row_bytes,
+        };
+        WeightBytes::new(self.span.clone(), info)
+    }
+
     /// The raw ggml bytes.
     pub fn bytes(&self) -> &[u8] {
         self.span.tensor_bytes(&self.info)

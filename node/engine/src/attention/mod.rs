@@ -32,6 +32,15 @@ pub(crate) struct AttnShape {
     pub head_dim: usize,
     /// Positions in the cache buffers (row stride of a KV head).
     pub capacity: usize,
+    /// Sliding window: a query at position `p` sees keys `p + 1 - window ..= p`.
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    /// The first key a query at position `p` sees.
+    fn first_key(&self, p: usize) -> usize {
+        self.window.map_or(0, |w| (p + 1).saturating_sub(w))
+    }
 }
 
 /// `out[i, h, :] = softmax(q[h, i, :] · K[..=pos+i]ᵀ · scale) · V` for each
@@ -67,7 +76,12 @@ pub(crate) fn attend(
         let base = kvh * s.capacity * hd;
         let qrow = &q[(h * t + i) * hd..(h * t + i + 1) * hd];
         let keys = pos + i + 1; // causal: this row sees positions 0..=pos+i
-        let (kr, vr) = (&k[base..base + keys * hd], &v[base..base + keys * hd]);
+                                // ggml skips masked keys: the window's start is where the loop starts.
+        let first = s.first_key(pos + i);
+        let (kr, vr) = (
+            &k[base + first * hd..base + keys * hd],
+            &v[base + first * hd..base + keys * hd],
+        );
         attend_row(qrow, kr, vr, hd, scale, dst);
     };
     if t * nh < PARALLEL_ROWS_MIN {
@@ -139,24 +153,45 @@ fn mad_f16(simd: bool, acc: &mut [f16], v: &[f16], s: f32) {
 
 /// One query row as ggml's tiled kernel computes it for long prompts: f32
 /// throughout, keys in tiles of [`KV_TILE`], the softmax rescaled per tile.
-fn attend_row_tiled(q: &[f32], k: &[f16], v: &[f16], hd: usize, scale: f32, out: &mut [f32]) {
+///
+/// Keys before `first` are masked (a sliding window): their scores are -inf
+/// in their tile, as in ggml, which changes no sum.
+fn attend_row_tiled(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    hd: usize,
+    scale: f32,
+    first: usize,
+    out: &mut [f32],
+) {
     let mut acc = vec![0f32; hd];
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
     let mut scores = [0f32; KV_TILE];
-    for (kt, vt) in k.chunks(KV_TILE * hd).zip(v.chunks(KV_TILE * hd)) {
+    for (tile, (kt, vt)) in k
+        .chunks(KV_TILE * hd)
+        .zip(v.chunks(KV_TILE * hd))
+        .enumerate()
+    {
         let n = kt.len() / hd;
-        for (s, krow) in scores.iter_mut().zip(kt.chunks_exact(hd)) {
-            *s = q
-                .iter()
-                .zip(krow)
-                .fold(0f32, |a, (&x, &y)| x.mul_add(y.to_f32(), a))
-                * scale;
+        for (j, (s, krow)) in scores.iter_mut().zip(kt.chunks_exact(hd)).enumerate() {
+            *s = if tile * KV_TILE + j < first {
+                f32::NEG_INFINITY
+            } else {
+                q.iter()
+                    .zip(krow)
+                    .fold(0f32, |a, (&x, &y)| x.mul_add(y.to_f32(), a))
+                    * scale
+            };
         }
         let tile_max = scores[..n]
             .iter()
             .cloned()
             .fold(f32::NEG_INFINITY, f32::max);
         let new_max = max.max(tile_max);
+        if new_max == f32::NEG_INFINITY {
+            continue; // a tile wholly before the window
+        }
         if new_max > max {
             let ms = (max - new_max).exp();
             acc.iter_mut().for_each(|a| *a *= ms);
@@ -206,16 +241,21 @@ fn tiled(s: AttnShape, q: &[f32], k: &[f16], v: &[f16], pos: usize, scale: f32, 
             let keys = pos + rows.end;
             let (kh, vh) = (&k[base..base + keys * hd], &v[base..base + keys * hd]);
             let mut o = vec![0f32; rows.len() * hd];
+            // Rows whose window has moved past key 0 take the portable
+            // loop (same bits), which knows masks.
+            let windowed = s.first_key(pos + rows.end - 1) > 0;
             #[cfg(target_arch = "x86_64")]
-            if simd {
+            if simd && !windowed {
                 // SAFETY: AVX2/FMA/F16C checked at run time.
                 unsafe { x86::tiled_block(qs, kh, vh, hd, pos + rows.start, scale, &mut o) };
                 return (h, rows.start, o);
             }
-            let _ = simd;
+            let _ = (simd, windowed);
             for (i, (qr, dst)) in qs.chunks_exact(hd).zip(o.chunks_exact_mut(hd)).enumerate() {
-                let n = pos + rows.start + i + 1;
-                attend_row_tiled(qr, &kh[..n * hd], &vh[..n * hd], hd, scale, dst);
+                let p = pos + rows.start + i;
+                let n = p + 1;
+                let first = s.first_key(p);
+                attend_row_tiled(qr, &kh[..n * hd], &vh[..n * hd], hd, scale, first, dst);
             }
             (h, rows.start, o)
         })
@@ -324,7 +364,8 @@ mod tests {
             for h in 0..nh {
                 let base = h / (nh / s.n_kv_heads) * s.capacity * hd;
                 let qr = &q[(h * t + i) * hd..][..hd];
-                let scores: Vec<f32> = (0..=pos + i)
+                let first = s.first_key(pos + i);
+                let scores: Vec<f32> = (first..=pos + i)
                     .map(|j| {
                         (0..hd)
                             .map(|d| qr[d] * k[base + j * hd + d].to_f32())
@@ -336,8 +377,8 @@ mod tests {
                 let e: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
                 let z: f32 = e.iter().sum();
                 for d in 0..hd {
-                    out[(i * nh + h) * hd + d] = (0..=pos + i)
-                        .map(|j| e[j] * v[base + j * hd + d].to_f32())
+                    out[(i * nh + h) * hd + d] = (first..=pos + i)
+                        .map(|j| e[j - first] * v[base + j * hd + d].to_f32())
                         .sum::<f32>()
                         / z;
                 }
@@ -378,6 +419,7 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 64,
             capacity: 300,
+            window: None,
         };
         let val = |i: usize| ((i * 7919 % 1000) as f32 / 300.0) - 1.5;
         let k: Vec<f16> = (0..2 * 300 * 64).map(|i| f16::from_f32(val(i))).collect();
@@ -400,6 +442,7 @@ mod tests {
                         &v[base..base + n],
                         64,
                         0.125,
+                        0,
                         &mut want,
                     );
                     let got = &out[(i * 4 + h) * 64..][..64];
@@ -421,13 +464,16 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 40,
             capacity: 80,
+            window: None,
         };
         let val = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
         let k: Vec<f16> = (0..2 * 80 * 40).map(|i| f16::from_f32(val(i))).collect();
         let v: Vec<f16> = (0..2 * 80 * 40)
             .map(|i| f16::from_f32(val(i + 13)))
             .collect();
-        for (t, pos) in [(1, 0), (1, 17), (5, 3), (20, 4), (70, 2)] {
+        let cases = [(1, 0), (1, 17), (5, 3), (20, 4), (70, 2)];
+        for ((t, pos), window) in cases.into_iter().flat_map(|c| [(c, None), (c, Some(9))]) {
+            let s = AttnShape { window, ..s };
             let q: Vec<f32> = (0..6 * t * 40).map(|i| val(i + 101)).collect();
             let mut out = vec![0f32; t * 6 * 40];
             attend(s, &q, &k, &v, pos, 0.3, &mut out);

@@ -9,6 +9,7 @@ impl Stage {
     /// run in parallel: each reads only its own cache.
     pub(super) fn attend_host(
         &self,
+        b: &Block,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -19,10 +20,18 @@ impl Stage {
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let total = q.dim(0)?;
         let host = |y: &Tensor| y.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (q, k, v) = (host(q)?, host(k)?, host(v)?);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let (mut q, mut k, v) = (host(q)?, host(k)?, host(v)?);
+        if let Some((qn, kn)) = &b.qk_norm {
+            q = ggml_ops::rms_norm_mul(&q, qn, c.rms_eps);
+            k = ggml_ops::rms_norm_mul(&k, kn, c.rms_eps);
+        }
         let neox = c.rope_style == RopeStyle::Neox;
-        let (cos, sin) = (&self.cos_host, &self.sin_host);
+        let (cos, sin) = match (&self.rope_local, b.window) {
+            (Some((cos, sin)), Some(_)) => (cos, sin),
+            _ => (&self.cos_host, &self.sin_host),
+        };
+        // Gemma and Phi-3 scale q after RoPE and attend with scale 1.
+        let scale = if c.scale_q { 1.0 } else { c.attn_scale };
         let mut out = vec![0f32; total * nh * hd];
         // Each sequence's slice of the output, in batch order.
         let mut jobs = Vec::with_capacity(seqs.len());
@@ -42,12 +51,16 @@ impl Stage {
             let vh = heads_first(&v, rows, nkv, hd);
             ggml_ops::rope_in_place(&mut qh, t, hd, pos, cos, sin, neox);
             ggml_ops::rope_in_place(&mut kh, t, hd, pos, cos, sin, neox);
+            if c.scale_q {
+                ggml_ops::scale(&mut qh, c.attn_scale);
+            }
             let (kb, vb, capacity) = s.cache.append_host(layer, &kh, &vh, nkv, hd);
             let shape = AttnShape {
                 n_heads: nh,
                 n_kv_heads: nkv,
                 head_dim: hd,
                 capacity,
+                window: b.window,
             };
             attention::attend(shape, &qh, kb, vb, pos, scale, dst);
         };
@@ -73,23 +86,46 @@ impl Stage {
         Tensor::from_vec(y, x.shape(), &self.device)
     }
 
-    /// `silu(gate) * up`; ggml's arithmetic on the CPU ([`ggml_ops`]).
-    pub(super) fn swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    /// `act(gate) * up` with the model's activation; ggml's arithmetic on
+    /// the CPU ([`ggml_ops`]).
+    pub(super) fn activate(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        let gelu = self.config.activation == Activation::GeGlu;
         if !self.device.is_cpu() {
-            return candle_nn::ops::silu(gate)? * up;
+            let a = if gelu {
+                gate.gelu()?
+            } else {
+                candle_nn::ops::silu(gate)?
+            };
+            return a * up;
         }
-        let y = ggml_ops::swiglu(
-            &gate.flatten_all()?.to_vec1()?,
-            &up.flatten_all()?.to_vec1()?,
-        );
+        let (g, u) = (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
+        let y = if gelu {
+            ggml_ops::geglu(&g, &u)
+        } else {
+            ggml_ops::swiglu(&g, &u)
+        };
         Tensor::from_vec(y, gate.shape(), &self.device)
+    }
+
+    /// `x` with `f` applied to its values on the host (small element-wise
+    /// steps that must round as ggml's do).
+    pub(super) fn host_map(
+        &self,
+        x: &Tensor,
+        f: impl FnOnce(&mut [f32]),
+    ) -> candle_core::Result<Tensor> {
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        f(&mut v);
+        Tensor::from_vec(v, x.shape(), x.device())
     }
 
     /// RoPE, cache append and attention of one sequence with candle ops
     /// on an f32 device cache (CUDA, Metal); `q`, `k`, `v` are its rows
     /// `[t, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn attend_on_device(
         &self,
+        b: &Block,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -103,11 +139,28 @@ impl Stage {
         // [t, heads * hd] -> [1, heads, t, hd], the layout candle's rope wants.
         let heads_first =
             |y: &Tensor, n: usize| y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (
+        let (mut q, mut k, v) = (
             heads_first(q, nh)?,
             heads_first(k, nkv)?,
             heads_first(v, nkv)?,
         );
+        if let Some((qn, kn)) = &b.qk_norm {
+            let dev = q.device().clone();
+            q = candle_nn::ops::rms_norm(&q, &Tensor::from_slice(qn, hd, &dev)?, c.rms_eps)?;
+            k = candle_nn::ops::rms_norm(&k, &Tensor::from_slice(kn, hd, &dev)?, c.rms_eps)?;
+        }
+        if b.window.is_some() && self.rope_local.is_some() {
+            candle_core::bail!(
+                "sliding-window layers with their own RoPE base run on the CPU only"
+            );
+        }
+        if let Some(w) = b.window {
+            if cache.len() + t > w {
+                candle_core::bail!(
+                    "sliding-window attention past {w} positions runs on the CPU only"
+                );
+            }
+        }
         let (cos, sin) = (&step.cos, &step.sin);
         let (q, k) = match c.rope_style {
             RopeStyle::Interleaved => (
@@ -119,7 +172,7 @@ impl Stage {
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             ),
         };
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = c.attn_scale as f64;
         let mask = step.mask.as_ref();
         let (k_all, v_all) = cache.append(layer, &k.squeeze(0)?, &v.squeeze(0)?)?;
         let len = k_all.dim(1)?;

@@ -33,9 +33,12 @@ impl Stage {
         let last = layers.end == n_layers;
         let embedding = first.then(|| Embedding::new(get(&layout.token_embd)));
         let mut blocks = Vec::with_capacity(layers.len());
+        let c = &layout.config;
         for l in &layout.layers[layers.clone()] {
             let t = |s: &str| get(l.tensor(s).expect("layout checked required tensors"));
-            let bias = |s: &str| l.tensor(s).map(|i| get(i).to_f32_tensor(dev)).transpose();
+            let opt = |s: &str| l.tensor(s).map(get);
+            let norm = |s: &str| opt(s).map(|w| w.to_f32_tensor(dev)).transpose();
+            let bias = |s: &str| opt(s).map(|w| w.to_f32_tensor(dev)).transpose();
             let qkv_bias = match (
                 bias("attn_q.bias")?,
                 bias("attn_k.bias")?,
@@ -44,17 +47,51 @@ impl Stage {
                 (Some(q), Some(k), Some(v)) => Some([q, k, v]),
                 _ => None,
             };
+            let qkv = if c.fused {
+                vec![t("attn_qkv.weight")]
+            } else {
+                vec![t("attn_q.weight"), t("attn_k.weight"), t("attn_v.weight")]
+            };
+            let qk_norm = if c.qk_norm {
+                let host = |s: &str| t(s).to_f32_tensor(&Device::Cpu)?.to_vec1::<f32>();
+                Some((host("attn_q_norm.weight")?, host("attn_k_norm.weight")?))
+            } else {
+                None
+            };
+            let ffn = match &c.experts {
+                Some(spec) => Ffn::Experts(moe::MoeFfn::new(
+                    *spec,
+                    t("ffn_gate_inp.weight"),
+                    t("ffn_gate_exps.weight"),
+                    t("ffn_up_exps.weight"),
+                    t("ffn_down_exps.weight"),
+                    dev,
+                )?),
+                None => Ffn::Dense {
+                    gate_up: if c.fused {
+                        LinearGroup::new(vec![t("ffn_up.weight")], dev)?
+                    } else {
+                        LinearGroup::new(vec![t("ffn_gate.weight"), t("ffn_up.weight")], dev)?
+                    },
+                    down: LinearGroup::new(vec![t("ffn_down.weight")], dev)?,
+                },
+            };
+            let window = c
+                .sliding_window
+                .as_ref()
+                .filter(|sw| sw.layers.get(l.index).copied().unwrap_or(false))
+                .map(|sw| sw.window);
             blocks.push(Block {
                 attn_norm: t("attn_norm.weight").to_f32_tensor(dev)?,
-                qkv: LinearGroup::new(
-                    vec![t("attn_q.weight"), t("attn_k.weight"), t("attn_v.weight")],
-                    dev,
-                )?,
+                qkv: LinearGroup::new(qkv, dev)?,
                 qkv_bias,
+                qk_norm,
                 attn_out: LinearGroup::new(vec![t("attn_output.weight")], dev)?,
+                post_attn_norm: norm("post_attention_norm.weight")?,
                 ffn_norm: t("ffn_norm.weight").to_f32_tensor(dev)?,
-                gate_up: LinearGroup::new(vec![t("ffn_gate.weight"), t("ffn_up.weight")], dev)?,
-                down: LinearGroup::new(vec![t("ffn_down.weight")], dev)?,
+                ffn,
+                post_ffn_norm: norm("post_ffw_norm.weight")?,
+                window,
             });
         }
         let head = if last {
@@ -80,6 +117,18 @@ impl Stage {
             1.0 / config.rope_scale,
             freq_factors.as_deref(),
         );
+        // Sliding-window layers with their own RoPE base (Gemma 3) get
+        // their own tables.
+        let rope_local = match &config.sliding_window {
+            Some(sw) if sw.rope_theta != config.rope_theta => Some(ggml_ops::rope_angles(
+                max_context,
+                half,
+                sw.rope_theta,
+                1.0,
+                freq_factors.as_deref(),
+            )),
+            _ => None,
+        };
         let device_rope = if dev.is_cpu() {
             None
         } else {
@@ -98,6 +147,7 @@ impl Stage {
             head,
             cos_host,
             sin_host,
+            rope_local,
             device_rope,
             max_context,
             spans,
@@ -106,7 +156,14 @@ impl Stage {
 
     /// Reads every mapped page once so the first request does not pay for
     /// disk reads; reports `(bytes_done, bytes_total)` as it goes.
+    ///
+    /// A mixture of experts is left mapped, not read: each token touches
+    /// only the experts it runs, and reading them all would make resident
+    /// what most requests never use.
     pub fn prefault(&self, progress: &mut dyn FnMut(u64, u64)) {
+        if self.config.experts.is_some() {
+            return;
+        }
         const PAGE_BYTES: usize = 4096;
         const REPORT_BYTES: usize = 4 << 20;
         let total: u64 = self.spans.iter().map(|s| s.as_bytes().len() as u64).sum();

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use sharding::gguf::MappedSpan;
-use sharding::{GgufFile, ModelConfig, ModelLayout, RopeStyle, TensorInfo};
+use sharding::{Activation, GgufFile, ModelConfig, ModelLayout, RopeStyle, TensorInfo};
 use tracing::trace_span;
 
 use crate::attention::{self, AttnShape};
@@ -26,6 +26,7 @@ use crate::{LoadError, PassError};
 
 mod attend;
 mod load;
+mod moe;
 
 use attend::causal_mask;
 
@@ -77,12 +78,29 @@ pub enum StageOutput {
 
 struct Block {
     attn_norm: Tensor,
+    /// q, k, v (three matrices, or Phi-3's one fused matrix).
     qkv: LinearGroup,
     qkv_bias: Option<[Tensor; 3]>,
+    /// Per-head RMSNorm weights of q and k (Qwen3, Gemma 3), on the host.
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     attn_out: LinearGroup,
+    post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    gate_up: LinearGroup,
-    down: LinearGroup,
+    ffn: Ffn,
+    post_ffn_norm: Option<Tensor>,
+    /// Keys a query sees on a sliding-window layer.
+    window: Option<usize>,
+}
+
+/// The feed-forward of a block.
+enum Ffn {
+    /// gate and up (two matrices, or Phi-3's one fused matrix), then down.
+    Dense {
+        gate_up: LinearGroup,
+        down: LinearGroup,
+    },
+    /// A routed mixture of experts.
+    Experts(moe::MoeFfn),
 }
 
 /// Per-forward inputs of the device (candle-op) attention path.
@@ -131,6 +149,8 @@ pub struct Stage {
     /// RoPE tables `[max_context, head_dim / 2]`, as the CPU path reads them.
     cos_host: Vec<f32>,
     sin_host: Vec<f32>,
+    /// The tables of sliding-window layers when their RoPE base differs.
+    rope_local: Option<(Vec<f32>, Vec<f32>)>,
     /// The same tables as tensors on a GPU device (`None` on the CPU).
     device_rope: Option<(Tensor, Tensor)>,
     max_context: usize,
@@ -234,7 +254,11 @@ impl Stage {
                 if ids.is_empty() {
                     return Err(PassError::EmptyInput);
                 }
-                emb.forward(ids, &self.device)?
+                let x = emb.forward(ids, &self.device)?;
+                match self.config.embed_scale {
+                    Some(s) => self.host_map(&x, |v| ggml_ops::scale(v, s))?,
+                    None => x,
+                }
             }
             StageInput::Hidden(h) => {
                 if self.is_first() {
@@ -321,7 +345,15 @@ impl Stage {
             }
         };
         let x = self.rms_norm(&x, &head.norm)?;
-        Ok(StageOutput::Logits(head.output.forward_one(&x)?))
+        let logits = head.output.forward_one(&x)?;
+        Ok(StageOutput::Logits(match self.config.final_softcap {
+            // ggml: scale by 1/cap, tanh, scale by cap.
+            Some(cap) => self.host_map(&logits, |v| {
+                v.iter_mut()
+                    .for_each(|x| *x = (*x * (1.0 / cap)).tanh() * cap)
+            })?,
+            None => logits,
+        }))
     }
 
     fn block_forward(
@@ -334,6 +366,17 @@ impl Stage {
     ) -> candle_core::Result<Tensor> {
         let h = self.rms_norm(x, &b.attn_norm)?;
         let mut qkv = b.qkv.forward(&h)?;
+        if qkv.len() == 1 {
+            // One fused matrix: its output columns are q, then k, then v.
+            let c = &self.config;
+            let fused = qkv.pop().expect("one output");
+            let (q_dim, kv_dim) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+            qkv = vec![
+                fused.narrow(1, 0, q_dim)?,
+                fused.narrow(1, q_dim, kv_dim)?,
+                fused.narrow(1, q_dim + kv_dim, kv_dim)?,
+            ];
+        }
         if let Some(bias) = &b.qkv_bias {
             for (y, bias) in qkv.iter_mut().zip(bias) {
                 *y = y.broadcast_add(bias)?;
@@ -341,7 +384,7 @@ impl Stage {
         }
         let [q, k, v]: [Tensor; 3] = qkv.try_into().expect("three projections");
         let y = match steps {
-            None => self.attend_host(&q, &k, &v, layer, seqs)?,
+            None => self.attend_host(b, &q, &k, &v, layer, seqs)?,
             Some(steps) => {
                 let mut outs = Vec::with_capacity(seqs.len());
                 let mut offset = 0;
@@ -349,6 +392,7 @@ impl Stage {
                     let t = s.rows;
                     let rows = |y: &Tensor| y.narrow(0, offset, t);
                     outs.push(self.attend_on_device(
+                        b,
                         &rows(&q)?,
                         &rows(&k)?,
                         &rows(&v)?,
@@ -365,11 +409,29 @@ impl Stage {
                 }
             }
         };
-        let x = (x + b.attn_out.forward_one(&y)?)?;
+        let mut y = b.attn_out.forward_one(&y)?;
+        if let Some(norm) = &b.post_attn_norm {
+            y = self.rms_norm(&y, norm)?;
+        }
+        let x = (x + y)?;
         let h = self.rms_norm(&x, &b.ffn_norm)?;
-        let gu = b.gate_up.forward(&h)?;
-        let m = self.swiglu(&gu[0], &gu[1])?;
-        x + b.down.forward_one(&m)?
+        let mut y = match &b.ffn {
+            Ffn::Dense { gate_up, down } => {
+                let mut gu = gate_up.forward(&h)?;
+                if gu.len() == 1 {
+                    // Phi-3's fused matrix: gate columns, then up.
+                    let fused = gu.pop().expect("one output");
+                    let f = self.config.ffn_dim;
+                    gu = vec![fused.narrow(1, 0, f)?, fused.narrow(1, f, f)?];
+                }
+                down.forward_one(&self.activate(&gu[0], &gu[1])?)?
+            }
+            Ffn::Experts(experts) => experts.forward(self, &h)?,
+        };
+        if let Some(norm) = &b.post_ffn_norm {
+            y = self.rms_norm(&y, norm)?;
+        }
+        x + y
     }
 }
 
