@@ -38,5 +38,5 @@ pub mod tokenizer;
 pub use error::{EngineError, LoadError, PassError, TextError};
 pub use kv_cache::KvCache;
 pub use local::{Engine, GenerateEvent, GenerateOptions, GenerationStats, Session, StopReason};
-pub use model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
+pub use model::{log_prob, BatchSeq, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
 pub use sampling::{Sampler, SamplingParams};
