@@ -46,6 +46,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     };
     let engine = args.model.load(false)?;
     if args.verbose {
+        eprintln!(
+            "kernels: {} (chosen for this CPU at start; SHOAL_KERNELS=avx2|portable picks a lower family)",
+            engine::quant::kernels().name()
+        );
         if let Some(rss) = crate::common::rss_mib() {
             let weights = engine.stage().weight_bytes() as f64 / (1 << 20) as f64;
             eprintln!("memory: rss {rss:.1} MiB after load (weights {weights:.1} MiB)");

@@ -75,7 +75,7 @@ fn render(s: &Status) -> String {
         );
     }
     out += &format!(
-        "{:<8} {:<6} {:>7} {:>10} {:>9} {:>8} {:>7} {:>5}  {}\n",
+        "{:<8} {:<12} {:>7} {:>10} {:>9} {:>8} {:>7} {:>5}  {}\n",
         "NODE", "DEVICE", "THREADS", "MEMORY", "LAYERS", "RTT", "TOK/S", "BUSY", "ADDRESS"
     );
     for n in &s.nodes {
@@ -94,9 +94,13 @@ fn render(s: &Status) -> String {
             )
         });
         out += &format!(
-            "{:<8} {:<6} {:>7} {:>6} MiB {:>9} {:>8} {:>7} {:>5}  {}{}\n",
+            "{:<8} {:<12} {:>7} {:>6} MiB {:>9} {:>8} {:>7} {:>5}  {}{}\n",
             id,
-            n.device,
+            if n.kernels.is_empty() {
+                n.device.clone()
+            } else {
+                format!("{}/{}", n.device, n.kernels)
+            },
             n.threads,
             n.memory_bytes >> 20,
             layers,

@@ -118,6 +118,7 @@ mod tests {
                         capabilities: Capabilities {
                             device: DeviceKind::Cpu,
                             threads: 2,
+                            kernels: "avx2".into(),
                             memory_bytes,
                             us_per_mib: 300.0,
                             row_us_per_mib: 60.0,

@@ -12,7 +12,7 @@ use crate::RequestError;
 /// Version of this protocol. A node refuses a [`Hello`] with another one.
 /// 4: `Failed` carries a typed [`RequestError`]; `Preparing` answers a
 /// weights query.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Every message on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -265,6 +265,9 @@ pub struct Capabilities {
     pub device: DeviceKind,
     /// Compute threads.
     pub threads: u32,
+    /// Which CPU kernel family it runs (`avx512`, `avx2`, `portable`): the
+    /// same family computes the same bits.
+    pub kernels: String,
     /// Memory it may use for weights and caches, bytes.
     pub memory_bytes: u64,
     /// Measured decode time per MiB of this model's weights, microseconds.

@@ -114,6 +114,7 @@ impl Message {
                 name(&h.node_id, "node id")?;
                 name(&h.cluster, "cluster name")?;
                 name(&h.capabilities.data_addr, "data address")?;
+                name(&h.capabilities.kernels, "kernel family")?;
                 name(&h.capabilities.http_addr, "http address")?;
                 count("addresses", h.capabilities.addrs.len(), 0, ADDRS_MAX)?;
                 h.capabilities

@@ -453,6 +453,7 @@ mod tests {
             capabilities: Capabilities {
                 device: DeviceKind::Cpu,
                 threads: 1,
+                kernels: "portable".into(),
                 memory_bytes: memory_mib << 20,
                 us_per_mib: 100.0,
                 row_us_per_mib: 20.0,

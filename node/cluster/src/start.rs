@@ -251,6 +251,7 @@ fn introduce(
         capabilities: Capabilities {
             device: DeviceKind::Cpu,
             threads: config.threads as u32,
+            kernels: engine::quant::kernels().name().into(),
             memory_bytes,
             us_per_mib: speed.us_per_mib as f32,
             row_us_per_mib: speed.row_us_per_mib as f32,

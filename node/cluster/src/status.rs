@@ -80,6 +80,9 @@ pub struct NodeStatus {
     pub device: String,
     /// Compute threads.
     pub threads: u32,
+    /// Its CPU kernel family (`avx512`, `avx2`, `portable`).
+    #[serde(default)]
+    pub kernels: String,
     /// Memory it may use, bytes.
     pub memory_bytes: u64,
     /// Measured µs per MiB of weights (one-row pass).
@@ -128,6 +131,7 @@ pub(crate) fn build(shared: &Shared) -> Status {
         addrs: h.capabilities.addrs.clone(),
         device: format!("{:?}", h.capabilities.device).to_lowercase(),
         threads: h.capabilities.threads,
+        kernels: h.capabilities.kernels.clone(),
         memory_bytes: h.capabilities.memory_bytes,
         us_per_mib: h.capabilities.us_per_mib,
         row_us_per_mib: h.capabilities.row_us_per_mib,
