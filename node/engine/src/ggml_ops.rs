@@ -27,6 +27,8 @@ pub fn rms_norm_mul(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len());
     let mut y = vec![0f32; gate.len()];
+    // Set by the x86 kernels; stays 0 on other architectures.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
     match crate::quant::kernels() {

@@ -125,6 +125,8 @@ fn attend_row(q: &[f32], k: &[f16], v: &[f16], hd: usize, scale: f32, out: &mut 
 
 /// `acc[i] = f16(acc[i] * s)`: ggml's `ggml_vec_scale_f16`.
 fn scale_f16(simd: bool, acc: &mut [f16], s: f32) {
+    // Set by the x86 kernels; stays 0 on other architectures.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
     if simd {
@@ -139,6 +141,8 @@ fn scale_f16(simd: bool, acc: &mut [f16], s: f32) {
 
 /// `acc[i] = f16(v[i] * s + acc[i])`, one rounding: ggml's `ggml_vec_mad_f16`.
 fn mad_f16(simd: bool, acc: &mut [f16], v: &[f16], s: f32) {
+    // Set by the x86 kernels; stays 0 on other architectures.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
     if simd {
