@@ -33,11 +33,66 @@ pub(super) unsafe fn dot_rows<const R: usize>(
     for a in acts {
         debug_assert!(w.len() >= a.len() * ty.block_bytes());
     }
+    let vnni = vnni();
     match ty {
-        NativeType::Q4_1 | NativeType::Q5_1 => dot_q4_1(ty, w, acts, out),
-        NativeType::Q4_0 | NativeType::Q5_0 | NativeType::Q8_0 => dot_sym(ty, w, acts, out),
+        NativeType::Q4_1 | NativeType::Q5_1 if vnni => dot_q4_1_vnni(ty, w, acts, out),
+        NativeType::Q4_1 | NativeType::Q5_1 => dot_q4_1_avx2(ty, w, acts, out),
+        NativeType::Q4_0 | NativeType::Q5_0 | NativeType::Q8_0 if vnni => {
+            dot_sym_vnni(ty, w, acts, out)
+        }
+        NativeType::Q4_0 | NativeType::Q5_0 | NativeType::Q8_0 => dot_sym_avx2(ty, w, acts, out),
         _ => unreachable!("{ty:?} is not a 32-element type"),
     }
+}
+
+/// Whether the CPU has AVX-512 VNNI (with VL): one `vpdpbusd` instead of
+/// `vpmaddubsw` + `vpmaddwd`. The integers are the same (no pair of these
+/// products reaches the 16-bit saturation), so are the bits.
+fn vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_1_avx2<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8]; R],
+    out: &mut [f32; R],
+) {
+    dot_q4_1::<R, false>(ty, w, acts, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_q4_1_vnni<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8]; R],
+    out: &mut [f32; R],
+) {
+    dot_q4_1::<R, true>(ty, w, acts, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_sym_avx2<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8]; R],
+    out: &mut [f32; R],
+) {
+    dot_sym::<R, false>(ty, w, acts, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_sym_vnni<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8]; R],
+    out: &mut [f32; R],
+) {
+    dot_sym::<R, true>(ty, w, acts, out)
 }
 
 /// An f16 at `p`, widened. Broadcasting the bits before converting writes
@@ -117,6 +172,22 @@ unsafe fn dot_u8_i8(wu: __m256i, a: __m256i) -> __m256 {
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_u8_i8_vnni(wu: __m256i, a: __m256i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, a))
+}
+
+/// [`dot_u8_i8`], with VNNI when the caller was compiled for it.
+#[inline(always)]
+unsafe fn idot<const VNNI: bool>(wu: __m256i, a: __m256i) -> __m256 {
+    if VNNI {
+        dot_u8_i8_vnni(wu, a)
+    } else {
+        dot_u8_i8(wu, a)
+    }
+}
+
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load_act(a: &BlockQ8) -> __m256i {
     _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)
@@ -130,7 +201,7 @@ unsafe fn load_act(a: &BlockQ8) -> __m256i {
 // llama.cpp's within a dozen tokens. Same order, same bits.
 
 #[inline(always)]
-unsafe fn q4_1_block<const R: usize>(
+unsafe fn q4_1_block<const R: usize, const VNNI: bool>(
     dm: __m128,
     wq: __m256i,
     acts: &[&[BlockQ8]; R],
@@ -144,13 +215,13 @@ unsafe fn q4_1_block<const R: usize>(
         let scales = _mm_mul_ps(dm, act);
         // ggml's `summs += m * s` is compiled to one FMA: do the same.
         mins[r] = _mm_fmadd_ps(dm, act, mins[r]);
-        let dot = dot_u8_i8(wq, load_act(a));
+        let dot = idot::<VNNI>(wq, load_act(a));
         acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), dot, acc[r]);
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_1<const R: usize>(
+#[inline(always)]
+unsafe fn dot_q4_1<const R: usize, const VNNI: bool>(
     ty: NativeType,
     w: &[u8],
     acts: &[&[BlockQ8]; R],
@@ -164,7 +235,7 @@ unsafe fn dot_q4_1<const R: usize>(
     if ty == NativeType::Q4_1 {
         for i in 0..nb {
             let b = p.add(i * 20);
-            q4_1_block(
+            q4_1_block::<R, VNNI>(
                 half_pair_at(b),
                 unpack_nibbles(b.add(4)),
                 acts,
@@ -179,7 +250,7 @@ unsafe fn dot_q4_1<const R: usize>(
             let b = p.add(i * 24);
             let hi = _mm256_and_si256(bytes_from_bits(b.add(4)), fifth);
             let wq = _mm256_or_si256(unpack_nibbles(b.add(8)), hi);
-            q4_1_block(half_pair_at(b), wq, acts, i, &mut acc, &mut mins);
+            q4_1_block::<R, VNNI>(half_pair_at(b), wq, acts, i, &mut acc, &mut mins);
         }
     }
     for r in 0..R {
@@ -189,7 +260,7 @@ unsafe fn dot_q4_1<const R: usize>(
 
 /// One block of a symmetric type (Q4_0, Q8_0) given its scale and signed weights.
 #[inline(always)]
-unsafe fn sym_block<const R: usize>(
+unsafe fn sym_block<const R: usize, const VNNI: bool>(
     d: __m128,
     wq: __m256i,
     acts: &[&[BlockQ8]; R],
@@ -200,13 +271,13 @@ unsafe fn sym_block<const R: usize>(
     for r in 0..R {
         let a = acts[r].get_unchecked(i);
         let scale = _mm256_broadcastss_ps(_mm_mul_ps(d, act_scales(a)));
-        let dot = dot_u8_i8(wabs, _mm256_sign_epi8(load_act(a), wq));
+        let dot = idot::<VNNI>(wabs, _mm256_sign_epi8(load_act(a), wq));
         acc[r] = _mm256_fmadd_ps(scale, dot, acc[r]);
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_sym<const R: usize>(
+#[inline(always)]
+unsafe fn dot_sym<const R: usize, const VNNI: bool>(
     ty: NativeType,
     w: &[u8],
     acts: &[&[BlockQ8]; R],
@@ -222,7 +293,7 @@ unsafe fn dot_sym<const R: usize>(
         for i in 0..nb {
             let b = p.add(i * bb);
             let wq = _mm256_loadu_si256(b.add(2) as *const __m256i);
-            sym_block(half_at(b), wq, acts, i, &mut acc);
+            sym_block::<R, VNNI>(half_at(b), wq, acts, i, &mut acc);
         }
     } else if ty == NativeType::Q5_0 {
         let minus16 = _mm256_set1_epi8(0xF0u8 as i8);
@@ -230,14 +301,14 @@ unsafe fn dot_sym<const R: usize>(
             let b = p.add(i * bb);
             let hi = _mm256_andnot_si256(bytes_from_bits(b.add(2)), minus16);
             let wq = _mm256_or_si256(unpack_nibbles(b.add(6)), hi);
-            sym_block(half_at(b), wq, acts, i, &mut acc);
+            sym_block::<R, VNNI>(half_at(b), wq, acts, i, &mut acc);
         }
     } else {
         let eight = _mm256_set1_epi8(8);
         for i in 0..nb {
             let b = p.add(i * bb);
             let wq = _mm256_sub_epi8(unpack_nibbles(b.add(2)), eight);
-            sym_block(half_at(b), wq, acts, i, &mut acc);
+            sym_block::<R, VNNI>(half_at(b), wq, acts, i, &mut acc);
         }
     }
     for r in 0..R {

@@ -72,7 +72,7 @@ pub(super) fn quantize_row_k(x: &[f32], out: &mut [BlockQ8K]) {
         }
         let iscale = -127.0 / max;
         for (q, &v) in block.qs.iter_mut().zip(chunk) {
-            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            *q = super::scalar::nearest_int(iscale * v).min(127) as i8;
         }
         for (s, sixteen) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
             *s = sixteen.iter().map(|&q| q as i16).sum();

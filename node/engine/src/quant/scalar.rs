@@ -130,6 +130,16 @@ pub(super) fn dequantize_row(ty: NativeType, w: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Round to nearest, ties to even, for |x| < 2^22: ggml's `nearest_int`
+/// trick (adding 1.5·2^23 leaves the rounded integer in the low mantissa
+/// bits). The same result as `round_ties_even`, which on baseline x86-64
+/// (no SSE4.1 `roundss`) is a libm call per element.
+#[inline(always)]
+pub(super) fn nearest_int(x: f32) -> i32 {
+    let v = x + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
 /// Quantizes one row of activations to 8-bit blocks, as ggml's
 /// `quantize_row_q8_1`: scale = max|x| / 127, round to nearest even, the
 /// scale and the scaled sum stored at f16 precision.
@@ -140,7 +150,7 @@ pub(super) fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in block.qs.iter_mut().zip(chunk) {
-            let r = (v * id).round_ties_even() as i32;
+            let r = nearest_int(v * id);
             *q = r as i8;
             sum += r;
         }
