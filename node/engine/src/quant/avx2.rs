@@ -95,14 +95,14 @@ unsafe fn dot_sym_vnni<const R: usize>(
     dot_sym::<R, true>(ty, w, acts, out)
 }
 
-/// An f16 at `p`, widened. Broadcasting the bits before converting writes
-/// the whole register: a scalar insert would make every block's scale wait
-/// on whatever last used that register (a false dependency that halved the
-/// decode speed).
+/// An f16 at `p`, widened into all eight lanes. Broadcasting the bits
+/// before converting writes the whole register: a scalar insert would make
+/// every block's scale wait on whatever last used that register (a false
+/// dependency that halved the decode speed).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half_at(p: *const u8) -> __m128 {
-    _mm_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([*p, *p.add(1)])))
+unsafe fn half8_at(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([*p, *p.add(1)])))
 }
 
 /// Two adjacent f16s at `p` (a Q4_1 block's d and m) as `[d, m, d, m]`.
@@ -261,7 +261,7 @@ unsafe fn dot_q4_1<const R: usize, const VNNI: bool>(
 /// One block of a symmetric type (Q4_0, Q8_0) given its scale and signed weights.
 #[inline(always)]
 unsafe fn sym_block<const R: usize, const VNNI: bool>(
-    d: __m128,
+    d: __m256,
     wq: __m256i,
     acts: &[&[BlockQ8]; R],
     i: usize,
@@ -270,7 +270,9 @@ unsafe fn sym_block<const R: usize, const VNNI: bool>(
     let wabs = _mm256_sign_epi8(wq, wq);
     for r in 0..R {
         let a = acts[r].get_unchecked(i);
-        let scale = _mm256_broadcastss_ps(_mm_mul_ps(d, act_scales(a)));
+        // d · d_act in every lane: the activation's scale broadcast
+        // straight from memory (a load, not a shuffle).
+        let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&a.d));
         let dot = idot::<VNNI>(wabs, _mm256_sign_epi8(load_act(a), wq));
         acc[r] = _mm256_fmadd_ps(scale, dot, acc[r]);
     }
@@ -293,7 +295,7 @@ unsafe fn dot_sym<const R: usize, const VNNI: bool>(
         for i in 0..nb {
             let b = p.add(i * bb);
             let wq = _mm256_loadu_si256(b.add(2) as *const __m256i);
-            sym_block::<R, VNNI>(half_at(b), wq, acts, i, &mut acc);
+            sym_block::<R, VNNI>(half8_at(b), wq, acts, i, &mut acc);
         }
     } else if ty == NativeType::Q5_0 {
         let minus16 = _mm256_set1_epi8(0xF0u8 as i8);
@@ -301,14 +303,14 @@ unsafe fn dot_sym<const R: usize, const VNNI: bool>(
             let b = p.add(i * bb);
             let hi = _mm256_andnot_si256(bytes_from_bits(b.add(2)), minus16);
             let wq = _mm256_or_si256(unpack_nibbles(b.add(6)), hi);
-            sym_block::<R, VNNI>(half_at(b), wq, acts, i, &mut acc);
+            sym_block::<R, VNNI>(half8_at(b), wq, acts, i, &mut acc);
         }
     } else {
         let eight = _mm256_set1_epi8(8);
         for i in 0..nb {
             let b = p.add(i * bb);
             let wq = _mm256_sub_epi8(unpack_nibbles(b.add(2)), eight);
-            sym_block::<R, VNNI>(half_at(b), wq, acts, i, &mut acc);
+            sym_block::<R, VNNI>(half8_at(b), wq, acts, i, &mut acc);
         }
     }
     for r in 0..R {

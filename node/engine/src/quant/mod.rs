@@ -213,8 +213,11 @@ unsafe impl Sync for OutPtr {}
 /// ~1-2k-row projections of a small model split over a few threads, large
 /// enough that rayon's per-task cost (~1 µs) stays under 5% of a task.
 const ROWS_PER_TASK: usize = 32;
-/// Activation rows sharing one unpacked weight block in the kernel.
-const ACT_ROWS_PER_PASS: usize = 4;
+/// Activation rows sharing one unpacked weight block in the kernel: eight
+/// for the 32-element types; four for the K types, whose repacked Q4_K
+/// shape depends on rows coming in fours.
+const ACT_ROWS_PER_PASS: usize = 8;
+const K_ACT_ROWS_PER_PASS: usize = 4;
 
 /// `out[t, col + j] = Σ_i acts[t, i] · w[j, i]` for each activation row `t`.
 ///
@@ -338,8 +341,14 @@ fn matmul_blocks<B: ActBlock>(
             // Four rows at a time, then two, then one: a batch of two
             // decoding sequences (a pipeline's micro-batch) still shares
             // each unpacked weight block.
+            let widest = if w.ty.is_k() {
+                K_ACT_ROWS_PER_PASS
+            } else {
+                ACT_ROWS_PER_PASS
+            };
             let take = match t - r {
-                n if n >= ACT_ROWS_PER_PASS => ACT_ROWS_PER_PASS,
+                n if n >= widest => widest,
+                n if n >= 4 => 4,
                 n if n >= 2 => 2,
                 _ => 1,
             };
@@ -348,9 +357,15 @@ fn matmul_blocks<B: ActBlock>(
                 let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
                 let mut vals = [0f32; ACT_ROWS_PER_PASS];
                 match take {
-                    ACT_ROWS_PER_PASS => {
-                        let a = [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]];
+                    8 => {
+                        let a: [&[B]; 8] = std::array::from_fn(|i| rows[r + i]);
                         B::dot_rows(use_avx2, w.ty, wrow, &a, &mut vals, shape);
+                    }
+                    4 => {
+                        let mut four = [0f32; 4];
+                        let a = [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]];
+                        B::dot_rows(use_avx2, w.ty, wrow, &a, &mut four, shape);
+                        vals[..4].copy_from_slice(&four);
                     }
                     2 => {
                         let mut two = [0f32; 2];
