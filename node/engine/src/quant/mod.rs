@@ -213,11 +213,10 @@ unsafe impl Sync for OutPtr {}
 /// ~1-2k-row projections of a small model split over a few threads, large
 /// enough that rayon's per-task cost (~1 µs) stays under 5% of a task.
 const ROWS_PER_TASK: usize = 32;
-/// Activation rows sharing one unpacked weight block in the kernel: eight
-/// for the 32-element types; four for the K types, whose repacked Q4_K
-/// shape depends on rows coming in fours.
+/// Activation rows sharing one unpacked weight block in the kernel (then
+/// four, two, one: groups start at multiples of four, which repacked
+/// Q4_K's shape needs).
 const ACT_ROWS_PER_PASS: usize = 8;
-const K_ACT_ROWS_PER_PASS: usize = 4;
 
 /// `out[t, col + j] = Σ_i acts[t, i] · w[j, i]` for each activation row `t`.
 ///
@@ -341,13 +340,8 @@ fn matmul_blocks<B: ActBlock>(
             // Four rows at a time, then two, then one: a batch of two
             // decoding sequences (a pipeline's micro-batch) still shares
             // each unpacked weight block.
-            let widest = if w.ty.is_k() {
-                K_ACT_ROWS_PER_PASS
-            } else {
-                ACT_ROWS_PER_PASS
-            };
             let take = match t - r {
-                n if n >= widest => widest,
+                n if n >= ACT_ROWS_PER_PASS => ACT_ROWS_PER_PASS,
                 n if n >= 4 => 4,
                 n if n >= 2 => 2,
                 _ => 1,
