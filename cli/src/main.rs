@@ -84,7 +84,7 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
 }
 
 fn main() {
-    engine::tune_allocator();
+    engine::init_process();
     let cli = Cli::parse();
     // A node's log is for a person watching it: info by default.
     common::init_tracing(if matches!(cli.command, Command::Node(_)) {

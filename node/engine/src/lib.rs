@@ -41,11 +41,24 @@ pub use local::{Engine, GenerateEvent, GenerateOptions, GenerationStats, Session
 pub use model::{log_prob, BatchSeq, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
 pub use sampling::{Sampler, SamplingParams};
 
-/// Keeps large freed buffers in the process heap instead of unmapping
-/// them. A forward pass allocates and frees megabytes per matmul; with
-/// glibc's defaults each such buffer became a fresh zeroed mapping, and the
-/// page faults were ~8% of a long prompt's time. Call once at start.
-pub fn tune_allocator() {
+/// Process settings for running models; call once at the start of `main`,
+/// before any other thread exists.
+///
+/// - candle's element-wise ops fan out on a pool of their own whose idle
+///   workers spin for a while after each op; next to shoal's rayon workers
+///   on a small machine they took a core's worth of time (two threads ran a
+///   prompt barely faster than one). shoal's heavy work is on rayon, so
+///   candle gets one thread unless `CANDLE_NUM_THREADS` says otherwise.
+/// - Large freed buffers stay in the heap instead of being unmapped: a
+///   forward pass allocates and frees megabytes per matmul, and with
+///   glibc's defaults each became a fresh zeroed mapping (page faults were
+///   ~8% of a long prompt's time).
+pub fn init_process() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY (of the call's contract): documented to run first in main,
+        // while the process has one thread.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters.
     unsafe {
