@@ -177,6 +177,13 @@ unsafe fn dot_u8_i8_vnni(wu: __m256i, a: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, a))
 }
 
+/// `start + Σ wu·a` per 4-byte lane (VNNI).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn dpbusd_from(start: __m256i, wu: __m256i, a: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(start, wu, a)
+}
+
 /// [`dot_u8_i8`], with VNNI when the caller was compiled for it.
 #[inline(always)]
 unsafe fn idot<const VNNI: bool>(wu: __m256i, a: __m256i) -> __m256 {
@@ -296,6 +303,23 @@ unsafe fn dot_sym<const R: usize, const VNNI: bool>(
             let b = p.add(i * bb);
             let wq = _mm256_loadu_si256(b.add(2) as *const __m256i);
             sym_block::<R, VNNI>(half8_at(b), wq, acts, i, &mut acc);
+        }
+    } else if ty == NativeType::Q5_0 && VNNI {
+        // Unsigned weights q + 16 (the fifth bit as is), the -16·Σa
+        // correction loaded as the dot's starting value.
+        let fifth = _mm256_set1_epi8(0x10);
+        for i in 0..nb {
+            let b = p.add(i * bb);
+            let hi = _mm256_and_si256(bytes_from_bits(b.add(2)), fifth);
+            let wu = _mm256_or_si256(unpack_nibbles(b.add(6)), hi);
+            let d = half8_at(b);
+            for r in 0..R {
+                let a = acts[r].get_unchecked(i);
+                let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&a.d));
+                let start = _mm256_loadu_si256(a.neg16_sums.as_ptr() as *const __m256i);
+                let dot = _mm256_cvtepi32_ps(dpbusd_from(start, wu, load_act(a)));
+                acc[r] = _mm256_fmadd_ps(scale, dot, acc[r]);
+            }
         }
     } else if ty == NativeType::Q5_0 {
         let minus16 = _mm256_set1_epi8(0xF0u8 as i8);

@@ -42,6 +42,11 @@ pub struct BlockQ8 {
     pub s: f32,
     /// Quantized values.
     pub qs: [i8; QK],
+    /// `-16 ×` the sum of each four consecutive `qs` (the eight lanes of a
+    /// 32-byte dot): with VNNI, Q5_0's weights go in unsigned (`q + 16`)
+    /// and this starts the sum, so the sign trick's extra step per block
+    /// pair is not needed. The integers are the same.
+    pub neg16_sums: [i32; 8],
 }
 
 /// Weight types with a kernel in this module.

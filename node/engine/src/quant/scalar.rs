@@ -156,5 +156,8 @@ pub(super) fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
         }
         block.d = f16::from_f32(d).to_f32();
         block.s = f16::from_f32(d * sum as f32).to_f32();
+        for (l, four) in block.qs.chunks_exact(4).enumerate() {
+            block.neg16_sums[l] = -16 * four.iter().map(|&q| q as i32).sum::<i32>();
+        }
     }
 }
