@@ -9,6 +9,8 @@
 
 use std::arch::x86_64::*;
 
+use half::f16;
+
 use super::{BlockQ8, NativeType};
 
 /// Whether this CPU can run these kernels (checked once per process by std).
@@ -29,11 +31,16 @@ pub(super) unsafe fn dot_rows<const R: usize>(
     w: &[u8],
     acts: &[&[BlockQ8]; R],
     out: &mut [f32; R],
+    chain: bool,
 ) {
     for a in acts {
         debug_assert!(w.len() >= a.len() * ty.block_bytes());
     }
     let vnni = vnni();
+    if chain {
+        debug_assert_eq!(ty, NativeType::Q4_0);
+        return dot_q4_0_chain(w, acts, out);
+    }
     match ty {
         NativeType::Q4_1 | NativeType::Q5_1 if vnni => dot_q4_1_vnni(ty, w, acts, out),
         NativeType::Q4_1 | NativeType::Q5_1 => dot_q4_1_avx2(ty, w, acts, out),
@@ -43,6 +50,65 @@ pub(super) unsafe fn dot_rows<const R: usize>(
         NativeType::Q4_0 | NativeType::Q5_0 | NativeType::Q8_0 => dot_sym_avx2(ty, w, acts, out),
         _ => unreachable!("{ty:?} is not a 32-element type"),
     }
+}
+
+/// Q4_0 as llama.cpp's repacked kernels sum it: per block the exact
+/// integer dot (horizontally summed), times `d_w · d_a`, one scalar FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_0_chain<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: &mut [f32; R]) {
+    let eight = _mm256_set1_epi8(8);
+    let mut sum = [0f32; R];
+    if R == 8 {
+        // Eight rows at once: their lane sums reduced together (a transposed
+        // add tree), then one vector FMA whose lane r is row r's scalar FMA.
+        let mut acc = _mm256_setzero_ps();
+        for i in 0..acts[0].len() {
+            let b = w.as_ptr().add(i * 18);
+            let wq = _mm256_sub_epi8(unpack_nibbles(b.add(2)), eight);
+            let wabs = _mm256_sign_epi8(wq, wq);
+            let lanes: [__m256i; 8] = std::array::from_fn(|r| {
+                let a = acts[r].get_unchecked(i);
+                let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(load_act(a), wq));
+                _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+            });
+            let h01 = _mm256_hadd_epi32(lanes[0], lanes[1]);
+            let h23 = _mm256_hadd_epi32(lanes[2], lanes[3]);
+            let h45 = _mm256_hadd_epi32(lanes[4], lanes[5]);
+            let h67 = _mm256_hadd_epi32(lanes[6], lanes[7]);
+            let h0123 = _mm256_hadd_epi32(h01, h23);
+            let h4567 = _mm256_hadd_epi32(h45, h67);
+            let s = _mm256_add_epi32(
+                _mm256_permute2x128_si256(h0123, h4567, 0x20),
+                _mm256_permute2x128_si256(h0123, h4567, 0x31),
+            );
+            let da: [f32; 8] = std::array::from_fn(|r| acts[r].get_unchecked(i).d);
+            let dw = half8_at(b);
+            let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(da.as_ptr()));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
+        }
+        _mm256_storeu_ps(sum.as_mut_ptr(), acc);
+        *out = sum;
+        return;
+    }
+    for i in 0..acts[0].len() {
+        let b = w.as_ptr().add(i * 18);
+        let wq = _mm256_sub_epi8(unpack_nibbles(b.add(2)), eight);
+        let wabs = _mm256_sign_epi8(wq, wq);
+        let dw = f16::from_le_bytes([*b, *b.add(1)]).to_f32();
+        for r in 0..R {
+            let a = acts[r].get_unchecked(i);
+            let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(load_act(a), wq));
+            let lanes = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+            let s = _mm_add_epi32(
+                _mm256_castsi256_si128(lanes),
+                _mm256_extracti128_si256(lanes, 1),
+            );
+            let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            sum[r] = (_mm_cvtsi128_si32(s) as f32).mul_add(dw * a.d, sum[r]);
+        }
+    }
+    *out = sum;
 }
 
 /// Whether the CPU has AVX-512 VNNI (with VL): one `vpdpbusd` instead of

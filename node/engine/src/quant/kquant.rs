@@ -162,13 +162,21 @@ pub enum KShape {
 impl KShape {
     /// The shape llama.cpp uses for a `ty` matrix of `rows` rows, batch
     /// row `r` of `t`.
+    ///
+    /// (Q4_0 is repacked too, and its 32-element blocks are summed one FMA
+    /// per block: [`KShape::PerBlock`] for every row.)
     pub fn of(ty: NativeType, rows: usize, t: usize, r: usize) -> KShape {
-        if ty == NativeType::Q4_K && rows.is_multiple_of(8) {
+        let repacked = rows.is_multiple_of(8);
+        if ty == NativeType::Q4_K && repacked {
             if r < t - t % 4 {
                 KShape::PerPair
             } else {
                 KShape::PerBlock
             }
+        } else if ty == NativeType::Q4_0 && repacked {
+            KShape::PerBlock
+        } else if !ty.is_k() {
+            KShape::Lanes
         } else if t >= TILED_BATCH_MIN {
             KShape::Tiled
         } else {

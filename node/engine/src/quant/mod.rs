@@ -261,18 +261,18 @@ impl ActBlock for BlockQ8 {
         w: &[u8],
         acts: &[&[Self]; R],
         out: &mut [f32; R],
-        _shape: KShape,
+        shape: KShape,
     ) {
         #[cfg(target_arch = "x86_64")]
         if use_avx2 {
             // SAFETY: `use_avx2` comes from `avx2::available()`; shapes were
             // checked by `matmul_blocks`.
-            unsafe { avx2::dot_rows(ty, w, acts, out) };
+            unsafe { avx2::dot_rows(ty, w, acts, out, shape == KShape::PerBlock) };
             return;
         }
         let _ = use_avx2;
         for (o, a) in out.iter_mut().zip(acts) {
-            *o = scalar::dot(ty, w, a);
+            *o = scalar::dot(ty, w, a, shape == KShape::PerBlock);
         }
     }
 }
@@ -511,7 +511,12 @@ mod tests {
                     kquant::dot(ty, w, &acts.q8k[r * bpr..(r + 1) * bpr], shape)
                 } else {
                     let bpr = k / QK;
-                    scalar::dot(ty, w, &acts.q8[r * bpr..(r + 1) * bpr])
+                    scalar::dot(
+                        ty,
+                        w,
+                        &acts.q8[r * bpr..(r + 1) * bpr],
+                        shape == KShape::PerBlock,
+                    )
                 };
             }
         }
@@ -567,7 +572,13 @@ mod tests {
                     (40, 512, 7),
                 ]
             } else {
-                &[(1, 32, 1), (37, 64, 1), (70, 96, 5), (33, 256, 9)]
+                &[
+                    (1, 32, 1),
+                    (37, 64, 1),
+                    (70, 96, 5),
+                    (33, 256, 9),
+                    (40, 64, 6),
+                ]
             };
             for &(n, k, t) in shapes {
                 check(ty, n, k, t);

@@ -90,9 +90,20 @@ fn block_ints(ty: NativeType, b: &[u8]) -> [i32; QK] {
 }
 
 /// Dot product of one weight row (raw ggml blocks) with one quantized
-/// activation row, as ggml's AVX2 `ggml_vec_dot_*` computes it.
-pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8]) -> f32 {
+/// activation row, as ggml's AVX2 `ggml_vec_dot_*` computes it; or, with
+/// `chain`, as llama.cpp's repacked Q4_0 kernels do (each block's exact
+/// integer dot times `d_w · d_a`, one FMA per block into one sum).
+pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8], chain: bool) -> f32 {
     let bb = ty.block_bytes();
+    if chain {
+        let mut sum = 0f32;
+        for (i, act) in a.iter().enumerate() {
+            let b = &w[i * bb..(i + 1) * bb];
+            let q: i32 = lane_dot(&block_ints(ty, b), &act.qs).iter().sum();
+            sum = (q as f32).mul_add(f16_at(b, 0) * act.d, sum);
+        }
+        return sum;
+    }
     let mut acc = Lanes::default();
     // The min term of Q4_1/Q5_1, a scalar FMA chain in ggml.
     let mut summs = 0f32;
