@@ -233,9 +233,11 @@ pub fn write_synthetic_gguf(path: &Path, spec: &SynthSpec) -> candle_core::Resul
 }
 
 /// The random-weight model of each architecture that has no real file
-/// here, as `tests/fixtures/arch/make.sh` and the architecture tests write
-/// it (same spec, same seed, same bytes).
-pub fn fixture_spec(architecture: &str) -> Option<SynthSpec> {
+/// here (and `q3k`: a llama in Q3_K, a type no real file here has), as
+/// `tests/fixtures/arch/make.sh` and the architecture tests write it (same
+/// spec, same seed, same bytes).
+pub fn fixture_spec(name: &str) -> Option<SynthSpec> {
+    let architecture = if name == "q3k" { "llama" } else { name };
     let base = SynthSpec {
         n_layers: 4,
         dim: 256,
@@ -251,7 +253,7 @@ pub fn fixture_spec(architecture: &str) -> Option<SynthSpec> {
         seed: 13,
         ..SynthSpec::default()
     };
-    Some(match architecture {
+    Some(match name {
         "qwen3" => SynthSpec {
             dtype: GgmlDType::Q4K,
             ..base
@@ -260,6 +262,10 @@ pub fn fixture_spec(architecture: &str) -> Option<SynthSpec> {
             dtype: GgmlDType::Q8_0,
             ffn_dim: 256,
             experts: Some((8, 2)),
+            ..base
+        },
+        "q3k" => SynthSpec {
+            dtype: GgmlDType::Q3K,
             ..base
         },
         "phi3" => SynthSpec {

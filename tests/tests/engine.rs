@@ -101,6 +101,8 @@ fn synthetic_models_of_every_quant_type_split_exactly() {
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
@@ -160,7 +162,8 @@ fn greedy(path: &Path, cuts: &[usize], prompt: &[u32], n: usize) -> (Vec<u32>, V
     (ids, logprobs)
 }
 
-/// The architectures without a real model here (Qwen3, Qwen3-MoE, Phi-3)
+/// The architectures without a real model here (Qwen3, Qwen3-MoE, Phi-3,
+/// and a llama in Q3_K)
 /// against llama.cpp's outputs for the same random-weight files
 /// (`tests/fixtures/arch/make.sh`): the 32 greedy ids identical, the
 /// top-5 log-probabilities of every step within 1e-4 (measured: 1e-6,
@@ -171,7 +174,7 @@ fn architectures_match_llama_cpp_fixtures() {
     use sha2::Digest;
     let dir = tempfile::tempdir().unwrap();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/arch");
-    for arch in ["qwen3", "qwen3moe", "phi3"] {
+    for arch in ["qwen3", "qwen3moe", "phi3", "q3k"] {
         let fixture: serde_json::Value =
             serde_json::from_slice(&std::fs::read(fixtures.join(format!("{arch}.json"))).unwrap())
                 .unwrap();

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::kquant::{q6_scales, scales_mins, tiled_step, BlockQ8K, KShape};
+use super::kquant::{scales_mins, sixteen, tiled_step, BlockQ8K, KShape};
 use super::scalar::f16_at;
 use super::NativeType;
 
@@ -31,7 +31,7 @@ pub(super) unsafe fn dot_rows<const R: usize>(
         }
         (_, KShape::PerBlock | KShape::PerPair) => unreachable!("{ty:?} is never repacked"),
         (NativeType::Q4_K | NativeType::Q5_K, _) => q45k(ty, w, acts, out, tiled),
-        (NativeType::Q6_K, _) => q6k(w, acts, out, tiled),
+        (NativeType::Q6_K | NativeType::Q3_K, _) => q36k(ty, w, acts, out, tiled),
         _ => unreachable!("{ty:?} is not a K type"),
     }
 }
@@ -219,33 +219,41 @@ unsafe fn q4k_repacked<const R: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k<const R: usize>(w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32; R], tiled: bool) {
+unsafe fn q36k<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    tiled: bool,
+) {
     // Tiled: the running sum per row (the lane accumulators stay unused).
     let mut sum = [0f32; R];
     let m15 = _mm256_set1_epi8(15);
+    let q3 = ty == NativeType::Q3_K;
+    let bb = ty.block_bytes();
     let mut acc = [_mm256_setzero_ps(); R];
     for i in 0..acts[0].len() {
-        let blk = &w[i * 210..(i + 1) * 210];
+        let blk = &w[i * bb..(i + 1) * bb];
         let p = blk.as_ptr();
-        let sc = q6_scales(blk);
-        let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const __m128i));
+        let (sc, _, wd) = sixteen(ty, blk);
+        let sc16: [i16; 16] = std::array::from_fn(|s| sc[s] as i16);
+        let scales16 = _mm256_loadu_si256(sc16.as_ptr() as *const __m256i);
         let mut sumi = [_mm256_setzero_si256(); R];
         for j in 0..2 {
-            let ql1 = load(p.add(64 * j));
-            let ql2 = load(p.add(64 * j + 32));
-            let qh = load(p.add(128 + 32 * j));
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(ql1, m15), high_bits(qh, 0, 3)),
-                _mm256_or_si256(_mm256_and_si256(ql2, m15), high_bits(qh, 2, 3)),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m15),
-                    high_bits(qh, 4, 3),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql2, 4), m15),
-                    high_bits(qh, 6, 3),
-                ),
-            ];
+            let q = if q3 {
+                // Codes q + 4: bits 2c..2c+1 of qs, bit 4j + c of hmask.
+                let qs = load(p.add(32 + 32 * j));
+                let hm = load(p);
+                let j = j as i32;
+                [
+                    q3_code(qs, hm, 0, j),
+                    q3_code(qs, hm, 1, j),
+                    q3_code(qs, hm, 2, j),
+                    q3_code(qs, hm, 3, j),
+                ]
+            } else {
+                q6_codes(p, j, m15)
+            };
             for (c, &qc) in q.iter().enumerate() {
                 let s = 8 * j + 2 * c;
                 let scale = _mm256_set_m128i(
@@ -254,16 +262,31 @@ unsafe fn q6k<const R: usize>(w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32;
                 );
                 for r in 0..R {
                     let a = acts[r].get_unchecked(i).qs.as_ptr().add(128 * j + 32 * c);
-                    sumi[r] = _mm256_add_epi32(sumi[r], scaled_dot(qc, a, scale));
+                    let p = if q3 {
+                        // ggml's Q3_K: the offset 4 subtracted in each
+                        // element's own pair, before the scale.
+                        let av = load(a as *const u8);
+                        let pairs = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(qc, av),
+                            _mm256_maddubs_epi16(_mm256_set1_epi8(4), av),
+                        );
+                        _mm256_madd_epi16(pairs, scale)
+                    } else {
+                        scaled_dot(qc, a, scale)
+                    };
+                    sumi[r] = _mm256_add_epi32(sumi[r], p);
                 }
             }
         }
-        let wd = f16_at(blk, 208);
         for r in 0..R {
             let y = acts[r].get_unchecked(i);
-            let bsums = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-            let sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, scales16), 5);
-            let s = _mm256_sub_epi32(sumi[r], sub);
+            let s = if q3 {
+                sumi[r]
+            } else {
+                let bsums = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+                let sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, scales16), 5);
+                _mm256_sub_epi32(sumi[r], sub)
+            };
             if tiled {
                 sum[r] = tiled_step(sum[r], hsum_i32(s), 0, wd, None, y.d);
             } else {
@@ -274,4 +297,41 @@ unsafe fn q6k<const R: usize>(w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32;
     for r in 0..R {
         out[r] = if tiled { sum[r] } else { hsum_f32(acc[r]) };
     }
+}
+
+/// Q3_K's codes (q + 4) of chunk `c` of half `j`: bits `2c..2c+1` of the
+/// 2-bit quants, bit `4j + c` of the high-bit mask as the third.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_code(qs: __m256i, hm: __m256i, c: i32, j: i32) -> __m256i {
+    let low = _mm256_and_si256(
+        _mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * c)),
+        _mm256_set1_epi8(3),
+    );
+    let high = _mm256_and_si256(
+        _mm256_srl_epi16(hm, _mm_cvtsi32_si128(4 * j + c)),
+        _mm256_set1_epi8(1),
+    );
+    _mm256_or_si256(low, _mm256_slli_epi16(high, 2))
+}
+
+/// Q6_K's four 32-byte code vectors of half `j` (six bits each).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_codes(p: *const u8, j: usize, m15: __m256i) -> [__m256i; 4] {
+    let ql1 = load(p.add(64 * j));
+    let ql2 = load(p.add(64 * j + 32));
+    let qh = load(p.add(128 + 32 * j));
+    [
+        _mm256_or_si256(_mm256_and_si256(ql1, m15), high_bits(qh, 0, 3)),
+        _mm256_or_si256(_mm256_and_si256(ql2, m15), high_bits(qh, 2, 3)),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m15),
+            high_bits(qh, 4, 3),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql2, 4), m15),
+            high_bits(qh, 6, 3),
+        ),
+    ]
 }

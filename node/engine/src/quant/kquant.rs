@@ -1,4 +1,4 @@
-//! The 256-element "K" block types (Q4_K, Q5_K, Q6_K): activation
+//! The 256-element "K" block types (Q3_K, Q4_K, Q5_K, Q6_K): activation
 //! quantization to ggml's `block_q8_K` and the portable kernels, which are
 //! the definition [`super::kavx2`] matches bit for bit.
 //!
@@ -122,6 +122,20 @@ pub(super) fn super_block_ints(ty: NativeType, b: &[u8]) -> [u8; QK_K] {
                 }
             }
         }
+        NativeType::Q3_K => {
+            // Codes q + 4 (0..7): two low bits from `qs`, the third set
+            // where the high-bit mask is (ggml subtracts 4 where it is not).
+            let (hmask, qs) = (&b[0..32], &b[32..96]);
+            for j in 0..2 {
+                for c in 0..4 {
+                    for l in 0..32 {
+                        let low = (qs[32 * j + l] >> (2 * c)) & 3;
+                        let high = (hmask[l] >> (4 * j + c)) & 1;
+                        q[128 * j + 32 * c + l] = low | (high << 2);
+                    }
+                }
+            }
+        }
         NativeType::Q6_K => {
             for j in 0..2 {
                 let ql = &b[64 * j..64 * j + 64];
@@ -144,6 +158,27 @@ pub(super) fn super_block_ints(ty: NativeType, b: &[u8]) -> [u8; QK_K] {
 #[inline]
 pub(super) fn q6_scales(b: &[u8]) -> [i32; 16] {
     std::array::from_fn(|i| b[192 + i] as i8 as i32)
+}
+
+/// Q3_K's sixteen 6-bit scales, minus 32 (ggml's `kmask` unpacking).
+#[inline]
+pub(super) fn q3_scales(b: &[u8]) -> [i32; 16] {
+    let s = &b[96..108];
+    std::array::from_fn(|i| {
+        let low = if i < 8 { s[i] & 0xF } else { s[i - 8] >> 4 };
+        let high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        (low | (high << 4)) as i32 - 32
+    })
+}
+
+/// The sixteen-scale types (Q3_K, Q6_K): scales, code offset, `d` offset.
+#[inline]
+pub(super) fn sixteen(ty: NativeType, b: &[u8]) -> ([i32; 16], i32, f32) {
+    if ty == NativeType::Q3_K {
+        (q3_scales(b), 4, f16_at(b, 108))
+    } else {
+        (q6_scales(b), 32, f16_at(b, 208))
+    }
 }
 
 /// How a K product sums its super-blocks (see the module notes).
@@ -218,10 +253,10 @@ pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8K], shape: KShape) -> f3
 fn super_block_sums(ty: NativeType, b: &[u8], y: &BlockQ8K) -> (i32, i32) {
     let q = super_block_ints(ty, b);
     let dot = |e: std::ops::Range<usize>| -> i32 { e.map(|i| q[i] as i32 * y.qs[i] as i32).sum() };
-    if ty == NativeType::Q6_K {
-        let sc = q6_scales(b);
+    if matches!(ty, NativeType::Q6_K | NativeType::Q3_K) {
+        let (sc, offset, _) = sixteen(ty, b);
         let s1 = (0..16)
-            .map(|s| sc[s] * (dot(16 * s..16 * s + 16) - 32 * y.bsums[s] as i32))
+            .map(|s| sc[s] * (dot(16 * s..16 * s + 16) - offset * y.bsums[s] as i32))
             .sum();
         (s1, 0)
     } else {
@@ -239,8 +274,8 @@ fn dot_tiled(ty: NativeType, w: &[u8], a: &[BlockQ8K]) -> f32 {
     for (i, y) in a.iter().enumerate() {
         let b = &w[i * bb..(i + 1) * bb];
         let (s1, s2) = super_block_sums(ty, b, y);
-        let (wd, wmin) = if ty == NativeType::Q6_K {
-            (f16_at(b, 208), None)
+        let (wd, wmin) = if matches!(ty, NativeType::Q6_K | NativeType::Q3_K) {
+            (sixteen(ty, b).2, None)
         } else {
             (f16_at(b, 0), Some(f16_at(b, 2)))
         };
@@ -286,22 +321,28 @@ fn dot_lanes(ty: NativeType, w: &[u8], a: &[BlockQ8K]) -> f32 {
             }
             acc.sum() + summs
         }
-        NativeType::Q6_K => {
+        NativeType::Q6_K | NativeType::Q3_K => {
             let mut acc = Lanes::default();
             for (i, y) in a.iter().enumerate() {
                 let b = &w[i * bb..(i + 1) * bb];
-                let d = y.d * f16_at(b, 208);
-                let sc = q6_scales(b);
+                let (sc, offset, wd) = sixteen(ty, b);
+                let d = y.d * wd;
                 let q = super_block_ints(ty, b);
                 let mut lanes = [0i32; 8];
+                // Q3_K's offset goes element by element, in each element's
+                // lane (ggml subtracts 4·a where the high bit is clear) ...
+                let inline = if ty == NativeType::Q3_K { offset } else { 0 };
                 for (e, (&qv, &av)) in q.iter().zip(&y.qs).enumerate() {
-                    lanes[(e % 32) / 4] += sc[e / 16] * qv as i32 * av as i32;
+                    lanes[(e % 32) / 4] += sc[e / 16] * (qv as i32 - inline) * av as i32;
                 }
-                // The -32 offset, through the activation sums, lane by lane.
-                for (l, lane) in lanes.iter_mut().enumerate() {
-                    let m = y.bsums[2 * l] as i32 * sc[2 * l]
-                        + y.bsums[2 * l + 1] as i32 * sc[2 * l + 1];
-                    *lane -= m << 5;
+                // ... Q6_K's through the activation sums: lane l takes
+                // sub-blocks 2l and 2l+1 (ggml's q8sclsub).
+                if ty == NativeType::Q6_K {
+                    for (l, lane) in lanes.iter_mut().enumerate() {
+                        let m = y.bsums[2 * l] as i32 * sc[2 * l]
+                            + y.bsums[2 * l + 1] as i32 * sc[2 * l + 1];
+                        *lane -= m * offset;
+                    }
                 }
                 acc.fma(d, &lanes);
             }
@@ -352,11 +393,10 @@ pub(super) fn dequantize_row(ty: NativeType, w: &[u8], out: &mut [f32]) {
     for (i, chunk) in out.chunks_exact_mut(QK_K).enumerate() {
         let b = &w[i * bb..(i + 1) * bb];
         let q = super_block_ints(ty, b);
-        if ty == NativeType::Q6_K {
-            let d = f16_at(b, 208);
-            let sc = q6_scales(b);
+        if matches!(ty, NativeType::Q6_K | NativeType::Q3_K) {
+            let (sc, offset, d) = sixteen(ty, b);
             for (e, o) in chunk.iter_mut().enumerate() {
-                *o = d * sc[e / 16] as f32 * (q[e] as i32 - 32) as f32;
+                *o = d * sc[e / 16] as f32 * (q[e] as i32 - offset) as f32;
             }
         } else {
             let (d, min) = (f16_at(b, 0), f16_at(b, 2));
