@@ -233,11 +233,16 @@ pub fn write_synthetic_gguf(path: &Path, spec: &SynthSpec) -> candle_core::Resul
 }
 
 /// The random-weight model of each architecture that has no real file
-/// here (and `q3k`: a llama in Q3_K, a type no real file here has), as
+/// here (and `q2k`, `q3k`: llamas in Q2_K and Q3_K, types no real file
+/// here has), as
 /// `tests/fixtures/arch/make.sh` and the architecture tests write it (same
 /// spec, same seed, same bytes).
 pub fn fixture_spec(name: &str) -> Option<SynthSpec> {
-    let architecture = if name == "q3k" { "llama" } else { name };
+    let architecture = if matches!(name, "q2k" | "q3k") {
+        "llama"
+    } else {
+        name
+    };
     let base = SynthSpec {
         n_layers: 4,
         dim: 256,
@@ -266,6 +271,10 @@ pub fn fixture_spec(name: &str) -> Option<SynthSpec> {
         },
         "q3k" => SynthSpec {
             dtype: GgmlDType::Q3K,
+            ..base
+        },
+        "q2k" => SynthSpec {
+            dtype: GgmlDType::Q2K,
             ..base
         },
         "phi3" => SynthSpec {

@@ -30,18 +30,52 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     // Set by the x86 kernels; stays 0 on other architectures.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut i = 0;
-    #[cfg(target_arch = "x86_64")]
-    match crate::quant::kernels() {
-        // SAFETY: the features each kernel needs were checked at run time;
-        // bounds by the loop conditions.
-        crate::quant::Kernels::Avx512 => unsafe { i = x86::swiglu_avx512(gate, up, &mut y) },
-        crate::quant::Kernels::Avx2 => unsafe { i = x86::swiglu(gate, up, &mut y) },
-        crate::quant::Kernels::Portable => {}
+    use crate::quant::{kernels, Kernels};
+    match kernels() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 F/DQ checked at run time; bounds by the loop.
+        Kernels::Avx512 if crate::quant::avx512_cpu() => unsafe {
+            i = x86::swiglu_avx512(gate, up, &mut y)
+        },
+        Kernels::Avx512 => {
+            // The AVX-512 arithmetic without the instructions.
+            while i + 15 < gate.len() {
+                for j in i..i + 16 {
+                    y[j] = gate[j] / (1.0 + expf512(-gate[j])) * up[j];
+                }
+                i += 16;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2/FMA checked at run time; bounds by the loop.
+        Kernels::Avx2 if crate::quant::simd_available() => unsafe {
+            i = x86::swiglu(gate, up, &mut y)
+        },
+        _ => {}
     }
     for j in i..gate.len() {
         y[j] = gate[j] / (1.0 + (-gate[j]).exp()) * up[j];
     }
     y
+}
+
+/// ggml's AVX-512 `ggml_v_expf` for one value, in portable code: the same
+/// FMAs, and `scalef` (j·2ⁿ, one rounding) through f64, where it is exact.
+fn expf512(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let r = c(0x4B40_0000);
+    let z = x.mul_add(c(0x3FB8_AA3B), r);
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35BF_BE8E), (-n).mul_add(c(0x3F31_7200), x));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let u = b * b;
+    let j = c(0x3C07_2010)
+        .mul_add(b, c(0x3D2B_9F17))
+        .mul_add(u, c(0x3E2A_AF33).mul_add(b, c(0x3EFF_FEDB)))
+        .mul_add(u, c(0x3F7F_FFF6).mul_add(b, 1.0));
+    (j as f64 * 2f64.powi(n as i32)) as f32
 }
 
 /// ggml's tanh-approximated GELU in f32 (`ggml_gelu_f32`); GCC contracts
@@ -300,6 +334,26 @@ mod tests {
                 (y - want).abs() <= 1e-5 * (1.0 + want.abs()),
                 "{y} vs {want}"
             );
+        }
+    }
+
+    #[test]
+    fn avx512_expf_in_portable_code_gives_the_same_bits() {
+        if !crate::quant::avx512_cpu() {
+            return;
+        }
+        let gate: Vec<f32> = (0..4096)
+            .map(|i| ((i * 7919 % 4096) as f32 - 2048.0) / 17.0)
+            .chain([0.0, -0.0, 88.0, -88.0, 100.0, -104.0, 1e-30, -1e-30])
+            .collect();
+        let gate = &gate[..gate.len() / 16 * 16];
+        let up: Vec<f32> = (0..gate.len()).map(|i| 0.5 + (i % 7) as f32).collect();
+        let mut simd = vec![0f32; gate.len()];
+        // SAFETY: AVX-512 checked above.
+        unsafe { x86::swiglu_avx512(gate, &up, &mut simd) };
+        for ((g, u), s) in gate.iter().zip(&up).zip(&simd) {
+            let portable = g / (1.0 + expf512(-g)) * u;
+            assert_eq!(portable.to_bits(), s.to_bits(), "gate {g}");
         }
     }
 

@@ -277,10 +277,13 @@ fn tiled(s: AttnShape, q: &[f32], k: &[f16], v: &[f16], pos: usize, scale: f32, 
 /// (or its AVX-512 sibling, 16 lanes over 64-element steps, on CPUs where
 /// llama.cpp runs that one).
 fn dot_f16(simd: bool, a: &[f16], b: &[f16]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd && crate::quant::kernels() == crate::quant::Kernels::Avx512 {
-        // SAFETY: AVX-512 F/DQ checked at run time.
-        return unsafe { x86::dot_f16_avx512(a, b) };
+    if crate::quant::kernels() == crate::quant::Kernels::Avx512 {
+        #[cfg(target_arch = "x86_64")]
+        if simd && crate::quant::avx512_cpu() {
+            // SAFETY: AVX-512 F/DQ checked at run time.
+            return unsafe { x86::dot_f16_avx512(a, b) };
+        }
+        return dot_f16_wide_portable(a, b);
     }
     const STEP: usize = 32;
     let main = a.len() / STEP * STEP;
@@ -318,8 +321,7 @@ fn dot_f16(simd: bool, a: &[f16], b: &[f16]) -> f32 {
 }
 
 /// [`x86::dot_f16_avx512`]'s arithmetic in portable code: the definition
-/// its bits are checked against.
-#[cfg(test)]
+/// its bits are checked against, and the AVX-512 family on other CPUs.
 fn dot_f16_wide_portable(a: &[f16], b: &[f16]) -> f32 {
     const STEP: usize = 64;
     let main = a.len() / STEP * STEP;

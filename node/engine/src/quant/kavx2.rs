@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::kquant::{scales_mins, sixteen, tiled_step, BlockQ8K, KShape};
+use super::kquant::{q2_scales_mins, scales_mins, sixteen, tiled_step, BlockQ8K, KShape};
 use super::scalar::f16_at;
 use super::NativeType;
 
@@ -26,6 +26,7 @@ pub(super) unsafe fn dot_rows<const R: usize>(
     }
     let tiled = shape == KShape::Tiled;
     match (ty, shape) {
+        (NativeType::Q2_K, _) => q2k(w, acts, out, shape),
         (NativeType::Q4_K, KShape::PerBlock | KShape::PerPair) => {
             q4k_repacked(w, acts, out, shape == KShape::PerPair)
         }
@@ -334,4 +335,90 @@ unsafe fn q6_codes(p: *const u8, j: usize, m15: __m256i) -> [__m256i; 4] {
             high_bits(qh, 6, 3),
         ),
     ]
+}
+
+/// Q2_K in every shape: lanes (`ggml_vec_dot_q2_K_q8_K`: the mins' FMA,
+/// then the quants', per lane and super-block), tiled, and llama.cpp's
+/// repacked gemv (per super-block) and gemm (per half super-block).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2k<const R: usize>(
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    shape: KShape,
+) {
+    let m3 = _mm256_set1_epi8(3);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let (mut sum, mut sum_min) = ([0f32; R], [0f32; R]);
+    for i in 0..acts[0].len() {
+        let blk = &w[i * 84..(i + 1) * 84];
+        let p = blk.as_ptr();
+        let (sc, mn) = q2_scales_mins(blk);
+        let (wd, wmin) = (f16_at(blk, 80), f16_at(blk, 82));
+        let mut sumi = [_mm256_setzero_si256(); R];
+        for j in 0..2 {
+            let qs = load(p.add(16 + 32 * j));
+            let mut part = [_mm256_setzero_si256(); R];
+            for c in 0..4 {
+                let code = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * c)), m3);
+                let s = 8 * j + 2 * c as usize;
+                let scale = _mm256_set_m128i(
+                    _mm_set1_epi16(sc[s + 1] as i16),
+                    _mm_set1_epi16(sc[s] as i16),
+                );
+                for r in 0..R {
+                    let a = acts[r]
+                        .get_unchecked(i)
+                        .qs
+                        .as_ptr()
+                        .add(128 * j + 32 * c as usize);
+                    part[r] = _mm256_add_epi32(part[r], scaled_dot(code, a, scale));
+                }
+            }
+            for r in 0..R {
+                if shape == KShape::PerPair {
+                    let y = acts[r].get_unchecked(i);
+                    let m: i32 = (8 * j..8 * j + 8).map(|s| mn[s] * y.bsums[s] as i32).sum();
+                    sum[r] = (hsum_i32(part[r]) as f32).mul_add(wd * y.d, sum[r]);
+                    sum_min[r] = (m as f32).mul_add(wmin * y.d, sum_min[r]);
+                } else {
+                    sumi[r] = _mm256_add_epi32(sumi[r], part[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            let y = acts[r].get_unchecked(i);
+            let m_total = || -> i32 { (0..16).map(|s| mn[s] * y.bsums[s] as i32).sum() };
+            match shape {
+                KShape::Lanes => {
+                    let mins: [i32; 8] = std::array::from_fn(|l| {
+                        mn[2 * l] * y.bsums[2 * l] as i32
+                            + mn[2 * l + 1] * y.bsums[2 * l + 1] as i32
+                    });
+                    let mins = _mm256_loadu_si256(mins.as_ptr() as *const __m256i);
+                    let dmin = -y.d * wmin;
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(mins), acc[r]);
+                    let d = y.d * wd;
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+                }
+                KShape::Tiled => {
+                    sum[r] = tiled_step(sum[r], hsum_i32(sumi[r]), m_total(), wd, Some(wmin), y.d);
+                }
+                KShape::PerBlock => {
+                    sum[r] = (hsum_i32(sumi[r]) as f32).mul_add(wd * y.d, sum[r]);
+                    sum_min[r] = (m_total() as f32).mul_add(wmin * y.d, sum_min[r]);
+                }
+                KShape::PerPair => {}
+            }
+        }
+    }
+    for r in 0..R {
+        out[r] = match shape {
+            KShape::Lanes => hsum_f32(acc[r]),
+            KShape::Tiled => sum[r],
+            KShape::PerBlock | KShape::PerPair => sum[r] - sum_min[r],
+        };
+    }
 }

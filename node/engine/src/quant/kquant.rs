@@ -1,4 +1,4 @@
-//! The 256-element "K" block types (Q3_K, Q4_K, Q5_K, Q6_K): activation
+//! The 256-element "K" block types (Q2_K to Q6_K): activation
 //! quantization to ggml's `block_q8_K` and the portable kernels, which are
 //! the definition [`super::kavx2`] matches bit for bit.
 //!
@@ -122,6 +122,16 @@ pub(super) fn super_block_ints(ty: NativeType, b: &[u8]) -> [u8; QK_K] {
                 }
             }
         }
+        NativeType::Q2_K => {
+            let qs = &b[16..80];
+            for j in 0..2 {
+                for c in 0..4 {
+                    for l in 0..32 {
+                        q[128 * j + 32 * c + l] = (qs[32 * j + l] >> (2 * c)) & 3;
+                    }
+                }
+            }
+        }
         NativeType::Q3_K => {
             // Codes q + 4 (0..7): two low bits from `qs`, the third set
             // where the high-bit mask is (ggml subtracts 4 where it is not).
@@ -171,6 +181,15 @@ pub(super) fn q3_scales(b: &[u8]) -> [i32; 16] {
     })
 }
 
+/// Q2_K's sixteen 4-bit scales and mins.
+#[inline]
+pub(super) fn q2_scales_mins(b: &[u8]) -> ([i32; 16], [i32; 16]) {
+    (
+        std::array::from_fn(|i| (b[i] & 0xF) as i32),
+        std::array::from_fn(|i| (b[i] >> 4) as i32),
+    )
+}
+
 /// The sixteen-scale types (Q3_K, Q6_K): scales, code offset, `d` offset.
 #[inline]
 pub(super) fn sixteen(ty: NativeType, b: &[u8]) -> ([i32; 16], i32, f32) {
@@ -188,9 +207,10 @@ pub enum KShape {
     Lanes,
     /// The tiled kernel: one scalar chain per output.
     Tiled,
-    /// Repacked Q4_K `gemv`: one FMA per super-block.
+    /// Repacked Q4_K or Q2_K `gemv`: one FMA per super-block.
     PerBlock,
-    /// Repacked Q4_K `gemm`: one FMA per pair of sub-blocks.
+    /// Repacked Q4_K `gemm`: one FMA per pair of sub-blocks (for Q2_K, per
+    /// half super-block).
     PerPair,
 }
 
@@ -202,7 +222,10 @@ impl KShape {
     /// per block: [`KShape::PerBlock`] for every row.)
     pub fn of(ty: NativeType, rows: usize, t: usize, r: usize) -> KShape {
         let repacked = rows.is_multiple_of(8);
-        if ty == NativeType::Q4_K && repacked {
+        // llama.cpp repacks Q2_K only on CPUs with AVX-512.
+        let q2_repacked =
+            ty == NativeType::Q2_K && repacked && super::kernels() == super::Kernels::Avx512;
+        if (ty == NativeType::Q4_K && repacked) || q2_repacked {
             if r < t - t % 4 {
                 KShape::PerPair
             } else {
@@ -239,6 +262,9 @@ pub(super) fn tiled_step(sum: f32, s1: i32, s2: i32, wd: f32, wmin: Option<f32>,
 /// One weight row dotted with one activation row, as ggml computes it.
 pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8K], shape: KShape) -> f32 {
     match (ty, shape) {
+        (NativeType::Q2_K, KShape::PerBlock | KShape::PerPair) => {
+            dot_q2k_repacked(w, a, shape == KShape::PerPair)
+        }
         (NativeType::Q4_K, KShape::PerBlock | KShape::PerPair) => {
             dot_q4k_repacked(w, a, shape == KShape::PerPair)
         }
@@ -253,6 +279,12 @@ pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8K], shape: KShape) -> f3
 fn super_block_sums(ty: NativeType, b: &[u8], y: &BlockQ8K) -> (i32, i32) {
     let q = super_block_ints(ty, b);
     let dot = |e: std::ops::Range<usize>| -> i32 { e.map(|i| q[i] as i32 * y.qs[i] as i32).sum() };
+    if ty == NativeType::Q2_K {
+        let (sc, mn) = q2_scales_mins(b);
+        let s1 = (0..16).map(|s| sc[s] * dot(16 * s..16 * s + 16)).sum();
+        let s2 = (0..16).map(|s| mn[s] * y.bsums[s] as i32).sum();
+        return (s1, s2);
+    }
     if matches!(ty, NativeType::Q6_K | NativeType::Q3_K) {
         let (sc, offset, _) = sixteen(ty, b);
         let s1 = (0..16)
@@ -276,6 +308,8 @@ fn dot_tiled(ty: NativeType, w: &[u8], a: &[BlockQ8K]) -> f32 {
         let (s1, s2) = super_block_sums(ty, b, y);
         let (wd, wmin) = if matches!(ty, NativeType::Q6_K | NativeType::Q3_K) {
             (sixteen(ty, b).2, None)
+        } else if ty == NativeType::Q2_K {
+            (f16_at(b, 80), Some(f16_at(b, 82)))
         } else {
             (f16_at(b, 0), Some(f16_at(b, 2)))
         };
@@ -321,6 +355,28 @@ fn dot_lanes(ty: NativeType, w: &[u8], a: &[BlockQ8K]) -> f32 {
             }
             acc.sum() + summs
         }
+        NativeType::Q2_K => {
+            let mut acc = Lanes::default();
+            for (i, y) in a.iter().enumerate() {
+                let b = &w[i * bb..(i + 1) * bb];
+                let (sc, mn) = q2_scales_mins(b);
+                let d = y.d * f16_at(b, 80);
+                let dmin = -y.d * f16_at(b, 82);
+                // ggml: the mins first (lane l: sub-blocks 2l, 2l+1), then
+                // the scaled quants, one FMA each per lane.
+                let mins: [i32; 8] = std::array::from_fn(|l| {
+                    mn[2 * l] * y.bsums[2 * l] as i32 + mn[2 * l + 1] * y.bsums[2 * l + 1] as i32
+                });
+                acc.fma(dmin, &mins);
+                let q = super_block_ints(ty, b);
+                let mut lanes = [0i32; 8];
+                for (e, (&qv, &av)) in q.iter().zip(&y.qs).enumerate() {
+                    lanes[(e % 32) / 4] += sc[e / 16] * qv as i32 * av as i32;
+                }
+                acc.fma(d, &lanes);
+            }
+            acc.sum()
+        }
         NativeType::Q6_K | NativeType::Q3_K => {
             let mut acc = Lanes::default();
             for (i, y) in a.iter().enumerate() {
@@ -350,6 +406,43 @@ fn dot_lanes(ty: NativeType, w: &[u8], a: &[BlockQ8K]) -> f32 {
         }
         _ => unreachable!("{ty:?} is not a K type"),
     }
+}
+
+/// Q2_K the way llama.cpp's repacked kernels (`q2_K_8x8`, on AVX-512
+/// CPUs) sum it: exact integer sums per super-block (gemv) or per half
+/// (gemm), one FMA each for quants and for mins, subtracted at the end.
+fn dot_q2k_repacked(w: &[u8], a: &[BlockQ8K], per_half: bool) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (i, y) in a.iter().enumerate() {
+        let b = &w[i * 84..(i + 1) * 84];
+        let ds = f16_at(b, 80) * y.d;
+        let dm = f16_at(b, 82) * y.d;
+        let (sc, mn) = q2_scales_mins(b);
+        let q = super_block_ints(NativeType::Q2_K, b);
+        let (mut s_block, mut m_block) = (0i32, 0i32);
+        for half in 0..2 {
+            let (mut s, mut m) = (0i32, 0i32);
+            for sub in 8 * half..8 * half + 8 {
+                let dot: i32 = (16 * sub..16 * sub + 16)
+                    .map(|e| q[e] as i32 * y.qs[e] as i32)
+                    .sum();
+                s += sc[sub] * dot;
+                m += mn[sub] * y.bsums[sub] as i32;
+            }
+            if per_half {
+                acc = (s as f32).mul_add(ds, acc);
+                acc_min = (m as f32).mul_add(dm, acc_min);
+            } else {
+                s_block += s;
+                m_block += m;
+            }
+        }
+        if !per_half {
+            acc = (s_block as f32).mul_add(ds, acc);
+            acc_min = (m_block as f32).mul_add(dm, acc_min);
+        }
+    }
+    acc - acc_min
 }
 
 /// Q4_K the way llama.cpp's repacked kernels sum it.
@@ -397,6 +490,12 @@ pub(super) fn dequantize_row(ty: NativeType, w: &[u8], out: &mut [f32]) {
             let (sc, offset, d) = sixteen(ty, b);
             for (e, o) in chunk.iter_mut().enumerate() {
                 *o = d * sc[e / 16] as f32 * (q[e] as i32 - offset) as f32;
+            }
+        } else if ty == NativeType::Q2_K {
+            let (sc, mn) = q2_scales_mins(b);
+            let (d, min) = (f16_at(b, 80), f16_at(b, 82));
+            for (e, o) in chunk.iter_mut().enumerate() {
+                *o = d * sc[e / 16] as f32 * q[e] as f32 - min * mn[e / 16] as f32;
             }
         } else {
             let (d, min) = (f16_at(b, 0), f16_at(b, 2));

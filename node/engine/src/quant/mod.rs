@@ -71,6 +71,8 @@ pub enum NativeType {
     Q6_K,
     /// 3-bit super-blocks (2 bits + a high-bit mask) with 6-bit scales.
     Q3_K,
+    /// 2-bit super-blocks with 4-bit scales and mins.
+    Q2_K,
 }
 
 impl NativeType {
@@ -86,13 +88,17 @@ impl NativeType {
             GgmlType::Q5_K => Some(Self::Q5_K),
             GgmlType::Q6_K => Some(Self::Q6_K),
             GgmlType::Q3_K => Some(Self::Q3_K),
+            GgmlType::Q2_K => Some(Self::Q2_K),
             _ => None,
         }
     }
 
     /// Whether this is a 256-element K type (activations in Q8_K).
     pub fn is_k(self) -> bool {
-        matches!(self, Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K)
+        matches!(
+            self,
+            Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K
+        )
     }
 
     /// Elements per block.
@@ -116,6 +122,7 @@ impl NativeType {
             Self::Q5_K => 176,
             Self::Q6_K => 210,
             Self::Q3_K => 110,
+            Self::Q2_K => 84,
         }
     }
 }
@@ -424,37 +431,78 @@ impl Kernels {
     fn detect() -> Kernels {
         #[cfg(target_arch = "x86_64")]
         {
-            let found = if !avx2::available() {
-                Kernels::Portable
-            } else if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
-                Kernels::Avx512
-            } else {
-                Kernels::Avx2
-            };
-            // SHOAL_KERNELS may ask for a lower family (to match a llama.cpp
-            // built for an older CPU, or to test the portable path), never a
-            // higher one than the CPU has.
-            let asked = match std::env::var("SHOAL_KERNELS").as_deref() {
+            let found = cpu_kernels();
+            // SHOAL_KERNELS may ask for another family: a lower one (to
+            // match a llama.cpp built for an older CPU, or to test the
+            // portable path), or AVX-512's arithmetic on a CPU without it
+            // (computed by portable code: same bits, slower).
+            match std::env::var("SHOAL_KERNELS").as_deref() {
                 Ok("portable") => Kernels::Portable,
-                Ok("avx2") => Kernels::Avx2,
+                Ok("avx2") => Kernels::Avx2.min(found),
+                Ok("avx512") => Kernels::Avx512,
                 _ => found,
-            };
-            asked.min(found)
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         Kernels::Portable
     }
 }
 
-/// The kernel family this process runs (detected once).
+static FORCED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The kernel family this process runs (detected once, unless forced).
 pub fn kernels() -> Kernels {
+    match FORCED.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => return Kernels::Portable,
+        2 => return Kernels::Avx2.min(cpu_kernels()),
+        3 => return Kernels::Avx512,
+        _ => {}
+    }
     static KERNELS: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
     *KERNELS.get_or_init(Kernels::detect)
 }
 
-/// Whether the SIMD kernels (AVX2 or better) run on this CPU.
+/// Makes this process compute with `family`'s arithmetic from now on (AVX-
+/// 512's by portable code where the CPU lacks it): for tests held to
+/// references made on another CPU. Call before computing anything.
+pub fn force_arithmetic(family: Kernels) {
+    let v = match family {
+        Kernels::Portable => 1,
+        Kernels::Avx2 => 2,
+        Kernels::Avx512 => 3,
+    };
+    FORCED.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The best family this CPU's instructions run.
+fn cpu_kernels() -> Kernels {
+    static CPU: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    *CPU.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !avx2::available() {
+                Kernels::Portable
+            } else if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
+                Kernels::Avx512
+            } else {
+                Kernels::Avx2
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Kernels::Portable
+    })
+}
+
+/// Whether this CPU runs AVX-512 instructions (the AVX-512 family's
+/// arithmetic is otherwise computed by portable code).
+pub fn avx512_cpu() -> bool {
+    cpu_kernels() == Kernels::Avx512
+}
+
+/// Whether the SIMD kernels (AVX2 or better) run: the CPU has AVX2/FMA/F16C
+/// and the portable family was not asked for.
 pub fn simd_available() -> bool {
-    kernels() >= Kernels::Avx2
+    cpu_kernels() >= Kernels::Avx2 && kernels() != Kernels::Portable
 }
 
 #[cfg(test)]

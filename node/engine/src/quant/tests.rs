@@ -3,7 +3,8 @@
 use super::*;
 use rand::{Rng, SeedableRng};
 
-const ALL: [NativeType; 9] = [
+const ALL: [NativeType; 10] = [
+    NativeType::Q2_K,
     NativeType::Q3_K,
     NativeType::Q4_0,
     NativeType::Q4_1,
@@ -27,6 +28,7 @@ fn quantize_weights(ty: NativeType, w: &[f32], k: usize) -> Vec<u8> {
         NativeType::Q5_K => GgmlDType::Q5K,
         NativeType::Q6_K => GgmlDType::Q6K,
         NativeType::Q3_K => GgmlDType::Q3K,
+        NativeType::Q2_K => GgmlDType::Q2K,
     };
     let t =
         candle_core::Tensor::from_slice(w, (w.len() / k, k), &candle_core::Device::Cpu).unwrap();
