@@ -151,10 +151,17 @@ impl Worker {
     /// queued, and runs one pass if one is due. `false` once the node is gone.
     fn turn(&mut self, rx: &mut mpsc::Receiver<WorkerMsg>) -> bool {
         match self.batcher.next(Instant::now()) {
-            Next::Idle => match rx.blocking_recv() {
-                Some(msg) => self.handle(msg),
-                None => return false,
-            },
+            Next::Idle => {
+                // Nothing to run: hand the heap the passes freed back to
+                // the OS (the process keeps freed buffers while it works,
+                // see `engine::init_process`), so an idle stage holds its
+                // share and little more.
+                engine::local::release_freed_heap();
+                match rx.blocking_recv() {
+                    Some(msg) => self.handle(msg),
+                    None => return false,
+                }
+            }
             Next::WaitUntil(deadline) => loop {
                 match rx.try_recv() {
                     Ok(msg) => {
