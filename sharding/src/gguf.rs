@@ -76,7 +76,7 @@ pub enum GgufError {
         what: String,
     },
     /// A tensor uses a ggml type this build cannot run.
-    #[error("{path}: tensor '{tensor}' has unsupported quantization type {type_id} ({name})")]
+    #[error("{path}: tensor '{tensor}' has unsupported quantization type {type_id} ({name}); shoal runs F32, F16, BF16 (vectors), Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K")]
     UnsupportedType {
         /// The file.
         path: PathBuf,
