@@ -190,9 +190,11 @@ unsafe fn act_scales(a: &BlockQ8) -> __m128 {
     _mm_castpd_ps(_mm_load_sd(&a.d as *const f32 as *const f64))
 }
 
+/// ggml's `hsum_float_8`: high half onto low half, then pairs (the K
+/// kernels use it too).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));

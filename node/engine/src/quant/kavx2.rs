@@ -4,6 +4,7 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::hsum;
 use super::kquant::{q2_scales_mins, scales_mins, sixteen, tiled_step, BlockQ8K, KShape};
 use super::scalar::f16_at;
 use super::NativeType;
@@ -35,15 +36,6 @@ pub(super) unsafe fn dot_rows<const R: usize>(
         (NativeType::Q6_K | NativeType::Q3_K, _) => q36k(ty, w, acts, out, tiled),
         _ => unreachable!("{ty:?} is not a K type"),
     }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_f32(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
 }
 
 #[inline]
@@ -165,7 +157,7 @@ unsafe fn q45k<const R: usize>(
         } else {
             (m[0] + m[2]) + (m[1] + m[3])
         };
-        out[r] = hsum_f32(acc[r]) + tail;
+        out[r] = hsum(acc[r]) + tail;
     }
 }
 
@@ -296,7 +288,7 @@ unsafe fn q36k<const R: usize>(
         }
     }
     for r in 0..R {
-        out[r] = if tiled { sum[r] } else { hsum_f32(acc[r]) };
+        out[r] = if tiled { sum[r] } else { hsum(acc[r]) };
     }
 }
 
@@ -416,7 +408,7 @@ unsafe fn q2k<const R: usize>(
     }
     for r in 0..R {
         out[r] = match shape {
-            KShape::Lanes => hsum_f32(acc[r]),
+            KShape::Lanes => hsum(acc[r]),
             KShape::Tiled => sum[r],
             KShape::PerBlock | KShape::PerPair => sum[r] - sum_min[r],
         };
