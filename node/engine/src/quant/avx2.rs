@@ -99,13 +99,7 @@ unsafe fn dot_q4_0_chain<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: 
             let a = acts[r].get_unchecked(i);
             let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(load_act(a), wq));
             let lanes = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-            let s = _mm_add_epi32(
-                _mm256_castsi256_si128(lanes),
-                _mm256_extracti128_si256(lanes, 1),
-            );
-            let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-            sum[r] = (_mm_cvtsi128_si32(s) as f32).mul_add(dw * a.d, sum[r]);
+            sum[r] = (hsum_i32(lanes) as f32).mul_add(dw * a.d, sum[r]);
         }
     }
     *out = sum;
@@ -188,6 +182,16 @@ unsafe fn half_pair_at(p: *const u8) -> __m128 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn act_scales(a: &BlockQ8) -> __m128 {
     _mm_castpd_ps(_mm_load_sd(&a.d as *const f32 as *const f64))
+}
+
+/// The sum of eight i32 lanes (exact: the order does not matter).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
 }
 
 /// ggml's `hsum_float_8`: high half onto low half, then pairs (the K

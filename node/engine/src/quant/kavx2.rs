@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::hsum;
+use super::avx2::{hsum, hsum_i32};
 use super::kquant::{q2_scales_mins, scales_mins, sixteen, tiled_step, BlockQ8K, KShape};
 use super::scalar::f16_at;
 use super::NativeType;
@@ -36,15 +36,6 @@ pub(super) unsafe fn dot_rows<const R: usize>(
         (NativeType::Q6_K | NativeType::Q3_K, _) => q36k(ty, w, acts, out, tiled),
         _ => unreachable!("{ty:?} is not a K type"),
     }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
 }
 
 #[inline]
