@@ -124,6 +124,8 @@ pub struct Worker {
     stages: usize,
     seqs: HashMap<u64, Sequence>,
     batcher: Batcher,
+    /// A pass ran since the heap was last handed back (see `turn`).
+    heap_dirty: bool,
 }
 
 /// Starts the worker; it runs until the sender is dropped.
@@ -138,6 +140,7 @@ pub fn spawn(cfg: WorkerConfig, out: Arc<dyn Outbox>) -> mpsc::Sender<WorkerMsg>
         stages: 1,
         seqs: HashMap::new(),
         batcher: Batcher::default(),
+        heap_dirty: false,
     };
     std::thread::Builder::new()
         .name("shoal-stage".into())
@@ -152,11 +155,15 @@ impl Worker {
     fn turn(&mut self, rx: &mut mpsc::Receiver<WorkerMsg>) -> bool {
         match self.batcher.next(Instant::now()) {
             Next::Idle => {
-                // Nothing to run: hand the heap the passes freed back to
-                // the OS (the process keeps freed buffers while it works,
-                // see `engine::init_process`), so an idle stage holds its
-                // share and little more.
-                engine::local::release_freed_heap();
+                // No request holds a cache here any more: hand the heap the
+                // passes freed back to the OS (the process keeps freed
+                // buffers while it works, see `engine::init_process`), so an
+                // idle stage holds its share and little more. Not between
+                // the tokens of a request: that would walk the heap per token.
+                if self.heap_dirty && self.seqs.is_empty() {
+                    engine::local::release_freed_heap();
+                    self.heap_dirty = false;
+                }
                 match rx.blocking_recv() {
                     Some(msg) => self.handle(msg),
                     None => return false,
@@ -340,6 +347,7 @@ impl Worker {
 
     /// Runs the batcher's next pass and sends its results on.
     fn step(&mut self) {
+        self.heap_dirty = true;
         let Some(first) = self.stage.as_ref().map(|s| s.is_first()) else {
             self.batcher.clear();
             return;
