@@ -143,17 +143,14 @@ fn fixture_arithmetic() {
     engine::quant::force_arithmetic(engine::quant::Kernels::Avx512);
 }
 
-/// Whether this process runs the kernel family the fixture was made with.
-fn same_kernels(fixture: &serde_json::Value) -> bool {
-    let here = engine::quant::kernels().name();
-    let there = fixture["kernels"].as_str().unwrap_or("avx512");
-    if here != there {
-        eprintln!(
-            "*** fixture made with {there} kernels, this CPU runs {here}: compared within the \
-             rounding a kernel family changes ***"
-        );
-    }
-    here == there
+/// The fixture was made with the arithmetic this process was forced to
+/// ([`fixture_arithmetic`]): the comparisons below are exact.
+fn assert_fixture_kernels(fixture: &serde_json::Value) {
+    assert_eq!(
+        fixture["kernels"].as_str(),
+        Some(engine::quant::kernels().name()),
+        "fixture made with another kernel family than fixture_arithmetic() forces"
+    );
 }
 
 /// Greedy decoding of `n` tokens after `prompt` through stages split at
@@ -210,11 +207,7 @@ fn architectures_match_llama_cpp_fixtures() {
                 .collect()
         };
         let (prompt, want) = (ids(&fixture["prompt"]), ids(&fixture["tokens"]));
-        // Made on a CPU of another kernel family (AVX-512 vs AVX2), the
-        // reference sums in other lanes and an f16 rounding of the cache
-        // may go the other way: the ids must still agree (checked with
-        // SHOAL_KERNELS=avx2 on an AVX-512 machine), the log-probs within 0.1.
-        let tolerance = if same_kernels(&fixture) { 1e-4 } else { 0.1 };
+        assert_fixture_kernels(&fixture);
         let path = dir.path().join(format!("{arch}.gguf"));
         let spec = shoal_tests::synth::fixture_spec(arch).unwrap();
         write_synthetic_gguf(&path, &spec).unwrap();
@@ -246,7 +239,7 @@ fn architectures_match_llama_cpp_fixtures() {
                     let ours = logprobs[step][id] as f64;
                     worst = worst.max((ours - lp).abs());
                     assert!(
-                        (ours - lp).abs() < tolerance,
+                        (ours - lp).abs() < 1e-4,
                         "{arch} step {step} token {id}: log-prob {ours} vs llama.cpp {lp}"
                     );
                 }
@@ -489,6 +482,7 @@ fn gemma3_matches_llama_cpp_and_splits_exactly() {
             .unwrap(),
     )
     .unwrap();
+    assert_fixture_kernels(&fixture);
     let engine = Engine::load(
         &path,
         &LoadOptions {
@@ -525,16 +519,9 @@ fn gemma3_matches_llama_cpp_and_splits_exactly() {
             eprintln!("gemma 3 differs on {prompt:?}:\n  shoal: {text:?}\n  llama: {want:?}");
         }
     }
-    // On another kernel family than the fixture's, a near-tie may go the
-    // other way late in a completion (llama.cpp there would too).
-    let want = if same_kernels(&fixture) {
-        cases.len()
-    } else {
-        cases.len() - 2
-    };
-    assert!(
-        same >= want,
-        "{same} of {} greedy completions identical to llama-simple's",
-        cases.len()
+    assert_eq!(
+        same,
+        cases.len(),
+        "greedy completions identical to llama-simple's"
     );
 }
