@@ -262,11 +262,8 @@ pub(super) fn tiled_step(sum: f32, s1: i32, s2: i32, wd: f32, wmin: Option<f32>,
 /// One weight row dotted with one activation row, as ggml computes it.
 pub(super) fn dot(ty: NativeType, w: &[u8], a: &[BlockQ8K], shape: KShape) -> f32 {
     match (ty, shape) {
-        (NativeType::Q2_K, KShape::PerBlock | KShape::PerPair) => {
-            dot_q2k_repacked(w, a, shape == KShape::PerPair)
-        }
-        (NativeType::Q4_K, KShape::PerBlock | KShape::PerPair) => {
-            dot_q4k_repacked(w, a, shape == KShape::PerPair)
+        (NativeType::Q2_K | NativeType::Q4_K, KShape::PerBlock | KShape::PerPair) => {
+            dot_repacked(ty, w, a, shape == KShape::PerPair)
         }
         (_, KShape::Tiled) => dot_tiled(ty, w, a),
         (_, KShape::PerBlock | KShape::PerPair) => unreachable!("{ty:?} is never repacked"),
@@ -408,28 +405,47 @@ fn dot_lanes(ty: NativeType, w: &[u8], a: &[BlockQ8K]) -> f32 {
     }
 }
 
-/// Q2_K the way llama.cpp's repacked kernels (`q2_K_8x8`, on AVX-512
-/// CPUs) sum it: exact integer sums per super-block (gemv) or per half
-/// (gemm), one FMA each for quants and for mins, subtracted at the end.
-fn dot_q2k_repacked(w: &[u8], a: &[BlockQ8K], per_half: bool) -> f32 {
+/// Q4_K or Q2_K the way llama.cpp's repacked kernels sum them (Q4_K on
+/// AVX2 CPUs, Q2_K's `q2_K_8x8` on AVX-512 ones): the exact integer sums of
+/// quants and of mins per super-block (gemv) or per group (gemm: a pair of
+/// Q4_K's 32-element sub-blocks, half of Q2_K's sixteen), one FMA each,
+/// the mins' sum subtracted at the end.
+fn dot_repacked(ty: NativeType, w: &[u8], a: &[BlockQ8K], per_group: bool) -> f32 {
+    // Sub-block length, sub-blocks per gemm group, offset of d (dmin after).
+    let (sub_len, group, d_at) = match ty {
+        NativeType::Q4_K => (32, 2, 0),
+        NativeType::Q2_K => (16, 8, 80),
+        _ => unreachable!("{ty:?} is never repacked"),
+    };
+    let bb = ty.block_bytes();
     let (mut acc, mut acc_min) = (0f32, 0f32);
     for (i, y) in a.iter().enumerate() {
-        let b = &w[i * 84..(i + 1) * 84];
-        let ds = f16_at(b, 80) * y.d;
-        let dm = f16_at(b, 82) * y.d;
-        let (sc, mn) = q2_scales_mins(b);
-        let q = super_block_ints(NativeType::Q2_K, b);
+        let b = &w[i * bb..(i + 1) * bb];
+        let ds = f16_at(b, d_at) * y.d;
+        let dm = f16_at(b, d_at + 2) * y.d;
+        // Scales and mins per sub-block (Q4_K's eight in the first half).
+        let (sc, mn) = if ty == NativeType::Q4_K {
+            let (sc, mn) = scales_mins(&b[4..16]);
+            let widen = |v: [i32; 8]| -> [i32; 16] { std::array::from_fn(|k| v[k % 8]) };
+            (widen(sc), widen(mn))
+        } else {
+            q2_scales_mins(b)
+        };
+        let q = super_block_ints(ty, b);
         let (mut s_block, mut m_block) = (0i32, 0i32);
-        for half in 0..2 {
+        for g in 0..QK_K / sub_len / group {
             let (mut s, mut m) = (0i32, 0i32);
-            for sub in 8 * half..8 * half + 8 {
-                let dot: i32 = (16 * sub..16 * sub + 16)
-                    .map(|e| q[e] as i32 * y.qs[e] as i32)
-                    .sum();
+            for sub in g * group..(g + 1) * group {
+                let elems = sub * sub_len..(sub + 1) * sub_len;
+                let dot: i32 = elems.map(|e| q[e] as i32 * y.qs[e] as i32).sum();
                 s += sc[sub] * dot;
-                m += mn[sub] * y.bsums[sub] as i32;
+                let bsum: i32 = y.bsums[sub * sub_len / 16..(sub + 1) * sub_len / 16]
+                    .iter()
+                    .map(|&x| x as i32)
+                    .sum();
+                m += mn[sub] * bsum;
             }
-            if per_half {
+            if per_group {
                 acc = (s as f32).mul_add(ds, acc);
                 acc_min = (m as f32).mul_add(dm, acc_min);
             } else {
@@ -437,42 +453,7 @@ fn dot_q2k_repacked(w: &[u8], a: &[BlockQ8K], per_half: bool) -> f32 {
                 m_block += m;
             }
         }
-        if !per_half {
-            acc = (s_block as f32).mul_add(ds, acc);
-            acc_min = (m_block as f32).mul_add(dm, acc_min);
-        }
-    }
-    acc - acc_min
-}
-
-/// Q4_K the way llama.cpp's repacked kernels sum it.
-fn dot_q4k_repacked(w: &[u8], a: &[BlockQ8K], per_pair: bool) -> f32 {
-    let (mut acc, mut acc_min) = (0f32, 0f32);
-    for (i, y) in a.iter().enumerate() {
-        let b = &w[i * 144..(i + 1) * 144];
-        let ds = f16_at(b, 0) * y.d;
-        let dm = f16_at(b, 2) * y.d;
-        let (sc, mn) = scales_mins(&b[4..16]);
-        let q = super_block_ints(NativeType::Q4_K, b);
-        let (mut s_block, mut m_block) = (0i32, 0i32);
-        for pair in 0..4 {
-            let mut s = 0i32;
-            for sub in [2 * pair, 2 * pair + 1] {
-                let dot: i32 = (32 * sub..32 * sub + 32)
-                    .map(|e| q[e] as i32 * y.qs[e] as i32)
-                    .sum();
-                s += sc[sub] * dot;
-            }
-            let m = mn[2 * pair] * y.bsum32(2 * pair) + mn[2 * pair + 1] * y.bsum32(2 * pair + 1);
-            if per_pair {
-                acc = (s as f32).mul_add(ds, acc);
-                acc_min = (m as f32).mul_add(dm, acc_min);
-            } else {
-                s_block += s;
-                m_block += m;
-            }
-        }
-        if !per_pair {
+        if !per_group {
             acc = (s_block as f32).mul_add(ds, acc);
             acc_min = (m_block as f32).mul_add(dm, acc_min);
         }
