@@ -71,16 +71,7 @@ unsafe fn dot_q4_0_chain<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: 
                 let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(load_act(a), wq));
                 _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
             });
-            let h01 = _mm256_hadd_epi32(lanes[0], lanes[1]);
-            let h23 = _mm256_hadd_epi32(lanes[2], lanes[3]);
-            let h45 = _mm256_hadd_epi32(lanes[4], lanes[5]);
-            let h67 = _mm256_hadd_epi32(lanes[6], lanes[7]);
-            let h0123 = _mm256_hadd_epi32(h01, h23);
-            let h4567 = _mm256_hadd_epi32(h45, h67);
-            let s = _mm256_add_epi32(
-                _mm256_permute2x128_si256(h0123, h4567, 0x20),
-                _mm256_permute2x128_si256(h0123, h4567, 0x31),
-            );
+            let s = hsum8_i32(&lanes);
             let da: [f32; 8] = std::array::from_fn(|r| acts[r].get_unchecked(i).d);
             let dw = half8_at(b);
             let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(da.as_ptr()));
@@ -108,7 +99,7 @@ unsafe fn dot_q4_0_chain<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: 
 /// Whether the CPU has AVX-512 VNNI (with VL): one `vpdpbusd` instead of
 /// `vpmaddubsw` + `vpmaddwd`. The integers are the same (no pair of these
 /// products reaches the 16-bit saturation), so are the bits.
-fn vnni() -> bool {
+pub(super) fn vnni() -> bool {
     static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *VNNI.get_or_init(|| {
         is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
@@ -192,6 +183,23 @@ pub(super) unsafe fn hsum_i32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
     _mm_cvtsi128_si32(s)
+}
+
+/// Lane `r` = the sum of `v[r]`'s eight i32 lanes: eight rows reduced
+/// together by a transposed add tree (exact, so any tree gives the same).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn hsum8_i32(v: &[__m256i; 8]) -> __m256i {
+    let h01 = _mm256_hadd_epi32(v[0], v[1]);
+    let h23 = _mm256_hadd_epi32(v[2], v[3]);
+    let h45 = _mm256_hadd_epi32(v[4], v[5]);
+    let h67 = _mm256_hadd_epi32(v[6], v[7]);
+    let h0123 = _mm256_hadd_epi32(h01, h23);
+    let h4567 = _mm256_hadd_epi32(h45, h67);
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256(h0123, h4567, 0x20),
+        _mm256_permute2x128_si256(h0123, h4567, 0x31),
+    )
 }
 
 /// ggml's `hsum_float_8`: high half onto low half, then pairs (the K

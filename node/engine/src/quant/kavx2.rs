@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{hsum, hsum_i32};
+use super::avx2::{hsum, hsum8_i32, hsum_i32};
 use super::kquant::{q2_scales_mins, scales_mins, sixteen, tiled_step, BlockQ8K, KShape};
 use super::scalar::f16_at;
 use super::NativeType;
@@ -44,12 +44,45 @@ unsafe fn load(p: *const u8) -> __m256i {
     _mm256_loadu_si256(p as *const __m256i)
 }
 
-/// Unsigned weights times signed activations, pairs summed to i16, then
-/// times a 16-bit scale and summed to eight i32 lanes.
+/// `acc + Σ pairs · scale` per i32 lane: one `vpdpwssd` with VNNI, else
+/// `vpmaddwd` and an add. Exact integers either way, so the same lanes.
+#[inline(always)]
+unsafe fn acc_pairs<const VNNI: bool>(acc: __m256i, pairs: __m256i, scale: __m256i) -> __m256i {
+    if VNNI {
+        dpwssd(acc, pairs, scale)
+    } else {
+        _mm256_add_epi32(acc, madd(pairs, scale))
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn dpwssd(acc: __m256i, pairs: __m256i, scale: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, pairs, scale)
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scaled_dot(q: __m256i, a: *const i8, scale: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(q, load(a as *const u8)), scale)
+unsafe fn madd(pairs: __m256i, scale: __m256i) -> __m256i {
+    _mm256_madd_epi16(pairs, scale)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn maddubs(q: __m256i, a: *const i8) -> __m256i {
+    _mm256_maddubs_epi16(q, load(a as *const u8))
+}
+
+/// `acc +` unsigned weights `q` times the signed activations at `a`,
+/// pairs summed to i16, times a 16-bit scale, summed into i32 lanes.
+#[inline(always)]
+unsafe fn acc_scaled<const VNNI: bool>(
+    acc: __m256i,
+    q: __m256i,
+    a: *const i8,
+    scale: __m256i,
+) -> __m256i {
+    acc_pairs::<VNNI>(acc, maddubs(q, a), scale)
 }
 
 /// The low and high nibbles of 32 bytes, plus for Q5_K the fifth bits
@@ -77,8 +110,124 @@ unsafe fn high_bits(qh: __m256i, shift: i32, mask: i8) -> __m256i {
     _mm256_slli_epi16(_mm256_and_si256(shifted, _mm256_set1_epi8(mask)), 4)
 }
 
+/// Lane `r` = row `r`'s super-block scale `d` (eight rows side by side).
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn d8<const R: usize>(acts: &[&[BlockQ8K]; R], i: usize) -> __m256 {
+    let d: [f32; 8] = std::array::from_fn(|r| acts[r % R].get_unchecked(i).d);
+    _mm256_loadu_ps(d.as_ptr())
+}
+
+/// The eight per-row `sumi` (i32 lanes) as one vector of their sums.
+#[inline(always)]
+unsafe fn sums8<const R: usize>(sumi: &[__m256i; R]) -> __m256i {
+    hsum8_i32(&std::array::from_fn(|r| sumi[r % R]))
+}
+
+/// Q4_K/Q5_K's `Σ_s min_s · bsum32_s` per pair of sub-blocks of one row:
+/// `[pair 0, 1, 2, 3]` (exact integers).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pair_mins(y: &BlockQ8K, mn16: __m256i) -> __m128i {
+    let bsums = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+    let per32 = _mm256_madd_epi16(bsums, mn16);
+    let pairs = _mm256_hadd_epi32(per32, per32);
+    _mm256_castsi256_si128(_mm256_permute4x64_epi64(pairs, 0b1000))
+}
+
+/// Each sub-block's 6-bit min for each of its 16-element halves, as i16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mins16(mn: &[i32; 8]) -> __m256i {
+    let m: [i16; 16] = std::array::from_fn(|s| mn[s / 2] as i16);
+    _mm256_loadu_si256(m.as_ptr() as *const __m256i)
+}
+
+/// `[rows 0..8][pairs 0..4]` → `[pairs][rows]`: lane `r` of vector `p` is
+/// row `r`'s pair `p`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose_8x4(m: &[__m128i; 8]) -> [__m256i; 4] {
+    let x: [__m256i; 4] = std::array::from_fn(|r| _mm256_set_m128i(m[r + 4], m[r]));
+    let t0 = _mm256_unpacklo_epi32(x[0], x[1]);
+    let t1 = _mm256_unpackhi_epi32(x[0], x[1]);
+    let t2 = _mm256_unpacklo_epi32(x[2], x[3]);
+    let t3 = _mm256_unpackhi_epi32(x[2], x[3]);
+    [
+        _mm256_unpacklo_epi64(t0, t2),
+        _mm256_unpackhi_epi64(t0, t2),
+        _mm256_unpacklo_epi64(t1, t3),
+        _mm256_unpackhi_epi64(t1, t3),
+    ]
+}
+
+/// Lane `r` of `v` to `out[r]` (`R` is 8 where this is called).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store8<const R: usize>(v: __m256, out: &mut [f32; R]) {
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+    out.copy_from_slice(&lanes[..R]);
+}
+
+/// [`tiled_step`] for eight rows side by side (the same operations per lane).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tiled_step8(
+    sum: __m256,
+    s1: __m256i,
+    s2: Option<__m256i>,
+    wd: f32,
+    wmin: f32,
+    yd: __m256,
+) -> __m256 {
+    let mut r = _mm256_mul_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(wd));
+    if let Some(s2) = s2 {
+        r = _mm256_fmadd_ps(_mm256_set1_ps(-wmin), _mm256_cvtepi32_ps(s2), r);
+    }
+    _mm256_fmadd_ps(r, yd, sum)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q45k_avx2<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    tiled: bool,
+) {
+    q45k_body::<R, false>(ty, w, acts, out, tiled)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q45k_vnni<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    tiled: bool,
+) {
+    q45k_body::<R, true>(ty, w, acts, out, tiled)
+}
+
+/// With VNNI where the CPU has it (the same integers).
+#[inline]
 unsafe fn q45k<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    tiled: bool,
+) {
+    if super::avx2::vnni() {
+        q45k_vnni::<R>(ty, w, acts, out, tiled)
+    } else {
+        q45k_avx2::<R>(ty, w, acts, out, tiled)
+    }
+}
+
+#[inline(always)]
+unsafe fn q45k_body<const R: usize, const VNNI: bool>(
     ty: NativeType,
     w: &[u8],
     acts: &[&[BlockQ8K]; R],
@@ -90,6 +239,8 @@ unsafe fn q45k<const R: usize>(
     let mut acc = [_mm256_setzero_ps(); R];
     let mut mins4 = [[0f32; 4]; R];
     let mut summs = [0f32; R];
+    // Tiled with eight rows: their running sums side by side.
+    let mut sum8 = _mm256_setzero_ps();
     for i in 0..acts[0].len() {
         let blk = &w[i * bb..(i + 1) * bb];
         let (sc, mn) = scales_mins(&blk[4..16]);
@@ -110,9 +261,18 @@ unsafe fn q45k<const R: usize>(
             );
             for r in 0..R {
                 let a = acts[r].get_unchecked(i).qs.as_ptr().add(64 * j);
-                let p = _mm256_add_epi32(scaled_dot(lo, a, s_lo), scaled_dot(hi, a.add(32), s_hi));
-                sumi[r] = _mm256_add_epi32(sumi[r], p);
+                let p = acc_scaled::<VNNI>(sumi[r], lo, a, s_lo);
+                sumi[r] = acc_scaled::<VNNI>(p, hi, a.add(32), s_hi);
             }
+        }
+        if tiled && R == 8 {
+            let mn16 = mins16(&mn);
+            let rows_m: [__m128i; 8] =
+                std::array::from_fn(|r| pair_mins(acts[r % R].get_unchecked(i), mn16));
+            let m = transpose_8x4(&rows_m);
+            let s2 = _mm256_add_epi32(_mm256_add_epi32(m[0], m[1]), _mm256_add_epi32(m[2], m[3]));
+            sum8 = tiled_step8(sum8, sums8(&sumi), Some(s2), wd, wmin, d8(acts, i));
+            continue;
         }
         for r in 0..R {
             let y = acts[r].get_unchecked(i);
@@ -137,6 +297,9 @@ unsafe fn q45k<const R: usize>(
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
         }
     }
+    if tiled && R == 8 {
+        return store8(sum8, out);
+    }
     for r in 0..R {
         let m = &mins4[r];
         if tiled {
@@ -153,12 +316,50 @@ unsafe fn q45k<const R: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_repacked_avx2<const R: usize>(
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    per_pair: bool,
+) {
+    q4k_repacked_body::<R, false>(w, acts, out, per_pair)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q4k_repacked_vnni<const R: usize>(
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    per_pair: bool,
+) {
+    q4k_repacked_body::<R, true>(w, acts, out, per_pair)
+}
+
+/// With VNNI where the CPU has it (the same integers).
+#[inline]
 unsafe fn q4k_repacked<const R: usize>(
     w: &[u8],
     acts: &[&[BlockQ8K]; R],
     out: &mut [f32; R],
     per_pair: bool,
 ) {
+    if super::avx2::vnni() {
+        q4k_repacked_vnni::<R>(w, acts, out, per_pair)
+    } else {
+        q4k_repacked_avx2::<R>(w, acts, out, per_pair)
+    }
+}
+
+#[inline(always)]
+unsafe fn q4k_repacked_body<const R: usize, const VNNI: bool>(
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    per_pair: bool,
+) {
+    if R == 8 && per_pair {
+        return q4k_pairs8::<R, VNNI>(w, acts, out);
+    }
     let mut acc = [0f32; R];
     let mut acc_min = [0f32; R];
     for i in 0..acts[0].len() {
@@ -177,7 +378,8 @@ unsafe fn q4k_repacked<const R: usize>(
             for r in 0..R {
                 let y = acts[r].get_unchecked(i);
                 let a = y.qs.as_ptr().add(64 * pair);
-                let p = _mm256_add_epi32(scaled_dot(lo, a, s_lo), scaled_dot(hi, a.add(32), s_hi));
+                let p = acc_scaled::<VNNI>(_mm256_setzero_si256(), lo, a, s_lo);
+                let p = acc_scaled::<VNNI>(p, hi, a.add(32), s_hi);
                 let m =
                     mn[2 * pair] * y.bsum32(2 * pair) + mn[2 * pair + 1] * y.bsum32(2 * pair + 1);
                 if per_pair {
@@ -202,7 +404,73 @@ unsafe fn q4k_repacked<const R: usize>(
     }
 }
 
+/// Repacked Q4_K's gemm for eight rows side by side: the per-pair sums
+/// reduced together and the per-row FMAs as one vector FMA (lane `r` is
+/// row `r`'s scalar FMA, in the same order).
+#[inline(always)]
+unsafe fn q4k_pairs8<const R: usize, const VNNI: bool>(
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+) {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_min = _mm256_setzero_ps();
+    for i in 0..acts[0].len() {
+        let blk = &w[i * 144..(i + 1) * 144];
+        let (sc, mn) = scales_mins(&blk[4..16]);
+        let (wd, wmin) = (f16_at(blk, 0), f16_at(blk, 2));
+        let yd = d8(acts, i);
+        let (wdyd, wmyd) = (
+            _mm256_mul_ps(_mm256_set1_ps(wd), yd),
+            _mm256_mul_ps(_mm256_set1_ps(wmin), yd),
+        );
+        let mn16 = mins16(&mn);
+        let rows_m: [__m128i; 8] =
+            std::array::from_fn(|r| pair_mins(acts[r % R].get_unchecked(i), mn16));
+        let m = transpose_8x4(&rows_m);
+        let qs = blk.as_ptr().add(16);
+        for pair in 0..4 {
+            let (lo, hi) = nibbles(qs.add(32 * pair), _mm256_setzero_si256(), None);
+            let (s_lo, s_hi) = (
+                _mm256_set1_epi16(sc[2 * pair] as i16),
+                _mm256_set1_epi16(sc[2 * pair + 1] as i16),
+            );
+            let p: [__m256i; R] = std::array::from_fn(|r| {
+                let a = acts[r].get_unchecked(i).qs.as_ptr().add(64 * pair);
+                let p = acc_scaled::<VNNI>(_mm256_setzero_si256(), lo, a, s_lo);
+                acc_scaled::<VNNI>(p, hi, a.add(32), s_hi)
+            });
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums8(&p)), wdyd, acc);
+            acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m[pair]), wmyd, acc_min);
+        }
+    }
+    store8(_mm256_sub_ps(acc, acc_min), out);
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q36k_avx2<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    tiled: bool,
+) {
+    q36k_body::<R, false>(ty, w, acts, out, tiled)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q36k_vnni<const R: usize>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    tiled: bool,
+) {
+    q36k_body::<R, true>(ty, w, acts, out, tiled)
+}
+
+/// With VNNI where the CPU has it (the same integers).
+#[inline]
 unsafe fn q36k<const R: usize>(
     ty: NativeType,
     w: &[u8],
@@ -210,10 +478,28 @@ unsafe fn q36k<const R: usize>(
     out: &mut [f32; R],
     tiled: bool,
 ) {
-    // Tiled: the running sum per row (the lane accumulators stay unused).
+    if super::avx2::vnni() {
+        q36k_vnni::<R>(ty, w, acts, out, tiled)
+    } else {
+        q36k_avx2::<R>(ty, w, acts, out, tiled)
+    }
+}
+
+#[inline(always)]
+unsafe fn q36k_body<const R: usize, const VNNI: bool>(
+    ty: NativeType,
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    tiled: bool,
+) {
+    // Tiled: the running sum per row (the lane accumulators stay unused),
+    // side by side with eight rows.
     let mut sum = [0f32; R];
+    let mut sum8 = _mm256_setzero_ps();
     let m15 = _mm256_set1_epi8(15);
     let q3 = ty == NativeType::Q3_K;
+    let four = _mm256_set1_epi8(4);
     let bb = ty.block_bytes();
     let mut acc = [_mm256_setzero_ps(); R];
     for i in 0..acts[0].len() {
@@ -246,37 +532,41 @@ unsafe fn q36k<const R: usize>(
                 );
                 for r in 0..R {
                     let a = acts[r].get_unchecked(i).qs.as_ptr().add(128 * j + 32 * c);
-                    let p = if q3 {
+                    sumi[r] = if q3 {
                         // ggml's Q3_K: the offset 4 subtracted in each
                         // element's own pair, before the scale.
-                        let av = load(a as *const u8);
-                        let pairs = _mm256_sub_epi16(
-                            _mm256_maddubs_epi16(qc, av),
-                            _mm256_maddubs_epi16(_mm256_set1_epi8(4), av),
-                        );
-                        _mm256_madd_epi16(pairs, scale)
+                        let pairs = _mm256_sub_epi16(maddubs(qc, a), maddubs(four, a));
+                        acc_pairs::<VNNI>(sumi[r], pairs, scale)
                     } else {
-                        scaled_dot(qc, a, scale)
+                        acc_scaled::<VNNI>(sumi[r], qc, a, scale)
                     };
-                    sumi[r] = _mm256_add_epi32(sumi[r], p);
                 }
             }
         }
-        for r in 0..R {
-            let y = acts[r].get_unchecked(i);
-            let s = if q3 {
-                sumi[r]
-            } else {
+        if !q3 {
+            for r in 0..R {
+                let y = acts[r].get_unchecked(i);
                 let bsums = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
                 let sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, scales16), 5);
-                _mm256_sub_epi32(sumi[r], sub)
-            };
+                sumi[r] = _mm256_sub_epi32(sumi[r], sub);
+            }
+        }
+        if tiled && R == 8 {
+            sum8 = tiled_step8(sum8, sums8(&sumi), None, wd, 0.0, d8(acts, i));
+            continue;
+        }
+        for r in 0..R {
+            let y = acts[r].get_unchecked(i);
+            let s = sumi[r];
             if tiled {
                 sum[r] = tiled_step(sum[r], hsum_i32(s), 0, wd, None, y.d);
             } else {
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * wd), _mm256_cvtepi32_ps(s), acc[r]);
             }
         }
+    }
+    if tiled && R == 8 {
+        return store8(sum8, out);
     }
     for r in 0..R {
         out[r] = if tiled { sum[r] } else { hsum(acc[r]) };
@@ -324,7 +614,42 @@ unsafe fn q6_codes(p: *const u8, j: usize, m15: __m256i) -> [__m256i; 4] {
 /// then the quants', per lane and super-block), tiled, and llama.cpp's
 /// repacked gemv (per super-block) and gemm (per half super-block).
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2k_avx2<const R: usize>(
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    shape: KShape,
+) {
+    q2k_body::<R, false>(w, acts, out, shape)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q2k_vnni<const R: usize>(
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    shape: KShape,
+) {
+    q2k_body::<R, true>(w, acts, out, shape)
+}
+
+/// With VNNI where the CPU has it (the same integers).
+#[inline]
 unsafe fn q2k<const R: usize>(
+    w: &[u8],
+    acts: &[&[BlockQ8K]; R],
+    out: &mut [f32; R],
+    shape: KShape,
+) {
+    if super::avx2::vnni() {
+        q2k_vnni::<R>(w, acts, out, shape)
+    } else {
+        q2k_avx2::<R>(w, acts, out, shape)
+    }
+}
+
+#[inline(always)]
+unsafe fn q2k_body<const R: usize, const VNNI: bool>(
     w: &[u8],
     acts: &[&[BlockQ8K]; R],
     out: &mut [f32; R],
@@ -355,7 +680,7 @@ unsafe fn q2k<const R: usize>(
                         .qs
                         .as_ptr()
                         .add(128 * j + 32 * c as usize);
-                    part[r] = _mm256_add_epi32(part[r], scaled_dot(code, a, scale));
+                    part[r] = acc_scaled::<VNNI>(part[r], code, a, scale);
                 }
             }
             for r in 0..R {
