@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{BlockQ8, NativeType};
+use super::{BlockQ8, NativeType, Products8, Scales8};
 
 /// Whether this CPU can run these kernels (checked once per process by std).
 pub(super) fn available() -> bool {
@@ -32,7 +32,9 @@ pub(super) unsafe fn dot_rows<const R: usize>(
     acts: &[&[BlockQ8]; R],
     out: &mut [f32; R],
     chain: bool,
+    pre: Option<&Products8<'_>>,
 ) {
+    debug_assert!(pre.is_none_or(|p| R == 8 && p.prod.len() == acts[0].len()));
     for a in acts {
         debug_assert!(w.len() >= a.len() * ty.block_bytes());
     }
@@ -42,12 +44,14 @@ pub(super) unsafe fn dot_rows<const R: usize>(
         return dot_q4_0_chain(w, acts, out);
     }
     match ty {
-        NativeType::Q4_1 | NativeType::Q5_1 if vnni => dot_q4_1_vnni(ty, w, acts, out),
-        NativeType::Q4_1 | NativeType::Q5_1 => dot_q4_1_avx2(ty, w, acts, out),
+        NativeType::Q4_1 | NativeType::Q5_1 if vnni => dot_q4_1_vnni(ty, w, acts, out, pre),
+        NativeType::Q4_1 | NativeType::Q5_1 => dot_q4_1_avx2(ty, w, acts, out, pre),
         NativeType::Q4_0 | NativeType::Q5_0 | NativeType::Q8_0 if vnni => {
-            dot_sym_vnni(ty, w, acts, out)
+            dot_sym_vnni(ty, w, acts, out, pre)
         }
-        NativeType::Q4_0 | NativeType::Q5_0 | NativeType::Q8_0 => dot_sym_avx2(ty, w, acts, out),
+        NativeType::Q4_0 | NativeType::Q5_0 | NativeType::Q8_0 => {
+            dot_sym_avx2(ty, w, acts, out, pre)
+        }
         _ => unreachable!("{ty:?} is not a 32-element type"),
     }
 }
@@ -96,6 +100,36 @@ unsafe fn dot_q4_0_chain<const R: usize>(w: &[u8], acts: &[&[BlockQ8]; R], out: 
     *out = sum;
 }
 
+/// [`Products8`] of one weight row: per block `d_w · d_a` for eight rows,
+/// and each row's `Σ m_w · s_a` (one FMA per block, as per row).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w` must hold `scales.len()`
+/// blocks of `ty`, `prod` at least as many entries.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn products8(
+    ty: NativeType,
+    w: &[u8],
+    scales: &[Scales8],
+    prod: &mut [[f32; 8]],
+) -> [f32; 8] {
+    assert!(prod.len() >= scales.len() && w.len() >= scales.len() * ty.block_bytes());
+    let bb = ty.block_bytes();
+    let with_min = matches!(ty, NativeType::Q4_1 | NativeType::Q5_1);
+    let mut mins = _mm256_setzero_ps();
+    for (i, (sc, out)) in scales.iter().zip(prod.iter_mut()).enumerate() {
+        let b = w.as_ptr().add(i * bb);
+        let d = _mm256_mul_ps(half8_at(b), _mm256_loadu_ps(sc.d.as_ptr()));
+        _mm256_storeu_ps(out.as_mut_ptr(), d);
+        if with_min {
+            mins = _mm256_fmadd_ps(half8_at(b.add(2)), _mm256_loadu_ps(sc.s.as_ptr()), mins);
+        }
+    }
+    let mut m = [0f32; 8];
+    _mm256_storeu_ps(m.as_mut_ptr(), mins);
+    m
+}
+
 /// Whether the CPU has AVX-512 VNNI (with VL): one `vpdpbusd` instead of
 /// `vpmaddubsw` + `vpmaddwd`. The integers are the same (no pair of these
 /// products reaches the 16-bit saturation), so are the bits.
@@ -112,8 +146,12 @@ unsafe fn dot_q4_1_avx2<const R: usize>(
     w: &[u8],
     acts: &[&[BlockQ8]; R],
     out: &mut [f32; R],
+    pre: Option<&Products8<'_>>,
 ) {
-    dot_q4_1::<R, false>(ty, w, acts, out)
+    match pre {
+        Some(p) => dot_q4_1::<R, false, true>(ty, w, acts, out, p.prod, &p.mins),
+        None => dot_q4_1::<R, false, false>(ty, w, acts, out, &[], &[0.0; 8]),
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
@@ -122,8 +160,12 @@ unsafe fn dot_q4_1_vnni<const R: usize>(
     w: &[u8],
     acts: &[&[BlockQ8]; R],
     out: &mut [f32; R],
+    pre: Option<&Products8<'_>>,
 ) {
-    dot_q4_1::<R, true>(ty, w, acts, out)
+    match pre {
+        Some(p) => dot_q4_1::<R, true, true>(ty, w, acts, out, p.prod, &p.mins),
+        None => dot_q4_1::<R, true, false>(ty, w, acts, out, &[], &[0.0; 8]),
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -132,8 +174,12 @@ unsafe fn dot_sym_avx2<const R: usize>(
     w: &[u8],
     acts: &[&[BlockQ8]; R],
     out: &mut [f32; R],
+    pre: Option<&Products8<'_>>,
 ) {
-    dot_sym::<R, false>(ty, w, acts, out)
+    match pre {
+        Some(p) => dot_sym::<R, false, true>(ty, w, acts, out, p.prod, &p.mins),
+        None => dot_sym::<R, false, false>(ty, w, acts, out, &[], &[0.0; 8]),
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
@@ -142,8 +188,12 @@ unsafe fn dot_sym_vnni<const R: usize>(
     w: &[u8],
     acts: &[&[BlockQ8]; R],
     out: &mut [f32; R],
+    pre: Option<&Products8<'_>>,
 ) {
-    dot_sym::<R, true>(ty, w, acts, out)
+    match pre {
+        Some(p) => dot_sym::<R, true, true>(ty, w, acts, out, p.prod, &p.mins),
+        None => dot_sym::<R, true, false>(ty, w, acts, out, &[], &[0.0; 8]),
+    }
 }
 
 /// An f16 at `p`, widened into all eight lanes. Broadcasting the bits
@@ -308,47 +358,73 @@ unsafe fn q4_1_block<const R: usize, const VNNI: bool>(
 }
 
 #[inline(always)]
-unsafe fn dot_q4_1<const R: usize, const VNNI: bool>(
+unsafe fn dot_q4_1<const R: usize, const VNNI: bool, const PRE: bool>(
     ty: NativeType,
     w: &[u8],
     acts: &[&[BlockQ8]; R],
     out: &mut [f32; R],
+    prod: &[[f32; 8]],
+    pre_mins: &[f32; 8],
 ) {
     let nb = acts[0].len();
     let mut acc = [_mm256_setzero_ps(); R];
     // Lane 1 collects m * s (the blocks' min times the activation sum).
     let mut mins = [_mm_setzero_ps(); R];
     let p = w.as_ptr();
-    if ty == NativeType::Q4_1 {
-        for i in 0..nb {
-            let b = p.add(i * 20);
-            q4_1_block::<R, VNNI>(
-                half_pair_at(b),
-                unpack_nibbles(b.add(4)),
-                acts,
-                i,
-                &mut acc,
-                &mut mins,
-            );
-        }
-    } else {
-        let fifth = _mm256_set1_epi8(0x10);
-        for i in 0..nb {
-            let b = p.add(i * 24);
+    let bb = ty.block_bytes();
+    let fifth = _mm256_set1_epi8(0x10);
+    for i in 0..nb {
+        let b = p.add(i * bb);
+        let wq = if ty == NativeType::Q4_1 {
+            unpack_nibbles(b.add(4))
+        } else {
             let hi = _mm256_and_si256(bytes_from_bits(b.add(4)), fifth);
-            let wq = _mm256_or_si256(unpack_nibbles(b.add(8)), hi);
+            _mm256_or_si256(unpack_nibbles(b.add(8)), hi)
+        };
+        if PRE {
+            let pr = prod.get_unchecked(i);
+            for r in 0..R {
+                let dot = idot::<VNNI>(wq, load_act(acts[r].get_unchecked(i)));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(*pr.get_unchecked(r)), dot, acc[r]);
+            }
+        } else {
             q4_1_block::<R, VNNI>(half_pair_at(b), wq, acts, i, &mut acc, &mut mins);
         }
     }
     for r in 0..R {
-        out[r] = hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(mins[r]));
+        let m = if PRE {
+            pre_mins[r]
+        } else {
+            _mm_cvtss_f32(_mm_movehdup_ps(mins[r]))
+        };
+        out[r] = hsum(acc[r]) + m;
+    }
+}
+
+/// Row `r`'s `d_w · d_a` for block `i`, in every lane: precomputed
+/// ([`Products8`]) or one multiply.
+#[inline(always)]
+unsafe fn row_scale<const PRE: bool>(
+    prod: &[[f32; 8]],
+    i: usize,
+    r: usize,
+    d: __m256,
+    a: &BlockQ8,
+) -> __m256 {
+    if PRE {
+        _mm256_set1_ps(*prod.get_unchecked(i).get_unchecked(r))
+    } else {
+        // d · d_act in every lane: the activation's scale broadcast
+        // straight from memory (a load, not a shuffle).
+        _mm256_mul_ps(d, _mm256_broadcast_ss(&a.d))
     }
 }
 
 /// One block of a symmetric type (Q4_0, Q8_0) given its scale and signed weights.
 #[inline(always)]
-unsafe fn sym_block<const R: usize, const VNNI: bool>(
+unsafe fn sym_block<const R: usize, const VNNI: bool, const PRE: bool>(
     d: __m256,
+    prod: &[[f32; 8]],
     wq: __m256i,
     acts: &[&[BlockQ8]; R],
     i: usize,
@@ -357,20 +433,20 @@ unsafe fn sym_block<const R: usize, const VNNI: bool>(
     let wabs = _mm256_sign_epi8(wq, wq);
     for r in 0..R {
         let a = acts[r].get_unchecked(i);
-        // d · d_act in every lane: the activation's scale broadcast
-        // straight from memory (a load, not a shuffle).
-        let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&a.d));
+        let scale = row_scale::<PRE>(prod, i, r, d, a);
         let dot = idot::<VNNI>(wabs, _mm256_sign_epi8(load_act(a), wq));
         acc[r] = _mm256_fmadd_ps(scale, dot, acc[r]);
     }
 }
 
 #[inline(always)]
-unsafe fn dot_sym<const R: usize, const VNNI: bool>(
+unsafe fn dot_sym<const R: usize, const VNNI: bool, const PRE: bool>(
     ty: NativeType,
     w: &[u8],
     acts: &[&[BlockQ8]; R],
     out: &mut [f32; R],
+    prod: &[[f32; 8]],
+    _mins: &[f32; 8],
 ) {
     let nb = acts[0].len();
     let bb = ty.block_bytes();
@@ -382,7 +458,7 @@ unsafe fn dot_sym<const R: usize, const VNNI: bool>(
         for i in 0..nb {
             let b = p.add(i * bb);
             let wq = _mm256_loadu_si256(b.add(2) as *const __m256i);
-            sym_block::<R, VNNI>(half8_at(b), wq, acts, i, &mut acc);
+            sym_block::<R, VNNI, PRE>(half8_at(b), prod, wq, acts, i, &mut acc);
         }
     } else if ty == NativeType::Q5_0 && VNNI {
         // Unsigned weights q + 16 (the fifth bit as is), the -16·Σa
@@ -395,7 +471,7 @@ unsafe fn dot_sym<const R: usize, const VNNI: bool>(
             let d = half8_at(b);
             for r in 0..R {
                 let a = acts[r].get_unchecked(i);
-                let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&a.d));
+                let scale = row_scale::<PRE>(prod, i, r, d, a);
                 let start = _mm256_loadu_si256(a.neg16_sums.as_ptr() as *const __m256i);
                 let dot = _mm256_cvtepi32_ps(dpbusd_from(start, wu, load_act(a)));
                 acc[r] = _mm256_fmadd_ps(scale, dot, acc[r]);
@@ -407,14 +483,14 @@ unsafe fn dot_sym<const R: usize, const VNNI: bool>(
             let b = p.add(i * bb);
             let hi = _mm256_andnot_si256(bytes_from_bits(b.add(2)), minus16);
             let wq = _mm256_or_si256(unpack_nibbles(b.add(6)), hi);
-            sym_block::<R, VNNI>(half8_at(b), wq, acts, i, &mut acc);
+            sym_block::<R, VNNI, PRE>(half8_at(b), prod, wq, acts, i, &mut acc);
         }
     } else {
         let eight = _mm256_set1_epi8(8);
         for i in 0..nb {
             let b = p.add(i * bb);
             let wq = _mm256_sub_epi8(unpack_nibbles(b.add(2)), eight);
-            sym_block::<R, VNNI>(half8_at(b), wq, acts, i, &mut acc);
+            sym_block::<R, VNNI, PRE>(half8_at(b), prod, wq, acts, i, &mut acc);
         }
     }
     for r in 0..R {

@@ -49,6 +49,29 @@ pub struct BlockQ8 {
     pub neg16_sums: [i32; 8],
 }
 
+/// The scales of eight activation rows for one block, side by side, so the
+/// eight-row kernels scale them with one vector op per weight block.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct Scales8 {
+    /// Each row's `d`.
+    pub d: [f32; 8],
+    /// Each row's `s` (`d` times the sum of its quantized values).
+    pub s: [f32; 8],
+}
+
+/// What the eight-row kernels of the 32-element types take precomputed
+/// for one weight row: per block, `d_w · d_a` of each row (read by each
+/// row's FMA as a broadcast operand: a multiply per row and block was a
+/// fifth of prompt time), and each row's finished `Σ m_w · s_a` (types
+/// with a min). The same float operations as per row, in the same order.
+pub struct Products8<'a> {
+    /// Per block, lane `r` = `d_w · d_a` of row `r`.
+    pub prod: &'a [[f32; 8]],
+    /// Lane `r` = row `r`'s `Σ m_w · s_a` (zeros for symmetric types).
+    pub mins: [f32; 8],
+}
+
 /// Weight types with a kernel in this module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[allow(non_camel_case_types)]
@@ -254,6 +277,24 @@ pub fn matmul(
 
 /// An activation block kind and the kernels that take it.
 trait ActBlock: Sized + Sync {
+    /// Per block, the scales of eight rows side by side (empty where the
+    /// kernels do not use them).
+    fn scales8(_rows: &[&[Self]]) -> Vec<Scales8> {
+        Vec::new()
+    }
+
+    /// [`Products8`] of weight row `w` into `prod` (`None` where the kernels
+    /// do not use them).
+    fn products8<'a>(
+        _ty: NativeType,
+        _w: &[u8],
+        _scales: &[Scales8],
+        _prod: &'a mut [[f32; 8]],
+    ) -> Option<Products8<'a>> {
+        None
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn dot_rows<const R: usize>(
         use_avx2: bool,
         ty: NativeType,
@@ -261,10 +302,43 @@ trait ActBlock: Sized + Sync {
         acts: &[&[Self]; R],
         out: &mut [f32; R],
         shape: KShape,
+        pre: Option<&Products8<'_>>,
     );
 }
 
 impl ActBlock for BlockQ8 {
+    fn scales8(rows: &[&[Self]]) -> Vec<Scales8> {
+        (0..rows[0].len())
+            .map(|i| Scales8 {
+                d: std::array::from_fn(|r| rows[r][i].d),
+                s: std::array::from_fn(|r| rows[r][i].s),
+            })
+            .collect()
+    }
+
+    fn products8<'a>(
+        ty: NativeType,
+        w: &[u8],
+        scales: &[Scales8],
+        prod: &'a mut [[f32; 8]],
+    ) -> Option<Products8<'a>> {
+        // Q5_0 with VNNI loads a correction per row and block already: a
+        // third load per pair made it slower (measured), so it multiplies.
+        #[cfg(target_arch = "x86_64")]
+        let q5_0_vnni = ty == NativeType::Q5_0 && avx2::vnni();
+        if !scales.is_empty() && !q5_0_vnni {
+            // SAFETY: `scales` is only filled where the SIMD kernels run
+            // (`matmul_blocks`); `w` holds `scales.len()` blocks.
+            let mins = unsafe { avx2::products8(ty, w, scales, prod) };
+            return Some(Products8 {
+                prod: &prod[..scales.len()],
+                mins,
+            });
+        }
+        let _ = (ty, w, scales, prod);
+        None
+    }
+
     #[inline]
     fn dot_rows<const R: usize>(
         use_avx2: bool,
@@ -273,15 +347,16 @@ impl ActBlock for BlockQ8 {
         acts: &[&[Self]; R],
         out: &mut [f32; R],
         shape: KShape,
+        pre: Option<&Products8<'_>>,
     ) {
         #[cfg(target_arch = "x86_64")]
         if use_avx2 {
             // SAFETY: `use_avx2` comes from `avx2::available()`; shapes were
-            // checked by `matmul_blocks`.
-            unsafe { avx2::dot_rows(ty, w, acts, out, shape == KShape::PerBlock) };
+            // checked by `matmul_blocks`, `pre` made for this row by `products8`.
+            unsafe { avx2::dot_rows(ty, w, acts, out, shape == KShape::PerBlock, pre) };
             return;
         }
-        let _ = use_avx2;
+        let _ = (use_avx2, pre);
         for (o, a) in out.iter_mut().zip(acts) {
             *o = scalar::dot(ty, w, a, shape == KShape::PerBlock);
         }
@@ -297,6 +372,7 @@ impl ActBlock for BlockQ8K {
         acts: &[&[Self]; R],
         out: &mut [f32; R],
         shape: KShape,
+        _pre: Option<&Products8<'_>>,
     ) {
         #[cfg(target_arch = "x86_64")]
         if use_avx2 {
@@ -340,12 +416,22 @@ fn matmul_blocks<B: ActBlock>(
         col,
     };
     let use_avx2 = simd_available();
+    // Each full group of eight rows' scales side by side, once for all
+    // tasks (the symmetric Q4_0 of repacked shape has its own order).
+    let groups: Vec<Vec<Scales8>> = if use_avx2 && KShape::of(w.ty, w.n, t, 0) != KShape::PerBlock {
+        rows.chunks_exact(ACT_ROWS_PER_PASS)
+            .map(B::scales8)
+            .collect()
+    } else {
+        Vec::new()
+    };
     // The K types' float order depends on the matrix and the batch (see
     // `kquant`); for repacked Q4_K on the row's place in the batch, which
     // the grouping below (fours first, then the rest) follows.
     let n_tasks = w.n.div_ceil(ROWS_PER_TASK);
     (0..n_tasks).into_par_iter().for_each(|task| {
         let dst = &dst;
+        let mut prod = vec![[0f32; 8]; if groups.is_empty() { 0 } else { bpr }];
         let weight_rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(w.n);
         // Activation rows outside, weight rows inside: the task's weight rows
         // (~10 KB) and one group of activation rows stay in L1 while every
@@ -369,23 +455,25 @@ fn matmul_blocks<B: ActBlock>(
                 match take {
                     8 => {
                         let a: [&[B]; 8] = std::array::from_fn(|i| rows[r + i]);
-                        B::dot_rows(use_avx2, w.ty, wrow, &a, &mut vals, shape);
+                        let sc = groups.get(r / ACT_ROWS_PER_PASS).map_or(&[][..], |g| g);
+                        let pre = B::products8(w.ty, wrow, sc, &mut prod);
+                        B::dot_rows(use_avx2, w.ty, wrow, &a, &mut vals, shape, pre.as_ref());
                     }
                     4 => {
                         let mut four = [0f32; 4];
                         let a = [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]];
-                        B::dot_rows(use_avx2, w.ty, wrow, &a, &mut four, shape);
+                        B::dot_rows(use_avx2, w.ty, wrow, &a, &mut four, shape, None);
                         vals[..4].copy_from_slice(&four);
                     }
                     2 => {
                         let mut two = [0f32; 2];
                         let a = [rows[r], rows[r + 1]];
-                        B::dot_rows(use_avx2, w.ty, wrow, &a, &mut two, shape);
+                        B::dot_rows(use_avx2, w.ty, wrow, &a, &mut two, shape, None);
                         vals[..2].copy_from_slice(&two);
                     }
                     _ => {
                         let mut one = [0f32; 1];
-                        B::dot_rows(use_avx2, w.ty, wrow, &[rows[r]], &mut one, shape);
+                        B::dot_rows(use_avx2, w.ty, wrow, &[rows[r]], &mut one, shape, None);
                         vals[0] = one[0];
                     }
                 }
