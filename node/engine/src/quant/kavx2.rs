@@ -4,8 +4,9 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{hsum, hsum8_i32, hsum_i32};
+use super::avx2::{hsum, hsum_i32};
 use super::kquant::{q2_scales_mins, scales_mins, sixteen, tiled_step, BlockQ8K, KShape};
+use super::krows8::{d8, mins16, pair_mins, q4k_pairs8, store8, sums8, tiled_step8, transpose_8x4};
 use super::scalar::f16_at;
 use super::NativeType;
 
@@ -36,6 +37,31 @@ pub(super) unsafe fn dot_rows<const R: usize>(
         (NativeType::Q6_K | NativeType::Q3_K, _) => q36k(ty, w, acts, out, tiled),
         _ => unreachable!("{ty:?} is not a K type"),
     }
+}
+
+/// The three entries of a K kernel: its body compiled for AVX2 and for
+/// AVX-512 VNNI (`vpdpwssd`, the same integers), and the dispatch between
+/// them by the CPU.
+macro_rules! kernel_entry {
+    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+        /// With VNNI where the CPU has it (the same integers).
+        #[inline]
+        unsafe fn $name<const R: usize>($($arg: $ty),*) {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2<const R: usize>($($arg: $ty),*) {
+                $body::<R, false>($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+            unsafe fn vnni<const R: usize>($($arg: $ty),*) {
+                $body::<R, true>($($arg),*)
+            }
+            if super::avx2::vnni() {
+                vnni::<R>($($arg),*)
+            } else {
+                avx2::<R>($($arg),*)
+            }
+        }
+    };
 }
 
 #[inline]
@@ -76,7 +102,7 @@ unsafe fn maddubs(q: __m256i, a: *const i8) -> __m256i {
 /// `acc +` unsigned weights `q` times the signed activations at `a`,
 /// pairs summed to i16, times a 16-bit scale, summed into i32 lanes.
 #[inline(always)]
-unsafe fn acc_scaled<const VNNI: bool>(
+pub(super) unsafe fn acc_scaled<const VNNI: bool>(
     acc: __m256i,
     q: __m256i,
     a: *const i8,
@@ -89,7 +115,7 @@ unsafe fn acc_scaled<const VNNI: bool>(
 /// `bit` and `bit + 1` of `qh`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles(p: *const u8, qh: __m256i, bit: Option<i32>) -> (__m256i, __m256i) {
+pub(super) unsafe fn nibbles(p: *const u8, qh: __m256i, bit: Option<i32>) -> (__m256i, __m256i) {
     let m4 = _mm256_set1_epi8(0x0F);
     let bits = load(p);
     let mut lo = _mm256_and_si256(bits, m4);
@@ -110,121 +136,7 @@ unsafe fn high_bits(qh: __m256i, shift: i32, mask: i8) -> __m256i {
     _mm256_slli_epi16(_mm256_and_si256(shifted, _mm256_set1_epi8(mask)), 4)
 }
 
-/// Lane `r` = row `r`'s super-block scale `d` (eight rows side by side).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn d8<const R: usize>(acts: &[&[BlockQ8K]; R], i: usize) -> __m256 {
-    let d: [f32; 8] = std::array::from_fn(|r| acts[r % R].get_unchecked(i).d);
-    _mm256_loadu_ps(d.as_ptr())
-}
-
-/// The eight per-row `sumi` (i32 lanes) as one vector of their sums.
-#[inline(always)]
-unsafe fn sums8<const R: usize>(sumi: &[__m256i; R]) -> __m256i {
-    hsum8_i32(&std::array::from_fn(|r| sumi[r % R]))
-}
-
-/// Q4_K/Q5_K's `Σ_s min_s · bsum32_s` per pair of sub-blocks of one row:
-/// `[pair 0, 1, 2, 3]` (exact integers).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pair_mins(y: &BlockQ8K, mn16: __m256i) -> __m128i {
-    let bsums = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-    let per32 = _mm256_madd_epi16(bsums, mn16);
-    let pairs = _mm256_hadd_epi32(per32, per32);
-    _mm256_castsi256_si128(_mm256_permute4x64_epi64(pairs, 0b1000))
-}
-
-/// Each sub-block's 6-bit min for each of its 16-element halves, as i16.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn mins16(mn: &[i32; 8]) -> __m256i {
-    let m: [i16; 16] = std::array::from_fn(|s| mn[s / 2] as i16);
-    _mm256_loadu_si256(m.as_ptr() as *const __m256i)
-}
-
-/// `[rows 0..8][pairs 0..4]` → `[pairs][rows]`: lane `r` of vector `p` is
-/// row `r`'s pair `p`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn transpose_8x4(m: &[__m128i; 8]) -> [__m256i; 4] {
-    let x: [__m256i; 4] = std::array::from_fn(|r| _mm256_set_m128i(m[r + 4], m[r]));
-    let t0 = _mm256_unpacklo_epi32(x[0], x[1]);
-    let t1 = _mm256_unpackhi_epi32(x[0], x[1]);
-    let t2 = _mm256_unpacklo_epi32(x[2], x[3]);
-    let t3 = _mm256_unpackhi_epi32(x[2], x[3]);
-    [
-        _mm256_unpacklo_epi64(t0, t2),
-        _mm256_unpackhi_epi64(t0, t2),
-        _mm256_unpacklo_epi64(t1, t3),
-        _mm256_unpackhi_epi64(t1, t3),
-    ]
-}
-
-/// Lane `r` of `v` to `out[r]` (`R` is 8 where this is called).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn store8<const R: usize>(v: __m256, out: &mut [f32; R]) {
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-    out.copy_from_slice(&lanes[..R]);
-}
-
-/// [`tiled_step`] for eight rows side by side (the same operations per lane).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tiled_step8(
-    sum: __m256,
-    s1: __m256i,
-    s2: Option<__m256i>,
-    wd: f32,
-    wmin: f32,
-    yd: __m256,
-) -> __m256 {
-    let mut r = _mm256_mul_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(wd));
-    if let Some(s2) = s2 {
-        r = _mm256_fmadd_ps(_mm256_set1_ps(-wmin), _mm256_cvtepi32_ps(s2), r);
-    }
-    _mm256_fmadd_ps(r, yd, sum)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q45k_avx2<const R: usize>(
-    ty: NativeType,
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    tiled: bool,
-) {
-    q45k_body::<R, false>(ty, w, acts, out, tiled)
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn q45k_vnni<const R: usize>(
-    ty: NativeType,
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    tiled: bool,
-) {
-    q45k_body::<R, true>(ty, w, acts, out, tiled)
-}
-
-/// With VNNI where the CPU has it (the same integers).
-#[inline]
-unsafe fn q45k<const R: usize>(
-    ty: NativeType,
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    tiled: bool,
-) {
-    if super::avx2::vnni() {
-        q45k_vnni::<R>(ty, w, acts, out, tiled)
-    } else {
-        q45k_avx2::<R>(ty, w, acts, out, tiled)
-    }
-}
+kernel_entry!(q45k, q45k_body, (ty: NativeType, w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32; R], tiled: bool));
 
 #[inline(always)]
 unsafe fn q45k_body<const R: usize, const VNNI: bool>(
@@ -315,40 +227,7 @@ unsafe fn q45k_body<const R: usize, const VNNI: bool>(
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_repacked_avx2<const R: usize>(
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    per_pair: bool,
-) {
-    q4k_repacked_body::<R, false>(w, acts, out, per_pair)
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn q4k_repacked_vnni<const R: usize>(
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    per_pair: bool,
-) {
-    q4k_repacked_body::<R, true>(w, acts, out, per_pair)
-}
-
-/// With VNNI where the CPU has it (the same integers).
-#[inline]
-unsafe fn q4k_repacked<const R: usize>(
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    per_pair: bool,
-) {
-    if super::avx2::vnni() {
-        q4k_repacked_vnni::<R>(w, acts, out, per_pair)
-    } else {
-        q4k_repacked_avx2::<R>(w, acts, out, per_pair)
-    }
-}
+kernel_entry!(q4k_repacked, q4k_repacked_body, (w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32; R], per_pair: bool));
 
 #[inline(always)]
 unsafe fn q4k_repacked_body<const R: usize, const VNNI: bool>(
@@ -404,86 +283,7 @@ unsafe fn q4k_repacked_body<const R: usize, const VNNI: bool>(
     }
 }
 
-/// Repacked Q4_K's gemm for eight rows side by side: the per-pair sums
-/// reduced together and the per-row FMAs as one vector FMA (lane `r` is
-/// row `r`'s scalar FMA, in the same order).
-#[inline(always)]
-unsafe fn q4k_pairs8<const R: usize, const VNNI: bool>(
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-) {
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_min = _mm256_setzero_ps();
-    for i in 0..acts[0].len() {
-        let blk = &w[i * 144..(i + 1) * 144];
-        let (sc, mn) = scales_mins(&blk[4..16]);
-        let (wd, wmin) = (f16_at(blk, 0), f16_at(blk, 2));
-        let yd = d8(acts, i);
-        let (wdyd, wmyd) = (
-            _mm256_mul_ps(_mm256_set1_ps(wd), yd),
-            _mm256_mul_ps(_mm256_set1_ps(wmin), yd),
-        );
-        let mn16 = mins16(&mn);
-        let rows_m: [__m128i; 8] =
-            std::array::from_fn(|r| pair_mins(acts[r % R].get_unchecked(i), mn16));
-        let m = transpose_8x4(&rows_m);
-        let qs = blk.as_ptr().add(16);
-        for pair in 0..4 {
-            let (lo, hi) = nibbles(qs.add(32 * pair), _mm256_setzero_si256(), None);
-            let (s_lo, s_hi) = (
-                _mm256_set1_epi16(sc[2 * pair] as i16),
-                _mm256_set1_epi16(sc[2 * pair + 1] as i16),
-            );
-            let p: [__m256i; R] = std::array::from_fn(|r| {
-                let a = acts[r].get_unchecked(i).qs.as_ptr().add(64 * pair);
-                let p = acc_scaled::<VNNI>(_mm256_setzero_si256(), lo, a, s_lo);
-                acc_scaled::<VNNI>(p, hi, a.add(32), s_hi)
-            });
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums8(&p)), wdyd, acc);
-            acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m[pair]), wmyd, acc_min);
-        }
-    }
-    store8(_mm256_sub_ps(acc, acc_min), out);
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q36k_avx2<const R: usize>(
-    ty: NativeType,
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    tiled: bool,
-) {
-    q36k_body::<R, false>(ty, w, acts, out, tiled)
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn q36k_vnni<const R: usize>(
-    ty: NativeType,
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    tiled: bool,
-) {
-    q36k_body::<R, true>(ty, w, acts, out, tiled)
-}
-
-/// With VNNI where the CPU has it (the same integers).
-#[inline]
-unsafe fn q36k<const R: usize>(
-    ty: NativeType,
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    tiled: bool,
-) {
-    if super::avx2::vnni() {
-        q36k_vnni::<R>(ty, w, acts, out, tiled)
-    } else {
-        q36k_avx2::<R>(ty, w, acts, out, tiled)
-    }
-}
+kernel_entry!(q36k, q36k_body, (ty: NativeType, w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32; R], tiled: bool));
 
 #[inline(always)]
 unsafe fn q36k_body<const R: usize, const VNNI: bool>(
@@ -610,44 +410,11 @@ unsafe fn q6_codes(p: *const u8, j: usize, m15: __m256i) -> [__m256i; 4] {
     ]
 }
 
+kernel_entry!(q2k, q2k_body, (w: &[u8], acts: &[&[BlockQ8K]; R], out: &mut [f32; R], shape: KShape));
+
 /// Q2_K in every shape: lanes (`ggml_vec_dot_q2_K_q8_K`: the mins' FMA,
 /// then the quants', per lane and super-block), tiled, and llama.cpp's
 /// repacked gemv (per super-block) and gemm (per half super-block).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q2k_avx2<const R: usize>(
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    shape: KShape,
-) {
-    q2k_body::<R, false>(w, acts, out, shape)
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn q2k_vnni<const R: usize>(
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    shape: KShape,
-) {
-    q2k_body::<R, true>(w, acts, out, shape)
-}
-
-/// With VNNI where the CPU has it (the same integers).
-#[inline]
-unsafe fn q2k<const R: usize>(
-    w: &[u8],
-    acts: &[&[BlockQ8K]; R],
-    out: &mut [f32; R],
-    shape: KShape,
-) {
-    if super::avx2::vnni() {
-        q2k_vnni::<R>(w, acts, out, shape)
-    } else {
-        q2k_avx2::<R>(w, acts, out, shape)
-    }
-}
-
 #[inline(always)]
 unsafe fn q2k_body<const R: usize, const VNNI: bool>(
     w: &[u8],

@@ -15,13 +15,16 @@
 //! # Layout
 //! - `scalar`, `kquant`: the portable kernels, the definition of the bits
 //!   (and the path on CPUs without AVX2 and on other architectures).
-//! - `avx2`, `kavx2`: the x86 kernels, selected at run time.
+//! - `avx2`, `kavx2`: the x86 kernels, selected at run time; `krows8`
+//!   the K kernels' eight-rows-side-by-side forms.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod kavx2;
 mod kquant;
+#[cfg(target_arch = "x86_64")]
+mod krows8;
 mod scalar;
 
 pub use kquant::{BlockQ8K, KShape, QK_K};
