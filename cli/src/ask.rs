@@ -31,8 +31,11 @@ pub struct AskArgs {
     /// Print timings to stderr.
     #[arg(short, long)]
     verbose: bool,
-    /// The node's API key, if it has one (also SHOAL_API_KEY).
-    #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
+    /// File holding the node's API key, if it has one (or SHOAL_API_KEY).
+    #[arg(long)]
+    api_key_file: Option<std::path::PathBuf>,
+    /// Refused with advice (a key on the command line shows in `ps`).
+    #[arg(long, hide = true)]
     api_key: Option<String>,
     /// The prompt (default: read stdin).
     prompt: Option<String>,
@@ -86,7 +89,8 @@ pub fn main(args: AskArgs) -> anyhow::Result<()> {
     body["raw"] = args.text.no_template.into();
     body["system"] = serde_json::json!(args.text.system);
     body["context"] = serde_json::json!(args.ctx);
-    stream_answer(&args.node, args.api_key.as_deref(), &body, args.verbose)
+    let key = crate::common::api_key(args.api_key.as_deref(), args.api_key_file.as_deref())?;
+    stream_answer(&args.node, key.as_deref(), &body, args.verbose)
 }
 
 /// The `/api/shoal/generate` body for `prompt` with the generation flags.

@@ -164,3 +164,28 @@ pub fn rss_mib() -> Option<f64> {
         .ok()?;
     Some(kb / 1024.0)
 }
+
+/// The API key from `--api-key-file` (an owner-only file) or SHOAL_API_KEY;
+/// a key given on the command line (`--api-key`) is refused, since every
+/// user of the machine sees it in `ps`.
+pub fn api_key(
+    on_command_line: Option<&str>,
+    file: Option<&Path>,
+) -> anyhow::Result<Option<String>> {
+    anyhow::ensure!(
+        on_command_line.is_none(),
+        "--api-key no longer takes the key on the command line (ps shows it to every user): \
+         put it in a file for --api-key-file (chmod 600) or in SHOAL_API_KEY"
+    );
+    let key = match file {
+        Some(f) => Some(cluster::key::read_private(f)?.trim().to_string()),
+        None => std::env::var("SHOAL_API_KEY").ok(),
+    };
+    match key {
+        Some(k) if k.is_empty() => anyhow::bail!("the API key is empty"),
+        Some(k) if k.len() > 4096 || k.chars().any(|c| c.is_control() || c == ' ') => {
+            anyhow::bail!("the API key must be one line of at most 4096 characters without spaces")
+        }
+        k => Ok(k),
+    }
+}

@@ -82,10 +82,26 @@ pub struct NodeArgs {
     /// Activation precision between stages.
     #[arg(long, value_enum, default_value = "f32")]
     activations: Precision,
-    /// Require `Authorization: Bearer KEY` on the generation endpoints
-    /// (also read from SHOAL_API_KEY).
-    #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
+    /// File holding an API key that every HTTP route then requires as
+    /// `Authorization: Bearer KEY` (owner-only file; SHOAL_API_KEY works
+    /// too). Never the key itself on the command line: `ps` shows it.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Refused with advice (a key on the command line shows in `ps`).
+    #[arg(long, hide = true)]
     api_key: Option<String>,
+    /// Serve the API on a non-loopback --http address without an API key
+    /// (anyone on the network may then use it).
+    #[arg(long)]
+    open_api: bool,
+    /// A Host name the API answers to besides IP addresses, localhost and
+    /// this machine's own names (repeatable): a name in front of the node.
+    #[arg(long = "allow-host")]
+    allow_hosts: Vec<String>,
+    /// An origin whose web pages may call the API, e.g.
+    /// https://chat.example.com (repeatable; CORS). Pages of other origins are refused.
+    #[arg(long = "cors-origin")]
+    cors_origins: Vec<String>,
     /// Requests this node runs at once (as their origin); more wait in line.
     #[arg(long, default_value_t = 16)]
     max_running: usize,
@@ -147,6 +163,13 @@ pub fn default_key_file() -> PathBuf {
 pub fn main(args: NodeArgs) -> anyhow::Result<()> {
     let threads = crate::common::set_threads(args.threads)?;
     anyhow::ensure!(args.ctx >= 16, "--ctx must be at least 16");
+    let api_key = crate::common::api_key(args.api_key.as_deref(), args.api_key_file.as_deref())?;
+    anyhow::ensure!(
+        args.http.ip().is_loopback() || api_key.is_some() || args.open_api,
+        "the API on {} would be open to anyone on the network: give it a key \
+         (--api-key-file or SHOAL_API_KEY) or say it is meant to be open (--open-api)",
+        args.http
+    );
     let key_file = args
         .cluster_key_file
         .clone()
@@ -186,7 +209,7 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
         }
         None => (models::default_model()?, None),
     };
-    let config = node_config(&args, key, threads, model, fetched);
+    let config = node_config(&args, key, api_key, threads, model, fetched);
     rt.block_on(async move {
         let node = Node::start(config).await?;
         eprintln!(
@@ -206,6 +229,7 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
 fn node_config(
     args: &NodeArgs,
     key: ClusterKey,
+    api_key: Option<String>,
     threads: usize,
     model: PathBuf,
     fetched: Option<protocol::WeightIndex>,
@@ -239,7 +263,9 @@ fn node_config(
         cluster,
         http: args.http,
         api: ApiConfig {
-            api_key: args.api_key.clone(),
+            api_key,
+            allowed_hosts: args.allow_hosts.clone(),
+            cors_origins: args.cors_origins.clone(),
         },
     }
 }

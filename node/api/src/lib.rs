@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //! - `server`: the HTTP/1 accept loop with its limits (connections,
-//!   header and body deadlines, body size) and the API-key check.
+//!   header and body deadlines, body size), the Host/Origin guard and the
+//!   API-key check.
 //! - `errors`: a [`cluster::RequestError`] as an HTTP status (by variant).
 //! - `shoal`: `POST /api/shoal/generate` (NDJSON events).
 //! - `status`: `/`, `/api/status`, `/api/events`, `/metrics`.
@@ -32,7 +33,9 @@ use axum::Router;
 use cluster::Handle;
 use tokio_util::sync::CancellationToken;
 
-pub use server::{BODY_BYTES_MAX, BODY_READ_TIMEOUT, CONNECTIONS_MAX, HEADER_READ_TIMEOUT};
+pub use server::{
+    host_allowed, BODY_BYTES_MAX, BODY_READ_TIMEOUT, CONNECTIONS_MAX, HEADER_READ_TIMEOUT,
+};
 pub use shoal::GenerateBody;
 
 /// Most tokens one request may ask for.
@@ -44,8 +47,14 @@ pub const MESSAGES_MAX: usize = 1024;
 /// Settings of the API.
 #[derive(Debug, Clone, Default)]
 pub struct ApiConfig {
-    /// Bearer token required by the generation endpoints (none: open).
+    /// Bearer token every route requires (none: open).
     pub api_key: Option<String>,
+    /// `Host` names answered besides IP literals, `localhost` and this
+    /// machine's own names (see [`server::host_allowed`]).
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`https://app.example`) whose pages may call the API (CORS);
+    /// pages of any other origin are refused.
+    pub cors_origins: Vec<String>,
 }
 
 /// What every handler gets.
@@ -66,22 +75,27 @@ pub async fn serve(
     config: ApiConfig,
     stop: CancellationToken,
 ) {
+    let mut config = config;
+    config.allowed_hosts.extend(server::own_names());
     let app: AppState = Arc::new(App { cluster, config });
-    // Generation needs the API key when one is set; status stays readable.
-    let guarded = Router::new()
+    // Outermost first: the Host/Origin guard, then the API key (every
+    // route when there is one), then the body read under its limits.
+    let router = Router::new()
         .route("/api/shoal/generate", post(shoal::generate))
         .merge(openai::routes())
         .merge(ollama::routes())
-        .route_layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            server::require_key,
-        ));
-    let router = Router::new()
-        .merge(guarded)
         .merge(status::routes())
         .merge(ollama::info_routes())
         .layer(axum::middleware::from_fn(server::read_body_in_time))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            server::require_key,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            server::check_host_origin,
+        ))
         .with_state(app);
     server::accept_loop(listener, router, stop).await;
 }

@@ -99,8 +99,8 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Refuses requests without `Authorization: Bearer <--api-key>` when the
-/// node has a key (401, OpenAI's shape).
+/// Refuses requests without `Authorization: Bearer KEY` when the node has
+/// a key (401, OpenAI's shape): every route, the status ones too.
 pub(crate) async fn require_key(
     State(app): State<AppState>,
     req: axum::extract::Request,
@@ -109,6 +109,8 @@ pub(crate) async fn require_key(
     let Some(key) = &app.config.api_key else {
         return next.run(req).await;
     };
+    // A browser's preflight carries no credentials (a configured origin's
+    // is answered before this, by `check_host_origin`).
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -118,8 +120,180 @@ pub(crate) async fn require_key(
     if given.is_some_and(|g| blake3::hash(g.as_bytes()) == blake3::hash(key.as_bytes())) {
         return next.run(req).await;
     }
+    // The page itself (no data in it) comes with the 401: it asks for the
+    // key and sends it with each of its requests.
+    if req.uri().path() == "/" && req.method() == axum::http::Method::GET {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            crate::status::page_html(None, true),
+        )
+            .into_response();
+    }
     let body = serde_json::json!({"error": {
         "message": "missing or wrong API key (Authorization: Bearer ...)",
         "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
     (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+}
+
+/// Whether the API answers a request that names `host` (its `Host`
+/// header) — the guard against DNS rebinding, where a web page gets a
+/// name of its own to resolve to this node and drives the API from the
+/// office's browsers: IP literals and `localhost` (no page can own them),
+/// this machine's own names, and the names configured (`--allow-host`).
+pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        // An IPv6 literal, with or without a port.
+        Some(rest) => {
+            return rest
+                .split_once(']')
+                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(&name))
+}
+
+/// The names this machine goes by (its hostname, and `.local` for mDNS),
+/// allowed as `Host` without configuration.
+pub fn own_names() -> Vec<String> {
+    let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") else {
+        return Vec::new();
+    };
+    let name = name.trim().to_ascii_lowercase();
+    if name.is_empty() || name.len() > 253 {
+        return Vec::new();
+    }
+    vec![format!("{name}.local"), name]
+}
+
+/// `origin` (`scheme://host[:port]`) names the same host and port as the
+/// request's `Host`: the page's own requests.
+fn same_origin(origin: &str, host: Option<&str>) -> bool {
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
+}
+
+/// Refuses (403) a request whose `Host` is not one of this node's names,
+/// or that a page of another origin sends (`Origin` not this host), unless
+/// that origin was configured (`--cors-origin`): then it gets CORS headers
+/// and its preflight an answer.
+pub(crate) async fn check_host_origin(
+    State(app): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = match req.headers().get(header::HOST).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(h)) => Some(h.to_string()),
+        Some(Err(_)) => return error(StatusCode::FORBIDDEN, "unreadable Host header"),
+    };
+    if let Some(h) = &host {
+        if !host_allowed(h, &app.config.allowed_hosts) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "this node does not answer for that Host name (DNS rebinding guard); add it with --allow-host",
+            );
+        }
+    }
+    let cors = match req.headers().get(header::ORIGIN).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(o))
+            if app
+                .config
+                .cors_origins
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case(o)) =>
+        {
+            Some(header::HeaderValue::from_str(o).expect("was a header value"))
+        }
+        Some(Ok(o)) if same_origin(o, host.as_deref()) => None,
+        Some(_) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "cross-origin requests are refused; allow an origin with --cors-origin",
+            )
+        }
+    };
+    let Some(origin) = cors else {
+        return next.run(req).await;
+    };
+    let mut resp = if req.method() == axum::http::Method::OPTIONS {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            header::HeaderValue::from_static("GET, POST"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            header::HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            header::HeaderValue::from_static("600"),
+        );
+        r
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(header::VARY, header::HeaderValue::from_static("Origin"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ip_literals_localhost_and_named_hosts_pass() {
+        let named = vec!["shoal.office.lan".to_string()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "10.1.2.3:80",
+            "[::1]:8080",
+            "[fe80::1]",
+            "localhost:8080",
+            "LOCALHOST",
+            "app.localhost",
+            "shoal.office.lan",
+            "Shoal.Office.Lan.:8080",
+        ] {
+            assert!(host_allowed(ok, &named), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example",
+            "[not-an-ip]",
+            "shoal.office.lan.evil",
+            "",
+        ] {
+            assert!(!host_allowed(bad, &named), "{bad}");
+        }
+    }
+
+    #[test]
+    fn same_origin_is_scheme_host_and_port() {
+        assert!(same_origin("http://127.0.0.1:8080", Some("127.0.0.1:8080")));
+        assert!(!same_origin(
+            "http://127.0.0.1:9090",
+            Some("127.0.0.1:8080")
+        ));
+        assert!(!same_origin("null", Some("127.0.0.1:8080")));
+        assert!(!same_origin("http://127.0.0.1:8080", None));
+    }
 }

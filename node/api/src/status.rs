@@ -14,7 +14,7 @@ use cluster::status::Status;
 use crate::errors::error;
 use crate::AppState;
 
-/// The read-only routes (no API key needed).
+/// The read-only routes (behind the API key when there is one).
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/", get(page))
@@ -38,9 +38,20 @@ const EVENT_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 /// first paint (the live feed takes over from there).
 async fn page(State(app): State<AppState>) -> Response {
     let json = serde_json::to_string(&app.cluster.status()).expect("status serializes");
-    // Inside a <script>: no "</" may close it early.
-    let html = PAGE.replacen("/*STATUS*/null", &json.replace("</", "<\\/"), 1);
+    let html = page_html(Some(&json), app.config.api_key.is_some());
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
+}
+
+/// The page, with `status` inlined when given and told whether its
+/// requests need the API key (it then asks for it once per tab).
+pub(crate) fn page_html(status: Option<&str>, needs_key: bool) -> String {
+    // Inside a <script>: no "</" may close it early.
+    let json = status.map_or_else(|| "null".to_string(), |j| j.replace("</", "<\\/"));
+    PAGE.replacen("/*STATUS*/null", &json, 1).replacen(
+        "/*NEEDS_KEY*/false",
+        if needs_key { "true" } else { "false" },
+        1,
+    )
 }
 
 /// `GET /api/events`: the status as server-sent events, one per second.

@@ -36,6 +36,41 @@ pub enum KeyError {
         /// The file.
         path: String,
     },
+    /// Other users of the machine may read (or write) the file.
+    #[error("secret file {path} is readable or writable by others (mode {mode:o}): run `chmod 600 {path}`")]
+    Exposed {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// Reads a file holding a secret (a cluster or API key), refusing one that
+/// other users of the machine can read or write: a key they can read is
+/// theirs too.
+pub fn read_private(path: &Path) -> Result<String, KeyError> {
+    let io = |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Exposed {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+    }
+    use std::io::Read;
+    let mut text = String::new();
+    // A key is a line: anything much longer is not one.
+    file.take(64 * 1024).read_to_string(&mut text).map_err(io)?;
+    Ok(text)
 }
 
 impl ClusterKey {
@@ -66,10 +101,7 @@ impl ClusterKey {
 
     /// Reads a key file.
     pub fn read(path: &Path) -> Result<ClusterKey, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_private(path)?;
         ClusterKey::from_hex(&text).ok_or_else(|| KeyError::Malformed {
             path: path.display().to_string(),
         })
@@ -133,6 +165,26 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn key_files_others_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("shoal-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.key");
+        let _ = std::fs::remove_file(&path);
+        let key = ClusterKey::create(&path).unwrap();
+        assert_eq!(ClusterKey::read(&path).unwrap(), key);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = ClusterKey::read(&path).unwrap_err();
+        assert!(
+            matches!(err, KeyError::Exposed { mode: 0o644, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chmod 600"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn hex_round_trips_and_rejects_garbage() {

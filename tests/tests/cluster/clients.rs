@@ -251,7 +251,7 @@ fn slow_and_huge_http_requests_do_not_take_the_node_down() {
     let mut slow: Vec<std::net::TcpStream> = (0..8)
         .map(|_| {
             let mut s = std::net::TcpStream::connect(&addr).unwrap();
-            s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 .unwrap();
             s
         })
@@ -259,7 +259,7 @@ fn slow_and_huge_http_requests_do_not_take_the_node_down() {
     // A body that trickles after complete headers gets 408.
     let mut trickle = std::net::TcpStream::connect(&addr).unwrap();
     trickle
-        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\":")
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\":")
         .unwrap();
     assert!(
         !node.status().is_null(),

@@ -9,6 +9,7 @@ mod failures;
 mod namespaces;
 mod page;
 mod pipeline;
+mod security;
 mod weights;
 
 /// What every test module uses.

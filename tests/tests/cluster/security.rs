@@ -1,0 +1,162 @@
+//! What a host without the keys, or a web page, can do to a node
+//! (issue 14): the API's key on every route, Host and Origin checks, keys
+//! kept off the command line.
+
+use crate::prelude::*;
+
+/// curl with `args`; `(status code, body)`.
+fn curl_code(args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
+#[test]
+fn the_api_key_guards_every_route_and_foreign_hosts_and_origins_are_refused() {
+    let _serial = serial();
+    if !prerequisite("curl", shoal_tests::browser::tool("curl", "curl")) {
+        return;
+    }
+    let model = default_model().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "key");
+    let own = [
+        "-m",
+        &model,
+        "--cluster-key-file",
+        &key,
+        "--max-memory",
+        "1G",
+    ];
+    let secret = "test-api-key-5d1f";
+    let node = NodeProc::start_with_env(
+        dir.path(),
+        None,
+        &[&own[..], &LOOPBACK, &SMALL].concat(),
+        &[("SHOAL_API_KEY", secret)],
+    );
+    let _logs = LogsOnFailure::of(&[&node]);
+    let auth = format!("Authorization: Bearer {secret}");
+    let url = |path: &str| format!("{}{path}", node.http);
+    let start = Instant::now();
+    let planned = || {
+        let body = curl_code(&["-H", &auth, &url("/api/status")]).1;
+        serde_json::from_str::<Value>(&body).is_ok_and(|s| plan_size(&s) == (1, 1))
+    };
+    while !planned() {
+        assert!(start.elapsed() < secs(60), "no plan");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Without the key: every route, status and page included, is 401.
+    for path in [
+        "/",
+        "/api/status",
+        "/api/events",
+        "/metrics",
+        "/api/tags",
+        "/api/version",
+        "/v1/models",
+        "/no/such/route",
+    ] {
+        let (code, _) = curl_code(&["-m", "5", &url(path)]);
+        assert_eq!(code, "401", "GET {path} without the key");
+        let (code, _) = curl_code(&["-m", "5", "-H", "Authorization: Bearer wrong", &url(path)]);
+        assert_eq!(code, "401", "GET {path} with a wrong key");
+    }
+    let body = r#"{"model":"x","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+    let (code, _) = curl_code(&[
+        "-d",
+        body,
+        "-H",
+        "Content-Type: application/json",
+        &url("/v1/chat/completions"),
+    ]);
+    assert_eq!(code, "401");
+    // The page comes with its 401 and asks for the key itself.
+    let (_, page) = curl_code(&[&url("/")]);
+    assert!(page.contains("const needsKey = true"), "{page}");
+    // With the key.
+    for path in ["/", "/api/tags", "/metrics", "/v1/models"] {
+        assert_eq!(
+            curl_code(&["-H", &auth, &url(path)]).0,
+            "200",
+            "GET {path} with the key"
+        );
+    }
+    // A name this node is not (DNS rebinding), key or not: 403.
+    for host in [
+        "evil.example",
+        "evil.example:8080",
+        "attacker.localhost.evil",
+    ] {
+        let h = format!("Host: {host}");
+        assert_eq!(
+            curl_code(&["-H", &h, "-H", &auth, &url("/api/tags")]).0,
+            "403",
+            "{host}"
+        );
+        assert_eq!(curl_code(&["-H", &h, &url("/api/tags")]).0, "403", "{host}");
+    }
+    // A page of another origin: 403; the node's own page: served.
+    let port = node.http.rsplit(':').next().unwrap();
+    for (origin, want) in [
+        ("http://evil.example".to_string(), "403"),
+        ("null".to_string(), "403"),
+        (format!("http://127.0.0.1:{port}"), "200"),
+    ] {
+        let o = format!("Origin: {origin}");
+        assert_eq!(
+            curl_code(&["-H", &o, "-H", &auth, &url("/v1/models")]).0,
+            want,
+            "{origin}"
+        );
+    }
+}
+
+#[test]
+fn keys_stay_off_the_command_line_and_an_open_api_is_asked_for() {
+    let model = default_model().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "key");
+    let node = |extra: &[&str]| {
+        let args = [
+            &[
+                "node",
+                "-m",
+                &model,
+                "--cluster-key-file",
+                &key,
+                "--no-mdns",
+            ][..],
+            extra,
+        ]
+        .concat();
+        std::process::Command::new(shoal_tests::shoal_bin())
+            .args(args)
+            .env_remove("SHOAL_API_KEY")
+            .output()
+            .unwrap()
+    };
+    let out = node(&["--http", "0.0.0.0:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--open-api"), "{err}");
+    let out = node(&["--api-key", "hunter2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--api-key-file"),
+        "{err}"
+    );
+    // A key file others can read is refused.
+    let loose = dir.path().join("api.key");
+    std::fs::write(&loose, "k3y\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = node(&["--api-key-file", loose.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("chmod 600"), "{err}");
+}
