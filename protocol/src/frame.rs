@@ -104,7 +104,7 @@ mod tests {
             any::<u32>(),
             arb_name(),
             arb_name(),
-            any::<u64>(),
+            0..=crate::limits::MEMORY_BYTES_MAX,
             any::<[u8; 32]>(),
             prop::collection::vec(arb_name(), 0..4),
         )

@@ -46,3 +46,12 @@ pub const CHUNKS_MAX: usize = 1 << 20;
 
 /// Most layers a weight index describes.
 pub const LAYERS_MAX: usize = 4096;
+
+/// Most compute threads a node may claim.
+pub const THREADS_MAX: u32 = 4096;
+
+/// Most memory a node may claim for weights and caches: 1 PiB.
+pub const MEMORY_BYTES_MAX: u64 = 1 << 50;
+
+/// Fastest link a member may report: 1 TB/s.
+pub const LINK_BYTES_PER_SECOND_MAX: f64 = 1e12;

@@ -41,6 +41,19 @@ pub enum ValidationError {
         /// Where the previous stage ended.
         after: u32,
     },
+    /// A number outside what any real machine or link measures (or not a
+    /// number): a member claiming it to win every layer is refused.
+    #[error("{what} of {value} is outside {min}..={max}")]
+    OutOfRange {
+        /// Which number.
+        what: &'static str,
+        /// Its value.
+        value: f64,
+        /// Smallest allowed.
+        min: f64,
+        /// Largest allowed.
+        max: f64,
+    },
     /// A plan does not cover the model.
     #[error("plan covers layers 0..{covered} of {layers}")]
     PlanCoverage {
@@ -105,12 +118,48 @@ fn count(what: &'static str, n: usize, min: usize, max: usize) -> Result<(), Val
     Ok(())
 }
 
+/// Checks that `value` is finite and within `min..=max`.
+fn within(what: &'static str, value: f64, min: f64, max: f64) -> Result<(), ValidationError> {
+    if value.is_finite() && (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ValidationError::OutOfRange {
+            what,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+/// A node's measured speeds and sizes, in the ranges of real hardware.
+fn validate_capabilities(c: &crate::message::Capabilities) -> Result<(), ValidationError> {
+    within("threads", f64::from(c.threads), 1.0, THREADS_MAX as f64)?;
+    within(
+        "memory bytes",
+        c.memory_bytes as f64,
+        0.0,
+        MEMORY_BYTES_MAX as f64,
+    )?;
+    // Microseconds per MiB of weights: a pass faster than 1 ns per MiB
+    // or slower than 1000 s per MiB is no machine.
+    within("µs per MiB", f64::from(c.us_per_mib), 1e-3, 1e9)?;
+    within("row µs per MiB", f64::from(c.row_us_per_mib), 0.0, 1e9)?;
+    within(
+        "prompt row µs per MiB",
+        f64::from(c.prompt_row_us_per_mib),
+        0.0,
+        1e9,
+    )
+}
+
 impl Message {
     /// Checks every limit and invariant a receiver relies on; the error
     /// says which.
     pub fn validate(&self) -> Result<(), ValidationError> {
         match self {
             Message::Hello(h) => {
+                validate_capabilities(&h.capabilities)?;
                 name(&h.node_id, "node id")?;
                 name(&h.cluster, "cluster name")?;
                 name(&h.capabilities.data_addr, "data address")?;
@@ -173,7 +222,15 @@ impl Message {
             }
             Message::LinkReport { links } => {
                 count("links", links.len(), 0, MEMBERS_MAX)?;
-                links.iter().try_for_each(|l| name(&l.node_id, "node id"))
+                links.iter().try_for_each(|l| {
+                    within(
+                        "link bytes per second",
+                        l.bytes_per_second,
+                        0.0,
+                        LINK_BYTES_PER_SECOND_MAX,
+                    )?;
+                    name(&l.node_id, "node id")
+                })
             }
             Message::Begin(b) => {
                 name(&b.origin, "origin")?;
@@ -249,6 +306,13 @@ fn validate_members(members: &[MemberAddrs]) -> Result<(), ValidationError> {
 
 fn validate_plan(p: &Plan) -> Result<(), ValidationError> {
     count("plan stages", p.stages.len(), 1, STAGES_MAX)?;
+    within("plan token latency µs", p.token_latency_us, 0.0, 1e12)?;
+    within(
+        "plan tokens per second",
+        p.throughput_tokens_per_s,
+        0.0,
+        1e12,
+    )?;
     let mut next = 0;
     for s in &p.stages {
         name(&s.node_id, "node id")?;

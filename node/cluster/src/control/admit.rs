@@ -170,7 +170,7 @@ impl Control {
         match req {
             Message::PlanUpdate { plan, members } => {
                 self.dial_unknown(&members);
-                let accepted = self.m.accept_plan(&pid, plan);
+                let accepted = self.m.accept_plan(&pid, plan, &members);
                 match accepted {
                     Ok(true) => self.apply_plan(),
                     Ok(false) => {}

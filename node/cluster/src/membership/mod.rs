@@ -58,6 +58,10 @@ pub enum PlanRejected {
         /// The leader.
         leader: String,
     },
+    /// The plan does not fit this model or these members (a leader with a
+    /// bug, or lying): taking it would index layers or nodes that do not exist.
+    #[error("plan refused: {0}")]
+    Invalid(String),
     /// The leader serves another model (this node cannot take part).
     #[error("the cluster's leader serves another model (blake3 {theirs}), this node holds {ours}: start it with the same GGUF")]
     OtherModel {
@@ -67,6 +71,10 @@ pub enum PlanRejected {
         ours: String,
     },
 }
+
+/// How far ahead of this node's epoch a plan may be: plans count up by
+/// one per replan, so a jump this large is a lie that would wrap the count.
+pub const EPOCH_JUMP_MAX: u64 = 1 << 32;
 
 /// Membership as readers outside the control loop see it: a copy the
 /// control loop publishes after each change (status, origins).
@@ -157,9 +165,13 @@ impl Membership {
 
     /// The leader's node id.
     pub fn leader(&self) -> &str {
+        // Among the nodes serving this node's model only: a member with
+        // another model (or claiming one) and a smaller id cannot take the
+        // lead and drop this model's plan.
         self.members
-            .keys()
-            .map(String::as_str)
+            .iter()
+            .filter(|(_, m)| m.hello.model_hash == self.me.model_hash)
+            .map(|(id, _)| id.as_str())
             .chain([self.me.node_id.as_str()])
             .min()
             .expect("at least this node")
@@ -278,7 +290,12 @@ impl Membership {
 
     /// Accepts a plan from `from` if it leads and the plan is new; true when
     /// the plan in force changed.
-    pub fn accept_plan(&mut self, from: &str, plan: Plan) -> Result<bool, PlanRejected> {
+    pub fn accept_plan(
+        &mut self,
+        from: &str,
+        plan: Plan,
+        introduced: &[MemberAddrs],
+    ) -> Result<bool, PlanRejected> {
         if from != self.leader() {
             return Err(PlanRejected::NotLeader {
                 from: from.to_string(),
@@ -296,6 +313,33 @@ impl Membership {
         }
         if self.plan.as_ref() == Some(&plan) || plan.epoch < self.epoch {
             return Ok(false);
+        }
+        let layers = self.model.layer_bytes.len();
+        if plan.n_layers as usize != layers {
+            return Err(PlanRejected::Invalid(format!(
+                "the plan is for {} layers, the model has {layers}",
+                plan.n_layers
+            )));
+        }
+        // Each stage is this node, a member serving this model, or a node
+        // the update introduces (joined when it is dialled).
+        if let Some(s) = plan.stages.iter().find(|s| {
+            s.node_id != self.me.node_id
+                && match self.members.get(&s.node_id) {
+                    Some(m) => m.hello.model_hash != self.me.model_hash,
+                    None => !introduced.iter().any(|m| m.node_id == s.node_id),
+                }
+        }) {
+            return Err(PlanRejected::Invalid(format!(
+                "stage {}..{} goes to {}, not a member serving this model",
+                s.layers_start, s.layers_end, s.node_id
+            )));
+        }
+        if plan.epoch > self.epoch.saturating_add(EPOCH_JUMP_MAX) {
+            return Err(PlanRejected::Invalid(format!(
+                "epoch {} jumps from {} (at most {EPOCH_JUMP_MAX} ahead)",
+                plan.epoch, self.epoch
+            )));
         }
         self.epoch = plan.epoch;
         self.plan = Some(plan);
@@ -359,7 +403,7 @@ impl Membership {
         if self.plan.as_ref().is_some_and(|p| p.stages == stages) {
             return Ok(None);
         }
-        self.epoch += 1;
+        self.epoch = self.epoch.saturating_add(1);
         let epoch = self.epoch;
         let plan = Plan {
             epoch,
@@ -440,85 +484,4 @@ fn far(a: f64, b: f64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use protocol::{Capabilities, DeviceKind, PROTOCOL_VERSION};
-
-    fn hello(id: &str, memory_mib: u64) -> Hello {
-        Hello {
-            version: PROTOCOL_VERSION,
-            node_id: id.into(),
-            cluster: "c".into(),
-            model_hash: [1; 32],
-            capabilities: Capabilities {
-                device: DeviceKind::Cpu,
-                threads: 1,
-                kernels: "portable".into(),
-                memory_bytes: memory_mib << 20,
-                us_per_mib: 100.0,
-                row_us_per_mib: 20.0,
-                prompt_row_us_per_mib: 30.0,
-                data_addr: "0.0.0.0:7000".into(),
-                http_addr: "127.0.0.1:8080".into(),
-                cert_fingerprint: [0; 32],
-                addrs: vec![],
-            },
-        }
-    }
-
-    fn model() -> ModelSpec {
-        ModelSpec {
-            layer_bytes: vec![3 << 20; 30],
-            first_bytes: 4 << 20,
-            last_bytes: 8 << 20,
-            last_compute_bytes: 8 << 20,
-            kv_bytes_per_token_layer: 1024,
-            context_tokens: 1024,
-            activation_bytes: 2304,
-        }
-    }
-
-    #[test]
-    fn smallest_id_leads_and_plans_are_only_taken_from_it() {
-        let mut a = Membership::new(hello("b", 50), model(), PlanGoal::Latency);
-        assert!(a.is_leader());
-        assert!(a.join(hello("a", 50), None));
-        assert!(!a.join(hello("a", 50), None));
-        assert_eq!(a.leader(), "a");
-        let mut leader = Membership::new(hello("a", 50), model(), PlanGoal::Latency);
-        leader.join(hello("b", 50), None);
-        leader.join(hello("c", 50), None);
-        let p = leader.replan().unwrap().unwrap();
-        assert_eq!(p.stages.len(), 3);
-        assert_eq!(leader.replan().unwrap(), None, "same members, same plan");
-        assert!(a.accept_plan("a", p.clone()).unwrap());
-        assert!(!a.accept_plan("a", p.clone()).unwrap());
-        assert!(a.accept_plan("c", p).is_err());
-    }
-
-    #[test]
-    fn a_member_leaving_makes_the_plan_stale_and_replans() {
-        let mut m = Membership::new(hello("a", 50), model(), PlanGoal::Latency);
-        m.join(hello("b", 50), None);
-        m.join(hello("c", 50), None);
-        let p1 = m.replan().unwrap().unwrap();
-        assert!(m.leave("c"));
-        assert!(m.clear_plan_if_stale());
-        let err = m.replan().unwrap_err();
-        assert!(err.to_string().contains("missing"), "{err}");
-        assert!(m.plan_error().is_some());
-        m.join(hello("d", 500), None);
-        let p2 = m.replan().unwrap().unwrap();
-        assert!(p2.epoch > p1.epoch);
-    }
-
-    #[test]
-    fn members_with_another_model_are_left_out() {
-        let mut m = Membership::new(hello("a", 500), model(), PlanGoal::Throughput);
-        let mut other = hello("b", 500);
-        other.model_hash = [9; 32];
-        m.join(other, None);
-        let p = m.replan().unwrap().unwrap();
-        assert!(p.stages.iter().all(|s| s.node_id == "a"));
-    }
-}
+mod tests;
