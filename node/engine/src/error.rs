@@ -65,6 +65,14 @@ pub enum PassError {
         /// The model's hidden size.
         dim: usize,
     },
+    /// NaN or infinity in the hidden states a stage received or in the
+    /// logits it computed: a broken model file, an overflow, or a member
+    /// sending garbage. The request fails; nothing is sampled from it.
+    #[error("non-finite values (NaN or infinity) in the {what}")]
+    NonFinite {
+        /// "hidden states received" or "logits".
+        what: &'static str,
+    },
     /// A tensor operation failed (shape bug or device error).
     #[error("compute error: {0}")]
     Candle(#[from] candle_core::Error),

@@ -154,6 +154,11 @@ impl Sampler {
             .filter(|(_, l)| !l.is_nan())
             .map(|(i, &l)| (i as u32, l))
             .collect();
+        if cand.is_empty() {
+            // Every logit NaN: nothing to draw from (the engine refuses
+            // such logits; this keeps the sampler total).
+            return argmax(&logits);
+        }
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, by_logit);
@@ -215,6 +220,18 @@ fn softmax(cand: &[(u32, f32)], temperature: f32) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nan_logits_do_not_panic_the_sampler() {
+        for temperature in [0.0, 0.8] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                ..SamplingParams::default()
+            });
+            let t = s.sample(&[f32::NAN; 16], &[1, 2, 3]);
+            assert!(t < 16);
+        }
+    }
+
     use super::*;
 
     fn logits() -> Vec<f32> {

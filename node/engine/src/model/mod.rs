@@ -271,6 +271,7 @@ impl Stage {
                         dim: self.config.dim,
                     });
                 }
+                all_finite(&h, "hidden states received")?;
                 h.to_device(&self.device)?
             }
         };
@@ -346,6 +347,7 @@ impl Stage {
         };
         let x = self.rms_norm(&x, &head.norm)?;
         let logits = head.output.forward_one(&x)?;
+        all_finite(&logits, "logits")?;
         Ok(StageOutput::Logits(match self.config.final_softcap {
             // ggml: scale by 1/cap, tanh, scale by cap.
             Some(cap) => self.host_map(&logits, |v| {
@@ -440,4 +442,15 @@ pub fn log_prob(logits: &[f32], token: usize) -> f64 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
     logits[token] as f64 - max - sum.ln()
+}
+
+/// Fails with [`PassError::NonFinite`] when `t` holds a NaN or an infinity.
+fn all_finite(t: &Tensor, what: &'static str) -> Result<(), PassError> {
+    // A copy of rows × (hidden size or vocabulary) floats: small next to the pass.
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if values.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(PassError::NonFinite { what })
+    }
 }
