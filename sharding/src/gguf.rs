@@ -256,13 +256,13 @@ impl GgufFile {
                     name: crate::ggml::type_name(type_id),
                 })?;
             let info = tensor_info(&path, name, dims, ggml_type, data_start, rel_offset)?;
-            if info.offset + info.size_bytes > file_len {
+            let end = info.offset.checked_add(info.size_bytes);
+            if end.is_none_or(|end| end > file_len) {
                 return Err(GgufError::Truncated {
                     path,
                     what: format!(
-                        "tensor '{}' needs bytes up to {} but the file has {file_len}",
-                        info.name,
-                        info.offset + info.size_bytes
+                        "tensor '{}' needs {} bytes from offset {} but the file has {file_len}",
+                        info.name, info.size_bytes, info.offset
                     ),
                 });
             }
@@ -381,7 +381,10 @@ impl MappedSpan {
     /// Whether a tensor lies inside this span.
     pub fn contains(&self, info: &TensorInfo) -> bool {
         info.offset >= self.file_offset
-            && info.offset + info.size_bytes <= self.file_offset + self.mmap.len() as u64
+            && info
+                .offset
+                .checked_add(info.size_bytes)
+                .is_some_and(|end| end <= self.file_offset + self.mmap.len() as u64)
     }
 }
 
@@ -428,6 +431,9 @@ fn tensor_info(
     })
 }
 
+/// Most items reserved ahead from a count in the file.
+const PREALLOC_ITEMS_MAX: usize = 4096;
+
 type RawTensor = (String, Vec<u64>, u32, u64);
 /// What the header holds before tensor offsets are resolved: version, metadata, tensors.
 type RawHeader = (u32, BTreeMap<String, Value>, Vec<RawTensor>);
@@ -467,7 +473,7 @@ impl HeaderReader<'_> {
             let value = self.value(type_id, &key, 0)?;
             metadata.insert(key, value);
         }
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut tensors = Vec::with_capacity((n_tensors as usize).min(PREALLOC_ITEMS_MAX));
         for _ in 0..n_tensors {
             let name = self.string("tensor name")?;
             let n_dims = self.u32("tensor rank")?;
@@ -501,7 +507,10 @@ impl HeaderReader<'_> {
                 }
                 let item_type = self.u32(key)?;
                 let n = self.count(key, None)?;
-                let mut items = Vec::with_capacity(n as usize);
+                // The count is bounded by the bytes left, but an item in
+                // memory is larger than its one byte in the file: grow as
+                // items arrive instead of trusting the count up front.
+                let mut items = Vec::with_capacity((n as usize).min(PREALLOC_ITEMS_MAX));
                 for _ in 0..n {
                     items.push(self.value(item_type, key, depth + 1)?);
                 }

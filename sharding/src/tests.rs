@@ -202,6 +202,25 @@ fn lying_lengths_do_not_allocate() {
 }
 
 #[test]
+fn tensor_offsets_that_overflow_are_errors() {
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3u32.to_le_bytes());
+    bytes.extend(1u64.to_le_bytes()); // one tensor
+    bytes.extend(0u64.to_le_bytes()); // no metadata
+    bytes.extend(string("t"));
+    bytes.extend(1u32.to_le_bytes());
+    bytes.extend(64u64.to_le_bytes()); // 64 f32 = 256 bytes
+    bytes.extend(0u32.to_le_bytes());
+    bytes.extend((u64::MAX - 128).to_le_bytes()); // offset + size wraps past 0
+    bytes.resize(4096, 0);
+    let (_d, path) = write("wrap.gguf", &bytes);
+    assert!(matches!(
+        GgufFile::open(&path),
+        Err(GgufError::Truncated { .. } | GgufError::Invalid { .. })
+    ));
+}
+
+#[test]
 fn shape_mismatch_is_reported() {
     let mut w = tiny_llama("llama");
     w.tensors.retain(|t| t.0 != "blk.0.attn_k.weight");
