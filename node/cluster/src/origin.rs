@@ -25,6 +25,10 @@ pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Recent requests kept for status.
 const RECENT_MAX: usize = 32;
 
+/// Longest a prompt may take to render and tokenize (a megabyte of text
+/// takes well under a second).
+const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a request whose plan changed before its first token waits for
 /// the next plan before giving up.
 const PLAN_WAIT: Duration = Duration::from_secs(10);
@@ -195,7 +199,7 @@ impl Shared {
             .await
             .map_err(|e| RequestError::Model(e.to_string()))?;
         let epoch = self.plan.borrow().as_ref().map(|p| p.epoch);
-        let (prompt, context) = self.tokenize(&text, &req)?;
+        let (prompt, context) = self.tokenize(text.clone(), &req).await?;
         let (mut rx, guard) = self.open(request_id, &req, &prompt, context).await?;
         let head = guard.head.clone();
         let mut out = Output::new(events, req.stop.clone());
@@ -240,16 +244,31 @@ impl Shared {
 
     /// The request's prompt as tokens, checked against its context; and
     /// that context (the request's, at most the node's).
-    fn tokenize(
+    ///
+    /// Rendering the template and tokenizing run on a blocking thread, not
+    /// the one async thread that serves control, QUIC and HTTP: a template
+    /// that loops for long (bounded by its fuel, see `engine::chat`) or a
+    /// megabyte of text delays this request only.
+    async fn tokenize(
         &self,
-        text: &engine::text::TextModel,
+        text: Arc<engine::text::TextModel>,
         req: &AskRequest,
     ) -> Result<(Vec<u32>, usize), RequestError> {
-        let prompt = match &req.prompt {
+        let input = req.prompt.clone();
+        let work = tokio::task::spawn_blocking(move || match &input {
             Prompt::Raw(t) => text.raw_tokens(t),
             Prompt::Chat(msgs) => text.chat_tokens(msgs),
-        }
-        .map_err(|e| RequestError::BadInput(e.to_string()))?;
+        });
+        let prompt = match tokio::time::timeout(TOKENIZE_TIMEOUT, work).await {
+            Ok(Ok(r)) => r.map_err(|e| RequestError::BadInput(e.to_string()))?,
+            Ok(Err(e)) => return Err(RequestError::BadInput(format!("tokenizing failed: {e}"))),
+            Err(_) => {
+                return Err(RequestError::BadInput(format!(
+                    "the prompt took over {} s to render and tokenize",
+                    TOKENIZE_TIMEOUT.as_secs()
+                )))
+            }
+        };
         let context = req
             .context
             .unwrap_or(self.config.context)

@@ -161,6 +161,9 @@ impl ChatTemplate {
             .map_err(|e| ChatError::Compile(e.to_string()))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template is code from the model file: bound the work it may do
+        // (a chat template of a thousand messages takes ~10⁵ steps).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
@@ -206,7 +209,44 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
-        template.render(ctx).map_err(render_err)
+        let mut out = CappedWriter(Vec::new());
+        template
+            .render_captured_to(ctx, &mut out)
+            .map_err(|e| match e.kind() {
+                ErrorKind::OutOfFuel => ChatError::Render(format!(
+                    "the chat template ran out of its {TEMPLATE_FUEL} steps"
+                )),
+                ErrorKind::WriteFailure => ChatError::Render(format!(
+                    "the chat template wrote more than {RENDERED_BYTES_MAX} bytes"
+                )),
+                _ => render_err(e),
+            })
+            .map(drop)?;
+        String::from_utf8(out.0).map_err(|e| ChatError::Render(e.to_string()))
+    }
+}
+
+/// Most steps a chat template may take for one conversation.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Most bytes a rendered conversation may have: the messages' text (the
+/// API caps it) and the template's own, with room to spare.
+pub const RENDERED_BYTES_MAX: usize = 8 << 20;
+
+/// A writer that refuses to grow past [`RENDERED_BYTES_MAX`].
+struct CappedWriter(Vec<u8>);
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > RENDERED_BYTES_MAX {
+            return Err(std::io::Error::other("rendered conversation too long"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -417,6 +457,23 @@ mod tests {
 
     fn chat() -> Vec<Message> {
         vec![Message::new("user", "Hi there")]
+    }
+
+    #[test]
+    fn hostile_templates_stop_at_their_fuel_or_output_cap() {
+        let t = |src: &str| ChatTemplate::new(src.into(), "".into(), "".into()).unwrap();
+        let start = std::time::Instant::now();
+        let spin =
+            t("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}");
+        let e = spin.render(&chat(), true).unwrap_err().to_string();
+        assert!(e.contains("steps"), "{e}");
+        let flood = format!(
+            "{{% for i in range(60000) %}}{}{{% endfor %}}",
+            "x".repeat(200)
+        );
+        let e = t(&flood).render(&chat(), true).unwrap_err().to_string();
+        assert!(e.contains("bytes"), "{e}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(20));
     }
 
     #[test]

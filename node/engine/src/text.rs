@@ -41,7 +41,10 @@ impl TextModel {
             Some(t) => {
                 let text = t.render(messages, true)?;
                 // The template writes BOS itself when the model wants one.
-                Ok(self.tokenizer.encode(&text, false, true)?)
+                // Its own special tokens count; those typed in a message
+                // stay text (no forged `<|im_start|>system` turns).
+                let literal = message_spans(&text, messages);
+                Ok(self.tokenizer.encode_with_literal(&text, false, &literal)?)
             }
             None => {
                 let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
@@ -54,4 +57,27 @@ impl TextModel {
     pub fn raw_tokens(&self, text: &str) -> Result<Vec<u32>, TextError> {
         Ok(self.tokenizer.encode(text, true, false)?)
     }
+}
+
+/// Where each message's content sits in the rendered conversation, found
+/// in order (as written, or trimmed, as templates often do). A content the
+/// template changed beyond that is not found: its text is parsed like the
+/// template's.
+fn message_spans(rendered: &str, messages: &[Message]) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::with_capacity(messages.len());
+    let mut pos = 0;
+    for m in messages {
+        for content in [m.content.as_str(), m.content.trim()] {
+            if content.is_empty() {
+                continue;
+            }
+            if let Some(rel) = rendered[pos..].find(content) {
+                let start = pos + rel;
+                spans.push(start..start + content.len());
+                pos = start + content.len();
+                break;
+            }
+        }
+    }
+    spans
 }

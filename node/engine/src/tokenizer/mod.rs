@@ -205,13 +205,37 @@ impl Tokenizer {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
+        let literal: &[std::ops::Range<usize>] = &[];
+        self.encode_parts(text, add_special, parse_special.then_some(literal))
+    }
+
+    /// [`Tokenizer::encode`] with special tokens parsed everywhere except in
+    /// the byte ranges `literal` (the messages people wrote, inside a
+    /// rendered chat template): there a control token's text stays text,
+    /// so a user cannot forge a turn of the template. Elsewhere the tokens
+    /// are exactly `encode(text, add_special, true)`'s.
+    pub fn encode_with_literal(
+        &self,
+        text: &str,
+        add_special: bool,
+        literal: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_parts(text, add_special, Some(literal))
+    }
+
+    fn encode_parts(
+        &self,
+        text: &str,
+        add_special: bool,
+        special_outside: Option<&[std::ops::Range<usize>]>,
+    ) -> Result<Vec<u32>, TokenizerError> {
         if text.len() > MAX_INPUT_BYTES {
             return Err(TokenizerError::InputTooLarge {
                 len: text.len(),
                 max: MAX_INPUT_BYTES,
             });
         }
-        let fragments = self.partition(text, parse_special);
+        let fragments = self.partition(text, special_outside);
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.extend(self.bos);
@@ -246,7 +270,15 @@ impl Tokenizer {
 
     /// Splits special-token texts out of `text` (llama.cpp `tokenizer_st_partition`): each
     /// special token, longest first, is searched in every remaining text fragment.
-    fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+    /// Control tokens only with `special_outside`, and not where they
+    /// overlap one of its ranges.
+    fn partition(
+        &self,
+        text: &str,
+        special_outside: Option<&[std::ops::Range<usize>]>,
+    ) -> Vec<Fragment> {
+        let parse_special = special_outside.is_some();
+        let literal = special_outside.unwrap_or(&[]);
         if text.is_empty() {
             return Vec::new();
         }
@@ -264,18 +296,30 @@ impl Tokenizer {
             }) {
                 continue;
             }
+            let control = attrs & (attr::CONTROL | attr::UNKNOWN) != 0;
             let mut next = Vec::with_capacity(fragments.len() + 2);
             for fragment in fragments {
                 let Fragment::Text(mut start, end) = fragment else {
                     next.push(fragment);
                     continue;
                 };
+                // Where to look next: past occurrences left as text.
+                let mut from = start;
                 loop {
-                    let Some(rel) = text[start..end].find(needle) else {
+                    let Some(rel) = text[from..end].find(needle) else {
                         next.push(Fragment::Text(start, end));
                         break;
                     };
-                    let at = start + rel;
+                    let at = from + rel;
+                    let span = at..at + needle.len();
+                    if control
+                        && literal
+                            .iter()
+                            .any(|l| l.start < span.end && span.start < l.end)
+                    {
+                        from = at + text[at..].chars().next().map_or(1, char::len_utf8);
+                        continue;
+                    }
                     let mut left_end = at;
                     if attrs & attr::LSTRIP != 0 {
                         while left_end > start && c_isspace(bytes[left_end - 1]) {
@@ -296,6 +340,7 @@ impl Tokenizer {
                         break;
                     }
                     start = right;
+                    from = right;
                 }
             }
             fragments = next;
