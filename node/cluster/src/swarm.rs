@@ -13,7 +13,8 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, StreamProtocol, Swarm};
 use protocol::{Message, PROTOCOL_VERSION};
 
-use crate::wire::{read_frame_futures, write_frame_futures};
+use crate::wire::{read_frame_futures, write_frame_futures, CONTROL_REQUEST_BYTES_MAX};
+use protocol::limits::FRAME_BYTES_MAX;
 
 /// The request-response protocol name, versioned.
 const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/control/1");
@@ -32,11 +33,23 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    /// Caps on connections, before any of them proves the key.
+    pub(super) limits: libp2p::connection_limits::Behaviour,
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
     pub(super) control: request_response::Behaviour<FrameCodec>,
 }
+
+/// Incoming connections still in their handshake at once.
+const PENDING_INCOMING_MAX: u32 = 32;
+/// Incoming connections held at once: members use one or two each, so
+/// this leaves room for a full cluster while a flood of strangers (each
+/// dropped after [`crate::control`]'s proof deadline) cannot use up the
+/// process's file descriptors.
+const ESTABLISHED_INCOMING_MAX: u32 = 256;
+/// Connections one peer id may hold.
+const PER_PEER_MAX: u32 = 4;
 
 /// request-response codec: one shoal frame each way.
 #[derive(Debug, Clone, Default)]
@@ -52,14 +65,14 @@ impl request_response::Codec for FrameCodec {
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        Ok(read_frame_futures(io).await?)
+        Ok(read_frame_futures(io, CONTROL_REQUEST_BYTES_MAX).await?)
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Message>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        Ok(read_frame_futures(io).await?)
+        Ok(read_frame_futures(io, FRAME_BYTES_MAX).await?)
     }
 
     async fn write_request<T>(
@@ -111,7 +124,12 @@ pub(super) fn build(
             } else {
                 None
             };
+            let limits = libp2p::connection_limits::ConnectionLimits::default()
+                .with_max_pending_incoming(Some(PENDING_INCOMING_MAX))
+                .with_max_established_incoming(Some(ESTABLISHED_INCOMING_MAX))
+                .with_max_established_per_peer(Some(PER_PEER_MAX));
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
+                limits: libp2p::connection_limits::Behaviour::new(limits),
                 mdns: mdns.into(),
                 identify: identify::Behaviour::new(identify::Config::new(
                     format!("/shoal/{PROTOCOL_VERSION}"),

@@ -51,18 +51,31 @@ where
         }
         got += n;
     }
-    let len = body_len(header)?;
+    let len = body_len(header, FRAME_BYTES_MAX)?;
     buf.clear();
     buf.extend_from_slice(&header);
-    buf.resize(HEADER_BYTES + len, 0);
-    r.read_exact(&mut buf[HEADER_BYTES..])
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => WireError::Truncated,
-            _ => WireError::Io(e),
-        })?;
+    // The buffer grows with the bytes that arrive, a piece at a time: a
+    // header alone cannot make this node commit the whole announced size.
+    while buf.len() < HEADER_BYTES + len {
+        let at = buf.len();
+        buf.resize((at + READ_PIECE_BYTES).min(HEADER_BYTES + len), 0);
+        r.read_exact(&mut buf[at..])
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => WireError::Truncated,
+                _ => WireError::Io(e),
+            })?;
+    }
     finish(buf).map(Some)
 }
+
+/// Bytes of a frame's body read (and allocated) at a time.
+const READ_PIECE_BYTES: usize = 64 << 10;
+
+/// Largest control-plane request (`Join`, `PlanUpdate`, queries...): they
+/// are small, and anyone may send one before proving the key. Answers
+/// (weight indexes, chunks) may use the whole frame size.
+pub const CONTROL_REQUEST_BYTES_MAX: usize = 1 << 20;
 
 /// Writes one frame to a tokio stream; the bytes written.
 pub async fn write_frame<W>(w: &mut W, msg: &Message) -> Result<usize, WireError>
@@ -76,7 +89,8 @@ where
 }
 
 /// Reads one whole frame from a futures stream (libp2p), which must hold exactly one.
-pub async fn read_frame_futures<R>(r: &mut R) -> Result<Message, WireError>
+/// Frames over `max` bytes are refused before their body is read.
+pub async fn read_frame_futures<R>(r: &mut R, max: usize) -> Result<Message, WireError>
 where
     R: futures::AsyncRead + Unpin,
 {
@@ -88,12 +102,15 @@ where
             std::io::ErrorKind::UnexpectedEof => WireError::Truncated,
             _ => WireError::Io(e),
         })?;
-    let len = body_len(header)?;
-    let mut buf = vec![0u8; HEADER_BYTES + len];
-    buf[..HEADER_BYTES].copy_from_slice(&header);
-    r.read_exact(&mut buf[HEADER_BYTES..])
-        .await
-        .map_err(|_| WireError::Truncated)?;
+    let len = body_len(header, max)?;
+    let mut buf = header.to_vec();
+    while buf.len() < HEADER_BYTES + len {
+        let at = buf.len();
+        buf.resize((at + READ_PIECE_BYTES).min(HEADER_BYTES + len), 0);
+        r.read_exact(&mut buf[at..])
+            .await
+            .map_err(|_| WireError::Truncated)?;
+    }
     finish(&buf)
 }
 
@@ -109,9 +126,9 @@ where
     Ok(())
 }
 
-fn body_len(header: [u8; HEADER_BYTES]) -> Result<usize, WireError> {
+fn body_len(header: [u8; HEADER_BYTES], max: usize) -> Result<usize, WireError> {
     let len = u32::from_le_bytes(header) as usize;
-    if len > FRAME_BYTES_MAX {
+    if len > max.min(FRAME_BYTES_MAX) {
         return Err(DecodeError::TooLarge(len).into());
     }
     Ok(len)
@@ -127,6 +144,27 @@ fn finish(buf: &[u8]) -> Result<Message, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_header_alone_commits_no_big_buffer_and_requests_are_small() {
+        // A 60 MiB frame announced, 10 bytes sent: the read fails without
+        // having reserved the 60 MiB.
+        let mut bytes = ((60u32 << 20).to_le_bytes()).to_vec();
+        bytes.extend([0u8; 10]);
+        let mut buf = Vec::new();
+        let mut r = &bytes[..];
+        assert!(matches!(
+            read_frame(&mut r, &mut buf).await,
+            Err(WireError::Truncated)
+        ));
+        assert!(buf.capacity() < 1 << 20, "{}", buf.capacity());
+        // A control request over its limit is refused from its header.
+        let mut r = futures::io::Cursor::new(((2u32 << 20).to_le_bytes()).to_vec());
+        assert!(matches!(
+            read_frame_futures(&mut r, CONTROL_REQUEST_BYTES_MAX).await,
+            Err(WireError::Decode(_))
+        ));
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_garbage_is_an_error() {

@@ -160,3 +160,37 @@ fn keys_stay_off_the_command_line_and_an_open_api_is_asked_for() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("chmod 600"), "{err}");
 }
+
+#[test]
+fn a_thousand_stranger_connections_do_not_stop_a_node() {
+    use std::io::Write;
+    let _serial = serial();
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = loopback_cluster(dir.path(), &model, 1, "1G", &[]).remove(0);
+    wait_plan(&mut node, 1, 1);
+    let _logs = LogsOnFailure::of(&[&node]);
+    let addr = node.addr_on("127.0.0.1");
+    let port: u16 = addr
+        .split('/')
+        .skip_while(|p| *p != "tcp")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no tcp port in {addr}"));
+    // A host without the key opens 1,000 connections to the control plane
+    // and starts a handshake it never finishes.
+    let mut conns: Vec<std::net::TcpStream> = (0..1000)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    for c in &mut conns {
+        let _ = c.write_all(b"\x13/multistream/1.0.0\n");
+    }
+    let (_, err, ok) = node.ask(&["-n", "4"], "hello");
+    assert!(ok, "the node stopped serving: {err}");
+    // It holds a bounded number of them (file descriptors are not used up).
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", node.pid()))
+        .unwrap()
+        .count();
+    assert!(fds < 400, "{fds} open file descriptors");
+    drop(conns);
+}

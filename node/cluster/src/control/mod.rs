@@ -41,6 +41,11 @@ const REPLAN_SETTLE: Duration = Duration::from_millis(400);
 /// A peer that refused us (or that we refused) is not redialled for this long.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How long a connected peer may stay a stranger (no key proved, no
+/// join) before its connection is closed: a join takes well under a
+/// second; a weights index for a node bootstrapping from peers, seconds.
+pub(crate) const PROOF_DEADLINE: Duration = Duration::from_secs(30);
+
 /// `--peer` addresses not connected are redialled this often.
 const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -117,6 +122,7 @@ pub(crate) fn start(
         last_load: Instant::now(),
         load_meter,
         ips: HashMap::new(),
+        strangers: HashMap::new(),
         probes: tokio::sync::mpsc::channel(64),
     };
     // Dialled without their `/p2p/<id>` part: ids are fresh at every start,
@@ -174,6 +180,9 @@ struct Control {
     load_meter: crate::metrics::LoadMeter,
     /// Remote ip of each connected peer.
     ips: HashMap<PeerId, IpAddr>,
+    /// Connected peers that are not members yet, since when: dropped when
+    /// they have not proved the key within [`PROOF_DEADLINE`].
+    strangers: HashMap<PeerId, Instant>,
     /// Results of data-plane link probes.
     probes: (
         tokio::sync::mpsc::Sender<ProbeResult>,
@@ -222,6 +231,7 @@ impl Control {
                 }
             }
         }
+        self.drop_strangers(now);
         if self.replan_at.is_some_and(|t| now >= t) {
             self.replan_at = None;
             self.replan();
@@ -310,7 +320,29 @@ impl Control {
         }
     }
 
+    /// Closes the connections of peers that stayed strangers (no key
+    /// proved, no join) past the deadline.
+    fn drop_strangers(&mut self, now: Instant) {
+        let members = self.m.members();
+        self.strangers
+            .retain(|p, _| !members.contains_key(&p.to_string()));
+        let late: Vec<PeerId> = self
+            .strangers
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) > PROOF_DEADLINE)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in late {
+            debug!(%peer, "no proof of the key in time: disconnecting");
+            self.strangers.remove(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     fn on_connected(&mut self, peer: PeerId, endpoint: ConnectedPoint) {
+        if !self.m.members().contains_key(&peer.to_string()) {
+            self.strangers.entry(peer).or_insert_with(Instant::now);
+        }
         let remote = match &endpoint {
             ConnectedPoint::Dialer { address, .. } => address.clone(),
             ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
@@ -333,6 +365,7 @@ impl Control {
 
     fn on_disconnected(&mut self, peer: PeerId, cause: Option<String>) {
         self.ips.remove(&peer);
+        self.strangers.remove(&peer);
         for p in self.peer_addrs.values_mut() {
             if *p == Some(peer) {
                 *p = None;
