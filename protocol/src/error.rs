@@ -49,6 +49,15 @@ pub enum RequestError {
         /// Its limit.
         max: u32,
     },
+    /// A stage has no room for another request's KV cache within the
+    /// memory it may use (`--max-memory`).
+    #[error("node {node} has no room for another {mib} MiB KV cache within its memory limit; retry shortly")]
+    StageMemory {
+        /// The stage's node id (short form).
+        node: String,
+        /// The cache the request needs there, MiB.
+        mib: u32,
+    },
     /// This node's wait queue is full.
     #[error("this node is busy: {queued} requests are waiting already; retry shortly")]
     Overloaded {
@@ -91,7 +100,13 @@ impl RequestError {
     /// none possible): HTTP 503. Everything else but a full queue is the
     /// server's (500), as before the errors were typed.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, RequestError::Unservable(_) | RequestError::NoPlan)
+        matches!(
+            self,
+            RequestError::Unservable(_)
+                | RequestError::NoPlan
+                | RequestError::StageFull { .. }
+                | RequestError::StageMemory { .. }
+        )
     }
 
     /// The texts inside, for the codec's length checks.
@@ -103,7 +118,9 @@ impl RequestError {
             RequestError::StageLost { node, why } | RequestError::Stage { node, why } => {
                 (Some(node), Some(why))
             }
-            RequestError::StageFull { node, .. } => (Some(node), None),
+            RequestError::StageFull { node, .. } | RequestError::StageMemory { node, .. } => {
+                (Some(node), None)
+            }
             _ => (None, None),
         };
         a.into_iter().chain(b)

@@ -18,6 +18,33 @@ fn config() -> bincode::config::Configuration<
     bincode::config::standard().with_limit::<FRAME_BYTES_MAX>()
 }
 
+/// Decodes a frame body with a memory limit that follows its length.
+///
+/// bincode reserves a list's memory from its announced length, checked
+/// only against the configured limit: with one limit for all frames, a
+/// few-byte frame announcing a long list made a node allocate megabytes
+/// (found by `tests/tests/fuzz.rs`). Real messages hold at most ~32 bytes
+/// of memory per byte on the wire (a 32-byte hash per 32 bytes, a string
+/// per length byte), so each size class of body gets 32× its largest size.
+fn decode_body(body: &[u8]) -> Result<(Message, usize), bincode::error::DecodeError> {
+    macro_rules! limited {
+        ($limit:expr) => {
+            bincode::serde::decode_from_slice(
+                body,
+                bincode::config::standard().with_limit::<{ $limit }>(),
+            )
+        };
+    }
+    match body.len() {
+        0..=2048 => limited!(64 << 10),
+        2049..=8192 => limited!(256 << 10),
+        8193..=32768 => limited!(1 << 20),
+        32769..=131072 => limited!(4 << 20),
+        131073..=524288 => limited!(16 << 20),
+        _ => limited!(FRAME_BYTES_MAX),
+    }
+}
+
 /// Why a message could not be framed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -77,8 +104,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
     let Some(body) = buf.get(HEADER_BYTES..HEADER_BYTES + len) else {
         return Ok(None);
     };
-    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(body, config())
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (msg, used) = decode_body(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if used != len {
         return Err(DecodeError::Malformed(format!(
             "{} trailing bytes in frame",

@@ -55,3 +55,7 @@ pub const MEMORY_BYTES_MAX: u64 = 1 << 50;
 
 /// Fastest link a member may report: 1 TB/s.
 pub const LINK_BYTES_PER_SECOND_MAX: f64 = 1e12;
+
+/// Largest model file a weight index may describe: 2 TiB (a 405B model in
+/// f16 is 0.8 TiB); a fetching node makes a file of this size.
+pub const MODEL_BYTES_MAX: u64 = 2 << 40;

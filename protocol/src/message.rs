@@ -12,7 +12,7 @@ use crate::RequestError;
 /// Version of this protocol. A node refuses a [`Hello`] with another one.
 /// 4: `Failed` carries a typed [`RequestError`]; `Preparing` answers a
 /// weights query.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Every message on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,9 +63,19 @@ pub enum Message {
     WeightsQuery {
         /// `ClusterKey::proof(cluster, asker, answerer)`.
         proof: [u8; 32],
+        /// Fresh for each fetch session: the holder's answer is bound to it.
+        nonce: [u8; 32],
     },
-    /// The answer to [`Message::WeightsQuery`].
-    Weights(WeightIndex),
+    /// The answer to [`Message::WeightsQuery`]: the index, and the holder's
+    /// proof that it holds the key (`ClusterKey::answer_proof`, bound to
+    /// the asker, the nonce and the index's model hash) — a host without
+    /// the key cannot serve a model.
+    Weights {
+        /// What the holder has.
+        index: WeightIndex,
+        /// The holder's proof.
+        proof: [u8; 32],
+    },
     /// Control plane: one chunk of the model file, asked by a node fetching
     /// the layers it was assigned.
     ChunkQuery {
@@ -73,6 +83,8 @@ pub enum Message {
         index: u32,
         /// As in [`Message::WeightsQuery`].
         proof: [u8; 32],
+        /// As in [`Message::WeightsQuery`].
+        nonce: [u8; 32],
     },
     /// The answer to [`Message::ChunkQuery`]: the chunk's bytes as stored
     /// (the receiver checks them against the index's hash).
@@ -82,6 +94,8 @@ pub enum Message {
         /// Its bytes.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
+        /// The holder's proof, as for [`Message::Weights`] (bound to the chunk number).
+        proof: [u8; 32],
     },
     /// Data plane: a new request enters the pipeline.
     Begin(Begin),

@@ -189,7 +189,7 @@ impl Message {
                 validate_plan(plan)?;
                 validate_members(members)
             }
-            Message::Weights(w) => {
+            Message::Weights { index: w, .. } => {
                 let chunks = w.file_bytes.div_ceil(u64::from(w.chunk_bytes.max(1)));
                 if w.chunk_bytes == 0
                     || w.chunk_bytes as usize > CHUNK_BYTES_MAX
@@ -198,6 +198,7 @@ impl Message {
                     || w.chunk_hashes.len() > CHUNKS_MAX
                     || w.layer_hashes.len() > LAYERS_MAX
                     || w.header_bytes > w.file_bytes
+                    || w.file_bytes > MODEL_BYTES_MAX
                 {
                     return Err(ValidationError::WeightIndex {
                         chunks: w.chunk_hashes.len(),

@@ -44,6 +44,35 @@ pub const MAX_TOKENS_MAX: usize = 1 << 20;
 /// Most messages in one chat request (OpenAI's and Ollama's).
 pub const MESSAGES_MAX: usize = 1024;
 
+/// The generation endpoints whose bodies [`check_body`] checks.
+pub const REQUEST_PATHS: [&str; 5] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/api/chat",
+    "/api/generate",
+    "/api/shoal/generate",
+];
+
+/// Runs a request body of `path` through the parsing and checks its
+/// handler runs before the request reaches the cluster (for fuzzing):
+/// `Err` with why it would be refused. Never panics, whatever the bytes.
+pub fn check_body(path: &str, body: &[u8]) -> Result<(), String> {
+    if body.len() > BODY_BYTES_MAX {
+        return Err("body too large".into());
+    }
+    match path {
+        "/api/shoal/generate" => shoal::check(body),
+        _ => {
+            let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+            match path {
+                "/v1/chat/completions" | "/v1/completions" => openai::check(path, v),
+                "/api/chat" | "/api/generate" => ollama::check(path, v),
+                _ => Err(format!("no such endpoint {path}")),
+            }
+        }
+    }
+}
+
 /// Settings of the API.
 #[derive(Debug, Clone, Default)]
 pub struct ApiConfig {

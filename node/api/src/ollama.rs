@@ -113,48 +113,55 @@ fn parse<T: serde::de::DeserializeOwned>(
 }
 
 async fn chat(State(app): State<AppState>, body: Result<Json<Value>, JsonRejection>) -> Response {
-    let b: ChatBody = match parse(body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    match parse(body).and_then(chat_body) {
+        Ok((model, prompt, options, stream)) => {
+            serve(app, model, prompt, options, stream, Kind::Chat).await
+        }
+        Err(r) => r,
+    }
+}
+
+/// What a request asks for: model, prompt, options, whether to stream.
+type Asked = (String, Prompt, Options, Option<bool>);
+
+// The error is the response itself, as in `parse`.
+#[allow(clippy::result_large_err)]
+fn chat_body(b: ChatBody) -> Result<Asked, Response> {
     if b.messages.is_empty() || b.messages.len() > MESSAGES_MAX {
-        return err(
+        return Err(err(
             StatusCode::BAD_REQUEST,
             format!("messages must hold 1 to {MESSAGES_MAX} entries"),
-        );
+        ));
     }
     let mut msgs = Vec::with_capacity(b.messages.len());
     for m in b.messages {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
-            return err(
+            return Err(err(
                 StatusCode::BAD_REQUEST,
                 format!("unknown role '{}'", m.role),
-            );
+            ));
         }
         msgs.push(chat::Message {
             role: m.role,
             content: m.content,
         });
     }
-    serve(
-        app,
-        b.model,
-        Prompt::Chat(msgs),
-        b.options,
-        b.stream,
-        Kind::Chat,
-    )
-    .await
+    Ok((b.model, Prompt::Chat(msgs), b.options, b.stream))
 }
 
 async fn generate(
     State(app): State<AppState>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    let b: GenerateBody = match parse(body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    match parse(body).map(generate_body) {
+        Ok((model, prompt, options, stream)) => {
+            serve(app, model, prompt, options, stream, Kind::Generate).await
+        }
+        Err(r) => r,
+    }
+}
+
+fn generate_body(b: GenerateBody) -> Asked {
     let prompt = if b.raw {
         Prompt::Raw(b.prompt)
     } else {
@@ -171,7 +178,20 @@ async fn generate(
         });
         Prompt::Chat(msgs)
     };
-    serve(app, b.model, prompt, b.options, b.stream, Kind::Generate).await
+    (b.model, prompt, b.options, b.stream)
+}
+
+/// The checks a body of `path` goes through before it becomes a request
+/// (for fuzzing and tests: no cluster needed).
+pub(crate) fn check(path: &str, v: Value) -> Result<(), String> {
+    let asked = match path {
+        "/api/chat" => parse(Ok(Json(v))).and_then(chat_body),
+        _ => parse(Ok(Json(v))).map(generate_body),
+    };
+    let (_, prompt, options, _) = asked.map_err(|r| r.status().to_string())?;
+    ask_request(prompt, options)
+        .map(drop)
+        .map_err(|r| r.status().to_string())
 }
 
 /// Whether `asked` names the served model (`name` or `name:latest`).

@@ -219,6 +219,13 @@ async fn chat_completions(
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(v) = body?;
+    let (prompt, common) = chat_body(v)?;
+    serve(app, prompt, common, Kind::Chat, DEFAULT_MAX_TOKENS).await
+}
+
+/// A chat completion's body, checked: its messages as a prompt, and the
+/// common settings.
+fn chat_body(v: Value) -> Result<(Prompt, Common), ApiError> {
     check_fields(&v, &["messages", "max_completion_tokens"])?;
     let b: ChatBody = parse(v)?;
     if b.messages.is_empty() || b.messages.len() > MESSAGES_MAX {
@@ -267,14 +274,7 @@ async fn chat_completions(
     }
     let mut common = b.common;
     common.max_tokens = b.max_completion_tokens.or(common.max_tokens);
-    serve(
-        app,
-        Prompt::Chat(msgs),
-        common,
-        Kind::Chat,
-        DEFAULT_MAX_TOKENS,
-    )
-    .await
+    Ok((Prompt::Chat(msgs), common))
 }
 
 async fn completions(
@@ -282,6 +282,13 @@ async fn completions(
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(v) = body?;
+    let (prompt, common) = completion_body(v)?;
+    // OpenAI's default for completions.
+    serve(app, prompt, common, Kind::Text, 16).await
+}
+
+/// A completion's body, checked.
+fn completion_body(v: Value) -> Result<(Prompt, Common), ApiError> {
     check_fields(&v, &["prompt"])?;
     let b: CompletionBody = parse(v)?;
     let prompt = match b.prompt {
@@ -296,8 +303,20 @@ async fn completions(
             ))
         }
     };
-    // OpenAI's default for completions.
-    serve(app, Prompt::Raw(prompt), b.common, Kind::Text, 16).await
+    Ok((Prompt::Raw(prompt), b.common))
+}
+
+/// The checks a body of `path` goes through before it becomes a request
+/// (for fuzzing and tests: no cluster needed; `m` is the model served).
+pub(crate) fn check(path: &str, v: Value) -> Result<(), String> {
+    let (prompt, common) = match path {
+        "/v1/chat/completions" => chat_body(v),
+        _ => completion_body(v),
+    }
+    .map_err(|e| e.message)?;
+    ask_request(common, prompt, "m", DEFAULT_MAX_TOKENS)
+        .map(drop)
+        .map_err(|e| e.message)
 }
 
 /// Validates the common settings and runs the request.

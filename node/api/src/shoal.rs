@@ -53,43 +53,9 @@ pub(crate) async fn generate(
         Ok(b) => b,
         Err(e) => return error(e.status(), e.body_text()),
     };
-    let d = SamplingParams::default();
-    let sampling = SamplingParams {
-        temperature: b.temperature.unwrap_or(d.temperature),
-        top_k: b.top_k.unwrap_or(d.top_k),
-        top_p: b.top_p.unwrap_or(d.top_p),
-        min_p: b.min_p.unwrap_or(d.min_p),
-        repeat_penalty: b.repeat_penalty.unwrap_or(d.repeat_penalty),
-        repeat_last_n: d.repeat_last_n,
-        seed: b.seed.unwrap_or_else(rand::random),
-    };
-    if let Err(e) = sampling.validate() {
-        return error(StatusCode::BAD_REQUEST, e);
-    }
-    let max_tokens = b.max_tokens.unwrap_or(512);
-    if max_tokens > MAX_TOKENS_MAX {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("max_tokens {max_tokens} is above {MAX_TOKENS_MAX}"),
-        );
-    }
-    let prompt = if b.raw {
-        Prompt::Raw(b.prompt)
-    } else {
-        let mut msgs: Vec<chat::Message> = b
-            .system
-            .iter()
-            .map(|s| chat::Message::new("system", s))
-            .collect();
-        msgs.push(chat::Message::new("user", b.prompt));
-        Prompt::Chat(msgs)
-    };
-    let req = AskRequest {
-        prompt,
-        stop: Vec::new(),
-        max_tokens,
-        sampling,
-        context: b.context,
+    let req = match ask_request(b) {
+        Ok(r) => r,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     let (tx, rx) = mpsc::unbounded_channel();
     if let Err(e) = app.cluster.submit(req, tx) {
@@ -106,4 +72,47 @@ pub(crate) async fn generate(
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
         .expect("valid response")
+}
+
+/// The request a body asks for, checked (sampling ranges, the token cap).
+fn ask_request(b: GenerateBody) -> Result<AskRequest, String> {
+    let d = SamplingParams::default();
+    let sampling = SamplingParams {
+        temperature: b.temperature.unwrap_or(d.temperature),
+        top_k: b.top_k.unwrap_or(d.top_k),
+        top_p: b.top_p.unwrap_or(d.top_p),
+        min_p: b.min_p.unwrap_or(d.min_p),
+        repeat_penalty: b.repeat_penalty.unwrap_or(d.repeat_penalty),
+        repeat_last_n: d.repeat_last_n,
+        seed: b.seed.unwrap_or_else(rand::random),
+    };
+    sampling.validate()?;
+    let max_tokens = b.max_tokens.unwrap_or(512);
+    if max_tokens > MAX_TOKENS_MAX {
+        return Err(format!("max_tokens {max_tokens} is above {MAX_TOKENS_MAX}"));
+    }
+    let prompt = if b.raw {
+        Prompt::Raw(b.prompt)
+    } else {
+        let mut msgs: Vec<chat::Message> = b
+            .system
+            .iter()
+            .map(|s| chat::Message::new("system", s))
+            .collect();
+        msgs.push(chat::Message::new("user", b.prompt));
+        Prompt::Chat(msgs)
+    };
+    Ok(AskRequest {
+        prompt,
+        stop: Vec::new(),
+        max_tokens,
+        sampling,
+        context: b.context,
+    })
+}
+
+/// The checks a body goes through before it becomes a request (fuzzing).
+pub(crate) fn check(body: &[u8]) -> Result<(), String> {
+    let b: GenerateBody = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    ask_request(b).map(drop)
 }

@@ -144,6 +144,47 @@ impl ClusterKey {
         *h.finalize().as_bytes()
     }
 
+    /// A holder's proof on an answer (a weight index, a chunk): bound to
+    /// the cluster, the holder, the asker, the asker's nonce and what was
+    /// answered, so a host without the key cannot serve one and a member's
+    /// answer cannot be replayed to another asker or session.
+    pub fn answer_proof(
+        &self,
+        cluster: &str,
+        holder: &str,
+        asker: &str,
+        nonce: &[u8; 32],
+        what: &[u8],
+    ) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(b"shoal-answer-v1\0");
+        for part in [
+            cluster.as_bytes(),
+            holder.as_bytes(),
+            asker.as_bytes(),
+            nonce,
+            what,
+        ] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// Checks an [`ClusterKey::answer_proof`] in constant time.
+    pub fn verify_answer(
+        &self,
+        proof: &[u8; 32],
+        cluster: &str,
+        holder: &str,
+        asker: &str,
+        nonce: &[u8; 32],
+        what: &[u8],
+    ) -> bool {
+        blake3::Hash::from(self.answer_proof(cluster, holder, asker, nonce, what))
+            == blake3::Hash::from(*proof)
+    }
+
     /// Checks a proof in constant time.
     pub fn verify(&self, proof: &[u8; 32], cluster: &str, from: &str, to: &str) -> bool {
         blake3::Hash::from(self.proof(cluster, from, to)) == blake3::Hash::from(*proof)
@@ -184,6 +225,23 @@ mod tests {
         );
         assert!(err.to_string().contains("chmod 600"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn answer_proofs_bind_key_holder_asker_nonce_and_content() {
+        let k = ClusterKey::generate();
+        let n = [7u8; 32];
+        let p = k.answer_proof("office", "holder", "asker", &n, b"model");
+        assert!(k.verify_answer(&p, "office", "holder", "asker", &n, b"model"));
+        // Another key (a host outside the cluster), holder, asker, session or content: no.
+        let other = ClusterKey::generate();
+        assert!(!other.verify_answer(&p, "office", "holder", "asker", &n, b"model"));
+        assert!(!k.verify_answer(&p, "office", "mallory", "asker", &n, b"model"));
+        assert!(!k.verify_answer(&p, "office", "holder", "other", &n, b"model"));
+        assert!(!k.verify_answer(&p, "office", "holder", "asker", &[8; 32], b"model"));
+        assert!(!k.verify_answer(&p, "office", "holder", "asker", &n, b"other"));
+        // Not the join proof either.
+        assert_ne!(p, k.proof("office", "holder", "asker"));
     }
 
     #[test]

@@ -301,17 +301,27 @@ impl Shared {
             .clone()
             .ok_or_else(|| self.no_plan_reason())?;
         let head = plan.stages[0].node_id.clone();
-        let rx = self.data.open_request(request_id);
+        let route = plan.stages.iter().map(|s| s.node_id.clone()).collect();
+        let rx = self.data.open_request(request_id, route);
         let guard = RequestGuard {
             shared: self.clone(),
             id: request_id,
             head: head.clone(),
         };
+        // The stages hold KV for what this request can reach, not the whole
+        // window: they admit by memory (see `worker`), and a short answer
+        // should not cost a full context there.
+        let reach = context.min(
+            prompt
+                .len()
+                .saturating_add(req.max_tokens)
+                .saturating_add(1),
+        );
         let begin = Begin {
             request_id,
             epoch: plan.epoch,
             origin: self.node_id.clone(),
-            context: context as u32,
+            context: reach as u32,
             sampling: Sampling::from(&req.sampling),
             prompt: prompt.to_vec(),
         };

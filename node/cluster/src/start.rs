@@ -113,6 +113,7 @@ impl Prepared {
                 live: live_sequences.clone(),
                 metrics: metrics.clone(),
                 fetcher: fetcher.clone(),
+                memory_bytes: config.max_memory.unwrap_or_else(available_memory),
             },
             Arc::new(data.clone()),
         );

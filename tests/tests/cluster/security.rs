@@ -194,3 +194,95 @@ fn a_thousand_stranger_connections_do_not_stop_a_node() {
     assert!(fds < 400, "{fds} open file descriptors");
     drop(conns);
 }
+
+#[test]
+fn a_panicking_pass_fails_its_request_at_once_and_the_node_serves_on() {
+    let _serial = serial();
+    let model = default_model().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "key");
+    let own = [
+        "-m",
+        &model,
+        "--cluster-key-file",
+        &key,
+        "--max-memory",
+        "1G",
+    ];
+    let mut node = NodeProc::start_with_env(
+        dir.path(),
+        None,
+        &[&own[..], &LOOPBACK, &SMALL].concat(),
+        &[("SHOAL_FAULT_PANIC_PASS", "1")],
+    );
+    wait_plan(&mut node, 1, 1);
+    let _logs = LogsOnFailure::of(&[&node]);
+    let start = Instant::now();
+    let (_, err, ok) = node.ask(&["-n", "4"], "hello");
+    assert!(!ok && err.contains("crashed"), "{err}");
+    assert!(
+        start.elapsed() < secs(30),
+        "the failure took {:?}",
+        start.elapsed()
+    );
+    let (_, err, ok) = node.ask(&["-n", "4"], "hello");
+    assert!(ok, "the node stopped serving after a panic: {err}");
+}
+
+#[test]
+fn kv_caches_stay_within_max_memory_and_a_request_past_it_is_refused() {
+    let _serial = serial();
+    let model = default_model();
+    // Weights (as the planner counts them) plus 16 MiB: room for one
+    // full-context KV cache (512 positions × 22.5 KiB for SmolLM2 = 11.25
+    // MiB), not for two long answers (each holds what it can reach: prompt
+    // + 400 tokens = ~9 MiB).
+    let gguf = sharding::GgufFile::open(&model).unwrap();
+    let layout = sharding::ModelLayout::from_gguf(&gguf).unwrap();
+    let n = layout.layers.len();
+    let weights = sharding::ModelSpec::from_layout(&layout, 0, 2).stage_memory(0..n);
+    let memory = (weights + (16 << 20)).to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = loopback_cluster(dir.path(), &model, 1, &memory, &[]).remove(0);
+    wait_plan(&mut node, 1, 1);
+    let _logs = LogsOnFailure::of(&[&node]);
+    let http = node.http.clone();
+    let long = std::thread::spawn(move || {
+        std::process::Command::new(shoal_tests::shoal_bin())
+            .args([
+                "ask",
+                "--node",
+                &http,
+                "--no-template",
+                "-n",
+                "400",
+                "--temp",
+                "0",
+            ])
+            .arg("Once upon a time, in a small village by the sea,")
+            .output()
+            .unwrap()
+    });
+    // Its cache is held at the stage.
+    node.wait_status(secs(30), |s| s["sequences"].as_u64() >= Some(1));
+    let (_, err, ok) = node.ask(&["--no-template", "-n", "400"], "Once upon a time");
+    if ok || !err.contains("no room") {
+        let first = long.join().unwrap();
+        panic!(
+            "the second long request was not refused ({err}); the first: {}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+    }
+    // A short answer still fits beside the long one.
+    let (_, err, ok) = node.ask(&["-n", "4"], "hello");
+    assert!(ok, "{err}");
+    let out = long.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its cache freed, the next request fits.
+    let (_, err, ok) = node.ask(&["-n", "4"], "hello");
+    assert!(ok, "{err}");
+}

@@ -143,7 +143,7 @@ impl Control {
         }
         // Weights go to anyone proving the key: a node fetching its model
         // is not a member yet.
-        if let Message::WeightsQuery { proof } | Message::ChunkQuery { proof, .. } = &req {
+        if let Message::WeightsQuery { proof, .. } | Message::ChunkQuery { proof, .. } = &req {
             let me = self.swarm.local_peer_id().to_string();
             if !self.cfg.key.verify(proof, &self.cfg.cluster, &pid, &me) {
                 return (
@@ -154,8 +154,14 @@ impl Control {
                 );
             }
             let sh = &self.shared;
+            let who = crate::weights::Answering {
+                key: &self.cfg.key,
+                cluster: &self.cfg.cluster,
+                holder: &me,
+                asker: &pid,
+            };
             return (
-                crate::weights::answer(&sh.weights, &req, &sh.manifest, &sh.layout),
+                crate::weights::answer(&sh.weights, &req, &sh.manifest, &sh.layout, &who),
                 false,
             );
         }

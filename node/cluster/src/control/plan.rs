@@ -177,7 +177,7 @@ impl Control {
         if old == plan {
             return;
         }
-        let (layers, next, epoch) = match &plan {
+        let (layers, next, prev, epoch) = match &plan {
             Some(p) => {
                 let pos = p.stages.iter().position(|s| s.node_id == sh.node_id);
                 let layers =
@@ -185,6 +185,9 @@ impl Control {
                 let next = pos
                     .filter(|&i| i + 1 < p.stages.len())
                     .map(|i| p.stages[i + 1].node_id.clone());
+                let prev = pos
+                    .filter(|&i| i > 0)
+                    .map(|i| p.stages[i - 1].node_id.clone());
                 info!(
                     "plan epoch {}: {} | {:.1} ms/token, {:.1} tok/s full{}",
                     p.epoch,
@@ -196,11 +199,11 @@ impl Control {
                         None => " (this node: none)".into(),
                     }
                 );
-                (layers, next, p.epoch)
+                (layers, next, prev, p.epoch)
             }
             None => {
                 warn!("no plan in force: waiting for the leader");
-                (None, None, 0)
+                (None, None, None, 0)
             }
         };
         // Without a plan the worker keeps its layers loaded (the next plan
@@ -210,6 +213,7 @@ impl Control {
                 epoch,
                 layers,
                 next,
+                prev,
                 stages: p.stages.len(),
             },
             None => WorkerMsg::Pause,

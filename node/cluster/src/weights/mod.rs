@@ -217,6 +217,13 @@ pub fn bootstrap(
             sharding::GgufFile::open(&path).map_err(|e| FetchError::Verify(e.to_string()))?;
         let layout =
             ModelLayout::from_gguf(&gguf).map_err(|e| FetchError::Verify(e.to_string()))?;
+        if layout.layers.len() != index.layer_hashes.len() {
+            return Err(FetchError::Verify(format!(
+                "the header has {} layers, the weight index {}",
+                layout.layers.len(),
+                index.layer_hashes.len()
+            )));
+        }
         if manifest::header_hash(&path, &layout).map_err(|e| FetchError::Verify(e.to_string()))?
             != index.header_hash
         {
@@ -302,4 +309,4 @@ mod tests;
 pub use session::Sources;
 use session::*;
 use store::*;
-pub use store::{answer, cache_path, WeightStore};
+pub use store::{answer, cache_path, Answering, WeightStore};

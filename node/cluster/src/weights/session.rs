@@ -18,6 +18,9 @@ use crate::swarm::{self, BehaviourEvent};
 /// How long a fetcher waits before asking a preparing holder again.
 pub(super) const INDEX_RETRY: Duration = Duration::from_millis(300);
 
+/// Corrupted chunks after which a holder is not asked again.
+const BAD_CHUNKS_MAX: u32 = 2;
+
 /// Where and how to fetch from.
 #[derive(Clone)]
 pub struct Sources {
@@ -39,6 +42,10 @@ pub(super) struct Session {
     /// Holders that answered, with their index.
     holders: HashMap<PeerId, WeightIndex>,
     asked: HashSet<PeerId>,
+    /// Fresh for this session: every holder's answer is bound to it.
+    nonce: [u8; 32],
+    /// Corrupted chunks each holder sent.
+    bad_chunks: HashMap<PeerId, u32>,
     pending: HashMap<OutboundRequestId, (PeerId, Option<u32>)>,
 }
 
@@ -54,8 +61,40 @@ impl Session {
             sources,
             holders: HashMap::new(),
             asked: HashSet::new(),
+            nonce: rand::random(),
+            bad_chunks: HashMap::new(),
             pending: HashMap::new(),
         })
+    }
+
+    /// Whether `holder`'s answer about `what` carries its proof of the
+    /// key for this session.
+    fn proven(&self, holder: &PeerId, proof: &[u8; 32], what: &[u8]) -> bool {
+        let me = self.swarm.local_peer_id().to_string();
+        self.sources.key.verify_answer(
+            proof,
+            &self.sources.cluster,
+            &holder.to_string(),
+            &me,
+            &self.nonce,
+            what,
+        )
+    }
+
+    /// `index` from `holder`, if its proof holds (else the holder is
+    /// not asked again: it does not have the key).
+    fn proven_index(
+        &mut self,
+        holder: PeerId,
+        index: WeightIndex,
+        proof: &[u8; 32],
+    ) -> Option<WeightIndex> {
+        if self.proven(&holder, proof, &index.model_hash) {
+            return Some(index);
+        }
+        warn!(peer = %holder, "a weight index without a proof of the cluster key: ignored");
+        self.holders.remove(&holder);
+        None
     }
 
     pub(super) fn proof(&self, to: &PeerId) -> [u8; 32] {
@@ -68,22 +107,27 @@ impl Session {
     pub(super) fn ask_index(&mut self, peer: PeerId) {
         if self.asked.insert(peer) {
             let proof = self.proof(&peer);
-            let id = self
-                .swarm
-                .behaviour_mut()
-                .control
-                .send_request(&peer, Message::WeightsQuery { proof });
+            let id = self.swarm.behaviour_mut().control.send_request(
+                &peer,
+                Message::WeightsQuery {
+                    proof,
+                    nonce: self.nonce,
+                },
+            );
             self.pending.insert(id, (peer, None));
         }
     }
 
     pub(super) fn ask_chunk(&mut self, peer: PeerId, index: u32) {
         let proof = self.proof(&peer);
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .control
-            .send_request(&peer, Message::ChunkQuery { index, proof });
+        let id = self.swarm.behaviour_mut().control.send_request(
+            &peer,
+            Message::ChunkQuery {
+                index,
+                proof,
+                nonce: self.nonce,
+            },
+        );
         self.pending.insert(id, (peer, Some(index)));
     }
 
@@ -142,7 +186,10 @@ impl Session {
                 continue;
             };
             match result {
-                Ok(Message::Weights(index)) => {
+                Ok(Message::Weights { index, proof }) => {
+                    let Some(index) = self.proven_index(peer, index, &proof) else {
+                        continue;
+                    };
                     if want.is_none_or(|h| h == index.model_hash) {
                         self.holders.insert(peer, index.clone());
                         return Ok(index);
@@ -206,16 +253,30 @@ impl Session {
             };
             let Some(c) = chunk else {
                 // A late index answer: one more holder.
-                if let Ok(Message::Weights(i)) = result {
-                    if i.model_hash == index.model_hash {
-                        self.holders.insert(peer, i);
+                if let Ok(Message::Weights { index: i, proof }) = result {
+                    if let Some(i) = self.proven_index(peer, i, &proof) {
+                        // Same model, same chunk table: else it cannot serve ours.
+                        if i.model_hash == index.model_hash
+                            && i.chunk_hashes == index.chunk_hashes
+                            && i.chunk_bytes == index.chunk_bytes
+                        {
+                            self.holders.insert(peer, i);
+                        }
                     }
                 }
                 continue;
             };
             in_flight -= 1;
             let failure = match result {
-                Ok(Message::Chunk { index: got, bytes }) if got == c => {
+                Ok(Message::Chunk {
+                    index: got, proof, ..
+                }) if got == c && !self.proven(&peer, &proof, &c.to_le_bytes()) => {
+                    self.holders.remove(&peer);
+                    format!("chunk {c} from {peer} without a proof of the key: holder dropped")
+                }
+                Ok(Message::Chunk {
+                    index: got, bytes, ..
+                }) if got == c => {
                     if store.put_chunk(c, &bytes)? {
                         done_bytes += bytes.len() as u64;
                         bar.set_position(done_bytes);
@@ -228,6 +289,13 @@ impl Session {
                     }
                     store.count_refetch();
                     warn!(chunk = c, peer = %peer, "chunk failed verification (blake3 mismatch): fetching it again");
+                    // Once is an accident; twice, the holder is not asked again.
+                    let bad = self.bad_chunks.entry(peer).or_insert(0);
+                    *bad += 1;
+                    if *bad >= BAD_CHUNKS_MAX {
+                        warn!(peer = %peer, "holder sent {bad} corrupted chunks: dropped");
+                        self.holders.remove(&peer);
+                    }
                     "blake3 mismatch".to_string()
                 }
                 Ok(Message::Refused { reason }) => reason,

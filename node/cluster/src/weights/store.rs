@@ -292,22 +292,43 @@ pub fn cache_path(model_hash: &[u8; 32]) -> PathBuf {
         .join(format!("{}.gguf", manifest::hex(model_hash)))
 }
 
-/// Hands out the weights this node holds: the control loop's answers.
+/// Who answers whom, for the proof on a weights answer.
+pub struct Answering<'a> {
+    /// The cluster key.
+    pub key: &'a crate::key::ClusterKey,
+    /// The cluster name.
+    pub cluster: &'a str,
+    /// This node (the holder).
+    pub holder: &'a str,
+    /// The asking peer.
+    pub asker: &'a str,
+}
+
+/// Hands out the weights this node holds: the control loop's answers,
+/// each with this holder's proof of the key.
 pub fn answer(
     store: &Arc<WeightStore>,
     req: &Message,
     manifest: &Manifest,
     layout: &Arc<ModelLayout>,
+    who: &Answering<'_>,
 ) -> Message {
+    let prove = |nonce: &[u8; 32], what: &[u8]| {
+        who.key
+            .answer_proof(who.cluster, who.holder, who.asker, nonce, what)
+    };
     match req {
-        Message::WeightsQuery { .. } => match store.ready_index() {
-            Some(i) => Message::Weights(i),
+        Message::WeightsQuery { nonce, .. } => match store.ready_index() {
+            Some(index) => Message::Weights {
+                proof: prove(nonce, &index.model_hash),
+                index,
+            },
             None => {
                 store.prepare_index(manifest, layout);
                 Message::Preparing
             }
         },
-        Message::ChunkQuery { index, .. } => match store.read_chunk(*index) {
+        Message::ChunkQuery { index, nonce, .. } => match store.read_chunk(*index) {
             Some(mut bytes) => {
                 if fault_corrupts(*index) {
                     warn!(chunk = index, "fault injection: sending a corrupted chunk");
@@ -316,6 +337,7 @@ pub fn answer(
                 Message::Chunk {
                     index: *index,
                     bytes,
+                    proof: prove(nonce, &index.to_le_bytes()),
                 }
             }
             None => Message::Refused {

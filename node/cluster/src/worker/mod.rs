@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
 use protocol::{Activations, Begin, DType, Message, RequestError, SampledToken, SeqRows, Tokens};
 use sharding::{GgufFile, ModelLayout};
 use tokio::sync::mpsc::{self, error::TryRecvError};
@@ -23,7 +22,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::dataplane::short;
 
-use engine::model::{BatchSeq, LoadOptions, LogitsFor, Stage, StageInput, StageOutput};
+use engine::model::{LoadOptions, Stage, StageOutput};
 use engine::sampling::{Sampler, SamplingParams};
 use engine::KvCache;
 use schedule::{micro_batch_cap, Batcher, Next, Rows, Work, SEQUENCES_MAX};
@@ -78,13 +77,20 @@ pub enum WorkerMsg {
         layers: Option<Range<usize>>,
         /// The next stage's node id.
         next: Option<String>,
+        /// The previous stage's node id (none: this is the first stage).
+        prev: Option<String>,
         /// Stages in the plan (the first stage forms one micro-batch per stage).
         stages: usize,
     },
     /// No plan in force: drop requests, keep the layers.
     Pause,
-    /// A data-plane message for this stage.
-    Data(Message),
+    /// A data-plane message for this stage, from member `from`.
+    Data {
+        /// The member that sent it (its certificate said so).
+        from: String,
+        /// The message.
+        msg: Message,
+    },
 }
 
 /// Fixed inputs of a worker.
@@ -105,10 +111,16 @@ pub struct WorkerConfig {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Gets this node's layers from peers when it lacks them.
     pub fetcher: Arc<crate::weights::Fetcher>,
+    /// Memory this node may use for weights and KV caches (`--max-memory`,
+    /// the figure the planner placed layers by): the stage's weights come
+    /// off it, the rest is the KV budget its requests share.
+    pub memory_bytes: u64,
 }
 
 struct Sequence {
     cache: KvCache,
+    /// The KV bytes held for it at full context (see `Worker::kv_room`).
+    kv_bytes: u64,
     origin: String,
     /// Last stage only: the sampler and the tokens it penalises.
     sampler: Option<(Sampler, Vec<u32>)>,
@@ -121,11 +133,15 @@ pub struct Worker {
     epoch: u64,
     stage: Option<Stage>,
     next: Option<String>,
+    prev: Option<String>,
     stages: usize,
     seqs: HashMap<u64, Sequence>,
     batcher: Batcher,
     /// A pass ran since the heap was last handed back (see `turn`).
     heap_dirty: bool,
+    /// The requests of the pass running (their sequences are out of
+    /// `seqs` meanwhile): failed to their origins if the pass panics.
+    in_pass: Vec<(u64, String)>,
 }
 
 /// Starts the worker; it runs until the sender is dropped.
@@ -137,14 +153,26 @@ pub fn spawn(cfg: WorkerConfig, out: Arc<dyn Outbox>) -> mpsc::Sender<WorkerMsg>
         epoch: 0,
         stage: None,
         next: None,
+        prev: None,
         stages: 1,
         seqs: HashMap::new(),
         batcher: Batcher::default(),
         heap_dirty: false,
+        in_pass: Vec::new(),
     };
     std::thread::Builder::new()
         .name("shoal-stage".into())
-        .spawn(move || while w.turn(&mut rx) {})
+        .spawn(move || loop {
+            // A panic in a pass (a bug, a model the engine mishandles)
+            // must not leave the node in the plan with no worker: every
+            // request would wait out its token timeout. Its requests fail
+            // at once and the worker goes on with the next.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.turn(&mut rx))) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(panic) => w.recover(panic_text(&*panic)),
+            }
+        })
         .expect("spawn stage worker");
     tx
 }
@@ -205,27 +233,37 @@ impl Worker {
                 epoch,
                 layers,
                 next,
+                prev,
                 stages,
-            } => self.reconfigure(epoch, layers, next, stages),
+            } => {
+                self.prev = prev;
+                self.reconfigure(epoch, layers, next, stages)
+            }
             WorkerMsg::Pause => {
                 self.epoch = 0;
                 self.seqs.clear();
                 self.batcher.clear();
             }
-            WorkerMsg::Data(Message::Begin(b)) => self.begin(b),
-            WorkerMsg::Data(Message::Input(i)) => {
-                let seq = SeqRows {
-                    request_id: i.request_id,
-                    position: i.position,
-                    rows: i.tokens.len() as u32,
-                    sample: i.sample,
-                };
-                self.queue(seq, Rows::Tokens(i.tokens));
-            }
-            WorkerMsg::Data(Message::Activations(a)) => self.activations(a),
-            WorkerMsg::Data(Message::Cancel { request_id }) => self.cancel(request_id),
-            WorkerMsg::Data(other) => {
-                warn!(?other, "stage worker got a message it does not handle")
+            WorkerMsg::Data { from, msg } => {
+                if let Err(why) = self.may_send(&from, &msg) {
+                    warn!(from = %short(&from), "data-plane message refused: {why}");
+                    return;
+                }
+                match msg {
+                    Message::Begin(b) => self.begin(b),
+                    Message::Input(i) => {
+                        let seq = SeqRows {
+                            request_id: i.request_id,
+                            position: i.position,
+                            rows: i.tokens.len() as u32,
+                            sample: i.sample,
+                        };
+                        self.queue(seq, Rows::Tokens(i.tokens));
+                    }
+                    Message::Activations(a) => self.activations(a),
+                    Message::Cancel { request_id } => self.cancel(request_id),
+                    other => warn!(?other, "stage worker got a message it does not handle"),
+                }
             }
         }
     }
@@ -303,6 +341,28 @@ impl Worker {
             self.out.send(&b.origin, fail(full));
             return;
         }
+        // The cache may grow to the request's whole context: that much is
+        // held for it from the start, so the stage never outgrows its
+        // memory whatever the requests' lengths.
+        let context = (b.context as usize).min(stage.max_context()) as u64;
+        let kv_bytes = context * self.kv_bytes_per_position(stage);
+        let held: u64 = self.seqs.values().map(|s| s.kv_bytes).sum();
+        let budget = self
+            .cfg
+            .memory_bytes
+            .saturating_sub(self.planned_weight_bytes(stage));
+        if held + kv_bytes > budget && !self.seqs.contains_key(&b.request_id) {
+            debug!(
+                request_id = b.request_id,
+                held, kv_bytes, budget, "no room for the request's KV cache"
+            );
+            let full = RequestError::StageMemory {
+                node: short(&self.cfg.me).to_string(),
+                mib: kv_bytes.div_ceil(1 << 20) as u32,
+            };
+            self.out.send(&b.origin, fail(full));
+            return;
+        }
         let sampler = stage.is_last().then(|| {
             (
                 Sampler::new(SamplingParams::from(&b.sampling)),
@@ -313,6 +373,7 @@ impl Worker {
             b.request_id,
             Sequence {
                 cache: stage.new_cache(b.context as usize),
+                kv_bytes,
                 origin: b.origin.clone(),
                 sampler,
             },
@@ -320,6 +381,19 @@ impl Worker {
         if let Some(next) = &self.next {
             self.out.send(next, Message::Begin(b));
         }
+    }
+
+    /// KV bytes one position takes on `stage`: the planner's figure (f16 K
+    /// and V per layer), so planner and worker budget alike.
+    fn kv_bytes_per_position(&self, stage: &Stage) -> u64 {
+        let spec = sharding::ModelSpec::from_layout(&self.cfg.layout, 1, 2);
+        spec.kv_bytes_per_token_layer * stage.layers().len() as u64
+    }
+
+    /// The stage's weights as the planner counted them when it placed the
+    /// layers within this node's memory (with room for one full context).
+    fn planned_weight_bytes(&self, stage: &Stage) -> u64 {
+        sharding::ModelSpec::from_layout(&self.cfg.layout, 0, 2).stage_memory(stage.layers())
     }
 
     /// Queues a chunk of a known request.
@@ -388,7 +462,13 @@ impl Worker {
         let _span = info_span!("stage", sequences = ready.len(), rows = rows_total).entered();
         let t = Instant::now();
         let stage = self.stage.as_ref().expect("checked above");
+        self.in_pass = ready
+            .iter()
+            .map(|(w, s)| (w.seq.request_id, s.origin.clone()))
+            .collect();
+        fault_panics();
         let result = run_batch(stage, &mut ready);
+        self.in_pass.clear();
         tracing::trace!(us = t.elapsed().as_micros() as u64, "forward");
         self.cfg
             .metrics
@@ -511,88 +591,11 @@ impl Worker {
     }
 }
 
-/// One forward pass over the chunks of `ready` (each with its sequence).
-fn run_batch(
-    stage: &Stage,
-    ready: &mut [(Work, Sequence)],
-) -> Result<StageOutput, engine::PassError> {
-    let input_tokens: Vec<u32>;
-    let input = if stage.is_first() {
-        let mut all = Vec::new();
-        for (w, _) in ready.iter() {
-            match &w.rows {
-                Rows::Tokens(t) => all.extend_from_slice(t),
-                Rows::Hidden(_) => return Err(engine::PassError::FirstStageNeedsTokens),
-            }
-        }
-        input_tokens = all;
-        StageInput::Tokens(&input_tokens)
-    } else {
-        let mut all = Vec::new();
-        for (w, _) in ready.iter() {
-            match &w.rows {
-                Rows::Hidden(h) => all.extend_from_slice(h),
-                Rows::Tokens(_) => return Err(engine::PassError::NotFirstStage),
-            }
-        }
-        let rows: usize = ready.iter().map(|(w, _)| w.seq.rows as usize).sum();
-        let dim = all.len() / rows.max(1);
-        StageInput::Hidden(Tensor::from_vec(all, (rows, dim), &Device::Cpu)?)
-    };
-    let mut seqs: Vec<BatchSeq<'_>> = ready
-        .iter_mut()
-        .map(|(w, s)| BatchSeq::new(&mut s.cache, w.seq.rows as usize, LogitsFor::Last))
-        .collect();
-    stage.forward_batch(input, &mut seqs)
-}
-
-fn hidden_message(h: &Tensor, batch: Vec<SeqRows>, dtype: DType) -> candle_core::Result<Message> {
-    let dim = h.dim(1)?;
-    let values = h
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Ok(Message::Activations(Activations {
-        batch,
-        dim: dim as u32,
-        dtype,
-        payload: encode_payload(&values, dtype),
-    }))
-}
-
-/// Activations as little-endian bytes of `dtype`.
-pub fn encode_payload(values: &[f32], dtype: DType) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * dtype.size());
-    match dtype {
-        DType::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        DType::F16 => values
-            .iter()
-            .for_each(|v| out.extend(half::f16::from_f32(*v).to_le_bytes())),
-        DType::BF16 => values
-            .iter()
-            .for_each(|v| out.extend(half::bf16::from_f32(*v).to_le_bytes())),
-    }
-    out
-}
-
-/// The inverse of [`encode_payload`]; `bytes` holds whole elements (checked
-/// by the frame decoder).
-pub fn decode_payload(bytes: &[u8], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-    }
-}
+mod guard;
+mod pass;
+use guard::{fault_panics, panic_text};
+pub use pass::{decode_payload, encode_payload};
+use pass::{hidden_message, run_batch};
 
 #[cfg(test)]
 mod tests;

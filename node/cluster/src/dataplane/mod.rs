@@ -67,6 +67,15 @@ impl From<SendError> for RequestError {
     }
 }
 
+/// A request this node originates: where its messages go, and the stages
+/// that may send them.
+struct OriginRequest {
+    tx: mpsc::Sender<Message>,
+    /// The plan's stages when it was opened: tokens only from the last,
+    /// failures from any.
+    route: Vec<String>,
+}
+
 /// This node's data plane.
 pub struct DataPlane {
     me: String,
@@ -76,7 +85,10 @@ pub struct DataPlane {
     peers: Mutex<HashMap<String, PeerData>>,
     links: Mutex<HashMap<String, mpsc::Sender<Message>>>,
     worker: Mutex<Option<mpsc::Sender<WorkerMsg>>>,
-    requests: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    requests: Mutex<HashMap<u64, OriginRequest>>,
+    /// Connections members opened to this node, by their certificate:
+    /// closed when the member leaves.
+    incoming: Mutex<Vec<(Fingerprint, quinn::Connection)>>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -100,6 +112,7 @@ impl DataPlane {
             links: Mutex::default(),
             worker: Mutex::default(),
             requests: Mutex::default(),
+            incoming: Mutex::default(),
             runtime: tokio::runtime::Handle::current(),
             metrics,
         });
@@ -154,14 +167,36 @@ impl DataPlane {
         let mut links = self.links.lock().expect("lock");
         let mut peers = self.peers.lock().expect("lock");
         links.retain(|id, _| members.get(id).is_some_and(|p| peers.get(id) == Some(p)));
+        // A member that left keeps no connection into this node.
+        self.incoming.lock().expect("lock").retain(|(fp, conn)| {
+            let member = members.values().any(|p| &p.fingerprint == fp);
+            if !member {
+                conn.close(2u32.into(), b"no longer a member");
+            }
+            member && conn.close_reason().is_none()
+        });
         *peers = members;
+    }
+
+    /// The member whose certificate has fingerprint `fp`.
+    fn member_by_fingerprint(&self, fp: &Fingerprint) -> Option<String> {
+        self.peers
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|(_, p)| &p.fingerprint == fp)
+            .map(|(id, _)| id.clone())
     }
 
     /// Registers a request this node originates; its tokens and failure
     /// arrive on the returned receiver.
-    pub fn open_request(&self, id: u64) -> mpsc::Receiver<Message> {
+    /// `route` is the plan's stages: only they may answer for it.
+    pub fn open_request(&self, id: u64, route: Vec<String>) -> mpsc::Receiver<Message> {
         let (tx, rx) = mpsc::channel(ORIGIN_QUEUE);
-        self.requests.lock().expect("lock").insert(id, tx);
+        self.requests
+            .lock()
+            .expect("lock")
+            .insert(id, OriginRequest { tx, route });
         rx
     }
 
@@ -173,8 +208,8 @@ impl DataPlane {
     /// Fails every request this node originates (the plan changed).
     pub fn fail_all_requests(&self, error: &RequestError) {
         let requests = self.requests.lock().expect("lock");
-        for (&request_id, tx) in requests.iter() {
-            let _ = tx.try_send(Message::Failed {
+        for (&request_id, r) in requests.iter() {
+            let _ = r.tx.try_send(Message::Failed {
                 request_id,
                 error: error.clone(),
             });
@@ -184,7 +219,7 @@ impl DataPlane {
     /// Sends `msg` to node `to` (this node included), waiting while the link is full.
     pub async fn send(self: &Arc<Self>, to: &str, msg: Message) -> Result<(), SendError> {
         if to == self.me {
-            self.dispatch(msg).await;
+            self.dispatch(&self.me, msg).await;
             return Ok(());
         }
         for _ in 0..2 {
@@ -256,35 +291,56 @@ impl DataPlane {
         Ok((rtt_us, bytes as f64 / transfer.as_secs_f64()))
     }
 
-    /// Routes a message that arrived for this node.
-    async fn dispatch(&self, msg: Message) {
+    /// Routes a message that arrived for this node from member `from`.
+    /// Messages for a request this node originates are taken only from
+    /// that request's stages (tokens only from its last); the worker checks
+    /// its own (see `worker`).
+    async fn dispatch(&self, from: &str, msg: Message) {
         match msg {
             Message::Begin(_)
             | Message::Input(_)
             | Message::Activations(_)
-            | Message::Cancel { .. } => self.to_worker(WorkerMsg::Data(msg)).await,
+            | Message::Cancel { .. } => {
+                self.to_worker(WorkerMsg::Data {
+                    from: from.to_string(),
+                    msg,
+                })
+                .await
+            }
             Message::Tokens(t) => {
                 for e in &t.entries {
                     self.to_origin(
+                        from,
                         e.request_id,
                         Message::Tokens(protocol::Tokens { entries: vec![*e] }),
                     );
                 }
             }
-            Message::Failed { request_id, .. } => self.to_origin(request_id, msg),
+            Message::Failed { request_id, .. } => self.to_origin(from, request_id, msg),
             other => debug!(?other, "control message on the data plane ignored"),
         }
     }
 
-    fn to_origin(&self, id: u64, msg: Message) {
-        let tx = self.requests.lock().expect("lock").get(&id).cloned();
-        match tx {
-            Some(tx) => {
-                if tx.try_send(msg).is_err() {
-                    warn!(request_id = id, "origin queue full: message dropped");
-                }
-            }
-            None => debug!(request_id = id, "message for a finished request dropped"),
+    fn to_origin(&self, from: &str, id: u64, msg: Message) {
+        let requests = self.requests.lock().expect("lock");
+        let Some(r) = requests.get(&id) else {
+            debug!(request_id = id, "message for a finished request dropped");
+            return;
+        };
+        let allowed = match &msg {
+            Message::Tokens(_) => r.route.last().is_some_and(|last| last == from),
+            _ => from == self.me || r.route.iter().any(|s| s == from),
+        };
+        if !allowed {
+            warn!(
+                request_id = id,
+                from = %short(from),
+                "message for a request from a node not on its route: dropped"
+            );
+            return;
+        }
+        if r.tx.try_send(msg).is_err() {
+            warn!(request_id = id, "origin queue full: message dropped");
         }
     }
 }
@@ -406,6 +462,23 @@ async fn answer_probe(
 }
 
 async fn serve_connection(plane: Arc<DataPlane>, conn: quinn::Connection) {
+    // The TLS handshake admitted a member's certificate: which member.
+    let fp = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| certs.first().map(crate::tls::fingerprint));
+    let Some((fp, from)) = fp.and_then(|fp| Some((fp, plane.member_by_fingerprint(&fp)?))) else {
+        conn.close(2u32.into(), b"not a member");
+        return;
+    };
+    plane
+        .incoming
+        .lock()
+        .expect("lock")
+        .push((fp, conn.clone()));
     loop {
         let mut stream = tokio::select! {
             uni = conn.accept_uni() => match uni {
@@ -427,12 +500,17 @@ async fn serve_connection(plane: Arc<DataPlane>, conn: quinn::Connection) {
         };
         let plane = plane.clone();
         let conn = conn.clone();
+        let from = from.clone();
         tokio::spawn(
             async move {
                 let mut buf = Vec::new();
                 loop {
                     match read_frame(&mut stream, &mut buf).await {
-                        Ok(Some(msg)) => plane.dispatch(msg).await,
+                        Ok(Some(_)) if !plane.allowed.read().expect("lock").contains(&fp) => {
+                            conn.close(2u32.into(), b"no longer a member");
+                            return;
+                        }
+                        Ok(Some(msg)) => plane.dispatch(&from, msg).await,
                         Ok(None) => return,
                         Err(e) => {
                             // A broken peer costs its own connection, nothing else.
@@ -454,101 +532,4 @@ pub fn short(id: &str) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use protocol::{SampledToken, Tokens};
-
-    fn members(of: &[&Arc<DataPlane>]) -> HashMap<String, PeerData> {
-        of.iter()
-            .map(|p| {
-                (
-                    p.me.clone(),
-                    PeerData {
-                        addr: p.local_addr(),
-                        fingerprint: p.fingerprint(),
-                    },
-                )
-            })
-            .collect()
-    }
-
-    fn token(request_id: u64, token: u32) -> Message {
-        Message::Tokens(Tokens {
-            entries: vec![SampledToken {
-                request_id,
-                position: 0,
-                token,
-            }],
-        })
-    }
-
-    #[tokio::test]
-    async fn members_talk_strangers_are_refused_and_garbage_closes_only_its_connection() {
-        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let a = DataPlane::bind("a".into(), local, Default::default()).unwrap();
-        let b = DataPlane::bind("b".into(), local, Default::default()).unwrap();
-        a.set_members(members(&[&b]));
-        b.set_members(members(&[&a]));
-        let mut rx = a.open_request(7);
-        b.send("a", token(7, 42)).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap();
-        assert_eq!(got, Some(token(7, 42)));
-
-        // A stranger's certificate is refused at the handshake.
-        let stranger = Identity::generate();
-        let ep = quinn::Endpoint::client(local).unwrap();
-        let conn = ep
-            .connect_with(
-                stranger.client_config(a.fingerprint()),
-                a.local_addr(),
-                "shoal",
-            )
-            .unwrap()
-            .await;
-        let refused = match conn {
-            Err(_) => true,
-            Ok(c) => {
-                c.open_uni().await.is_err() || {
-                    // TLS 1.3 client auth fails after the client's handshake completes.
-                    tokio::time::timeout(Duration::from_secs(5), c.closed())
-                        .await
-                        .is_ok()
-                }
-            }
-        };
-        assert!(refused, "a stranger reached the data plane");
-
-        // A member sending garbage loses its connection; others keep working.
-        let member = Identity::generate();
-        a.allowed.write().unwrap().insert(member.fingerprint);
-        let conn = ep
-            .connect_with(
-                member.client_config(a.fingerprint()),
-                a.local_addr(),
-                "shoal",
-            )
-            .unwrap()
-            .await
-            .unwrap();
-        let mut s = conn.open_uni().await.unwrap();
-        s.write_all(&[8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
-            .await
-            .unwrap();
-        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
-            .await
-            .expect("garbage closes the connection");
-        assert!(
-            matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
-            "{closed}"
-        );
-        b.send("a", token(7, 43)).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap();
-        assert_eq!(got, Some(token(7, 43)));
-    }
-}
+mod tests;
