@@ -63,7 +63,7 @@ fn inputs() -> u64 {
     std::env::var("SHOAL_FUZZ_INPUTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000)
+        .unwrap_or(5_000)
 }
 
 fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
