@@ -1,11 +1,13 @@
 //! Request failures as HTTP answers, chosen by the error's variant (never
 //! by its words), the same for every endpoint family.
 
+use axum::extract::rejection::JsonRejection;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cluster::RequestError;
 use serde::Serialize;
+use serde_json::{json, Value};
 
 /// Seconds a client refused for a full queue is told to wait.
 pub const RETRY_AFTER_SECS: u64 = 1;
@@ -47,6 +49,50 @@ struct ErrorBody {
 /// `{"error": "..."}` with `code`: shoal's and Ollama's error shape.
 pub fn error(code: StatusCode, msg: impl Into<String>) -> Response {
     (code, Json(ErrorBody { error: msg.into() })).into_response()
+}
+
+/// An error in OpenAI's shape.
+pub struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
+    pub(crate) kind: &'static str,
+    pub(crate) param: Option<&'static str>,
+    pub(crate) code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// A 400 about parameter `param`.
+    pub fn bad(param: Option<&'static str>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code: None,
+        }
+    }
+
+    pub(crate) fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError {
+            status: e.status(),
+            message: e.body_text(),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
 }
 
 #[cfg(test)]

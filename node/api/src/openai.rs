@@ -22,7 +22,7 @@ use engine::local::{GenerationStats, StopReason};
 use engine::sampling::SamplingParams;
 use engine::stop::StopMatcher;
 
-use crate::errors::{status_of, too_busy};
+use crate::errors::{status_of, too_busy, ApiError};
 use crate::{AppState, MAX_TOKENS_MAX, MESSAGES_MAX};
 
 /// Default `max_tokens` when a request names none: the model may use the
@@ -35,50 +35,6 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
-}
-
-/// An error in OpenAI's shape.
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-    kind: &'static str,
-    param: Option<&'static str>,
-    code: Option<&'static str>,
-}
-
-impl ApiError {
-    /// A 400 about parameter `param`.
-    pub fn bad(param: Option<&'static str>, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            kind: "invalid_request_error",
-            param,
-            code: None,
-        }
-    }
-
-    fn body(&self) -> Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> Self {
-        ApiError {
-            status: e.status(),
-            message: e.body_text(),
-            kind: "invalid_request_error",
-            param: None,
-            code: None,
-        }
-    }
 }
 
 async fn models(State(app): State<AppState>) -> Json<Value> {

@@ -66,12 +66,13 @@ pub(crate) async fn accept_loop(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
     let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let per_client = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore open"),
             _ = stop.cancelled() => return,
         };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 // Out of file descriptors and the like: back off a moment.
@@ -82,20 +83,144 @@ pub(crate) async fn accept_loop(
             },
             _ = stop.cancelled() => return,
         };
+        // One client (one address) may not hold every slot.
+        let Some(client) = ClientSlot::take(&per_client, peer.ip()) else {
+            drop(stream);
+            continue;
+        };
         let service = TowerToHyperService::new(app.clone());
         let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _client = client;
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
+            let stream = WriteDeadline::new(stream, WRITE_TIMEOUT);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}
             }
         });
+    }
+}
+
+/// Connections one client address may hold at once: a browser opens six,
+/// a busy script a few dozen; one host cannot take every slot.
+pub const CONNECTIONS_PER_CLIENT_MAX: usize = 64;
+
+/// Longest one write to a client may wait: a client that stops reading a
+/// stream loses its connection instead of holding a handler and its slot.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+type PerClient = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One connection counted against its client's cap while held.
+struct ClientSlot {
+    table: PerClient,
+    ip: std::net::IpAddr,
+}
+
+impl ClientSlot {
+    fn take(table: &PerClient, ip: std::net::IpAddr) -> Option<ClientSlot> {
+        let mut t = table.lock().expect("lock");
+        let n = t.entry(ip).or_insert(0);
+        if *n >= CONNECTIONS_PER_CLIENT_MAX {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            table: table.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().expect("lock");
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A stream whose writes fail after waiting `limit` for the peer to read.
+struct WriteDeadline<S> {
+    inner: S,
+    limit: std::time::Duration,
+    /// Set while a write is pending.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    fn new(inner: S, limit: std::time::Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            deadline: None,
+        }
+    }
+
+    /// Pending writes past the deadline become a `TimedOut` error.
+    fn check(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: std::task::Poll<std::io::Result<usize>>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        if r.is_ready() {
+            self.deadline = None;
+            return r;
+        }
+        let limit = self.limit;
+        let sleep = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match std::future::Future::poll(sleep.as_mut(), cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, r)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -286,3 +286,31 @@ fn kv_caches_stay_within_max_memory_and_a_request_past_it_is_refused() {
     let (_, err, ok) = node.ask(&["-n", "4"], "hello");
     assert!(ok, "{err}");
 }
+
+#[test]
+fn one_client_cannot_take_every_http_slot() {
+    let _serial = serial();
+    if !prerequisite("curl", shoal_tests::browser::tool("curl", "curl")) {
+        return;
+    }
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = loopback_cluster(dir.path(), &model, 1, "1G", &[]).remove(0);
+    wait_plan(&mut node, 1, 1);
+    let addr = node.http.trim_start_matches("http://").to_string();
+    // 600 idle connections from 127.0.0.1: more than the node's 512 slots.
+    let hogs: Vec<std::net::TcpStream> = (0..600)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    assert!(hogs.len() > 512);
+    // Another client (127.0.0.2) is still served at once.
+    let (code, _) = curl_code(&[
+        "--interface",
+        "127.0.0.2",
+        "-m",
+        "3",
+        &format!("{}/api/version", node.http),
+    ]);
+    assert_eq!(code, "200");
+    drop(hogs);
+}

@@ -4,9 +4,24 @@
 
 use protocol::Message;
 
+use engine::model::Stage;
+
 use super::Worker;
 
 impl Worker {
+    /// KV bytes one position takes on `stage`: the planner's figure (f16 K
+    /// and V per layer), so planner and worker budget alike.
+    pub(super) fn kv_bytes_per_position(&self, stage: &Stage) -> u64 {
+        let spec = sharding::ModelSpec::from_layout(&self.cfg.layout, 1, 2);
+        spec.kv_bytes_per_token_layer * stage.layers().len() as u64
+    }
+
+    /// The stage's weights as the planner counted them when it placed the
+    /// layers within this node's memory (with room for one full context).
+    pub(super) fn planned_weight_bytes(&self, stage: &Stage) -> u64 {
+        sharding::ModelSpec::from_layout(&self.cfg.layout, 0, 2).stage_memory(stage.layers())
+    }
+
     /// Whether member `from` may send `msg` to this stage: a request is
     /// begun by its origin (first stage) or the previous stage, under an
     /// id not in use; prompt tokens come from the request's origin,

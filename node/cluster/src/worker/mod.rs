@@ -383,19 +383,6 @@ impl Worker {
         }
     }
 
-    /// KV bytes one position takes on `stage`: the planner's figure (f16 K
-    /// and V per layer), so planner and worker budget alike.
-    fn kv_bytes_per_position(&self, stage: &Stage) -> u64 {
-        let spec = sharding::ModelSpec::from_layout(&self.cfg.layout, 1, 2);
-        spec.kv_bytes_per_token_layer * stage.layers().len() as u64
-    }
-
-    /// The stage's weights as the planner counted them when it placed the
-    /// layers within this node's memory (with room for one full context).
-    fn planned_weight_bytes(&self, stage: &Stage) -> u64 {
-        sharding::ModelSpec::from_layout(&self.cfg.layout, 0, 2).stage_memory(stage.layers())
-    }
-
     /// Queues a chunk of a known request.
     fn queue(&mut self, seq: SeqRows, rows: Rows) {
         if !self.seqs.contains_key(&seq.request_id) {
