@@ -27,6 +27,6 @@ pub use validate::ValidationError;
 pub use frame::{decode, encode, DecodeError, EncodeError};
 pub use message::{
     Activations, Begin, Capabilities, DType, DeviceKind, Hello, Input, Join, LinkMeasure,
-    LoadReport, MemberAddrs, Message, Plan, SampledToken, Sampling, SeqRows, StageAssignment,
-    Tokens, WeightIndex, Welcome, PROTOCOL_VERSION,
+    LoadReport, MemberAddrs, Message, Plan, SampledToken, Sampling, SealedHello, SeqRows,
+    StageAssignment, Tokens, WeightIndex, Welcome, PROTOCOL_VERSION,
 };

@@ -59,3 +59,7 @@ pub const LINK_BYTES_PER_SECOND_MAX: f64 = 1e12;
 /// Largest model file a weight index may describe: 2 TiB (a 405B model in
 /// f16 is 0.8 TiB); a fetching node makes a file of this size.
 pub const MODEL_BYTES_MAX: u64 = 2 << 40;
+
+/// Largest sealed Hello in a `Join` (a Hello with every address at its
+/// limit is ~10 KiB).
+pub const SEALED_HELLO_BYTES_MAX: usize = 64 << 10;

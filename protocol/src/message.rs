@@ -116,12 +116,30 @@ pub enum Message {
 /// A node asking a member to let it into the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Join {
-    /// Who is asking.
-    pub hello: Hello,
+    /// The sender's [`PROTOCOL_VERSION`], in the clear: a node of another
+    /// version is told so instead of failing to open the Hello.
+    pub version: u32,
+    /// The cluster it asks to join, in the clear (mDNS shows it anyway).
+    pub cluster: String,
     /// `keyed_blake3(cluster key, "join" | cluster | sender id | receiver id)`:
     /// proves the key without revealing it, bound to both peer ids so it
     /// cannot be replayed to another node or by another node.
     pub proof: [u8; 32],
+    /// Who is asking: its [`Hello`] (addresses, certificate fingerprint,
+    /// model hash), sealed with a key only holders of the cluster key can
+    /// derive (ChaCha20-Poly1305, bound to both peer ids): the node it
+    /// dials learns nothing about it unless that node holds the key too.
+    pub sealed_hello: SealedHello,
+}
+
+/// An encoded [`Message::Hello`] frame, sealed (see [`Join`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SealedHello {
+    /// Fresh per seal.
+    pub nonce: [u8; 12],
+    /// Ciphertext and tag.
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
 }
 
 /// A member's answer to [`Join`].

@@ -179,7 +179,17 @@ impl Message {
                 0,
                 REQUESTS_PER_MESSAGE_MAX,
             ),
-            Message::Join(j) => Message::Hello(j.hello.clone()).validate(),
+            Message::Join(j) => {
+                name(&j.cluster, "cluster name")?;
+                if j.sealed_hello.bytes.len() > SEALED_HELLO_BYTES_MAX {
+                    return Err(ValidationError::TooLong {
+                        what: "sealed hello",
+                        bytes: j.sealed_hello.bytes.len(),
+                        max: SEALED_HELLO_BYTES_MAX,
+                    });
+                }
+                Ok(())
+            }
             Message::Welcome(w) => {
                 Message::Hello(w.hello.clone()).validate()?;
                 validate_members(&w.members)

@@ -214,11 +214,16 @@ fn frames() {
         },
     };
     let msgs = [
-        Message::Hello(hello.clone()),
         Message::Join(Join {
-            hello,
+            version: PROTOCOL_VERSION,
+            cluster: "office".into(),
             proof: [1; 32],
+            sealed_hello: SealedHello {
+                nonce: [5; 12],
+                bytes: encode(&Message::Hello(hello.clone())).unwrap(),
+            },
         }),
+        Message::Hello(hello),
         Message::Cancel { request_id: 7 },
         Message::Tokens(Tokens {
             entries: vec![SampledToken {

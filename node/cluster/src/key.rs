@@ -185,6 +185,52 @@ impl ClusterKey {
             == blake3::Hash::from(*proof)
     }
 
+    /// Seals `plain` (an encoded Hello) for the node `to`: only a holder of
+    /// this key can open it, and only as the message from `from` to `to`.
+    pub fn seal_hello(
+        &self,
+        cluster: &str,
+        from: &str,
+        to: &str,
+        plain: &[u8],
+    ) -> protocol::SealedHello {
+        use chacha20poly1305::aead::{Aead, KeyInit};
+        let nonce: [u8; 12] = rand::random();
+        let cipher =
+            chacha20poly1305::ChaCha20Poly1305::new(&self.hello_key(cluster, from, to).into());
+        let bytes = cipher
+            .encrypt(&nonce.into(), plain)
+            .expect("ChaCha20-Poly1305 seals any length we send");
+        protocol::SealedHello { nonce, bytes }
+    }
+
+    /// Opens a [`ClusterKey::seal_hello`] from `from` to `to`; `None` when
+    /// it was not sealed with this key for these two nodes.
+    pub fn open_hello(
+        &self,
+        cluster: &str,
+        from: &str,
+        to: &str,
+        sealed: &protocol::SealedHello,
+    ) -> Option<Vec<u8>> {
+        use chacha20poly1305::aead::{Aead, KeyInit};
+        let cipher =
+            chacha20poly1305::ChaCha20Poly1305::new(&self.hello_key(cluster, from, to).into());
+        cipher
+            .decrypt(&sealed.nonce.into(), sealed.bytes.as_slice())
+            .ok()
+    }
+
+    fn hello_key(&self, cluster: &str, from: &str, to: &str) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(b"shoal-hello-seal-v1\0");
+        for part in [cluster, from, to] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        *h.finalize().as_bytes()
+    }
+
     /// Checks a proof in constant time.
     pub fn verify(&self, proof: &[u8; 32], cluster: &str, from: &str, to: &str) -> bool {
         blake3::Hash::from(self.proof(cluster, from, to)) == blake3::Hash::from(*proof)
@@ -242,6 +288,22 @@ mod tests {
         assert!(!k.verify_answer(&p, "office", "holder", "asker", &n, b"other"));
         // Not the join proof either.
         assert_ne!(p, k.proof("office", "holder", "asker"));
+    }
+
+    #[test]
+    fn a_sealed_hello_opens_only_with_the_key_for_its_two_nodes() {
+        let k = ClusterKey::generate();
+        let sealed = k.seal_hello("office", "a", "b", b"hello bytes");
+        assert!(!sealed.bytes.windows(5).any(|w| w == b"hello"));
+        assert_eq!(
+            k.open_hello("office", "a", "b", &sealed).unwrap(),
+            b"hello bytes"
+        );
+        assert!(ClusterKey::generate()
+            .open_hello("office", "a", "b", &sealed)
+            .is_none());
+        assert!(k.open_hello("office", "a", "c", &sealed).is_none());
+        assert!(k.open_hello("other", "a", "b", &sealed).is_none());
     }
 
     #[test]

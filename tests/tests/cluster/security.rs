@@ -314,3 +314,39 @@ fn one_client_cannot_take_every_http_slot() {
     assert_eq!(code, "200");
     drop(hogs);
 }
+
+#[test]
+fn a_member_sending_tokens_for_requests_it_does_not_finish_changes_nothing() {
+    let _serial = serial();
+    let model = default_model();
+    let m = model.display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "key");
+    // 80 MiB each: two stages; every node lies when it is not the last.
+    let own = ["-m", &m, "--cluster-key-file", &key, "--max-memory", "80M"];
+    let lie = [("SHOAL_FAULT_LIE", "tokens")];
+    let first = NodeProc::start_with_env(
+        dir.path(),
+        None,
+        &[&own[..], &LOOPBACK, &SMALL].concat(),
+        &lie,
+    );
+    let addr = first.addr_on("127.0.0.1");
+    let second = NodeProc::start_with_env(
+        dir.path(),
+        None,
+        &[&own[..], &LOOPBACK, &SMALL, &["--peer", &addr]].concat(),
+        &lie,
+    );
+    let mut nodes = vec![first, second];
+    wait_plan(&mut nodes[0], 2, 2);
+    let _logs = LogsOnFailure::of(&[&nodes[0], &nodes[1]]);
+    for node in &nodes {
+        for settings in SETTINGS {
+            let want = run_single(&model, settings, PROMPTS[0]);
+            let (got, err, ok) = node.ask(settings, PROMPTS[0]);
+            assert!(ok, "{err}");
+            assert_eq!(got, want, "a lying member changed the answer");
+        }
+    }
+}

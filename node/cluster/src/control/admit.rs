@@ -65,16 +65,24 @@ impl Control {
 
     pub(super) fn send_join(&mut self, peer: PeerId) {
         let me = self.swarm.local_peer_id().to_string();
-        let hello = self.m.me().clone();
-        let proof = self
-            .cfg
-            .key
-            .proof(&self.cfg.cluster, &me, &peer.to_string());
+        let to = peer.to_string();
+        let proof = self.cfg.key.proof(&self.cfg.cluster, &me, &to);
+        // The Hello goes sealed: a peer without the key (anyone answering
+        // on the LAN) learns nothing from it.
+        let plain =
+            protocol::encode(&Message::Hello(self.m.me().clone())).expect("our own Hello is valid");
+        let sealed_hello = self.cfg.key.seal_hello(&self.cfg.cluster, &me, &to, &plain);
+        let join = Join {
+            version: PROTOCOL_VERSION,
+            cluster: self.cfg.cluster.clone(),
+            proof,
+            sealed_hello,
+        };
         let id = self
             .swarm
             .behaviour_mut()
             .control
-            .send_request(&peer, Message::Join(Join { hello, proof }));
+            .send_request(&peer, Message::Join(join));
         self.pending_joins.insert(id, peer);
     }
 
@@ -126,14 +134,17 @@ impl Control {
     pub(super) fn on_request(&mut self, peer: PeerId, req: Message) -> (Message, bool) {
         let pid = peer.to_string();
         if let Message::Join(j) = req {
-            if let Err(refusal) = self.check_hello(&pid, &j.hello, &j.proof, false) {
-                warn!(peer = %short(&pid), "refused join: {refusal}");
-                let reason = refusal.to_string();
-                return (Message::Refused { reason }, true);
-            }
+            let hello = match self.open_join(&pid, &j) {
+                Ok(h) => h,
+                Err(refusal) => {
+                    warn!(peer = %short(&pid), "refused join: {refusal}");
+                    let reason = refusal.to_string();
+                    return (Message::Refused { reason }, true);
+                }
+            };
             let me = self.swarm.local_peer_id().to_string();
             let proof = self.cfg.key.proof(&self.cfg.cluster, &me, &pid);
-            self.admit(peer, j.hello);
+            self.admit(peer, hello);
             let welcome = Welcome {
                 hello: self.m.me().clone(),
                 proof,
@@ -229,6 +240,32 @@ impl Control {
     }
 
     /// Checks a peer's introduction: its id, protocol version, cluster and key proof.
+    /// A join's Hello, once its version, cluster and proof hold and it
+    /// opens with the key.
+    fn open_join(&self, pid: &str, j: &Join) -> Result<Hello, Refusal> {
+        if j.version != PROTOCOL_VERSION {
+            return Err(Refusal::Version { theirs: j.version });
+        }
+        if j.cluster != self.cfg.cluster {
+            return Err(Refusal::OtherCluster {
+                theirs: j.cluster.clone(),
+                ours: self.cfg.cluster.clone(),
+            });
+        }
+        let me = self.swarm.local_peer_id().to_string();
+        let plain = self
+            .cfg
+            .key
+            .open_hello(&self.cfg.cluster, pid, &me, &j.sealed_hello)
+            .ok_or(Refusal::NoKey { welcome: false })?;
+        let hello = match protocol::decode(&plain) {
+            Ok(Some((Message::Hello(h), used))) if used == plain.len() => h,
+            _ => return Err(Refusal::NoKey { welcome: false }),
+        };
+        self.check_hello(pid, &hello, &j.proof, false)?;
+        Ok(hello)
+    }
+
     pub(super) fn check_hello(
         &self,
         pid: &str,

@@ -103,3 +103,11 @@ pub(super) fn fault_panics() {
         panic!("fault injection: pass {n} panics");
     }
 }
+
+/// Test hook: `SHOAL_FAULT_LIE=tokens` makes this node, when a stage other
+/// than the last, send the origin of every request it begins a token of
+/// its own — a member lying about a request it does not own — to prove the
+/// origin takes tokens only from the request's last stage.
+pub(super) fn fault_lies() -> bool {
+    std::env::var("SHOAL_FAULT_LIE").is_ok_and(|v| v == "tokens")
+}

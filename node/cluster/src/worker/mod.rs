@@ -378,6 +378,16 @@ impl Worker {
                 sampler,
             },
         );
+        if fault_lies() && self.next.is_some() {
+            let lie = SampledToken {
+                request_id: b.request_id,
+                position: b.prompt.len() as u32,
+                token: 0,
+            };
+            warn!("fault injection: sending a token for a request this stage does not finish");
+            self.out
+                .send(&b.origin, Message::Tokens(Tokens { entries: vec![lie] }));
+        }
         if let Some(next) = &self.next {
             self.out.send(next, Message::Begin(b));
         }
@@ -580,7 +590,7 @@ impl Worker {
 
 mod guard;
 mod pass;
-use guard::{fault_panics, panic_text};
+use guard::{fault_lies, fault_panics, panic_text};
 pub use pass::{decode_payload, encode_payload};
 use pass::{hidden_message, run_batch};
 
