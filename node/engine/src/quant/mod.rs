@@ -328,8 +328,7 @@ impl ActBlock for BlockQ8 {
         // Q5_0 with VNNI loads a correction per row and block already: a
         // third load per pair made it slower (measured), so it multiplies.
         #[cfg(target_arch = "x86_64")]
-        let q5_0_vnni = ty == NativeType::Q5_0 && avx2::vnni();
-        if !scales.is_empty() && !q5_0_vnni {
+        if !(scales.is_empty() || ty == NativeType::Q5_0 && avx2::vnni()) {
             // SAFETY: `scales` is only filled where the SIMD kernels run
             // (`matmul_blocks`); `w` holds `scales.len()` blocks.
             let mins = unsafe { avx2::products8(ty, w, scales, prod) };
