@@ -16,6 +16,11 @@ export SHOAL_FUZZ_INPUTS=${INPUTS:-1000000}
 export SHOAL_FUZZ_SEED=${SEED:-1}
 cd "$root"
 start=$(date +%s)
-cargo test --release -q -p shoal-tests --test fuzz -- --nocapture --test-threads 1 2>&1 \
-  | grep -E '^fuzz |panicked|first panic|bytes for|test result'
+log=$(mktemp)
+status=0
+cargo test --release -q -p shoal-tests --test fuzz -- --nocapture --test-threads 1 >"$log" 2>&1 || status=$?
+grep -E '^fuzz |panicked|first panic|bytes for|test result|signal' "$log" || true
+[ "$status" = 0 ] || { echo "--- fuzz run failed ($status); its log:"; tail -40 "$log"; }
 echo "seconds: $(( $(date +%s) - start ))"
+rm -f "$log"
+exit "$status"
