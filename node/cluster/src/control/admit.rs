@@ -164,6 +164,9 @@ impl Control {
                     false,
                 );
             }
+            // It proved the key: a node fetching its weights, however long
+            // that takes, is no stranger to drop (see `drop_strangers`).
+            self.strangers.remove(&peer);
             let sh = &self.shared;
             let who = crate::weights::Answering {
                 key: &self.cfg.key,
