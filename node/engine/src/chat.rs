@@ -167,8 +167,25 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source)
-            .map_err(|e| ChatError::Compile(e.to_string()))?;
+        // minijinja prints a map or list by recursing into it, and a template
+        // can make one contain itself (`{% set ns.x = ns %}{{ ns }}`): that
+        // overflowed the stack and aborted the process (found by the fuzz
+        // test). Values print as before unless nested past any real use.
+        env.set_formatter(|out, state, value| {
+            if !nested_within(value, MAX_JSON_DEPTH) {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "value nested too deeply (or containing itself) to print",
+                ));
+            }
+            minijinja::escape_formatter(out, state, value)
+        });
+        // Compiling recurses with the template's nesting: on a stack of its own.
+        let env = with_template_stack(move || {
+            env.add_template_owned(TEMPLATE_NAME, source)
+                .map_err(|e| ChatError::Compile(e.to_string()))
+                .map(|()| env)
+        })?;
         Ok(Self {
             env,
             bos_token,
@@ -188,6 +205,14 @@ impl ChatTemplate {
 
     /// Renders the conversation; `add_generation_prompt` asks for the assistant turn's header.
     pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
+        with_template_stack(|| self.render_here(messages, add_generation_prompt))
+    }
+
+    fn render_here(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
@@ -224,6 +249,26 @@ impl ChatTemplate {
             .map(drop)?;
         String::from_utf8(out.0).map_err(|e| ChatError::Render(e.to_string()))
     }
+}
+
+/// Stack for compiling and rendering a template: minijinja recurses with
+/// the template's nesting and its macro calls, and a hostile template
+/// overflowed the 2 MiB of a worker thread (found by `tests/tests/fuzz.rs`:
+/// a stack overflow aborts the whole process). Only the pages used are
+/// ever committed.
+const TEMPLATE_STACK_BYTES: usize = 64 << 20;
+
+/// Runs `f` on a thread with [`TEMPLATE_STACK_BYTES`] of stack.
+fn with_template_stack<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("shoal-template".into())
+            .stack_size(TEMPLATE_STACK_BYTES)
+            .spawn_scoped(s, f)
+            .expect("spawn a template thread")
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 /// Most steps a chat template may take for one conversation.
@@ -365,6 +410,36 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
     Ok(Value::from_safe_string(out))
 }
 
+/// Whether `v` nests at most `depth` maps and lists deep (a value that
+/// contains itself does not).
+fn nested_within(v: &Value, depth: usize) -> bool {
+    match v.kind() {
+        ValueKind::Map | ValueKind::Seq | ValueKind::Iterable => {
+            if depth == 0 {
+                return false;
+            }
+            let Ok(items) = v.try_iter() else {
+                return true;
+            };
+            for (n, item) in items.enumerate() {
+                if n >= 10_000 {
+                    break;
+                }
+                let inner = if v.kind() == ValueKind::Map {
+                    v.get_item(&item).unwrap_or_default()
+                } else {
+                    item
+                };
+                if !nested_within(&inner, depth - 1) {
+                    return false;
+                }
+            }
+            true
+        }
+        _ => true,
+    }
+}
+
 fn write_json_str(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
@@ -474,6 +549,22 @@ mod tests {
         let e = t(&flood).render(&chat(), true).unwrap_err().to_string();
         assert!(e.contains("bytes"), "{e}");
         assert!(start.elapsed() < std::time::Duration::from_secs(20));
+    }
+
+    #[test]
+    fn a_template_value_that_contains_itself_is_an_error_not_a_crash() {
+        let src = "{% set ns = namespace(x=0) %}{% set ns.x = ns %}{{ ns.x }}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
+        let e = t.render(&chat(), true).unwrap_err().to_string();
+        assert!(e.contains("nested too deeply"), "{e}");
+        // Ordinary nested values print as minijinja prints them.
+        let t = ChatTemplate::new(
+            "{{ [[1, 2], {'a': [3]}] }}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(t.render(&chat(), true).unwrap(), "[[1, 2], {'a': [3]}]");
     }
 
     #[test]
