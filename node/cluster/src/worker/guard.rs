@@ -9,17 +9,16 @@ use engine::model::Stage;
 use super::Worker;
 
 impl Worker {
-    /// KV bytes one position takes on `stage`: the planner's figure (f16 K
-    /// and V per layer), so planner and worker budget alike.
-    pub(super) fn kv_bytes_per_position(&self, stage: &Stage) -> u64 {
-        let spec = sharding::ModelSpec::from_layout(&self.cfg.layout, 1, 2);
-        spec.kv_bytes_per_token_layer * stage.layers().len() as u64
-    }
-
-    /// The stage's weights as the planner counted them when it placed the
-    /// layers within this node's memory (with room for one full context).
-    pub(super) fn planned_weight_bytes(&self, stage: &Stage) -> u64 {
-        sharding::ModelSpec::from_layout(&self.cfg.layout, 0, 2).stage_memory(stage.layers())
+    /// For `stage`: the KV bytes of one position, and the KV bytes its
+    /// requests may hold together (`--max-memory` less the stage's weights),
+    /// both as the planner counts them (f16 K and V per layer; it placed
+    /// the layers with room for one full context), from one model spec.
+    pub(super) fn kv_budget(&self, stage: &Stage) -> (u64, u64) {
+        // With a context of 0 a stage's memory is its weights alone.
+        let spec = sharding::ModelSpec::from_layout(&self.cfg.layout, 0, 2);
+        let per_position = spec.kv_bytes_per_token_layer * stage.layers().len() as u64;
+        let weights = spec.stage_memory(stage.layers());
+        (per_position, self.cfg.memory_bytes.saturating_sub(weights))
     }
 
     /// Whether member `from` may send `msg` to this stage: a request is
@@ -93,13 +92,18 @@ pub(super) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 /// this node panic, once — to prove a crashed pass fails its requests at
 /// once and the node goes on serving.
 pub(super) fn fault_panics() {
+    // Read once: this runs before every forward pass.
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let Some(at) = *AT.get_or_init(|| {
+        std::env::var("SHOAL_FAULT_PANIC_PASS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }) else {
+        return;
+    };
     static PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-    if std::env::var("SHOAL_FAULT_PANIC_PASS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        == Some(n)
-    {
+    if n == at {
         panic!("fault injection: pass {n} panics");
     }
 }
@@ -109,5 +113,6 @@ pub(super) fn fault_panics() {
 /// its own — a member lying about a request it does not own — to prove the
 /// origin takes tokens only from the request's last stage.
 pub(super) fn fault_lies() -> bool {
-    std::env::var("SHOAL_FAULT_LIE").is_ok_and(|v| v == "tokens")
+    static LIES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LIES.get_or_init(|| std::env::var("SHOAL_FAULT_LIE").is_ok_and(|v| v == "tokens"))
 }

@@ -119,7 +119,7 @@ pub struct WorkerConfig {
 
 struct Sequence {
     cache: KvCache,
-    /// The KV bytes held for it at full context (see `Worker::kv_room`).
+    /// The KV bytes held for it at full context (see `Worker::kv_budget`).
     kv_bytes: u64,
     origin: String,
     /// Last stage only: the sampler and the tokens it penalises.
@@ -345,12 +345,9 @@ impl Worker {
         // held for it from the start, so the stage never outgrows its
         // memory whatever the requests' lengths.
         let context = (b.context as usize).min(stage.max_context()) as u64;
-        let kv_bytes = context * self.kv_bytes_per_position(stage);
+        let (per_position, budget) = self.kv_budget(stage);
+        let kv_bytes = context * per_position;
         let held: u64 = self.seqs.values().map(|s| s.kv_bytes).sum();
-        let budget = self
-            .cfg
-            .memory_bytes
-            .saturating_sub(self.planned_weight_bytes(stage));
         if held + kv_bytes > budget && !self.seqs.contains_key(&b.request_id) {
             debug!(
                 request_id = b.request_id,
