@@ -59,8 +59,24 @@ pub const SMALL: [&str; 4] = ["-t", "1", "--ctx", "512"];
 
 /// Starts one node on loopback ([`LOOPBACK`], [`SMALL`]).
 pub fn loopback_node(dir: &Path, model: &str, key: &str, extra: &[&str]) -> NodeProc {
+    loopback_node_with_env(dir, model, key, extra, &[])
+}
+
+/// [`loopback_node`] with extra environment variables (an API key, a fault hook).
+pub fn loopback_node_with_env(
+    dir: &Path,
+    model: &str,
+    key: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> NodeProc {
     let own = ["-m", model, "--cluster-key-file", key];
-    NodeProc::start(dir, None, &[&own[..], &LOOPBACK, &SMALL, extra].concat())
+    NodeProc::start_with_env(
+        dir,
+        None,
+        &[&own[..], &LOOPBACK, &SMALL, extra].concat(),
+        env,
+    )
 }
 
 /// Starts `n` nodes on loopback, each dialling the first with `--peer`.

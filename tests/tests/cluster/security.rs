@@ -25,19 +25,12 @@ fn the_api_key_guards_every_route_and_foreign_hosts_and_origins_are_refused() {
     let model = default_model().display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let key = keyfile(dir.path(), "key");
-    let own = [
-        "-m",
-        &model,
-        "--cluster-key-file",
-        &key,
-        "--max-memory",
-        "1G",
-    ];
     let secret = "test-api-key-5d1f";
-    let node = NodeProc::start_with_env(
+    let node = loopback_node_with_env(
         dir.path(),
-        None,
-        &[&own[..], &LOOPBACK, &SMALL].concat(),
+        &model,
+        &key,
+        &["--max-memory", "1G"],
         &[("SHOAL_API_KEY", secret)],
     );
     let _logs = LogsOnFailure::of(&[&node]);
@@ -201,18 +194,11 @@ fn a_panicking_pass_fails_its_request_at_once_and_the_node_serves_on() {
     let model = default_model().display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let key = keyfile(dir.path(), "key");
-    let own = [
-        "-m",
-        &model,
-        "--cluster-key-file",
-        &key,
-        "--max-memory",
-        "1G",
-    ];
-    let mut node = NodeProc::start_with_env(
+    let mut node = loopback_node_with_env(
         dir.path(),
-        None,
-        &[&own[..], &LOOPBACK, &SMALL].concat(),
+        &model,
+        &key,
+        &["--max-memory", "1G"],
         &[("SHOAL_FAULT_PANIC_PASS", "1")],
     );
     wait_plan(&mut node, 1, 1);
@@ -323,21 +309,12 @@ fn a_member_sending_tokens_for_requests_it_does_not_finish_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let key = keyfile(dir.path(), "key");
     // 80 MiB each: two stages; every node lies when it is not the last.
-    let own = ["-m", &m, "--cluster-key-file", &key, "--max-memory", "80M"];
+    let memory = ["--max-memory", "80M"];
     let lie = [("SHOAL_FAULT_LIE", "tokens")];
-    let first = NodeProc::start_with_env(
-        dir.path(),
-        None,
-        &[&own[..], &LOOPBACK, &SMALL].concat(),
-        &lie,
-    );
+    let first = loopback_node_with_env(dir.path(), &m, &key, &memory, &lie);
     let addr = first.addr_on("127.0.0.1");
-    let second = NodeProc::start_with_env(
-        dir.path(),
-        None,
-        &[&own[..], &LOOPBACK, &SMALL, &["--peer", &addr]].concat(),
-        &lie,
-    );
+    let peer = [&memory[..], &["--peer", &addr]].concat();
+    let second = loopback_node_with_env(dir.path(), &m, &key, &peer, &lie);
     let mut nodes = vec![first, second];
     wait_plan(&mut nodes[0], 2, 2);
     let _logs = LogsOnFailure::of(&[&nodes[0], &nodes[1]]);
