@@ -299,6 +299,8 @@ mod tests {
                     }
                 }),
             Just(Message::Ack),
+            (arb_name(), arb_name())
+                .prop_map(|(node_id, reason)| Message::Distrust { node_id, reason }),
         ]
     }
 

@@ -11,8 +11,8 @@ use crate::RequestError;
 
 /// Version of this protocol. A node refuses a [`Hello`] with another one.
 /// 4: `Failed` carries a typed [`RequestError`]; `Preparing` answers a
-/// weights query.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// weights query. 7: `Distrust`.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Every message on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +111,17 @@ pub enum Message {
     /// Control plane: the answer to [`Message::WeightsQuery`] from a holder
     /// still indexing its file (on a thread of its own): ask again shortly.
     Preparing,
+    /// Control plane, to every member: the sender caught member `node_id`
+    /// sending what no honest node sends (a message for a request it has no
+    /// part in, activations of the wrong width or not finite, an invalid
+    /// plan). Every member counts the accusations it hears and leaves out
+    /// the same nodes (see `membership::excluded`).
+    Distrust {
+        /// The accused member.
+        node_id: String,
+        /// What it did, for the logs.
+        reason: String,
+    },
 }
 
 /// A node asking a member to let it into the cluster.

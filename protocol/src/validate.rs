@@ -273,6 +273,10 @@ impl Message {
                 finite(l.tokens_per_s, "load tokens/s")?;
                 finite(l.busy, "load busy")
             }
+            Message::Distrust { node_id, reason } => {
+                name(node_id, "node id")?;
+                longest(reason, "reason", TEXT_BYTES_MAX)
+            }
             Message::Cancel { .. } | Message::Ack => Ok(()),
         }
     }

@@ -28,6 +28,7 @@
 pub mod calibrate;
 mod control;
 pub mod dataplane;
+mod fault;
 mod handle;
 pub mod key;
 pub mod membership;

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub kv_sequences: Gauge,
     /// Bytes sent on the data plane, per peer.
     pub link_bytes: Family<PeerLabels, Counter>,
+    /// Messages this node refused as lies (no honest node sends them).
+    pub lies_caught: Counter,
+    /// Members this node left out for lying (its own catches and others').
+    pub members_excluded: Counter,
     /// Tokens streamed to this node's clients, counted as they arrive
     /// (`tokens` counts finished requests): the live rate of load reports.
     pub streamed_tokens: AtomicU64,
@@ -64,6 +68,8 @@ impl Default for Metrics {
             batch_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             kv_sequences: Gauge::default(),
             link_bytes: Family::default(),
+            lies_caught: Counter::default(),
+            members_excluded: Counter::default(),
             streamed_tokens: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
             registry: Registry::default(),
@@ -117,6 +123,16 @@ impl Default for Metrics {
             "link_sent_bytes",
             "Bytes sent on the data plane, per peer",
             m.link_bytes.clone(),
+        );
+        r.register(
+            "lies_caught",
+            "Messages from members refused as lies",
+            m.lies_caught.clone(),
+        );
+        r.register(
+            "members_excluded",
+            "Members left out of the cluster for lying",
+            m.members_excluded.clone(),
         );
         Metrics { registry: r, ..m }
     }

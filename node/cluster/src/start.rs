@@ -50,7 +50,7 @@ impl Cluster {
     /// binds the data plane.
     pub async fn prepare(config: ClusterConfig) -> Result<Prepared, StartError> {
         let loaded = load_model(&config).await?;
-        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let keypair = crate::fault::keypair();
         let node_id = keypair.public().to_peer_id().to_string();
         let metrics = Arc::new(metrics::Metrics::default());
         let data =
@@ -230,7 +230,13 @@ fn introduce(
     http_addr: SocketAddr,
 ) -> Hello {
     let memory_bytes = config.max_memory.unwrap_or_else(available_memory);
-    let speed = &loaded.speed;
+    let mut speed = loaded.speed;
+    if crate::fault::lies().any() {
+        // See `fault`: a liar claims speed to get layers.
+        speed.us_per_mib /= 4.0;
+        speed.row_us_per_mib /= 4.0;
+        speed.prompt_row_us_per_mib /= 4.0;
+    }
     info!(
         node = %short(node_id),
         model = loaded.layout.config.name.as_deref().unwrap_or("?"),

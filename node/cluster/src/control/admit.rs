@@ -10,6 +10,7 @@ use tracing::{debug, info, warn};
 
 use super::{Control, REFUSED_BACKOFF, REPLAN_SETTLE};
 use crate::dataplane::short;
+use crate::membership::PlanRejected;
 
 /// Why a peer's introduction was refused (its text goes back in
 /// `Refused`, for the peer's log).
@@ -37,6 +38,9 @@ pub(super) enum Refusal {
         /// Ours.
         ours: String,
     },
+    /// Left out for lying (under this id: ids are fresh at every start).
+    #[error("it was left out of this cluster for lying")]
+    Excluded,
     /// No valid key proof.
     #[error("{} does not hold this cluster's key (--cluster-key-file)", if *.welcome { "it" } else { "the joining node" })]
     NoKey {
@@ -194,11 +198,21 @@ impl Control {
                 match accepted {
                     Ok(true) => self.apply_plan(),
                     Ok(false) => {}
+                    Err(e @ PlanRejected::Invalid(_)) => {
+                        // Only its leader sends a plan this node takes,
+                        // and no honest one plans what is not there.
+                        self.on_caught(pid, e.to_string());
+                        self.apply_plan();
+                    }
                     Err(e) => {
                         debug!("{e}");
                         self.apply_plan();
                     }
                 }
+                (Message::Ack, false)
+            }
+            Message::Distrust { node_id, reason } => {
+                self.on_distrust(&pid, &node_id, &reason);
                 (Message::Ack, false)
             }
             Message::Load(load) => {
@@ -279,6 +293,9 @@ impl Control {
         if h.version != PROTOCOL_VERSION {
             return Err(Refusal::Version { theirs: h.version });
         }
+        if self.m.is_excluded(pid) {
+            return Err(Refusal::Excluded);
+        }
         if h.node_id != pid {
             return Err(Refusal::Impostor {
                 claimed: h.node_id.clone(),
@@ -311,6 +328,7 @@ impl Control {
             }
             self.members_changed();
             self.start_probe(pid);
+            self.tell_accusations(peer);
         }
     }
 

@@ -24,6 +24,7 @@ use protocol::{Message, Plan};
 use tokio::sync::watch;
 
 mod admit;
+mod distrust;
 mod plan;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -105,6 +106,10 @@ pub(crate) fn start(
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     }
     let load_meter = crate::metrics::LoadMeter::new(&shared.metrics);
+    let shared_caught = shared
+        .data
+        .take_caught()
+        .ok_or("the data plane's lies are already read")?;
     let mut ctl = Control {
         swarm,
         cfg,
@@ -124,6 +129,7 @@ pub(crate) fn start(
         ips: HashMap::new(),
         strangers: HashMap::new(),
         probes: tokio::sync::mpsc::channel(64),
+        caught: shared_caught,
     };
     // Dialled without their `/p2p/<id>` part: ids are fresh at every start,
     // so a copied address would stop working after that node restarts; the
@@ -188,6 +194,8 @@ struct Control {
         tokio::sync::mpsc::Sender<ProbeResult>,
         tokio::sync::mpsc::Receiver<ProbeResult>,
     ),
+    /// Lies the data plane and the worker caught: (member, what it did).
+    caught: tokio::sync::mpsc::Receiver<(String, String)>,
 }
 
 impl Control {
@@ -198,6 +206,7 @@ impl Control {
                 _ = stop.cancelled() => return,
                 event = self.swarm.select_next_some() => self.on_event(event),
                 Some((peer, result)) = self.probes.1.recv() => self.on_probe(peer, result),
+                Some((node, why)) = self.caught.recv() => self.on_caught(node, why),
                 _ = tick.tick() => self.on_tick(),
             }
             self.publish.view.send_replace(Arc::new(self.m.view()));

@@ -143,9 +143,16 @@ impl Control {
                 return;
             }
         }
-        let Some(plan) = self.m.plan().cloned() else {
+        let Some(mut plan) = self.m.plan().cloned() else {
             return;
         };
+        if crate::fault::lies().plan {
+            warn!("fault injection: a plan for layers the model does not have");
+            plan.n_layers += 8;
+            if let Some(last) = plan.stages.last_mut() {
+                last.layers_end += 8;
+            }
+        }
         // Everyone gets the plan, changed or not: a node that just joined needs it.
         for id in ids {
             if let Ok(peer) = id.parse::<PeerId>() {

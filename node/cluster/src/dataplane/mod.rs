@@ -91,7 +91,15 @@ pub struct DataPlane {
     incoming: Mutex<Vec<(Fingerprint, quinn::Connection)>>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Lies caught here or in the worker, for the control loop to act on:
+    /// (member, what it did).
+    caught: mpsc::Sender<(String, String)>,
+    caught_rx: Mutex<Option<mpsc::Receiver<(String, String)>>>,
 }
+
+/// Lies queued for the control loop at most; more are counted and logged
+/// but not queued (one is enough to act on a member).
+const CAUGHT_QUEUE: usize = 64;
 
 impl DataPlane {
     /// Binds the QUIC endpoint on `bind` and starts accepting members.
@@ -103,6 +111,7 @@ impl DataPlane {
         let identity = Identity::generate();
         let allowed = AllowList::default();
         let endpoint = quinn::Endpoint::server(identity.server_config(allowed.clone()), bind)?;
+        let (caught, caught_rx) = mpsc::channel(CAUGHT_QUEUE);
         let plane = Arc::new(DataPlane {
             me,
             endpoint,
@@ -115,6 +124,8 @@ impl DataPlane {
             incoming: Mutex::default(),
             runtime: tokio::runtime::Handle::current(),
             metrics,
+            caught,
+            caught_rx: Mutex::new(Some(caught_rx)),
         });
         tokio::spawn(accept_loop(plane.clone()));
         Ok(plane)
@@ -128,6 +139,20 @@ impl DataPlane {
     /// This node's certificate fingerprint.
     pub fn fingerprint(&self) -> Fingerprint {
         self.identity.fingerprint
+    }
+
+    /// Member `node` sent what no honest node sends: logged, counted, and
+    /// handed to the control loop, which tells every member and leaves the
+    /// node out (see `membership::distrust`).
+    pub fn caught(&self, node: &str, why: String) {
+        warn!(peer = %short(node), "caught a member lying: {why}");
+        self.metrics.lies_caught.inc();
+        let _ = self.caught.try_send((node.to_string(), why));
+    }
+
+    /// The lies caught, for the control loop (once).
+    pub(crate) fn take_caught(&self) -> Option<mpsc::Receiver<(String, String)>> {
+        self.caught_rx.lock().expect("lock").take()
     }
 
     /// Connects the stage worker.
@@ -332,10 +357,17 @@ impl DataPlane {
             _ => from == self.me || r.route.iter().any(|s| s == from),
         };
         if !allowed {
-            warn!(
-                request_id = id,
-                from = %short(from),
-                "message for a request from a node not on its route: dropped"
+            // Request ids are random: only a node the request passed
+            // through knows this one, and none but its last stage has
+            // tokens for it, none off its route a failure.
+            drop(requests);
+            let what = match msg {
+                Message::Tokens(_) => "tokens",
+                _ => "a failure",
+            };
+            self.caught(
+                from,
+                format!("{what} for request {id}, which it does not finish"),
             );
             return;
         }
@@ -346,6 +378,10 @@ impl DataPlane {
 }
 
 impl Outbox for Arc<DataPlane> {
+    fn caught(&self, node: &str, why: String) {
+        DataPlane::caught(self, node, why)
+    }
+
     fn send(&self, to: &str, msg: Message) {
         let plane = self.clone();
         if let Err(e) = self

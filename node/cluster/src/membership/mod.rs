@@ -6,7 +6,7 @@
 //! with welcomes and plans), so all agree on the leader without a vote; a
 //! plan is only accepted from the node this member thinks leads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use protocol::{Hello, LinkMeasure, MemberAddrs, Plan, StageAssignment};
@@ -62,6 +62,10 @@ pub enum PlanRejected {
     /// bug, or lying): taking it would index layers or nodes that do not exist.
     #[error("plan refused: {0}")]
     Invalid(String),
+    /// The plan gives layers to a node this node left out for lying (the
+    /// leader may not have heard the accusations yet: not held against it).
+    #[error("plan refused: it gives layers to {0}, left out for lying")]
+    Excluded(String),
     /// The leader serves another model (this node cannot take part).
     #[error("the cluster's leader serves another model (blake3 {theirs}), this node holds {ours}: start it with the same GGUF")]
     OtherModel {
@@ -103,6 +107,10 @@ pub struct Membership {
     epoch: u64,
     model: ModelSpec,
     goal: PlanGoal,
+    /// `(accuser, accused)`: who caught whom lying (see `distrust`).
+    accusations: BTreeSet<(String, String)>,
+    /// The nodes left out for it.
+    excluded: BTreeSet<String>,
 }
 
 impl Membership {
@@ -132,6 +140,8 @@ impl Membership {
             epoch: 0,
             model,
             goal,
+            accusations: BTreeSet::new(),
+            excluded: BTreeSet::new(),
         }
     }
 
@@ -179,12 +189,17 @@ impl Membership {
 
     /// Whether this node leads.
     pub fn is_leader(&self) -> bool {
-        self.leader() == self.me.node_id
+        // A node the others left out plans for no one.
+        self.leader() == self.me.node_id && !self.is_excluded(&self.me.node_id)
     }
 
-    /// Adds or refreshes a member; true when it is new.
+    /// Adds or refreshes a member; true when it is new. A node left out
+    /// for lying is not added.
     pub fn join(&mut self, hello: Hello, ip: Option<IpAddr>) -> bool {
         let id = hello.node_id.clone();
+        if self.is_excluded(&id) {
+            return false;
+        }
         match self.members.get_mut(&id) {
             Some(m) => {
                 m.hello = hello;
@@ -320,6 +335,9 @@ impl Membership {
                 "the plan is for {} layers, the model has {layers}",
                 plan.n_layers
             )));
+        }
+        if let Some(s) = plan.stages.iter().find(|s| self.is_excluded(&s.node_id)) {
+            return Err(PlanRejected::Excluded(s.node_id.clone()));
         }
         // Each stage is this node, a member serving this model, or a node
         // the update introduces (joined when it is dialled).
@@ -482,6 +500,9 @@ impl Membership {
 fn far(a: f64, b: f64) -> bool {
     a > 2.0 * b || b > 2.0 * a
 }
+
+mod distrust;
+pub use distrust::excluded;
 
 #[cfg(test)]
 mod tests;

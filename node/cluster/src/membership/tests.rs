@@ -122,3 +122,41 @@ fn members_with_another_model_are_left_out() {
     let p = m.replan().unwrap().unwrap();
     assert!(p.stages.iter().all(|s| s.node_id == "a"));
 }
+
+#[test]
+fn members_left_out_for_lying_lose_the_lead_cannot_rejoin_and_are_not_planned() {
+    let mut b = Membership::new(hello("b", 80), model(), PlanGoal::Latency);
+    b.join(hello("a", 80), None);
+    b.join(hello("c", 80), None);
+    let mut a = Membership::new(hello("a", 80), model(), PlanGoal::Latency);
+    a.join(hello("b", 80), None);
+    a.join(hello("c", 80), None);
+    let old = a.replan().unwrap().unwrap();
+    assert_eq!(b.leader(), "a");
+    // Made-up ids are not kept; c says a lied: a is out, b leads.
+    assert!(b.accuse("c", "nobody").is_empty());
+    assert_eq!(b.accuse("c", "a"), vec!["a".to_string()]);
+    assert!(b.is_excluded("a") && !b.members().contains_key("a"));
+    assert_eq!(b.leader(), "b");
+    assert!(!b.join(hello("a", 80), None), "no rejoin under the same id");
+    assert!(b.accuse("c", "a").is_empty(), "counted once");
+    // A plan giving a layers (from a leader that has not heard yet) is
+    // refused without holding it against the leader.
+    let mut c = Membership::new(hello("c", 80), model(), PlanGoal::Latency);
+    c.join(hello("a", 80), None);
+    c.join(hello("b", 80), None);
+    c.accuse("c", "a");
+    assert_eq!(c.leader(), "b");
+    assert!(matches!(
+        c.accept_plan("b", old, &[]),
+        Err(PlanRejected::Excluded(id)) if id == "a"
+    ));
+    let p = b.replan().unwrap().unwrap();
+    assert!(p.stages.iter().all(|s| s.node_id != "a"));
+    assert!(c.accept_plan("b", p, &[]).unwrap());
+    // a hears it was left out: it stops leading.
+    a.accuse("c", "a");
+    assert!(!a.is_leader());
+    assert_eq!(a.my_accusations(), Vec::<String>::new());
+    assert_eq!(c.my_accusations(), vec!["a".to_string()]);
+}

@@ -2,11 +2,25 @@
 //! member may send which data-plane message for a request, and how the
 //! worker recovers from a panicking pass.
 
-use protocol::Message;
+use protocol::{Begin, Message, SampledToken, Tokens};
+use tracing::warn;
+
+use crate::dataplane::short;
 
 use engine::model::Stage;
 
-use super::Worker;
+use super::{Outbox, Worker};
+
+/// What the worker does with a data-plane message.
+#[derive(Debug, PartialEq)]
+pub(super) enum Verdict {
+    /// Handle it.
+    Take,
+    /// Drop it: a plan change in flight can explain it.
+    Refuse(&'static str),
+    /// Drop it and report the sender: no honest node sends it.
+    Lie(String),
+}
 
 impl Worker {
     /// For `stage`: the KV bytes of one position, and the KV bytes its
@@ -21,34 +35,88 @@ impl Worker {
         (per_position, self.cfg.memory_bytes.saturating_sub(weights))
     }
 
-    /// Whether member `from` may send `msg` to this stage: a request is
+    /// Whether member `from` may send `msg` to this stage. A request is
     /// begun by its origin (first stage) or the previous stage, under an
-    /// id not in use; prompt tokens come from the request's origin,
-    /// activations from the previous stage, a cancel from either.
-    pub(super) fn may_send(&self, from: &str, msg: &Message) -> Result<(), &'static str> {
+    /// id not in use; its prompt tokens come from its origin, its
+    /// activations from the member that began it here, a cancel from
+    /// either. What a plan change in flight can explain (a `Begin` from a
+    /// stage that is not, or no longer, the previous one) is refused;
+    /// what no honest node sends is a lie (request ids are random: only
+    /// nodes the request passed through know one).
+    pub(super) fn may_send(&self, from: &str, msg: &Message) -> Verdict {
         let prev = self.prev.as_deref();
-        let origin_of = |id: &u64| self.seqs.get(id).map(|s| s.origin.as_str());
-        let ok = match msg {
+        let seq = |id: &u64| self.seqs.get(id);
+        match msg {
             Message::Begin(b) => {
                 if self.seqs.contains_key(&b.request_id) {
-                    return Err("a request id already in use");
+                    return Verdict::Lie(format!("began request {}, already in use", b.request_id));
                 }
-                match prev {
+                let ok = match prev {
                     None => from == b.origin,
                     Some(p) => from == p,
+                };
+                if !ok {
+                    return Verdict::Refuse(
+                        "a request begun by a node that is not the previous stage",
+                    );
                 }
             }
-            Message::Input(i) => prev.is_none() && origin_of(&i.request_id) == Some(from),
-            Message::Activations(_) => prev == Some(from),
-            Message::Cancel { request_id } => {
-                prev == Some(from) || origin_of(request_id) == Some(from)
+            Message::Input(i) => {
+                if let Some(s) = seq(&i.request_id) {
+                    if s.origin != from {
+                        return Verdict::Lie(format!(
+                            "tokens for request {}, not its origin",
+                            i.request_id
+                        ));
+                    }
+                }
             }
-            _ => true,
+            Message::Activations(a) => {
+                if a.batch
+                    .iter()
+                    .any(|r| seq(&r.request_id).is_some_and(|s| s.from != from))
+                {
+                    return Verdict::Lie("activations for a request it did not begin here".into());
+                }
+                let dim = self.cfg.layout.config.dim;
+                if a.dim as usize != dim {
+                    return Verdict::Lie(format!(
+                        "activations {} wide, the model's are {dim}",
+                        a.dim
+                    ));
+                }
+                if !super::pass::finite_payload(&a.payload, a.dtype) {
+                    return Verdict::Lie("activations that are not finite".into());
+                }
+            }
+            Message::Cancel { request_id } => {
+                if let Some(s) = seq(request_id) {
+                    if s.from != from && s.origin != from {
+                        return Verdict::Lie(format!(
+                            "a cancel of request {request_id}, not its own"
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Verdict::Take
+    }
+
+    /// After a lie from `from`: the requests it began here that the lie
+    /// was about (activations it sent for them that cannot be used) fail.
+    pub(super) fn fail_lied_about(&mut self, from: &str, msg: &Message) {
+        let Message::Activations(a) = msg else {
+            return;
         };
-        if ok {
-            Ok(())
-        } else {
-            Err("not from the node that may send it for this request")
+        for r in &a.batch {
+            if self.seqs.get(&r.request_id).is_some_and(|s| s.from == from) {
+                let why = format!(
+                    "the previous stage ({}) sent unusable activations",
+                    short(from)
+                );
+                self.fail(r.request_id, self.stage_error(why));
+            }
         }
     }
 
@@ -108,11 +176,41 @@ pub(super) fn fault_panics() {
     }
 }
 
-/// Test hook: `SHOAL_FAULT_LIE=tokens` makes this node, when a stage other
-/// than the last, send the origin of every request it begins a token of
-/// its own — a member lying about a request it does not own — to prove the
-/// origin takes tokens only from the request's last stage.
-pub(super) fn fault_lies() -> bool {
-    static LIES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *LIES.get_or_init(|| std::env::var("SHOAL_FAULT_LIE").is_ok_and(|v| v == "tokens"))
+/// Fault injection (see `crate::fault`): what a lying stage sends after
+/// it forwarded a request's `Begin` to `next`.
+pub(super) fn lie_after_begin(out: &dyn Outbox, me: &str, next: &str, b: Begin) {
+    let lies = crate::fault::lies();
+    if lies.tokens {
+        warn!("fault injection: a token for a request this stage does not finish");
+        let lie = SampledToken {
+            request_id: b.request_id,
+            position: b.prompt.len() as u32,
+            token: 0,
+        };
+        out.send(&b.origin, Message::Tokens(Tokens { entries: vec![lie] }));
+    }
+    if lies.hijack {
+        warn!("fault injection: a second Begin under a request's id");
+        let origin = me.to_string();
+        out.send(next, Message::Begin(Begin { origin, ..b }));
+    }
+}
+
+/// Fault injection (see `crate::fault`): activations made wrong on their way out.
+pub(super) fn lie_in_activations(m: &mut Message) {
+    let lies = crate::fault::lies();
+    let Message::Activations(a) = m else {
+        return;
+    };
+    if lies.nan {
+        warn!("fault injection: NaN activations");
+        let nan = super::encode_payload(&[f32::NAN], a.dtype);
+        a.payload[..nan.len()].copy_from_slice(&nan);
+    }
+    if lies.dims {
+        warn!("fault injection: activations one element too wide");
+        let rows: usize = a.batch.iter().map(|r| r.rows as usize).sum();
+        a.dim += 1;
+        a.payload.resize(a.payload.len() + rows * a.dtype.size(), 0);
+    }
 }

@@ -60,6 +60,8 @@ impl From<sharding::GgufError> for LoadError {
 pub trait Outbox: Send + Sync {
     /// Sends `msg` to node `to`, waiting while its link is full.
     fn send(&self, to: &str, msg: Message);
+    /// Member `node` sent this stage what no honest node sends.
+    fn caught(&self, node: &str, why: String);
 }
 
 /// What a worker is told to do.
@@ -122,6 +124,9 @@ struct Sequence {
     /// The KV bytes held for it at full context (see `Worker::kv_budget`).
     kv_bytes: u64,
     origin: String,
+    /// The member that began it here (its origin or the previous stage):
+    /// the only one whose activations it takes.
+    from: String,
     /// Last stage only: the sampler and the tokens it penalises.
     sampler: Option<(Sampler, Vec<u32>)>,
 }
@@ -245,12 +250,20 @@ impl Worker {
                 self.batcher.clear();
             }
             WorkerMsg::Data { from, msg } => {
-                if let Err(why) = self.may_send(&from, &msg) {
-                    warn!(from = %short(&from), "data-plane message refused: {why}");
-                    return;
+                match self.may_send(&from, &msg) {
+                    Verdict::Take => {}
+                    Verdict::Refuse(why) => {
+                        warn!(from = %short(&from), "data-plane message refused: {why}");
+                        return;
+                    }
+                    Verdict::Lie(why) => {
+                        self.fail_lied_about(&from, &msg);
+                        self.out.caught(&from, why);
+                        return;
+                    }
                 }
                 match msg {
-                    Message::Begin(b) => self.begin(b),
+                    Message::Begin(b) => self.begin(b, from),
                     Message::Input(i) => {
                         let seq = SeqRows {
                             request_id: i.request_id,
@@ -315,7 +328,7 @@ impl Worker {
         Ok(stage)
     }
 
-    fn begin(&mut self, b: Begin) {
+    fn begin(&mut self, b: Begin, from: String) {
         let fail = |error: RequestError| Message::Failed {
             request_id: b.request_id,
             error,
@@ -372,21 +385,13 @@ impl Worker {
                 cache: stage.new_cache(b.context as usize),
                 kv_bytes,
                 origin: b.origin.clone(),
+                from,
                 sampler,
             },
         );
-        if fault_lies() && self.next.is_some() {
-            let lie = SampledToken {
-                request_id: b.request_id,
-                position: b.prompt.len() as u32,
-                token: 0,
-            };
-            warn!("fault injection: sending a token for a request this stage does not finish");
-            self.out
-                .send(&b.origin, Message::Tokens(Tokens { entries: vec![lie] }));
-        }
         if let Some(next) = &self.next {
-            self.out.send(next, Message::Begin(b));
+            self.out.send(next, Message::Begin(b.clone()));
+            lie_after_begin(&*self.out, &self.cfg.me, next, b);
         }
     }
 
@@ -499,7 +504,20 @@ impl Worker {
         match (out, self.next.clone()) {
             (StageOutput::Hidden(h), Some(next)) => {
                 match hidden_message(&h, order.clone(), self.cfg.dtype) {
-                    Ok(m) => self.out.send(&next, m),
+                    Ok((m, unsendable)) => {
+                        // The next stage would rightly take them for a lie.
+                        for id in unsendable {
+                            let why = format!(
+                                "its hidden state is not finite in {:?} (the model overflows)",
+                                self.cfg.dtype
+                            );
+                            self.fail(id, self.stage_error(why));
+                        }
+                        if let Some(mut m) = m {
+                            lie_in_activations(&mut m);
+                            self.out.send(&next, m);
+                        }
+                    }
                     Err(e) => {
                         self.fail_all(&order, &e.to_string());
                     }
@@ -587,7 +605,7 @@ impl Worker {
 
 mod guard;
 mod pass;
-use guard::{fault_lies, fault_panics, panic_text};
+use guard::{fault_panics, lie_after_begin, lie_in_activations, panic_text, Verdict};
 pub use pass::{decode_payload, encode_payload};
 use pass::{hidden_message, run_batch};
 

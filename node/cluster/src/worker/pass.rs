@@ -43,22 +43,69 @@ pub(super) fn run_batch(
     stage.forward_batch(input, &mut seqs)
 }
 
+/// The activations message for a pass's hidden states `h` (rows of
+/// `batch` in order), and the requests left out of it because a row of
+/// theirs is not finite in `dtype` (f16 overflows past 65504): the next
+/// stage refuses such activations as a lie, so they never leave here.
 pub(super) fn hidden_message(
     h: &Tensor,
     batch: Vec<SeqRows>,
     dtype: DType,
-) -> candle_core::Result<Message> {
+) -> candle_core::Result<(Option<Message>, Vec<u64>)> {
     let dim = h.dim(1)?;
     let values = h
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    Ok(Message::Activations(Activations {
+    let fits = |v: &f32| match dtype {
+        DType::F32 => v.is_finite(),
+        DType::F16 => v.abs() <= f32::from(half::f16::MAX),
+        DType::BF16 => v.abs() <= f32::from(half::bf16::MAX),
+    };
+    let mut unsendable = Vec::new();
+    if !values.iter().all(fits) {
+        let (mut kept, mut kept_batch, mut at) = (Vec::new(), Vec::new(), 0);
+        for s in batch {
+            let rows = &values[at..at + s.rows as usize * dim];
+            at += rows.len();
+            if rows.iter().all(fits) {
+                kept.extend_from_slice(rows);
+                kept_batch.push(s);
+            } else {
+                unsendable.push(s.request_id);
+            }
+        }
+        if kept_batch.is_empty() {
+            return Ok((None, unsendable));
+        }
+        return Ok((Some(activations(kept_batch, dim, &kept, dtype)), unsendable));
+    }
+    Ok((Some(activations(batch, dim, &values, dtype)), unsendable))
+}
+
+fn activations(batch: Vec<SeqRows>, dim: usize, values: &[f32], dtype: DType) -> Message {
+    Message::Activations(Activations {
         batch,
         dim: dim as u32,
         dtype,
-        payload: encode_payload(&values, dtype),
-    }))
+        payload: encode_payload(values, dtype),
+    })
+}
+
+/// Whether every element of an activations payload is finite.
+pub(super) fn finite_payload(bytes: &[u8], dtype: DType) -> bool {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .all(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")).is_finite()),
+        // Exponent bits all ones: infinity or NaN.
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 != 0x7c00),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80),
+    }
 }
 
 /// Activations as little-endian bytes of `dtype`.
