@@ -201,7 +201,7 @@ fn a_host_without_the_key_on_the_lan_gets_nothing_and_cannot_stop_a_node() {
     let other = keyfile(dir.path(), "other");
     let memory = ["--max-memory", "80M"];
     let mut a = ns_node(dir.path(), &lan, 0, &key, &m, &memory);
-    let mut b = ns_node(dir.path(), &lan, 1, &key, &m, &memory);
+    let b = ns_node(dir.path(), &lan, 1, &key, &m, &memory);
     wait_plan(&mut a, 2, 2);
     // Host 2: a node with another key, found by mDNS: it cannot join.
     let mut stranger = ns_node(dir.path(), &lan, 2, &other, &m, &memory);
