@@ -220,7 +220,7 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
         );
         wait_for_signal().await;
         eprintln!("shoal: leaving the cluster");
-        node.shutdown().await;
+        node.leave_and_shutdown().await;
         Ok(())
     })
 }

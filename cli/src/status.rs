@@ -63,6 +63,11 @@ fn render(s: &Status) -> String {
         (None, None) => out += "no plan yet\n",
     }
     out += &format!("cluster: {:.1} tok/s\n", s.cluster_tokens_per_s);
+    let c = &s.churn;
+    out += &format!(
+        "seen here: {} joined, {} left, {} lost, {} left out for lying · requests replayed {}, failed {}\n",
+        c.joined, c.left, c.lost, c.excluded, c.replays, c.failed
+    );
     let w = &s.weights;
     if !w.complete {
         out += &format!(

@@ -88,6 +88,13 @@ impl Node {
         self.cluster.id()
     }
 
+    /// Leaves the cluster with a goodbye (see `Cluster::leave`), then
+    /// stops: what a node does on SIGTERM or Ctrl-C.
+    pub async fn leave_and_shutdown(self) {
+        self.cluster.leave().await;
+        self.shutdown().await;
+    }
+
     /// Stops the node: the API first, then the member (its peers see it leave).
     pub async fn shutdown(self) {
         self.stop.cancel();

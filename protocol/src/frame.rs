@@ -234,6 +234,7 @@ mod tests {
                     queued,
                     sequences: 2,
                     busy: 0.5,
+                    epoch: u64::from(running),
                 }
             )),
             arb_name().prop_map(|reason| Message::Refused { reason }),
@@ -299,6 +300,7 @@ mod tests {
                     }
                 }),
             Just(Message::Ack),
+            Just(Message::Leaving),
             (arb_name(), arb_name())
                 .prop_map(|(node_id, reason)| Message::Distrust { node_id, reason }),
         ]

@@ -11,7 +11,7 @@ use crate::RequestError;
 
 /// Version of this protocol. A node refuses a [`Hello`] with another one.
 /// 4: `Failed` carries a typed [`RequestError`]; `Preparing` answers a
-/// weights query. 7: `Distrust`.
+/// weights query. 7: `Distrust`, `Leaving`.
 pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Every message on the wire.
@@ -111,6 +111,10 @@ pub enum Message {
     /// Control plane: the answer to [`Message::WeightsQuery`] from a holder
     /// still indexing its file (on a thread of its own): ask again shortly.
     Preparing,
+    /// Control plane, to every member: the sender is leaving (SIGTERM,
+    /// Ctrl-C). Members plan without it at once; requests that ran through
+    /// it go on under the new plan (their origins replay them).
+    Leaving,
     /// Control plane, to every member: the sender caught member `node_id`
     /// sending what no honest node sends (a message for a request it has no
     /// part in, activations of the wrong width or not finite, an invalid
@@ -274,6 +278,10 @@ pub struct LoadReport {
     pub sequences: u32,
     /// Fraction of the last interval its stage spent computing (0..=1).
     pub busy: f32,
+    /// The highest plan epoch it has seen: a new leader (after the old one
+    /// left, or when two halves of a split network meet again) plans past
+    /// the highest any member reached, so every member takes its plan.
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

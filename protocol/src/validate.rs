@@ -277,7 +277,7 @@ impl Message {
                 name(node_id, "node id")?;
                 longest(reason, "reason", TEXT_BYTES_MAX)
             }
-            Message::Cancel { .. } | Message::Ack => Ok(()),
+            Message::Cancel { .. } | Message::Ack | Message::Leaving => Ok(()),
         }
     }
 }

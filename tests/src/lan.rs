@@ -72,6 +72,27 @@ impl Lan {
         ));
     }
 
+    /// Splits the network: `hosts` move to a second bridge, cut off from
+    /// the others (each side still reaches its own).
+    pub fn split(&self, hosts: &[usize]) {
+        let sw = &self.switch;
+        let _ = Command::new("ip")
+            .args(["-n", sw, "link", "add", "br1", "type", "bridge"])
+            .status();
+        sh(&format!("ip -n {sw} link set br1 up"));
+        for i in hosts {
+            sh(&format!("ip -n {sw} link set p{i} master br1"));
+        }
+    }
+
+    /// Undoes [`Lan::split`]: every host on the one bridge again.
+    pub fn heal(&self) {
+        let sw = &self.switch;
+        for i in 0..self.hosts.len() {
+            sh(&format!("ip -n {sw} link set p{i} master br0"));
+        }
+    }
+
     /// Limits what host `i` sends to `rate` (e.g. `20mbit`) with a token bucket.
     pub fn limit_rate(&self, i: usize, rate: &str) {
         sh(&format!(

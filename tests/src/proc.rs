@@ -156,6 +156,18 @@ impl NodeProc {
             .map_or(0.0, |kb| kb / 1024.0)
     }
 
+    /// Waits for the process to exit by itself; whether it did in `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Kills the node at once (SIGKILL: no goodbye to its peers).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -40,6 +40,15 @@ pub struct Metrics {
     pub kv_sequences: Gauge,
     /// Bytes sent on the data plane, per peer.
     pub link_bytes: Family<PeerLabels, Counter>,
+    /// Requests from this node that lost a stage and went on under the
+    /// next plan (replayed from their tokens so far).
+    pub replays: Counter,
+    /// Members that vanished (no goodbye: killed, frozen, unplugged).
+    pub members_lost: Counter,
+    /// Members that said goodbye (SIGTERM, Ctrl-C).
+    pub members_left: Counter,
+    /// Members that joined (a node back from sleep or a restart rejoins).
+    pub members_joined: Counter,
     /// Messages this node refused as lies (no honest node sends them).
     pub lies_caught: Counter,
     /// Members this node left out for lying (its own catches and others').
@@ -68,6 +77,10 @@ impl Default for Metrics {
             batch_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             kv_sequences: Gauge::default(),
             link_bytes: Family::default(),
+            replays: Counter::default(),
+            members_lost: Counter::default(),
+            members_left: Counter::default(),
+            members_joined: Counter::default(),
             lies_caught: Counter::default(),
             members_excluded: Counter::default(),
             streamed_tokens: AtomicU64::new(0),
@@ -125,6 +138,26 @@ impl Default for Metrics {
             m.link_bytes.clone(),
         );
         r.register(
+            "replays",
+            "Requests from this node replayed on a new plan after losing a stage",
+            m.replays.clone(),
+        );
+        r.register(
+            "members_lost",
+            "Members that vanished without a goodbye (evicted)",
+            m.members_lost.clone(),
+        );
+        r.register(
+            "members_left",
+            "Members that left with a goodbye",
+            m.members_left.clone(),
+        );
+        r.register(
+            "members_joined",
+            "Members that joined (rejoins included)",
+            m.members_joined.clone(),
+        );
+        r.register(
             "lies_caught",
             "Messages from members refused as lies",
             m.lies_caught.clone(),
@@ -174,6 +207,7 @@ impl LoadMeter {
             queued,
             sequences,
             busy: ((busy_us.saturating_sub(self.busy_us) as f64 / 1e6 / dt).min(1.0)) as f32,
+            epoch: 0,
         };
         *self = LoadMeter {
             at: now,

@@ -29,9 +29,30 @@ const RECENT_MAX: usize = 32;
 /// takes well under a second).
 const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a request whose plan changed before its first token waits for
-/// the next plan before giving up.
-const PLAN_WAIT: Duration = Duration::from_secs(10);
+/// How long a request that lost a stage waits for the plan without it
+/// before going on under whatever plan holds (a lost connection, not a
+/// lost node): failure detection takes a few seconds (see `swarm`).
+const REPLAN_WAIT: Duration = Duration::from_secs(8);
+
+/// How long a request that lost a stage waits for any plan in all before
+/// it fails.
+const REPLAY_WAIT: Duration = Duration::from_secs(30);
+
+/// Most replays of one request: a request that keeps losing its pipeline
+/// (a stage crashing on it) ends with the last error.
+const REPLAYS_MAX: u32 = 8;
+
+/// Whether a request that ended with `e` can go on under another plan:
+/// it lost a stage or its plan, not its input or a stage's judgement of it.
+fn replayable(e: &RequestError) -> bool {
+    matches!(
+        e,
+        RequestError::StageLost { .. }
+            | RequestError::Replanned
+            | RequestError::NoPlan
+            | RequestError::Timeout { .. }
+    )
+}
 
 /// What a client asks for.
 #[derive(Debug, Clone)]
@@ -99,6 +120,9 @@ pub struct NodeStats {
     pub failed: u64,
     /// Tokens generated.
     pub tokens: u64,
+    /// Requests that lost a stage and went on under the next plan.
+    #[serde(default)]
+    pub replays: u64,
     /// Recent requests: (prompt tokens, generated, ttft ms, tok/s).
     pub recent: VecDeque<RecentRequest>,
 }
@@ -128,22 +152,7 @@ impl Shared {
         let span = info_span!("request", request_id);
         self.stats.lock().expect("lock").running += 1;
         self.metrics.requests_running.inc();
-        let mut result = self
-            .run(request_id, req.clone(), &events)
-            .instrument(span.clone())
-            .await;
-        // A plan that changed before the first token (a node joined, links
-        // were measured) costs the client nothing: run again on the new one.
-        if let Err(Attempt::Rerun) = result {
-            if self.wait_for_plan(PLAN_WAIT).await {
-                let retry_id: u64 = rand::random();
-                result = self.run(retry_id, req, &events).instrument(span).await;
-            }
-        }
-        let result = result.map_err(|a| match a {
-            Attempt::Rerun => RequestError::Replanned,
-            Attempt::Failed(e) => e,
-        });
+        let result = self.run(request_id, req, &events).instrument(span).await;
         let mut stats = self.stats.lock().expect("lock");
         stats.running -= 1;
         self.metrics.requests_running.dec();
@@ -179,66 +188,117 @@ impl Shared {
         }
     }
 
-    /// Waits until a plan is in force; false after `timeout`.
-    async fn wait_for_plan(&self, timeout: Duration) -> bool {
+    /// After a stage was lost under plan `epoch`: waits for the plan that
+    /// follows it (the lost node out) up to [`REPLAN_WAIT`], then for any
+    /// plan up to [`REPLAY_WAIT`] in all; false when none came.
+    async fn wait_for_next_plan(&self, epoch: Option<u64>) -> bool {
         let mut rx = self.plan.clone();
-        tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
+        let newer = |p: &Option<protocol::Plan>| p.as_ref().is_some_and(|p| Some(p.epoch) != epoch);
+        if tokio::time::timeout(REPLAN_WAIT, rx.wait_for(newer))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        // No new plan: the link failed but the node is still a member (a
+        // lost connection, not a lost node). Go on under whatever plan holds.
+        let rest = REPLAY_WAIT.saturating_sub(REPLAN_WAIT);
+        tokio::time::timeout(rest, rx.wait_for(Option::is_some))
             .await
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Runs a request to its end. When a stage other than this node is
+    /// lost (or the plan changes under the request), the request goes on
+    /// under the next plan: its prompt and every token generated so far
+    /// are sent as the new request's input, and the stages rebuild their
+    /// caches from them. Sampling draws depend only on the seed and the
+    /// position (see `engine::sampling`), so the continuation is the one
+    /// the request would have had; the client sees one stream.
     async fn run(
         self: &Arc<Self>,
-        request_id: u64,
+        first_id: u64,
         req: AskRequest,
         events: &mpsc::UnboundedSender<AskEvent>,
-    ) -> Result<GenerationStats, Attempt> {
+    ) -> Result<GenerationStats, RequestError> {
         let start = Instant::now();
         let text = self
             .text()
             .await
             .map_err(|e| RequestError::Model(e.to_string()))?;
-        let epoch = self.plan.borrow().as_ref().map(|p| p.epoch);
         let (prompt, context) = self.tokenize(text.clone(), &req).await?;
-        let (mut rx, guard) = self.open(request_id, &req, &prompt, context).await?;
-        let head = guard.head.clone();
+        // What the stages hold KV for: what the request can reach.
+        let reach = context.min(
+            prompt
+                .len()
+                .saturating_add(req.max_tokens)
+                .saturating_add(1),
+        );
         let mut out = Output::new(events, req.stop.clone());
-        let mut progress = None;
-        let mut position = prompt.len();
+        let mut progress: Option<Progress> = None;
+        // The prompt and every token generated: a replay's input.
+        let mut tokens = prompt.clone();
+        let mut request_id = first_id;
+        let mut replays = 0;
         let mut last_token_at: Option<Instant> = None;
-        loop {
-            let id = match next_token(&mut rx).await {
-                Ok(id) => id,
-                Err(e)
-                    if progress.is_none()
-                        && self.plan.borrow().as_ref().map(|p| p.epoch) != epoch =>
-                {
-                    tracing::info!("plan changed before the first token ({e}): retrying");
-                    return Err(Attempt::Rerun);
-                }
-                Err(e) => return Err(e.into()),
+        'attempt: loop {
+            let epoch = self.plan.borrow().as_ref().map(|p| p.epoch);
+            let opened = self
+                .open(request_id, &req.sampling, &tokens, prompt.len(), reach)
+                .await;
+            let mut lost = match opened {
+                Ok((mut rx, guard)) => loop {
+                    let id = match next_token(&mut rx).await {
+                        Ok(id) => id,
+                        Err(e) => break e,
+                    };
+                    if progress.is_none() {
+                        info!(prompt_tokens = prompt.len(), "first token");
+                    }
+                    let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
+                    self.count_token(&mut last_token_at);
+                    tokens.push(id);
+                    let room = tokens.len() <= context;
+                    if !p.on_token(text.tokenizer(), id, req.max_tokens, room, &mut |e| {
+                        out.on_event(e)
+                    }) {
+                        drop(guard);
+                        break 'attempt;
+                    }
+                    let input = Input {
+                        request_id,
+                        position: (tokens.len() - 1) as u32,
+                        tokens: vec![id],
+                        sample: true,
+                    };
+                    if let Err(e) = self.data.send(&guard.head, Message::Input(input)).await {
+                        break e.into();
+                    }
+                },
+                Err(e) => e,
             };
-            if progress.is_none() {
-                info!(prompt_tokens = prompt.len(), "first token");
+            if !replayable(&lost) || replays >= REPLAYS_MAX {
+                return Err(lost);
             }
-            let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
-            self.count_token(&mut last_token_at);
-            let room = position < context;
-            if !p.on_token(text.tokenizer(), id, req.max_tokens, room, &mut |e| {
-                out.on_event(e)
-            }) {
-                break;
+            replays += 1;
+            self.metrics.replays.inc();
+            self.stats.lock().expect("lock").replays += 1;
+            info!(
+                tokens = tokens.len(),
+                replays, "request lost its pipeline ({lost}): replaying on the next plan"
+            );
+            if !self.wait_for_next_plan(epoch).await {
+                lost = RequestError::StageLost {
+                    node: "cluster".into(),
+                    why: format!(
+                        "a stage was lost ({lost}) and no plan came back within {} s",
+                        REPLAY_WAIT.as_secs()
+                    ),
+                };
+                return Err(lost);
             }
-            let input = Input {
-                request_id,
-                position: position as u32,
-                tokens: vec![id],
-                sample: true,
-            };
-            self.data.send(&head, Message::Input(input)).await?;
-            position += 1;
+            request_id = rand::random();
         }
-        drop(guard);
         Ok(out.finish(progress.expect("at least one token")))
     }
 
@@ -285,15 +345,23 @@ impl Shared {
         Ok((prompt, context))
     }
 
-    /// Opens the request along the plan in force: `Begin`, then the prompt
-    /// in chunks to the first stage. Its tokens arrive on the receiver;
-    /// the guard frees it along the chain when dropped.
+    /// Opens the request along the plan in force: `Begin`, then its input
+    /// to the first stage — `tokens` is the prompt (its first `prompt_len`)
+    /// and, on a replay, the tokens generated before. Its tokens arrive on
+    /// the receiver; the guard frees it along the chain when dropped.
+    ///
+    /// A replay feeds the stages exactly as the first run did: the prompt
+    /// in the same chunks, the generated tokens in chunks under
+    /// [`schedule::TILED_ROWS_MIN`] rows (the one-row attention kernel that
+    /// computed them one at a time), so every position's keys and values
+    /// come out bit for bit as before and the continuation is the same.
     async fn open(
         self: &Arc<Self>,
         request_id: u64,
-        req: &AskRequest,
-        prompt: &[u32],
-        context: usize,
+        sampling: &SamplingParams,
+        tokens: &[u32],
+        prompt_len: usize,
+        reach: usize,
     ) -> Result<(mpsc::Receiver<Message>, RequestGuard), RequestError> {
         let plan = self
             .plan
@@ -311,27 +379,30 @@ impl Shared {
         // The stages hold KV for what this request can reach, not the whole
         // window: they admit by memory (see `worker`), and a short answer
         // should not cost a full context there.
-        let reach = context.min(
-            prompt
-                .len()
-                .saturating_add(req.max_tokens)
-                .saturating_add(1),
-        );
         let begin = Begin {
             request_id,
             epoch: plan.epoch,
             origin: self.node_id.clone(),
             context: reach as u32,
-            sampling: Sampling::from(&req.sampling),
-            prompt: prompt.to_vec(),
+            sampling: Sampling::from(sampling),
+            prompt: tokens.to_vec(),
         };
         self.data.send(&head, Message::Begin(begin)).await?;
-        for c in schedule::prompt_chunks(prompt.len()) {
+        let prompt = schedule::prompt_chunks(prompt_len).map(|c| (c.start, c.rows));
+        let since = (prompt_len..tokens.len())
+            .step_by(schedule::TILED_ROWS_MIN - 1)
+            .map(|start| {
+                (
+                    start,
+                    (tokens.len() - start).min(schedule::TILED_ROWS_MIN - 1),
+                )
+            });
+        for (start, rows) in prompt.chain(since) {
             let input = Input {
                 request_id,
-                position: c.start as u32,
-                tokens: prompt[c.start..c.start + c.rows].to_vec(),
-                sample: c.sample,
+                position: start as u32,
+                tokens: tokens[start..start + rows].to_vec(),
+                sample: start + rows == tokens.len(),
             };
             self.data.send(&head, Message::Input(input)).await?;
         }
@@ -355,28 +426,6 @@ impl Shared {
             Some(e) => RequestError::Unservable(e.clone()),
             None => RequestError::NoPlan,
         }
-    }
-}
-
-/// How one attempt at a request ended without an answer.
-#[derive(Debug)]
-enum Attempt {
-    /// The plan changed before the first token: safe to run again (nothing
-    /// reached the client yet).
-    Rerun,
-    /// Failed, as the client should read it.
-    Failed(RequestError),
-}
-
-impl From<RequestError> for Attempt {
-    fn from(e: RequestError) -> Attempt {
-        Attempt::Failed(e)
-    }
-}
-
-impl From<crate::dataplane::SendError> for Attempt {
-    fn from(e: crate::dataplane::SendError) -> Attempt {
-        Attempt::Failed(e.into())
     }
 }
 

@@ -24,7 +24,11 @@ pub struct Cluster {
     shared: Arc<Shared>,
     stop: CancellationToken,
     control: tokio::task::JoinHandle<()>,
+    commands: tokio::sync::mpsc::Sender<control::Command>,
 }
+
+/// Longest a leaving node waits for its members to answer its goodbye.
+const GOODBYE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The model as read at start: layout, manifest and this machine's speed.
 struct Loaded {
@@ -141,12 +145,21 @@ impl Prepared {
             view: view_tx,
             plan: plan_tx,
         };
-        let control = control::start(keypair, membership, publish, shared.clone(), stop.clone())
-            .map_err(StartError::Control)?;
+        let (commands, commands_rx) = tokio::sync::mpsc::channel(4);
+        let control = control::start(
+            keypair,
+            membership,
+            publish,
+            shared.clone(),
+            stop.clone(),
+            commands_rx,
+        )
+        .map_err(StartError::Control)?;
         Ok(Cluster {
             shared,
             stop,
             control,
+            commands,
         })
     }
 }
@@ -160,6 +173,29 @@ impl Cluster {
     /// This node's id.
     pub fn id(&self) -> &str {
         &self.shared.node_id
+    }
+
+    /// Says goodbye: every member plans without this node at once (the
+    /// requests that ran through it go on under the new plan); returns
+    /// when all have answered, or after a few seconds. Requests this node
+    /// originated end with it.
+    pub async fn leave(&self) {
+        let (done, answered) = tokio::sync::oneshot::channel();
+        if self
+            .commands
+            .send(control::Command::Leave(done))
+            .await
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(GOODBYE_WAIT, answered).await;
+        }
+        let me = short(&self.shared.node_id).to_string();
+        self.shared
+            .data
+            .fail_all_requests(&protocol::RequestError::Stage {
+                node: me,
+                why: "this node is shutting down".into(),
+            });
     }
 
     /// Stops the member (its peers see it leave).

@@ -32,6 +32,26 @@ pub struct Status {
     pub cluster_tokens_per_s: f64,
     /// The model file on this node: whole, or fetched from peers so far.
     pub weights: crate::weights::WeightsStatus,
+    /// Comings and goings as this node saw them.
+    #[serde(default)]
+    pub churn: Churn,
+}
+
+/// Members that came and went, and what it cost, as one node counted.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Churn {
+    /// Members that vanished (killed, frozen, unplugged): evicted.
+    pub lost: u64,
+    /// Members that said goodbye.
+    pub left: u64,
+    /// Members that joined (rejoins included).
+    pub joined: u64,
+    /// Members left out for lying.
+    pub excluded: u64,
+    /// Requests from this node replayed on a new plan.
+    pub replays: u64,
+    /// Requests from this node that failed.
+    pub failed: u64,
 }
 
 /// The model in status.
@@ -187,5 +207,16 @@ pub(crate) fn build(shared: &Shared) -> Status {
             .load(std::sync::atomic::Ordering::Relaxed),
         cluster_tokens_per_s,
         weights: shared.weights.status(),
+        churn: {
+            let mx = &shared.metrics;
+            Churn {
+                lost: mx.members_lost.get(),
+                left: mx.members_left.get(),
+                joined: mx.members_joined.get(),
+                excluded: mx.members_excluded.get(),
+                replays: mx.replays.get(),
+                failed: mx.requests_failed.get(),
+            }
+        },
     }
 }

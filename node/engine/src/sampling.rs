@@ -106,17 +106,29 @@ impl From<&protocol::Sampling> for SamplingParams {
 }
 
 /// Draws tokens for one sequence.
+///
+/// Each draw's randomness is a function of the seed and the position
+/// drawn for (the history's length), not of the draws before it: a
+/// sequence replayed elsewhere from its tokens so far (a stage lost, the
+/// request continued on a new plan) draws exactly what it would have.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: StdRng,
+}
+
+/// The random number for the token at `position` of a sequence seeded
+/// with `seed` (splitmix64 over both, then the RNG's own seeding).
+fn draw(seed: u64, position: usize) -> f64 {
+    let mut z = seed ^ (position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    StdRng::seed_from_u64(z ^ (z >> 31)).random::<f64>()
 }
 
 impl Sampler {
     /// A sampler seeded with `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
-        let rng = StdRng::seed_from_u64(params.seed);
-        Sampler { params, rng }
+        Sampler { params }
     }
 
     /// The settings.
@@ -184,7 +196,7 @@ impl Sampler {
             cand.truncate(keep.max(1));
         }
         let probs = softmax(&cand, p.temperature);
-        let r: f64 = self.rng.random::<f64>();
+        let r = draw(p.seed, history.len());
         let mut acc = 0.0;
         for (c, pr) in cand.iter().zip(&probs) {
             acc += *pr;
@@ -258,9 +270,19 @@ mod tests {
         };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
-            (0..50).map(|_| s.sample(&l, &[])).collect::<Vec<_>>()
+            let mut history = vec![1u32, 2];
+            for _ in 0..50 {
+                let t = s.sample(&l, &history);
+                history.push(t);
+            }
+            history
         };
         assert_eq!(run(&params), run(&params));
+        // A fresh sampler given the history so far (a replay on another
+        // stage) draws what the first would have.
+        let all = run(&params);
+        let mut fresh = Sampler::new(params.clone());
+        assert_eq!(fresh.sample(&l, &all[..30]), all[30]);
         assert_ne!(
             run(&params),
             run(&SamplingParams {

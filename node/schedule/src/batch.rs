@@ -257,12 +257,16 @@ impl Batcher {
                 && !taken.contains(&w.seq.request_id)
                 && self.held(w.seq.request_id, now).is_none()
         };
-        // Decode steps first.
+        // Decode steps first: a sequence's one-row chunk only when no
+        // earlier chunk of it is queued (a replayed request queues its
+        // prompt, then the tokens generated before, in pieces).
+        let mut seen: HashSet<u64> = HashSet::new();
         for (i, w) in self.queue.iter().enumerate() {
             if picked.len() >= seqs_max {
                 break;
             }
-            if w.seq.rows == 1 && eligible(w, &taken) {
+            let first = seen.insert(w.seq.request_id);
+            if first && w.seq.rows == 1 && eligible(w, &taken) {
                 taken.insert(w.seq.request_id);
                 picked.push(i);
             }

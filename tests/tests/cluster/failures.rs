@@ -37,47 +37,6 @@ fn a_node_with_the_wrong_key_is_refused() {
 }
 
 #[test]
-fn killing_a_stage_fails_its_request_and_the_cluster_replans() {
-    let _serial = serial();
-    let model = default_model();
-    let dir = tempfile::tempdir().unwrap();
-    // Any two of the three hold the model: the plan uses two (the third
-    // spare) or all three, as the measured speeds make it; the test needs
-    // only a stage to kill that is not the origin, and two nodes after.
-    let mut nodes = loopback_cluster(dir.path(), &model, 3, "80M", &[]);
-    let s = wait_plan_with(&mut nodes[0], 3, |stages| stages >= 2);
-    let staged: Vec<String> = s["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|n| !n["layers"].is_null())
-        .map(|n| n["http"].as_str().unwrap().to_string())
-        .collect();
-    let find = |http: &str| nodes.iter().position(|n| n.http.ends_with(http)).unwrap();
-    let (asked, victim) = (find(&staged[0]), find(&staged[1]));
-    let survivor = (0..3).find(|i| *i != victim).unwrap();
-    // Killed once the answer is streaming (its first token is out): a
-    // request still before its first token would be rerun on the new plan.
-    let streaming = Streaming::start(
-        &nodes[asked],
-        &["--temp", "0", "-n", "2000", "--no-template"],
-        "Once upon a time",
-    );
-    let killed_at = Instant::now();
-    nodes[victim].kill();
-    let (_, err, ok) = streaming.finish();
-    let took = killed_at.elapsed();
-    assert!(!ok, "the request should fail");
-    assert!(err.contains("error:"), "{err}");
-    assert!(took < secs(15), "took {took:?} to fail");
-    wait_plan(&mut nodes[survivor], 2, 2);
-    let want = run_single(&model, SETTINGS[0], PROMPTS[0]);
-    let (got, err, ok) = nodes[survivor].ask(SETTINGS[0], PROMPTS[0]);
-    assert!(ok, "{err}");
-    assert_eq!(got, want);
-}
-
-#[test]
 fn nodes_holding_different_models_each_serve_their_own() {
     let _serial = serial();
     use shoal_tests::synth::{write_synthetic_gguf, SynthSpec};

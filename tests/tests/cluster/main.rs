@@ -10,6 +10,7 @@ mod namespaces;
 mod page;
 mod pipeline;
 mod security;
+mod survive;
 mod weights;
 
 /// What every test module uses.

@@ -131,3 +131,48 @@ fn a_slow_link_measured_on_the_data_plane_keeps_its_node_out_of_the_plan() {
     assert_same_as_one_machine(&model, &[&nodes[1]]);
     drop(relay);
 }
+
+#[test]
+fn halves_of_a_split_network_each_serve_and_become_one_cluster_when_it_heals() {
+    let _serial = serial();
+    let Some(lan) = lan_or_skip(4) else { return };
+    let model = default_model();
+    let m = model.display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keyfile(dir.path(), "key");
+    // Any two hold the model.
+    let mut nodes: Vec<NodeProc> = (0..4)
+        .map(|i| ns_node(dir.path(), &lan, i, &key, &m, &["--max-memory", "80M"]))
+        .collect();
+    let _logs = LogsOnFailure::of(&nodes.iter().collect::<Vec<_>>());
+    wait_plan_with(&mut nodes[0], 4, |s| s >= 2);
+    let want = run_single(&model, SETTINGS[0], PROMPTS[0]);
+    lan.split(&[2, 3]);
+    // Each half plans on its own and answers as one machine.
+    for i in [0, 2] {
+        wait_plan_with(&mut nodes[i], 2, |s| s >= 1);
+        let (got, err, ok) = nodes[i].ask(SETTINGS[0], PROMPTS[0]);
+        assert!(ok, "half of node {i}: {err}");
+        assert_eq!(got, want);
+    }
+    lan.heal();
+    let healed = Instant::now();
+    // One cluster, one plan (the same on every node), within seconds.
+    let one = |s: &Value| plan_size(s).0 == 4 && !s["plan"].is_null();
+    let summary = loop {
+        let all: Vec<Value> = nodes.iter().map(|n| n.status()).collect();
+        let first = &all[0]["plan"]["summary"];
+        if all.iter().all(|s| one(s) && s["plan"]["summary"] == *first) {
+            break first.clone();
+        }
+        assert!(
+            healed.elapsed() < secs(15),
+            "not one cluster {:?} after healing: {all:#?}",
+            healed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (got, err, ok) = nodes[3].ask(SETTINGS[0], PROMPTS[0]);
+    assert!(ok, "{err}");
+    assert_eq!(got, want, "plan {summary}");
+}

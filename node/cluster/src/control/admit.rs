@@ -110,6 +110,7 @@ impl Control {
                     request_id,
                     response,
                 } => {
+                    self.goodbye_answered(request_id);
                     let was_join = self.pending_joins.remove(&request_id).is_some();
                     self.on_response(peer, response, was_join);
                 }
@@ -120,6 +121,7 @@ impl Control {
                 error,
                 ..
             } => {
+                self.goodbye_answered(request_id);
                 if self.pending_joins.remove(&request_id).is_some() {
                     info!(peer = %short(&peer.to_string()), "join failed: {error}");
                 } else {
@@ -137,6 +139,10 @@ impl Control {
     /// Answers a request; the flag says whether the peer was refused.
     pub(super) fn on_request(&mut self, peer: PeerId, req: Message) -> (Message, bool) {
         let pid = peer.to_string();
+        if self.leaving.is_some() {
+            let reason = "this node is leaving the cluster".into();
+            return (Message::Refused { reason }, false);
+        }
         if let Message::Join(j) = req {
             let hello = match self.open_join(&pid, &j) {
                 Ok(h) => h,
@@ -211,12 +217,20 @@ impl Control {
                 }
                 (Message::Ack, false)
             }
+            Message::Leaving => {
+                self.on_leaving(peer);
+                (Message::Ack, false)
+            }
             Message::Distrust { node_id, reason } => {
                 self.on_distrust(&pid, &node_id, &reason);
                 (Message::Ack, false)
             }
             Message::Load(load) => {
-                self.m.set_load(&pid, load);
+                if self.m.set_load(&pid, load) {
+                    // A member ahead of this leader's epoch (halves of a
+                    // split network met again): plan past it.
+                    self.replan_at = Some(Instant::now() + REPLAN_SETTLE);
+                }
                 (Message::Ack, false)
             }
             Message::LinkReport { links } => {
@@ -323,6 +337,7 @@ impl Control {
         let new = self.m.join(hello, ip);
         if new {
             info!(peer = %short(&pid), ?ip, "node joined the cluster");
+            self.shared.metrics.members_joined.inc();
             if other_model {
                 warn!(peer = %short(&pid), "it holds a different model (blake3 manifest differs): it will not serve");
             }

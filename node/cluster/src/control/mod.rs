@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 mod admit;
 mod distrust;
+mod leave;
 mod plan;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -49,6 +50,14 @@ pub(crate) const PROOF_DEADLINE: Duration = Duration::from_secs(30);
 
 /// `--peer` addresses not connected are redialled this often.
 const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A member not heard from for this long (no ping answered, no load
+/// report: both come every second) is taken for gone: a frozen process, a
+/// sleeping laptop, a cut cable. Its connection is closed and the cluster
+/// plans without it; its requests go on under the new plan. (libp2p's own
+/// ping failure comes only after a second timeout and a stream
+/// negotiation timeout, ~15 s.)
+pub(crate) const SILENCE: Duration = Duration::from_secs(3);
 
 /// Link reports go to the leader this often.
 const REPORT_INTERVAL: Duration = Duration::from_secs(3);
@@ -90,6 +99,7 @@ pub(crate) fn start(
     publish: Publish,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    commands: tokio::sync::mpsc::Receiver<Command>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let c = &shared.config;
     let cfg = ControlConfig {
@@ -128,8 +138,11 @@ pub(crate) fn start(
         load_meter,
         ips: HashMap::new(),
         strangers: HashMap::new(),
+        heard: HashMap::new(),
         probes: tokio::sync::mpsc::channel(64),
         caught: shared_caught,
+        leaving: None,
+        commands,
     };
     // Dialled without their `/p2p/<id>` part: ids are fresh at every start,
     // so a copied address would stop working after that node restarts; the
@@ -186,6 +199,9 @@ struct Control {
     load_meter: crate::metrics::LoadMeter,
     /// Remote ip of each connected peer.
     ips: HashMap<PeerId, IpAddr>,
+    /// When each connected peer was last heard from (ping answers, control
+    /// messages): members silent for [`SILENCE`] are dropped.
+    heard: HashMap<PeerId, Instant>,
     /// Connected peers that are not members yet, since when: dropped when
     /// they have not proved the key within [`PROOF_DEADLINE`].
     strangers: HashMap<PeerId, Instant>,
@@ -196,6 +212,18 @@ struct Control {
     ),
     /// Lies the data plane and the worker caught: (member, what it did).
     caught: tokio::sync::mpsc::Receiver<(String, String)>,
+    /// This node is leaving: the goodbyes not answered yet, and whom to
+    /// tell when all are (see `leave.rs`).
+    leaving: Option<leave::Leaving>,
+    /// Asks from the rest of the node (leave).
+    commands: tokio::sync::mpsc::Receiver<Command>,
+}
+
+/// What the rest of the node asks of the control loop.
+pub(crate) enum Command {
+    /// Say goodbye to every member; the sender hears back when all have
+    /// answered (or the goodbyes failed).
+    Leave(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Control {
@@ -207,6 +235,9 @@ impl Control {
                 event = self.swarm.select_next_some() => self.on_event(event),
                 Some((peer, result)) = self.probes.1.recv() => self.on_probe(peer, result),
                 Some((node, why)) = self.caught.recv() => self.on_caught(node, why),
+                Some(cmd) = self.commands.recv() => match cmd {
+                    Command::Leave(done) => self.leave(done),
+                },
                 _ = tick.tick() => self.on_tick(),
             }
             self.publish.view.send_replace(Arc::new(self.m.view()));
@@ -215,8 +246,9 @@ impl Control {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        if now.duration_since(self.last_redial) >= REDIAL_INTERVAL {
+        if now.duration_since(self.last_redial) >= REDIAL_INTERVAL && self.leaving.is_none() {
             self.last_redial = now;
+            self.redial_mdns();
             let addrs: Vec<Multiaddr> = self
                 .peer_addrs
                 .iter()
@@ -241,6 +273,7 @@ impl Control {
             }
         }
         self.drop_strangers(now);
+        self.drop_silent(now);
         if self.replan_at.is_some_and(|t| now >= t) {
             self.replan_at = None;
             self.replan();
@@ -298,6 +331,7 @@ impl Control {
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result, .. })) => {
                 match result {
                     Ok(rtt) => {
+                        self.heard.insert(peer, Instant::now());
                         let us = rtt.as_micros().min(u32::MAX as u128) as u32;
                         self.m.set_rtt(&peer.to_string(), us);
                     }
@@ -307,7 +341,12 @@ impl Control {
                     }
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Control(ev)) => self.on_control(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Control(ev)) => {
+                if let libp2p::request_response::Event::Message { peer, .. } = &ev {
+                    self.heard.insert(*peer, Instant::now());
+                }
+                self.on_control(ev)
+            }
             _ => {}
         }
     }
@@ -325,6 +364,27 @@ impl Control {
             debug!(peer = %short(&peer.to_string()), ?addrs, "discovered by mDNS");
             if let Err(e) = self.swarm.dial(dial_opts(peer, addrs)) {
                 debug!("dial failed: {e}");
+            }
+        }
+    }
+
+    /// Dials the peers mDNS knows that are not connected: mDNS reports a
+    /// peer once, while its record lives (minutes), so nodes separated for
+    /// a while (a network split, a laptop asleep) would not meet again
+    /// until it expires.
+    fn redial_mdns(&mut self) {
+        let Some(mdns) = self.swarm.behaviour().mdns.as_ref() else {
+            return;
+        };
+        let known: Vec<PeerId> = mdns.discovered_nodes().copied().collect();
+        for peer in known {
+            if self.swarm.is_connected(&peer) || self.backing_off(&peer) {
+                continue;
+            }
+            // mDNS hands the swarm the peer's addresses.
+            let opts = DialOpts::peer_id(peer).allocate_new_port().build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, "redial failed: {e}");
             }
         }
     }
@@ -348,7 +408,28 @@ impl Control {
         }
     }
 
+    /// Closes the connections of members silent past [`SILENCE`].
+    fn drop_silent(&mut self, now: Instant) {
+        let silent: Vec<PeerId> = self
+            .m
+            .members()
+            .keys()
+            .filter_map(|id| id.parse::<PeerId>().ok())
+            .filter(|p| {
+                self.heard
+                    .get(p)
+                    .is_some_and(|t| now.duration_since(*t) > SILENCE)
+            })
+            .collect();
+        for peer in silent {
+            warn!(peer = %short(&peer.to_string()), "silent for {} s: taken for gone", SILENCE.as_secs());
+            self.heard.remove(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     fn on_connected(&mut self, peer: PeerId, endpoint: ConnectedPoint) {
+        self.heard.insert(peer, Instant::now());
         if !self.m.members().contains_key(&peer.to_string()) {
             self.strangers.entry(peer).or_insert_with(Instant::now);
         }
@@ -374,6 +455,7 @@ impl Control {
 
     fn on_disconnected(&mut self, peer: PeerId, cause: Option<String>) {
         self.ips.remove(&peer);
+        self.heard.remove(&peer);
         self.strangers.remove(&peer);
         for p in self.peer_addrs.values_mut() {
             if *p == Some(peer) {
@@ -383,7 +465,8 @@ impl Control {
         let id = peer.to_string();
         let left = self.m.leave(&id);
         if left {
-            warn!(peer = %short(&id), cause = cause.as_deref().unwrap_or("closed"), "node left the cluster");
+            warn!(peer = %short(&id), cause = cause.as_deref().unwrap_or("closed"), "node lost: it left without a goodbye");
+            self.shared.metrics.members_lost.inc();
             self.members_changed();
         }
     }

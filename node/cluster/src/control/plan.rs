@@ -21,9 +21,12 @@ impl Control {
         let running = sh.stats.lock().expect("stats lock").running as u32;
         let queued = sh.queued.load(std::sync::atomic::Ordering::Relaxed) as u32;
         let sequences = sh.live_sequences.load(std::sync::atomic::Ordering::Relaxed) as u32;
-        let load = self
+        let mut load = self
             .load_meter
             .sample(&sh.metrics, running, queued, sequences);
+        // The highest seen, plan in force or not: a new leader (the old
+        // one gone) must plan past it for this node to take its plan.
+        load.epoch = self.m.epoch();
         *sh.load.lock().expect("load lock") = load;
         let members: Vec<PeerId> = self
             .m

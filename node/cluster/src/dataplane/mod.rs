@@ -76,6 +76,20 @@ struct OriginRequest {
     route: Vec<String>,
 }
 
+/// An outgoing link: its queue and its writer task.
+struct Link {
+    tx: mpsc::Sender<Message>,
+    /// Aborted when the member leaves: a writer stuck on a frozen peer
+    /// would otherwise hold every sender waiting on its full queue.
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// This node's data plane.
 pub struct DataPlane {
     me: String,
@@ -83,7 +97,7 @@ pub struct DataPlane {
     identity: Identity,
     allowed: AllowList,
     peers: Mutex<HashMap<String, PeerData>>,
-    links: Mutex<HashMap<String, mpsc::Sender<Message>>>,
+    links: Mutex<HashMap<String, Link>>,
     worker: Mutex<Option<mpsc::Sender<WorkerMsg>>>,
     requests: Mutex<HashMap<u64, OriginRequest>>,
     /// Connections members opened to this node, by their certificate:
@@ -213,34 +227,6 @@ impl DataPlane {
             .map(|(id, _)| id.clone())
     }
 
-    /// Registers a request this node originates; its tokens and failure
-    /// arrive on the returned receiver.
-    /// `route` is the plan's stages: only they may answer for it.
-    pub fn open_request(&self, id: u64, route: Vec<String>) -> mpsc::Receiver<Message> {
-        let (tx, rx) = mpsc::channel(ORIGIN_QUEUE);
-        self.requests
-            .lock()
-            .expect("lock")
-            .insert(id, OriginRequest { tx, route });
-        rx
-    }
-
-    /// Forgets a request this node originated.
-    pub fn close_request(&self, id: u64) {
-        self.requests.lock().expect("lock").remove(&id);
-    }
-
-    /// Fails every request this node originates (the plan changed).
-    pub fn fail_all_requests(&self, error: &RequestError) {
-        let requests = self.requests.lock().expect("lock");
-        for (&request_id, r) in requests.iter() {
-            let _ = r.tx.try_send(Message::Failed {
-                request_id,
-                error: error.clone(),
-            });
-        }
-    }
-
     /// Sends `msg` to node `to` (this node included), waiting while the link is full.
     pub async fn send(self: &Arc<Self>, to: &str, msg: Message) -> Result<(), SendError> {
         if to == self.me {
@@ -262,8 +248,8 @@ impl DataPlane {
 
     fn link(self: &Arc<Self>, to: &str) -> Result<mpsc::Sender<Message>, SendError> {
         let mut links = self.links.lock().expect("lock");
-        if let Some(l) = links.get(to).filter(|l| !l.is_closed()) {
-            return Ok(l.clone());
+        if let Some(l) = links.get(to).filter(|l| !l.tx.is_closed()) {
+            return Ok(l.tx.clone());
         }
         let peer = *self
             .peers
@@ -273,8 +259,13 @@ impl DataPlane {
             .ok_or_else(|| SendError::NotMember(short(to).to_string()))?;
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let span = info_span!("link", peer = %short(to), addr = %peer.addr);
-        tokio::spawn(write_loop(self.clone(), to.to_string(), peer, rx).instrument(span));
-        links.insert(to.to_string(), tx.clone());
+        let task =
+            tokio::spawn(write_loop(self.clone(), to.to_string(), peer, rx).instrument(span));
+        let link = Link {
+            tx: tx.clone(),
+            task: task.abort_handle(),
+        };
+        links.insert(to.to_string(), link);
         Ok(tx)
     }
 
@@ -332,47 +323,8 @@ impl DataPlane {
                 })
                 .await
             }
-            Message::Tokens(t) => {
-                for e in &t.entries {
-                    self.to_origin(
-                        from,
-                        e.request_id,
-                        Message::Tokens(protocol::Tokens { entries: vec![*e] }),
-                    );
-                }
-            }
-            Message::Failed { request_id, .. } => self.to_origin(from, request_id, msg),
+            Message::Tokens(_) | Message::Failed { .. } => self.for_origins(from, msg),
             other => debug!(?other, "control message on the data plane ignored"),
-        }
-    }
-
-    fn to_origin(&self, from: &str, id: u64, msg: Message) {
-        let requests = self.requests.lock().expect("lock");
-        let Some(r) = requests.get(&id) else {
-            debug!(request_id = id, "message for a finished request dropped");
-            return;
-        };
-        let allowed = match &msg {
-            Message::Tokens(_) => r.route.last().is_some_and(|last| last == from),
-            _ => from == self.me || r.route.iter().any(|s| s == from),
-        };
-        if !allowed {
-            // Request ids are random: only a node the request passed
-            // through knows this one, and none but its last stage has
-            // tokens for it, none off its route a failure.
-            drop(requests);
-            let what = match msg {
-                Message::Tokens(_) => "tokens",
-                _ => "a failure",
-            };
-            self.caught(
-                from,
-                format!("{what} for request {id}, which it does not finish"),
-            );
-            return;
-        }
-        if r.tx.try_send(msg).is_err() {
-            warn!(request_id = id, "origin queue full: message dropped");
         }
     }
 }
@@ -380,6 +332,10 @@ impl DataPlane {
 impl Outbox for Arc<DataPlane> {
     fn caught(&self, node: &str, why: String) {
         DataPlane::caught(self, node, why)
+    }
+
+    fn send_now(&self, to: &str, msg: Message) -> bool {
+        DataPlane::send_now(self, to, msg)
     }
 
     fn send(&self, to: &str, msg: Message) {
@@ -569,3 +525,5 @@ pub fn short(id: &str) -> &str {
 
 #[cfg(test)]
 mod tests;
+
+mod origins;

@@ -163,6 +163,11 @@ impl Membership {
         &self.members
     }
 
+    /// The highest plan epoch this node has seen (a plan in force or not).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// The plan in force.
     pub fn plan(&self) -> Option<&Plan> {
         self.plan.as_ref()
@@ -252,11 +257,22 @@ impl Membership {
         changed
     }
 
-    /// Records a member's load report.
-    pub fn set_load(&mut self, id: &str, load: protocol::LoadReport) {
+    /// Records a member's load report; true when this node leads and the
+    /// member runs a plan of a later epoch than this node's (a replan is
+    /// due: see [`Membership::replan`]).
+    pub fn set_load(&mut self, id: &str, load: protocol::LoadReport) -> bool {
+        let ahead = self.is_leader() && self.member_epoch(load.epoch) > self.epoch;
         if let Some(m) = self.members.get_mut(id) {
             m.load = Some(load);
+            return ahead;
         }
+        false
+    }
+
+    /// A member's reported epoch as the leader counts it: at most
+    /// [`EPOCH_JUMP_MAX`] past this node's (a lie cannot wrap the count).
+    fn member_epoch(&self, epoch: u64) -> u64 {
+        epoch.min(self.epoch.saturating_add(EPOCH_JUMP_MAX))
     }
 
     /// Records the links a member measured; true when one is new or moved
@@ -418,10 +434,18 @@ impl Membership {
                 layers_end: s.layers.end as u32,
             })
             .collect();
-        if self.plan.as_ref().is_some_and(|p| p.stages == stages) {
+        // Past every epoch a member runs: after a split network heals, the
+        // other half's members take only a plan newer than theirs.
+        let seen = self
+            .members
+            .values()
+            .filter_map(|m| m.load.map(|l| self.member_epoch(l.epoch)))
+            .max()
+            .unwrap_or(0);
+        if self.plan.as_ref().is_some_and(|p| p.stages == stages) && seen <= self.epoch {
             return Ok(None);
         }
-        self.epoch = self.epoch.saturating_add(1);
+        self.epoch = self.epoch.max(seen).saturating_add(1);
         let epoch = self.epoch;
         let plan = Plan {
             epoch,

@@ -160,3 +160,39 @@ fn members_left_out_for_lying_lose_the_lead_cannot_rejoin_and_are_not_planned() 
     assert_eq!(a.my_accusations(), Vec::<String>::new());
     assert_eq!(c.my_accusations(), vec!["a".to_string()]);
 }
+
+#[test]
+fn after_a_split_heals_the_leader_plans_past_the_other_halfs_epoch() {
+    let mut a = Membership::new(hello("a", 80), model(), PlanGoal::Latency);
+    a.join(hello("b", 80), None);
+    let first = a.replan().unwrap().unwrap();
+    assert_eq!(first.epoch, 1);
+    // b ran alone with its own leader for a while: epoch 5.
+    let mut b = Membership::new(hello("b", 80), model(), PlanGoal::Latency);
+    b.join(hello("c", 80), None);
+    for _ in 0..5 {
+        b.leave("c");
+        assert!(b.replan().is_err(), "b alone cannot hold the model");
+        b.join(hello("c", 80), None);
+        b.replan().unwrap();
+    }
+    b.join(hello("a", 80), None);
+    let b_epoch = b.plan().map_or(0, |p| p.epoch);
+    assert!(b_epoch > 1);
+    let load = protocol::LoadReport {
+        epoch: b_epoch,
+        ..Default::default()
+    };
+    assert!(a.set_load("b", load), "a replan is due");
+    let next = a.replan().unwrap().expect("a new epoch, same stages");
+    assert_eq!(next.stages, first.stages);
+    assert!(next.epoch > b_epoch);
+    assert!(b.accept_plan("a", next, &[]).unwrap());
+    // A lying epoch cannot wrap the count.
+    let lie = protocol::LoadReport {
+        epoch: u64::MAX,
+        ..Default::default()
+    };
+    a.set_load("b", lie);
+    assert!(a.replan().unwrap().unwrap().epoch < u64::MAX / 2);
+}

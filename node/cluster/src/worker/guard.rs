@@ -130,7 +130,7 @@ impl Worker {
         ended.sort();
         ended.dedup();
         for (id, origin) in ended {
-            self.out.send(
+            let _ = self.out.send_now(
                 &origin,
                 Message::Failed {
                     request_id: id,

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::{Activations, Begin, DType, Message, RequestError, SampledToken, SeqRows, Tokens};
+use protocol::{Activations, DType, Message, RequestError, SampledToken, SeqRows, Tokens};
 use sharding::{GgufFile, ModelLayout};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tracing::{debug, info, info_span, warn};
@@ -23,7 +23,7 @@ use tracing::{debug, info, info_span, warn};
 use crate::dataplane::short;
 
 use engine::model::{LoadOptions, Stage, StageOutput};
-use engine::sampling::{Sampler, SamplingParams};
+use engine::sampling::Sampler;
 use engine::KvCache;
 use schedule::{micro_batch_cap, Batcher, Next, Rows, Work, SEQUENCES_MAX};
 
@@ -60,6 +60,9 @@ impl From<sharding::GgufError> for LoadError {
 pub trait Outbox: Send + Sync {
     /// Sends `msg` to node `to`, waiting while its link is full.
     fn send(&self, to: &str, msg: Message);
+    /// Sends `msg` (tokens or a failure) to an origin without waiting:
+    /// false when its link is full or down.
+    fn send_now(&self, to: &str, msg: Message) -> bool;
     /// Member `node` sent this stage what no honest node sends.
     fn caught(&self, node: &str, why: String);
 }
@@ -147,6 +150,10 @@ pub struct Worker {
     /// The requests of the pass running (their sequences are out of
     /// `seqs` meanwhile): failed to their origins if the pass panics.
     in_pass: Vec<(u64, String)>,
+    /// Data messages held back behind a `Begin` of a plan this node has
+    /// not heard of yet (see `admit.rs`), and since when.
+    parked: std::collections::VecDeque<(String, Message)>,
+    parked_since: Option<Instant>,
 }
 
 /// Starts the worker; it runs until the sender is dropped.
@@ -164,6 +171,8 @@ pub fn spawn(cfg: WorkerConfig, out: Arc<dyn Outbox>) -> mpsc::Sender<WorkerMsg>
         batcher: Batcher::default(),
         heap_dirty: false,
         in_pass: Vec::new(),
+        parked: Default::default(),
+        parked_since: None,
     };
     std::thread::Builder::new()
         .name("shoal-stage".into())
@@ -197,9 +206,18 @@ impl Worker {
                     engine::local::release_freed_heap();
                     self.heap_dirty = false;
                 }
-                match rx.blocking_recv() {
-                    Some(msg) => self.handle(msg),
-                    None => return false,
+                if self.parked.is_empty() {
+                    match rx.blocking_recv() {
+                        Some(msg) => self.handle(msg),
+                        None => return false,
+                    }
+                } else {
+                    match rx.try_recv() {
+                        Ok(msg) => self.handle(msg),
+                        Err(TryRecvError::Disconnected) => return false,
+                        Err(TryRecvError::Empty) => std::thread::sleep(REGROUP_POLL),
+                    }
+                    self.unpark_if_late();
                 }
             }
             Next::WaitUntil(deadline) => loop {
@@ -242,7 +260,8 @@ impl Worker {
                 stages,
             } => {
                 self.prev = prev;
-                self.reconfigure(epoch, layers, next, stages)
+                self.reconfigure(epoch, layers, next, stages);
+                self.unpark();
             }
             WorkerMsg::Pause => {
                 self.epoch = 0;
@@ -250,6 +269,9 @@ impl Worker {
                 self.batcher.clear();
             }
             WorkerMsg::Data { from, msg } => {
+                if self.park(&from, &msg) {
+                    return;
+                }
                 match self.may_send(&from, &msg) {
                     Verdict::Take => {}
                     Verdict::Refuse(why) => {
@@ -326,73 +348,6 @@ impl Worker {
         let stage = Stage::load(&gguf, &self.cfg.layout, layers, &self.cfg.load)?;
         stage.prefault(&mut |_, _| {});
         Ok(stage)
-    }
-
-    fn begin(&mut self, b: Begin, from: String) {
-        let fail = |error: RequestError| Message::Failed {
-            request_id: b.request_id,
-            error,
-        };
-        let Some(stage) = &self.stage else {
-            let why = "holds no layers (its stage did not load)".into();
-            self.out.send(&b.origin, fail(self.stage_error(why)));
-            return;
-        };
-        if b.epoch != self.epoch {
-            debug!(
-                request_id = b.request_id,
-                "request for epoch {} on epoch {}", b.epoch, self.epoch
-            );
-            self.out.send(&b.origin, fail(RequestError::Replanned));
-            return;
-        }
-        if self.seqs.len() >= SEQUENCES_MAX && !self.seqs.contains_key(&b.request_id) {
-            let full = RequestError::StageFull {
-                node: short(&self.cfg.me).to_string(),
-                max: SEQUENCES_MAX as u32,
-            };
-            self.out.send(&b.origin, fail(full));
-            return;
-        }
-        // The cache may grow to the request's whole context: that much is
-        // held for it from the start, so the stage never outgrows its
-        // memory whatever the requests' lengths.
-        let context = (b.context as usize).min(stage.max_context()) as u64;
-        let (per_position, budget) = self.kv_budget(stage);
-        let kv_bytes = context * per_position;
-        let held: u64 = self.seqs.values().map(|s| s.kv_bytes).sum();
-        if held + kv_bytes > budget && !self.seqs.contains_key(&b.request_id) {
-            debug!(
-                request_id = b.request_id,
-                held, kv_bytes, budget, "no room for the request's KV cache"
-            );
-            let full = RequestError::StageMemory {
-                node: short(&self.cfg.me).to_string(),
-                mib: kv_bytes.div_ceil(1 << 20) as u32,
-            };
-            self.out.send(&b.origin, fail(full));
-            return;
-        }
-        let sampler = stage.is_last().then(|| {
-            (
-                Sampler::new(SamplingParams::from(&b.sampling)),
-                b.prompt.clone(),
-            )
-        });
-        self.seqs.insert(
-            b.request_id,
-            Sequence {
-                cache: stage.new_cache(b.context as usize),
-                kv_bytes,
-                origin: b.origin.clone(),
-                from,
-                sampler,
-            },
-        );
-        if let Some(next) = &self.next {
-            self.out.send(next, Message::Begin(b.clone()));
-            lie_after_begin(&*self.out, &self.cfg.me, next, b);
-        }
     }
 
     /// Queues a chunk of a known request.
@@ -554,7 +509,17 @@ impl Worker {
                     }
                 }
                 for (origin, entries) in by_origin {
-                    self.out.send(&origin, Message::Tokens(Tokens { entries }));
+                    let ids: Vec<u64> = entries.iter().map(|e| e.request_id).collect();
+                    if !self
+                        .out
+                        .send_now(&origin, Message::Tokens(Tokens { entries }))
+                    {
+                        // An origin that does not read holds no one else up.
+                        warn!(origin = %short(&origin), "origin not reading its tokens: its requests dropped here");
+                        for id in ids {
+                            self.cancel(id);
+                        }
+                    }
                 }
             }
             _ => {
@@ -591,7 +556,7 @@ impl Worker {
         warn!(request_id = id, "{error}");
         if let Some(seq) = self.seqs.get(&id) {
             let origin = seq.origin.clone();
-            self.out.send(
+            let _ = self.out.send_now(
                 &origin,
                 Message::Failed {
                     request_id: id,
@@ -603,9 +568,10 @@ impl Worker {
     }
 }
 
+mod admit;
 mod guard;
 mod pass;
-use guard::{fault_panics, lie_after_begin, lie_in_activations, panic_text, Verdict};
+use guard::{fault_panics, lie_in_activations, panic_text, Verdict};
 pub use pass::{decode_payload, encode_payload};
 use pass::{hidden_message, run_batch};
 

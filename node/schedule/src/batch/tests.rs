@@ -261,3 +261,19 @@ fn a_pass_that_runs_anyway_takes_merging_decode_steps() {
     b.finished(late);
     assert_eq!(b.next(late), Next::Run);
 }
+
+#[test]
+fn a_replayed_sequence_runs_its_chunks_in_order() {
+    // A replay queues the prompt, then the tokens generated before it:
+    // the one-row chunk must not jump ahead of its own prompt.
+    let now = Instant::now();
+    let mut b = Batcher::default();
+    b.push(prompt(1, 13), now);
+    b.push(decode(1, 13), now);
+    b.push(decode(2, 5), now);
+    let first = b.next_batch(64, false, now);
+    assert_eq!(ids(&first), vec![(1, 0, 13, true), (2, 5, 1, true)]);
+    b.finished(now);
+    let second = b.next_batch(64, false, now);
+    assert_eq!(ids(&second), vec![(1, 13, 1, true)]);
+}
