@@ -147,3 +147,51 @@ fn a_stage_stopped_with_sigterm_says_goodbye_and_the_answer_goes_on() {
     let metrics = nodes[asked].get("/metrics");
     assert!(metrics.contains("shoal_members_left_total 1"), "{metrics}");
 }
+
+#[test]
+fn forty_seconds_of_chaos_change_no_answer_and_hang_none() {
+    let _serial = serial();
+    let available = shoal_tests::lan::Lan::available();
+    if !prerequisite("network namespaces (root and iproute2)", available) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("chaos.json");
+    // The bench's own script, shorter: 4 nodes in namespaces, kills,
+    // freezes, SIGTERMs and cut cables on nodes 1-3 while 4 streams run.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/chaos.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(["--shoal", &shoal_tests::shoal_bin().display().to_string()])
+        .args(["--model", &default_model().display().to_string()])
+        .args([
+            "--seconds",
+            "40",
+            "--streams",
+            "4",
+            "--tokens",
+            "48",
+            "--seed",
+            "2",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no result ({e}): {said}"));
+    assert_eq!(r["different"], 0, "{said}");
+    assert_eq!(r["hung"], 0, "{said}");
+    assert_eq!(r["failed"], 0, "{said}");
+    assert!(r["identical"].as_u64() > Some(10), "{said}");
+    let disturbed: u64 = r["disturbances"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert!(disturbed >= 3, "{said}");
+    println!("{said}");
+}
