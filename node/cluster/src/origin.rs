@@ -44,13 +44,12 @@ const REPLAYS_MAX: u32 = 8;
 
 /// Whether a request that ended with `e` can go on under another plan:
 /// it lost a stage or its plan, not its input or a stage's judgement of it.
+/// A timeout is not: a stage that is stuck but still answers pings stays
+/// in the plan, and a replay would wait on it again.
 fn replayable(e: &RequestError) -> bool {
     matches!(
         e,
-        RequestError::StageLost { .. }
-            | RequestError::Replanned
-            | RequestError::NoPlan
-            | RequestError::Timeout { .. }
+        RequestError::StageLost { .. } | RequestError::Replanned | RequestError::NoPlan
     )
 }
 
