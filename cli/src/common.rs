@@ -125,6 +125,12 @@ pub struct GenArgs {
     /// Repetition penalty (1.0 = off).
     #[arg(long, default_value_t = 1.0)]
     pub repeat_penalty: f32,
+    /// Presence penalty: subtracted once from recent tokens' logits (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Frequency penalty: subtracted per occurrence of a recent token (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
     /// Seed for sampling (default: random).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -145,6 +151,8 @@ impl GenArgs {
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: 64,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
             seed,
         };
         p.validate().map_err(anyhow::Error::msg)?;

@@ -255,6 +255,8 @@ mod tests {
                         min_p: 0.05,
                         repeat_penalty: 1.1,
                         repeat_last_n: 64,
+                        presence_penalty: 0.5,
+                        frequency_penalty: -0.25,
                         seed,
                     },
                     prompt,

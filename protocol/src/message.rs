@@ -201,8 +201,12 @@ pub struct Sampling {
     pub min_p: f32,
     /// Repetition penalty (1 = off).
     pub repeat_penalty: f32,
-    /// Tokens the penalty looks back on.
+    /// Tokens the penalties look back on.
     pub repeat_last_n: u32,
+    /// Presence penalty (0 = off).
+    pub presence_penalty: f32,
+    /// Frequency penalty (0 = off).
+    pub frequency_penalty: f32,
     /// RNG seed.
     pub seed: u64,
 }

@@ -245,6 +245,23 @@ impl Message {
             }
             Message::Begin(b) => {
                 name(&b.origin, "origin")?;
+                let sm = &b.sampling;
+                within("temperature", f64::from(sm.temperature), 0.0, 100.0)?;
+                within("top_p", f64::from(sm.top_p), 0.0, 1.0)?;
+                within("min_p", f64::from(sm.min_p), 0.0, 1.0)?;
+                within("repeat_penalty", f64::from(sm.repeat_penalty), 0.0, 100.0)?;
+                within(
+                    "presence_penalty",
+                    f64::from(sm.presence_penalty),
+                    -2.0,
+                    2.0,
+                )?;
+                within(
+                    "frequency_penalty",
+                    f64::from(sm.frequency_penalty),
+                    -2.0,
+                    2.0,
+                )?;
                 count("prompt tokens", b.prompt.len(), 1, CONTEXT_TOKENS_MAX)?;
                 if b.context as usize > CONTEXT_TOKENS_MAX || (b.context as usize) < b.prompt.len()
                 {

@@ -55,6 +55,8 @@ struct Options {
     min_p: Option<f32>,
     repeat_penalty: Option<f32>,
     repeat_last_n: Option<usize>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     seed: Option<u64>,
     stop: Option<Vec<String>>,
     num_ctx: Option<usize>,
@@ -244,6 +246,8 @@ fn ask_request(prompt: Prompt, o: Options) -> Result<AskRequest, Response> {
         min_p: o.min_p.unwrap_or(0.0),
         repeat_penalty: o.repeat_penalty.unwrap_or(1.1),
         repeat_last_n: o.repeat_last_n.unwrap_or(64),
+        presence_penalty: o.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: o.frequency_penalty.unwrap_or(0.0),
         seed: o.seed.unwrap_or_else(rand::random),
     };
     if let Err(e) = sampling.validate() {

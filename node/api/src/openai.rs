@@ -315,14 +315,6 @@ fn ask_request(
     if c.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad(Some("n"), "only n=1 is supported"));
     }
-    for (name, v) in [
-        ("presence_penalty", c.presence_penalty),
-        ("frequency_penalty", c.frequency_penalty),
-    ] {
-        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
-            return Err(ApiError::bad(None, format!("{name} must be in [-2, 2]")));
-        }
-    }
     let stop = match c.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -337,6 +329,8 @@ fn ask_request(
         min_p: c.min_p.unwrap_or(0.0),
         repeat_penalty: c.repeat_penalty.unwrap_or(1.0),
         repeat_last_n: d.repeat_last_n,
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
         seed: c.seed.unwrap_or_else(rand::random),
     };
     if !(0.0..=2.0).contains(&sampling.temperature) {

@@ -39,6 +39,10 @@ pub struct GenerateBody {
     pub min_p: Option<f32>,
     /// Repetition penalty.
     pub repeat_penalty: Option<f32>,
+    /// Presence penalty (-2..=2).
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty (-2..=2).
+    pub frequency_penalty: Option<f32>,
     /// Seed.
     pub seed: Option<u64>,
     /// Context window.
@@ -84,6 +88,8 @@ fn ask_request(b: GenerateBody) -> Result<AskRequest, String> {
         min_p: b.min_p.unwrap_or(d.min_p),
         repeat_penalty: b.repeat_penalty.unwrap_or(d.repeat_penalty),
         repeat_last_n: d.repeat_last_n,
+        presence_penalty: b.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: b.frequency_penalty.unwrap_or(0.0),
         seed: b.seed.unwrap_or_else(rand::random),
     };
     sampling.validate()?;

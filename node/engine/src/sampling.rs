@@ -1,6 +1,7 @@
 //! Token sampling: a pure function of logits, history and a seeded RNG.
 //!
-//! The chain follows llama.cpp's default order — repetition penalty, top-k,
+//! The chain follows llama.cpp's default order — repetition, presence and
+//! frequency penalties, top-k,
 //! top-p, min-p, temperature, then a draw — so the same settings mean the same
 //! thing to someone coming from llama.cpp or Ollama. Temperature 0 is greedy.
 
@@ -21,8 +22,14 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Divide positive (multiply negative) logits of recent tokens by this (1.0 = off).
     pub repeat_penalty: f32,
-    /// How many recent tokens the penalty looks at.
+    /// How many recent tokens the penalties look at.
     pub repeat_last_n: usize,
+    /// Subtracted from the logit of every recent token once (OpenAI's
+    /// `presence_penalty`, -2..=2; 0 = off).
+    pub presence_penalty: f32,
+    /// Subtracted from a recent token's logit once per time it occurs
+    /// (OpenAI's `frequency_penalty`, -2..=2; 0 = off).
+    pub frequency_penalty: f32,
     /// RNG seed: the same seed and settings give the same tokens.
     pub seed: u64,
 }
@@ -37,6 +44,8 @@ impl Default for SamplingParams {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -65,6 +74,14 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
             return Err(format!(
                 "repeat_penalty must be > 0, got {}",
@@ -85,6 +102,8 @@ impl From<&SamplingParams> for protocol::Sampling {
             min_p: s.min_p,
             repeat_penalty: s.repeat_penalty,
             repeat_last_n: s.repeat_last_n as u32,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
             seed: s.seed,
         }
     }
@@ -100,6 +119,8 @@ impl From<&protocol::Sampling> for SamplingParams {
             min_p: s.min_p,
             repeat_penalty: s.repeat_penalty,
             repeat_last_n: s.repeat_last_n as usize,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
             seed: s.seed,
         }
     }
@@ -153,6 +174,19 @@ impl Sampler {
                             *l * p.repeat_penalty
                         };
                     }
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            // As llama.cpp: over the same window as the repetition penalty.
+            let start = history.len().saturating_sub(p.repeat_last_n);
+            let mut counts: std::collections::HashMap<u32, u32> = Default::default();
+            for &tok in &history[start..] {
+                *counts.entry(tok).or_default() += 1;
+            }
+            for (tok, n) in counts {
+                if let Some(l) = logits.get_mut(tok as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
                 }
             }
         }
@@ -290,6 +324,34 @@ mod tests {
                 ..params.clone()
             })
         );
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_push_recent_tokens_down() {
+        // Token 2 leads by 1.0; it occurred twice recently.
+        let l = vec![0.0f32, 0.5, 1.5, 0.2];
+        let history = [2u32, 2, 1];
+        let pick = |presence: f32, frequency: f32| {
+            let mut s = Sampler::new(SamplingParams {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..SamplingParams::greedy()
+            });
+            s.sample(&l, &history)
+        };
+        assert_eq!(pick(0.0, 0.0), 2);
+        // 1.5 - 0.8 = 0.7 still beats 0.5 - 0.8 and 0.2.
+        assert_eq!(pick(0.8, 0.0), 2);
+        // 1.5 - 2 * 0.7 = 0.1 < 0.2 (token 3, never seen).
+        assert_eq!(pick(0.0, 0.7), 3);
+        // Negative values favour repeats.
+        assert_eq!(pick(-2.0, 0.0), 2);
+        assert!(SamplingParams {
+            presence_penalty: 2.5,
+            ..SamplingParams::greedy()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

@@ -103,6 +103,33 @@ fn the_official_openai_client_and_curl_work_against_a_two_node_cluster() {
             .collect();
         assert_eq!(streamed, chat);
     }
+    // Presence and frequency penalties are applied, as on one machine
+    // (and they change the answer).
+    {
+        let penalised = ["--temp", "0", "-n", "24", "--no-template"];
+        let flags = ["--presence-penalty", "0.5", "--frequency-penalty", "1.5"];
+        let want = strip(run_single(
+            &model,
+            &[&penalised[..], &flags].concat(),
+            "Once upon a time",
+        ));
+        let plain = strip(run_single(&model, &penalised, "Once upon a time"));
+        assert_ne!(want, plain, "the penalties changed nothing");
+        let body = format!(
+            r#"{{"model":"{model_id}","prompt":"Once upon a time","temperature":0,"max_tokens":24,"presence_penalty":0.5,"frequency_penalty":1.5}}"#
+        );
+        let url = format!("{}/v1/completions", nodes[1].http);
+        let out = curl(&[
+            "-s",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body,
+            &url,
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["choices"][0]["text"].as_str(), Some(want.as_str()), "{v}");
+    }
     // The status page and its live feed.
     let curl_text = |args: &[&str]| String::from_utf8_lossy(&curl(args).stdout).into_owned();
     {
