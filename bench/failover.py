@@ -26,6 +26,7 @@ from chaos import Lan  # noqa: E402
 STORY = "Once upon a time, in a small village by the sea,"
 SETTINGS = [["--temp", "0"], ["--temp", "0.8", "--seed", "7"]]
 HTTP = 18700
+P2P = 18790
 
 
 class Cluster:
@@ -49,16 +50,14 @@ class Cluster:
                os.path.join(self.workdir, "key"), "--http", self.url(i)[7:], "-t", "1",
                "--ctx", "1024", "--max-memory", "80M"]
         if not self.lan:
-            cmd += ["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"]
-            if i != 0:
-                cmd += ["--peer", self.addr0]
+            # Fixed ports: a restarted node is found again where it was.
+            cmd += ["--no-mdns", "--listen", f"/ip4/127.0.0.1/tcp/{P2P + i}"]
+            cmd += [a for j in range(3) if j != i for a in ("--peer", f"/ip4/127.0.0.1/tcp/{P2P + j}")]
         self.procs[i] = subprocess.Popen(self.wrap(i, cmd), stdout=log, stderr=log)
         for _ in range(600):
             if "API on" in open(log.name).read():
                 break
             time.sleep(0.1)
-        if i == 0 and not self.lan:
-            self.addr0 = self.status(0)["nodes"][0]["addrs"][0]
 
     def status(self, i):
         r = subprocess.run(self.wrap(i, [self.args.shoal, "status", "--node", self.url(i), "--json"]),
@@ -116,11 +115,17 @@ def main():
             time.sleep(rng.uniform(0.0, 2.5))
             c.procs[victim].send_signal(signal.SIGKILL)
             c.procs[victim].wait()
-            rest, err = p.communicate(timeout=300)
+            rest = p.stdout.read()  # through the same buffer as `head`
+            err = p.stderr.read()
+            p.wait(timeout=300)
             ok = p.returncode == 0 and head + rest == want[k]
             results[k][0 if ok else 1] += 1
             if not ok:
-                failures.append({"trial": t, "setting": SETTINGS[k], "error": err.strip()[-300:]})
+                got = head + rest
+                at = next((j for j, (x, y) in enumerate(zip(got, want[k])) if x != y), min(len(got), len(want[k])))
+                failures.append({"trial": t, "setting": SETTINGS[k], "rc": p.returncode,
+                                 "error": err.strip()[-300:], "got": got[max(0, at - 40):at + 40],
+                                 "want": want[k][max(0, at - 40):at + 40]})
             c.start(victim)
     finally:
         c.close()
