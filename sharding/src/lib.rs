@@ -12,6 +12,7 @@
 //! candle; it reads headers and maps bytes, so the planner and the simulator
 //! can use it without an engine.
 
+pub mod describe;
 pub mod ggml;
 pub mod gguf;
 pub mod layout;

@@ -4,7 +4,8 @@
 
 Chat (whole and streamed) and raw generate must give the expected greedy
 texts; /api/tags must list MODEL; an unknown model must raise
-ResponseError with status 404. Exits non-zero with a message otherwise.
+ResponseError with status 404; show/ps describe the model; format and
+tools are refused (not built yet), keep_alive taken. Exits non-zero with a message otherwise.
 """
 import sys
 
@@ -32,6 +33,25 @@ def main():
 
     names = [m["model"] for m in c.list()["models"]]
     assert model in names, names
+    listed = c.list()["models"][0]["details"]
+    assert listed["parameter_size"] == "135M" and listed["quantization_level"] == "Q4_1", listed
+
+    # What Continue and Open WebUI read: show and ps.
+    shown = c.show(model)
+    assert shown["details"]["family"] == "llama", shown
+    assert shown["modelinfo"]["llama.context_length"] > 0, shown
+    assert "im_start" in shown["template"], shown["template"][:200]
+    assert [m["model"] for m in c.ps()["models"]] == [model]
+
+    # keep_alive is taken; JSON mode and tools, not built yet, are refused
+    # rather than ignored.
+    c.chat(model=model, messages=msgs, options={**greedy, "num_predict": 2}, keep_alive="5m")
+    for extra in ({"format": "json"}, {"tools": [{"type": "function", "function": {"name": "f"}}]}):
+        try:
+            c.chat(model=model, messages=msgs, options=greedy, **extra)
+            raise AssertionError(f"{extra} accepted")
+        except ResponseError as e:
+            assert e.status_code == 400 and "not supported" in str(e), e
 
     try:
         c.chat(model="no-such-model", messages=msgs)

@@ -44,6 +44,8 @@ pub(crate) fn info_routes() -> Router<AppState> {
     Router::new()
         .route("/api/tags", get(tags))
         .route("/api/version", get(version))
+        .route("/api/ps", get(ps))
+        .route("/api/show", post(show))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +78,42 @@ struct ChatBody {
     #[serde(default)]
     options: Options,
     stream: Option<bool>,
+    #[serde(flatten)]
+    extra: Extras,
+}
+
+/// Ollama fields shoal takes but does not act on yet, or acts on by
+/// refusing: JSON mode and tools silently ignored would hand a client text
+/// it did not ask for.
+#[derive(Debug, Default, Deserialize)]
+struct Extras {
+    /// `"json"` or a JSON schema.
+    format: Option<Value>,
+    tools: Option<Value>,
+    /// How long to keep the model loaded: a node holds its layers while
+    /// it runs, so any value is honoured by doing nothing.
+    #[allow(dead_code)]
+    keep_alive: Option<Value>,
+}
+
+impl Extras {
+    // The error is the response itself, as in `parse`.
+    #[allow(clippy::result_large_err)]
+    fn check(&self) -> Result<(), Response> {
+        let set = |v: &Option<Value>| {
+            v.as_ref()
+                .is_some_and(|v| !v.is_null() && *v != json!("") && *v != json!([]))
+        };
+        for (name, v) in [("format", &self.format), ("tools", &self.tools)] {
+            if set(v) {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    format!("'{name}' (structured output and tool calls) is not supported by this shoal version yet"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +127,8 @@ struct GenerateBody {
     #[serde(default)]
     options: Options,
     stream: Option<bool>,
+    #[serde(flatten)]
+    extra: Extras,
 }
 
 fn bad_json(e: JsonRejection) -> Response {
@@ -129,6 +169,7 @@ type Asked = (String, Prompt, Options, Option<bool>);
 // The error is the response itself, as in `parse`.
 #[allow(clippy::result_large_err)]
 fn chat_body(b: ChatBody) -> Result<Asked, Response> {
+    b.extra.check()?;
     if b.messages.is_empty() || b.messages.len() > MESSAGES_MAX {
         return Err(err(
             StatusCode::BAD_REQUEST,
@@ -155,7 +196,7 @@ async fn generate(
     State(app): State<AppState>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    match parse(body).map(generate_body) {
+    match parse(body).and_then(generate_body) {
         Ok((model, prompt, options, stream)) => {
             serve(app, model, prompt, options, stream, Kind::Generate).await
         }
@@ -163,7 +204,10 @@ async fn generate(
     }
 }
 
-fn generate_body(b: GenerateBody) -> Asked {
+// The error is the response itself, as in `parse`.
+#[allow(clippy::result_large_err)]
+fn generate_body(b: GenerateBody) -> Result<Asked, Response> {
+    b.extra.check()?;
     let prompt = if b.raw {
         Prompt::Raw(b.prompt)
     } else {
@@ -180,7 +224,7 @@ fn generate_body(b: GenerateBody) -> Asked {
         });
         Prompt::Chat(msgs)
     };
-    (b.model, prompt, b.options, b.stream)
+    Ok((b.model, prompt, b.options, b.stream))
 }
 
 /// The checks a body of `path` goes through before it becomes a request
@@ -188,7 +232,7 @@ fn generate_body(b: GenerateBody) -> Asked {
 pub(crate) fn check(path: &str, v: Value) -> Result<(), String> {
     let asked = match path {
         "/api/chat" => parse(Ok(Json(v))).and_then(chat_body),
-        _ => parse(Ok(Json(v))).map(generate_body),
+        _ => parse(Ok(Json(v))).and_then(generate_body),
     };
     let (_, prompt, options, _) = asked.map_err(|r| r.status().to_string())?;
     ask_request(prompt, options)
@@ -355,6 +399,17 @@ fn ndjson(rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta) -> Response {
         .expect("valid response")
 }
 
+/// The model's `details` as Ollama lists them.
+fn details(m: &cluster::ModelInfo) -> Value {
+    json!({
+        "format": "gguf",
+        "family": m.architecture,
+        "families": [m.architecture],
+        "parameter_size": m.parameter_size,
+        "quantization_level": m.quantization.clone().unwrap_or_default(),
+    })
+}
+
 async fn tags(State(app): State<AppState>) -> Json<Value> {
     let m = app.cluster.model();
     Json(json!({ "models": [{
@@ -363,14 +418,55 @@ async fn tags(State(app): State<AppState>) -> Json<Value> {
         "modified_at": rfc3339_now(),
         "size": m.bytes,
         "digest": m.hash,
-        "details": {
-            "format": "gguf",
-            "family": m.architecture,
-            "families": [m.architecture],
-            "parameter_size": "",
-            "quantization_level": "",
-        },
+        "details": details(m),
     }]}))
+}
+
+/// `GET /api/ps`: the model this node serves is always loaded.
+async fn ps(State(app): State<AppState>) -> Json<Value> {
+    let m = app.cluster.model();
+    Json(json!({ "models": [{
+        "name": m.id,
+        "model": m.id,
+        "size": m.bytes,
+        "digest": m.hash,
+        "details": details(m),
+        "expires_at": "2999-01-01T00:00:00Z",
+        "size_vram": 0,
+    }]}))
+}
+
+/// `POST /api/show {"model": NAME}` (or `name`, older clients).
+async fn show(State(app): State<AppState>, body: Result<Json<Value>, JsonRejection>) -> Response {
+    let Ok(Json(v)) = body else {
+        return err(StatusCode::BAD_REQUEST, "expected a JSON body with 'model'");
+    };
+    let asked = v["model"]
+        .as_str()
+        .or(v["name"].as_str())
+        .unwrap_or_default();
+    let m = app.cluster.model();
+    if !same_model(asked, &m.id) {
+        return err(
+            StatusCode::NOT_FOUND,
+            format!("model '{asked}' not found; this cluster serves '{}'", m.id),
+        );
+    }
+    let arch = &m.architecture;
+    let mut info = serde_json::Map::new();
+    info.insert("general.architecture".into(), json!(arch));
+    info.insert("general.parameter_count".into(), json!(m.parameters));
+    info.insert(format!("{arch}.context_length"), json!(m.context));
+    Json(json!({
+        "modelfile": format!("FROM {}\n", m.id),
+        "parameters": "",
+        "template": m.template.clone().unwrap_or_default(),
+        "details": details(m),
+        "model_info": info,
+        "capabilities": ["completion"],
+        "modified_at": rfc3339_now(),
+    }))
+    .into_response()
 }
 
 async fn version() -> Json<Value> {

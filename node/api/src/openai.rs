@@ -123,6 +123,25 @@ const COMMON_FIELDS: &[&str] = &[
     "top_k",
     "min_p",
     "repeat_penalty",
+    // Bookkeeping fields that change nothing about the answer.
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+];
+
+/// OpenAI fields that would change the answer and are not built yet: named
+/// as such, not as typos.
+const NOT_YET: &[&str] = &[
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "suffix",
 ];
 
 /// Refuses fields the endpoint does not know, as OpenAI does (a typo in a
@@ -131,16 +150,26 @@ fn check_fields(v: &Value, own: &[&str]) -> Result<(), ApiError> {
     let Some(obj) = v.as_object() else {
         return Err(ApiError::bad(None, "the body must be a JSON object"));
     };
-    match obj
-        .keys()
-        .find(|k| !own.contains(&k.as_str()) && !COMMON_FIELDS.contains(&k.as_str()))
-    {
-        Some(k) => Err(ApiError::bad(
+    for (k, v) in obj {
+        if own.contains(&k.as_str()) || COMMON_FIELDS.contains(&k.as_str()) {
+            continue;
+        }
+        if let Some(name) = NOT_YET.iter().find(|n| **n == k) {
+            // `null`, `false` and empty lists ask for nothing.
+            if v.is_null() || v.as_array().is_some_and(Vec::is_empty) || *v == json!(false) {
+                continue;
+            }
+            return Err(ApiError::bad(
+                Some(name),
+                format!("'{k}' (structured output, tool calls, logprobs) is not supported by this shoal version yet"),
+            ));
+        }
+        return Err(ApiError::bad(
             None,
             format!("Unrecognized request argument supplied: {k}"),
-        )),
-        None => Ok(()),
+        ));
     }
+    Ok(())
 }
 
 /// Parses a checked body into `T`; type errors name the field.

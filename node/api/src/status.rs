@@ -21,6 +21,24 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/status", get(status))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/health", get(health))
+}
+
+/// `GET /health`: 200 `{"status":"ok"}` while a plan is in force (the node
+/// can answer), 503 with the reason otherwise, as llama-server's.
+async fn health(State(app): State<AppState>) -> Response {
+    let s = app.cluster.status();
+    match (&s.plan, &s.plan_error) {
+        (Some(_), _) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        (None, why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "status": "no plan",
+                "error": why.clone().unwrap_or_else(|| "the cluster is still forming".into()),
+            })),
+        )
+            .into_response(),
+    }
 }
 
 /// The status page, embedded in the binary (works offline, no CDN).

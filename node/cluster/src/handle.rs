@@ -32,11 +32,23 @@ pub struct ModelInfo {
     pub bytes: u64,
     /// blake3 manifest hash, hex.
     pub hash: String,
+    /// Parameters (every weight).
+    pub parameters: u64,
+    /// The same as model names write it (`135M`, `8.0B`).
+    pub parameter_size: String,
+    /// The quantisation llama.cpp wrote (`Q4_K_M`), if the file says.
+    pub quantization: Option<String>,
+    /// The context window this node serves, tokens.
+    pub context: usize,
+    /// The chat template, if the model has one.
+    pub template: Option<String>,
 }
 
 impl Handle {
     pub(crate) fn new(shared: Arc<Shared>) -> Handle {
         let cfg = &shared.layout.config;
+        // The header again, for what the API describes (read once, here).
+        let header = sharding::GgufFile::open(&shared.config.model).ok();
         let model = Arc::new(ModelInfo {
             id: shared
                 .config
@@ -46,6 +58,20 @@ impl Handle {
             architecture: cfg.architecture.clone(),
             bytes: shared.layout.stage_bytes(0..cfg.n_layers),
             hash: sharding::manifest::hex(&shared.manifest.model_hash),
+            parameters: sharding::describe::parameter_count(&shared.layout),
+            parameter_size: sharding::describe::parameter_size(
+                sharding::describe::parameter_count(&shared.layout),
+            ),
+            quantization: header
+                .as_ref()
+                .and_then(sharding::describe::file_type)
+                .map(String::from),
+            context: shared.config.context,
+            template: header.as_ref().and_then(|g| {
+                g.get("tokenizer.chat_template")
+                    .and_then(|v| v.as_str())
+                    .map(String::from)
+            }),
         });
         Handle { shared, model }
     }

@@ -53,6 +53,8 @@ fn the_api_key_guards_every_route_and_foreign_hosts_and_origins_are_refused() {
         "/metrics",
         "/api/tags",
         "/api/version",
+        "/api/ps",
+        "/health",
         "/v1/models",
         "/no/such/route",
     ] {
@@ -74,7 +76,14 @@ fn the_api_key_guards_every_route_and_foreign_hosts_and_origins_are_refused() {
     let (_, page) = curl_code(&[&url("/")]);
     assert!(page.contains("const needsKey = true"), "{page}");
     // With the key.
-    for path in ["/", "/api/tags", "/metrics", "/v1/models"] {
+    for path in [
+        "/",
+        "/api/tags",
+        "/api/ps",
+        "/health",
+        "/metrics",
+        "/v1/models",
+    ] {
         assert_eq!(
             curl_code(&["-H", &auth, &url(path)]).0,
             "200",
