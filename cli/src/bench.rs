@@ -70,10 +70,7 @@ struct Row {
 
 pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(url) = &args.cluster {
-        let model = match &args.model.model {
-            Some(p) => p.clone(),
-            None => models::default_model()?,
-        };
+        let model = args.model.path()?;
         anyhow::ensure!(
             (1..=100).contains(&args.requests_per_stream),
             "--requests-per-stream: 1 to 100"

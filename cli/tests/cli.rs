@@ -285,3 +285,33 @@ fn demo_starts_a_local_cluster_answers_and_prints_the_status_page() {
         "{err}"
     );
 }
+
+#[test]
+fn models_are_listed_and_found_by_the_names_people_use() {
+    let path = model();
+    let list = shoal(&["list", "--json"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let listed = stdout(&list);
+    assert!(
+        listed.contains(r#""name":"smollm2:135m""#) && listed.contains(r#""quantization":"Q4_1""#),
+        "{listed}"
+    );
+    let args = [
+        "--temp",
+        "0",
+        "-n",
+        "8",
+        "--no-template",
+        "-t",
+        "1",
+        "Once upon a time",
+    ];
+    let by_name = shoal(&[&["run", "-m", "smollm2:135m"][..], &args].concat());
+    let by_path = shoal(&[&["run", "-m", path.to_str().unwrap()][..], &args].concat());
+    assert!(by_name.status.success(), "{}", stderr(&by_name));
+    assert_eq!(stdout(&by_name), stdout(&by_path));
+    // A name no one has: one line saying what there is.
+    let o = shoal(&["run", "-m", "qwen2.5:0.5b", "hi"]);
+    assert_clear_error(&o, "qwen2.5:0.5b");
+    assert!(stderr(&o).contains("smollm2:135m"), "{}", stderr(&o));
+}

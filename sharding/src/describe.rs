@@ -1,6 +1,6 @@
-//! How people name a model's size and quantisation (Ollama's `details`,
-//! `shoal list`): parameters counted from the tensors, and llama.cpp's file
-//! type (`general.file_type`) by its usual name.
+//! How people name a model, its size and quantisation (Ollama's names and
+//! `details`, `shoal list`): a short name from the header, parameters
+//! counted from the tensors, llama.cpp's file type by its usual name.
 
 use crate::{GgufFile, ModelLayout};
 
@@ -75,6 +75,28 @@ pub fn file_type(gguf: &GgufFile) -> Option<&'static str> {
         37 => "TQ2_0",
         _ => return None,
     })
+}
+
+/// The short name people use for a model, as Ollama writes it:
+/// `general.basename:general.size_label`, lower case (`smollm2:135m`);
+/// `None` when the file names neither.
+pub fn short_name(gguf: &GgufFile) -> Option<String> {
+    let get = |k: &str| gguf.get(k).and_then(|v| v.as_str()).map(str::trim);
+    let base = get("general.basename").filter(|s| !s.is_empty())?;
+    let size = get("general.size_label").filter(|s| !s.is_empty())?;
+    let clean = |s: &str| -> String {
+        s.to_lowercase()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    };
+    Some(format!("{}:{}", clean(base), clean(size)))
 }
 
 #[cfg(test)]

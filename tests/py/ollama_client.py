@@ -31,8 +31,11 @@ def main():
                    options={**greedy, "num_predict": 16})
     assert g["response"] == want_completion, (g["response"], want_completion)
 
+    # Listed by its short name (Ollama's way), which answers like the file name.
     names = [m["model"] for m in c.list()["models"]]
-    assert model in names, names
+    assert names == ["smollm2:135m"], names
+    r = c.chat(model="smollm2:135m", messages=msgs, options=greedy)
+    assert r["message"]["content"] == want_chat
     listed = c.list()["models"][0]["details"]
     assert listed["parameter_size"] == "135M" and listed["quantization_level"] == "Q4_1", listed
 
@@ -41,7 +44,7 @@ def main():
     assert shown["details"]["family"] == "llama", shown
     assert shown["modelinfo"]["llama.context_length"] > 0, shown
     assert "im_start" in shown["template"], shown["template"][:200]
-    assert [m["model"] for m in c.ps()["models"]] == [model]
+    assert [m["model"] for m in c.ps()["models"]] == names
 
     # keep_alive is taken; JSON mode and tools, not built yet, are refused
     # rather than ignored.

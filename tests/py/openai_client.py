@@ -32,7 +32,11 @@ stopped = client.completions.create(model=model, prompt="Once upon a time", temp
 assert stopped.choices[0].text == expected_completion[:5], stopped.choices[0].text
 assert stopped.choices[0].finish_reason == "stop"
 
-assert [m.id for m in client.models.list().data] == [model]
+# Listed by its short name, which answers as well as the file name.
+listed = [m.id for m in client.models.list().data]
+assert listed == ["smollm2:135m"], listed
+r = client.chat.completions.create(model=listed[0], messages=messages, temperature=0, max_tokens=24)
+assert r.choices[0].message.content == expected_chat
 
 def raises(kind, **kw):
     try:

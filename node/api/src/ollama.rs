@@ -253,8 +253,8 @@ async fn serve(
     stream: Option<bool>,
     kind: Kind,
 ) -> Response {
-    let served = app.cluster.model().id.clone();
-    if !same_model(&model, &served) {
+    let served = app.cluster.model().name.clone();
+    if !app.cluster.model().answers_to(&model) {
         return err(
             StatusCode::NOT_FOUND,
             format!("model '{model}' not found; this cluster serves '{served}'"),
@@ -413,8 +413,8 @@ fn details(m: &cluster::ModelInfo) -> Value {
 async fn tags(State(app): State<AppState>) -> Json<Value> {
     let m = app.cluster.model();
     Json(json!({ "models": [{
-        "name": m.id,
-        "model": m.id,
+        "name": m.name,
+        "model": m.name,
         "modified_at": rfc3339_now(),
         "size": m.bytes,
         "digest": m.hash,
@@ -426,8 +426,8 @@ async fn tags(State(app): State<AppState>) -> Json<Value> {
 async fn ps(State(app): State<AppState>) -> Json<Value> {
     let m = app.cluster.model();
     Json(json!({ "models": [{
-        "name": m.id,
-        "model": m.id,
+        "name": m.name,
+        "model": m.name,
         "size": m.bytes,
         "digest": m.hash,
         "details": details(m),
@@ -458,7 +458,7 @@ async fn show(State(app): State<AppState>, body: Result<Json<Value>, JsonRejecti
     info.insert("general.parameter_count".into(), json!(m.parameters));
     info.insert(format!("{arch}.context_length"), json!(m.context));
     Json(json!({
-        "modelfile": format!("FROM {}\n", m.id),
+        "modelfile": format!("FROM {}\n", m.name),
         "parameters": "",
         "template": m.template.clone().unwrap_or_default(),
         "details": details(m),

@@ -40,7 +40,7 @@ pub(crate) fn routes() -> Router<AppState> {
 async fn models(State(app): State<AppState>) -> Json<Value> {
     Json(json!({
         "object": "list",
-        "data": [{"id": app.cluster.model().id, "object": "model", "created": 0, "owned_by": "shoal"}],
+        "data": [{"id": app.cluster.model().name, "object": "model", "created": 0, "owned_by": "shoal"}],
     }))
 }
 
@@ -299,7 +299,8 @@ pub(crate) fn check(path: &str, v: Value) -> Result<(), String> {
         _ => completion_body(v),
     }
     .map_err(|e| e.message)?;
-    ask_request(common, prompt, "m", DEFAULT_MAX_TOKENS)
+    let known = common.model == "m";
+    ask_request(common, prompt, "m", known, DEFAULT_MAX_TOKENS)
         .map(drop)
         .map_err(|e| e.message)
 }
@@ -312,8 +313,10 @@ async fn serve(
     kind: Kind,
     default_max: usize,
 ) -> Result<Response, ApiError> {
-    let model = app.cluster.model().id.clone();
-    let (req, stream) = ask_request(c, prompt, &model, default_max)?;
+    let served = app.cluster.model();
+    let model = served.name.clone();
+    let known = served.answers_to(&c.model);
+    let (req, stream) = ask_request(c, prompt, &model, known, default_max)?;
     let (tx, rx) = mpsc::unbounded_channel();
     if let Err(e) = app.cluster.submit(req, tx) {
         return Ok(too_busy(&e));
@@ -327,9 +330,10 @@ fn ask_request(
     c: Common,
     prompt: Prompt,
     model: &str,
+    known: bool,
     default_max: usize,
 ) -> Result<(AskRequest, Option<bool>), ApiError> {
-    if c.model != model {
+    if !known {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
             message: format!(

@@ -24,7 +24,10 @@ pub struct Handle {
 /// The model this member serves, as the API describes it.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// Its id in the API: the GGUF file name without `.gguf`.
+    /// Its name in the API: `--alias`, else the short name from its header
+    /// (`smollm2:135m`), else the file name without `.gguf`.
+    pub name: String,
+    /// The GGUF file name without `.gguf` (a name it answers to as well).
     pub id: String,
     /// Architecture (`llama`, ...).
     pub architecture: String,
@@ -44,12 +47,34 @@ pub struct ModelInfo {
     pub template: Option<String>,
 }
 
+impl ModelInfo {
+    /// Whether a client asking for `asked` means this model: its name or
+    /// file name (see `models::catalog::answers_to`), or its hash (at least
+    /// 12 hex digits of it).
+    pub fn answers_to(&self, asked: &str) -> bool {
+        models::catalog::answers_to(&self.name, &self.id, asked)
+            || (asked.len() >= 12 && self.hash.starts_with(&asked.to_ascii_lowercase()))
+    }
+}
+
 impl Handle {
     pub(crate) fn new(shared: Arc<Shared>) -> Handle {
         let cfg = &shared.layout.config;
         // The header again, for what the API describes (read once, here).
         let header = sharding::GgufFile::open(&shared.config.model).ok();
+        let id: String = shared
+            .config
+            .model
+            .file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+        let name = shared
+            .config
+            .alias
+            .clone()
+            .or_else(|| header.as_ref().and_then(sharding::describe::short_name))
+            .unwrap_or_else(|| id.clone());
         let model = Arc::new(ModelInfo {
+            name,
             id: shared
                 .config
                 .model

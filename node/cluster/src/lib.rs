@@ -92,6 +92,9 @@ pub struct ClusterConfig {
     /// Requests waiting for a running slot before new ones are refused
     /// ([`RequestError::Overloaded`]).
     pub max_queued: usize,
+    /// The model's name in the API (`--alias`); default: the short name
+    /// from its header.
+    pub alias: Option<String>,
     /// The model is being fetched from peers into `model`: this index (with
     /// what is here so far), from [`weights::bootstrap`]. `None`: `model`
     /// is a whole file.

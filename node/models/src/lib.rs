@@ -10,6 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod catalog;
+pub use catalog::{find, FindError};
+
 /// Why the default model could not be fetched.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
