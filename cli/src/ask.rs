@@ -18,8 +18,8 @@ const LINE_BYTES_MAX: u64 = 1 << 20;
 /// `shoal ask` flags.
 #[derive(Args, Debug)]
 pub struct AskArgs {
-    /// The node's HTTP API.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    /// The node's HTTP API (`host:port` or a URL; SHOAL_HOST too).
+    #[arg(long, env = "SHOAL_HOST", default_value = crate::common::DEFAULT_NODE, value_parser = crate::common::node_url)]
     node: String,
     #[command(flatten)]
     gen: GenArgs,

@@ -18,6 +18,27 @@ pub fn init_tracing(default: &str) {
         .init();
 }
 
+/// shoal's HTTP port: its own, not llama-server's and Open WebUI's (8080)
+/// nor Ollama's (11434), so shoal runs beside them.
+pub const DEFAULT_PORT: u16 = 7465;
+
+/// Where `shoal ask` and `shoal status` find a node by default.
+pub const DEFAULT_NODE: &str = "http://127.0.0.1:7465";
+
+/// A node's address as given (`host:port`, `http://host:port`, as
+/// OLLAMA_HOST takes them) as a URL.
+pub fn node_url(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('/');
+    if s.is_empty() {
+        return Err("an empty node address".into());
+    }
+    Ok(if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    })
+}
+
 /// Model and machine flags.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {

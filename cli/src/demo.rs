@@ -24,7 +24,7 @@ pub struct DemoArgs {
     #[arg(short, long)]
     model: Option<PathBuf>,
     /// HTTP port of the first node (the others take the next ones).
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = crate::common::DEFAULT_PORT)]
     port: u16,
     #[command(flatten)]
     gen: GenArgs,

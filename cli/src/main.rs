@@ -17,6 +17,7 @@ mod ask;
 mod bench;
 mod bench_cluster;
 mod common;
+mod config;
 mod demo;
 mod list;
 mod node;
@@ -89,6 +90,11 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
 
 fn main() {
     engine::init_process();
+    // Settings from config.toml become the flags' variables before parsing.
+    if let Err(e) = config::apply() {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
     let cli = Cli::parse();
     // A node's log is for a person watching it: info by default.
     common::init_tracing(if matches!(cli.command, Command::Node(_)) {

