@@ -50,6 +50,12 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Token ids of a text (like llama-tokenize).
     Tokenize(tokenize::TokenizeArgs),
+    /// Shell completions: `shoal completions bash > /etc/bash_completion.d/shoal`
+    /// (also zsh, fish, powershell, elvish).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// The models this machine has (name, architecture, parameters,
     /// quantisation, size, path): names to give `-m`.
     List(list::ListArgs),
@@ -108,6 +114,11 @@ fn main() {
         Command::Bench(a) => bench::main(a),
         Command::Tokenize(a) => tokenize::main(a),
         Command::List(a) => list::main(a),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Node(a) => node::main(a),
         Command::Ask(a) => ask::main(a),
         Command::Status(a) => status::main(a),

@@ -359,3 +359,16 @@ fn config_file_settings_sit_under_environment_and_flags() {
     let o = with("", &["status"], &[("SHOAL_HOST", "127.0.0.1:9")]);
     assert!(stderr(&o).contains("http://127.0.0.1:9"), "{}", stderr(&o));
 }
+
+#[test]
+fn shell_completions_name_the_subcommands_and_flags() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = shoal(&["completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", stderr(&o));
+        let text = stdout(&o);
+        assert!(
+            text.contains("max-memory") && text.contains("list"),
+            "{shell}"
+        );
+    }
+}
