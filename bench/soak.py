@@ -17,16 +17,9 @@ import threading
 import time
 import urllib.request
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper.",
-    "Explain in detail how a steam engine works.",
-    "Describe a walk through a busy market in the morning.",
-    "Write a letter to a friend about your summer holidays.",
-    "Explain why the sky is blue, step by step.",
-    "Tell me the history of the bicycle.",
-    "Describe how bread is made, from wheat to loaf.",
-    "Write a story about a cat who learns to fly.",
-]
+# The bench's shared prompts (one per line).
+PROMPTS = [l.strip() for l in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.txt"))
+           if l.strip()]
 
 
 def start_node(args, workdir, name, port, threads, extra):
