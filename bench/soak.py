@@ -150,12 +150,14 @@ def main():
         out["one node, 2 threads"] = phase(args, "1 node", 18600, [one.pid])
         one.terminate()
         one.wait()
-        first = start_node(args, workdir, "three", 18601, 1, ["--max-memory", "80M"])
+        # 100 MiB each: no node holds the model alone (a real pipeline),
+        # and each stage has room for the streams' KV caches.
+        first = start_node(args, workdir, "three", 18601, 1, ["--max-memory", "100M"])
         procs.append(first)
         addr = status(18601)["nodes"][0]["addrs"][0]
         for port in (18602, 18603):
             procs.append(start_node(args, workdir, "three", port, 1,
-                                    ["--max-memory", "80M", "--peer", addr]))
+                                    ["--max-memory", "100M", "--peer", addr]))
         wait_plan(18601, 3)
         out["3 nodes, 1 thread each"] = phase(args, "3 nodes", 18601, [p.pid for p in procs[1:]])
     finally:
