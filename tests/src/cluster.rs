@@ -210,6 +210,23 @@ impl Streaming {
         Streaming { child, head }
     }
 
+    /// Starts `shoal ask` against `node` without waiting for its answer
+    /// (a request that may wait in line first).
+    pub fn start_waiting(node: &NodeProc, args: &[&str], prompt: &str) -> Streaming {
+        let child = Command::new(shoal_bin())
+            .args(["ask", "--node", &node.http])
+            .args(args)
+            .arg(prompt)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn shoal ask");
+        Streaming {
+            child,
+            head: Vec::new(),
+        }
+    }
+
     /// Waits for the end: (rest of stdout, stderr, success).
     pub fn finish(self) -> (String, String, bool) {
         let out = self.child.wait_with_output().expect("wait for shoal ask");

@@ -38,6 +38,13 @@ const REPLAN_WAIT: Duration = Duration::from_secs(8);
 /// it fails.
 const REPLAY_WAIT: Duration = Duration::from_secs(30);
 
+/// Longest a request waits for a stage to have room for its KV cache
+/// before it gets the stage's 503.
+const ADMIT_WAIT: Duration = Duration::from_secs(30);
+
+/// Longest pause between two tries at a full stage (from 50 ms, doubling).
+const ADMIT_POLL_MAX: Duration = Duration::from_millis(500);
+
 /// Most replays of one request: a request that keeps losing its pipeline
 /// (a stage crashing on it) ends with the last error.
 const REPLAYS_MAX: u32 = 8;
@@ -240,6 +247,8 @@ impl Shared {
         let mut request_id = first_id;
         let mut replays = 0;
         let mut last_token_at: Option<Instant> = None;
+        let admit_wait = Instant::now();
+        let mut admit_backoff = Duration::from_millis(50);
         'attempt: loop {
             let epoch = self.plan.borrow().as_ref().map(|p| p.epoch);
             let opened = self
@@ -276,6 +285,19 @@ impl Shared {
                 },
                 Err(e) => e,
             };
+            // A stage without room for one more KV cache (or sequence) now
+            // will have it when a request ends: wait in line for it, as
+            // a client of one machine would wait for a slot.
+            if matches!(
+                lost,
+                RequestError::StageMemory { .. } | RequestError::StageFull { .. }
+            ) && admit_wait.elapsed() < ADMIT_WAIT
+            {
+                tokio::time::sleep(admit_backoff).await;
+                admit_backoff = (admit_backoff * 2).min(ADMIT_POLL_MAX);
+                request_id = rand::random();
+                continue;
+            }
             if !replayable(&lost) || replays >= REPLAYS_MAX {
                 return Err(lost);
             }
