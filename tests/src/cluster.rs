@@ -193,21 +193,15 @@ impl Streaming {
     /// returns once its first bytes of answer are out (the request is
     /// then past its first token: the event tests wait for, not a sleep).
     pub fn start(node: &NodeProc, args: &[&str], prompt: &str) -> Streaming {
-        let mut child = Command::new(shoal_bin())
-            .args(["ask", "--node", &node.http])
-            .args(args)
-            .arg(prompt)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn shoal ask");
-        let mut out = child.stdout.take().expect("piped stdout");
+        let mut s = Streaming::start_waiting(node, args, prompt);
+        let mut out = s.child.stdout.take().expect("piped stdout");
         let mut head = vec![0u8; 256];
         let n = out.read(&mut head).expect("read the answer");
         assert!(n > 0, "the answer ended before its first token");
         head.truncate(n);
-        child.stdout = Some(out);
-        Streaming { child, head }
+        s.child.stdout = Some(out);
+        s.head = head;
+        s
     }
 
     /// Starts `shoal ask` against `node` without waiting for its answer
