@@ -4,6 +4,32 @@
 
 use crate::{GgufFile, ModelLayout};
 
+/// What a model's header says about it to people, read once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Description {
+    /// [`short_name`], if the header names the model.
+    pub short_name: Option<String>,
+    /// [`parameter_count`].
+    pub parameters: u64,
+    /// [`file_type`].
+    pub quantization: Option<&'static str>,
+    /// The chat template, if it has one.
+    pub template: Option<String>,
+}
+
+/// The [`Description`] of a model from its header and layout.
+pub fn describe(gguf: &GgufFile, layout: &ModelLayout) -> Description {
+    Description {
+        short_name: short_name(gguf),
+        parameters: parameter_count(layout),
+        quantization: file_type(gguf),
+        template: gguf
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from),
+    }
+}
+
 /// Parameters of the model: every weight of the layout's tensors.
 pub fn parameter_count(layout: &ModelLayout) -> u64 {
     let head = [

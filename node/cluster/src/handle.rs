@@ -60,43 +60,25 @@ impl ModelInfo {
 impl Handle {
     pub(crate) fn new(shared: Arc<Shared>) -> Handle {
         let cfg = &shared.layout.config;
-        // The header again, for what the API describes (read once, here).
-        let header = sharding::GgufFile::open(&shared.config.model).ok();
+        let d = &shared.description;
         let id: String = shared
             .config
             .model
             .file_stem()
             .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-        let name = shared
-            .config
-            .alias
-            .clone()
-            .or_else(|| header.as_ref().and_then(sharding::describe::short_name))
-            .unwrap_or_else(|| id.clone());
         let model = Arc::new(ModelInfo {
-            name,
-            id: shared
-                .config
-                .model
-                .file_stem()
-                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+            name: (shared.config.alias.clone())
+                .or_else(|| d.short_name.clone())
+                .unwrap_or_else(|| id.clone()),
+            id,
             architecture: cfg.architecture.clone(),
             bytes: shared.layout.stage_bytes(0..cfg.n_layers),
             hash: sharding::manifest::hex(&shared.manifest.model_hash),
-            parameters: sharding::describe::parameter_count(&shared.layout),
-            parameter_size: sharding::describe::parameter_size(
-                sharding::describe::parameter_count(&shared.layout),
-            ),
-            quantization: header
-                .as_ref()
-                .and_then(sharding::describe::file_type)
-                .map(String::from),
+            parameters: d.parameters,
+            parameter_size: sharding::describe::parameter_size(d.parameters),
+            quantization: d.quantization.map(String::from),
             context: shared.config.context,
-            template: header.as_ref().and_then(|g| {
-                g.get("tokenizer.chat_template")
-                    .and_then(|v| v.as_str())
-                    .map(String::from)
-            }),
+            template: d.template.clone(),
         });
         Handle { shared, model }
     }

@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     pub layout: Arc<ModelLayout>,
     /// The model's manifest.
     pub manifest: Manifest,
+    /// What its header says of it to people (name, parameters, quantisation, template).
+    pub description: sharding::describe::Description,
     /// Tokenizer and template, loaded when this node first originates a request.
     pub text: OnceCell<Arc<TextModel>>,
     /// Request counters for status.

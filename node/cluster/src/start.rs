@@ -35,6 +35,8 @@ struct Loaded {
     layout: Arc<ModelLayout>,
     manifest: Manifest,
     speed: Speed,
+    /// What the API says of the model (read with the layout).
+    description: sharding::describe::Description,
 }
 
 /// A member half started: its model read and measured, its data plane
@@ -131,6 +133,7 @@ impl Prepared {
             node_id,
             layout: loaded.layout,
             manifest: loaded.manifest,
+            description: loaded.description,
             text: OnceCell::new(),
             stats: Mutex::default(),
             live_sequences,
@@ -221,10 +224,12 @@ async fn load_model(config: &ClusterConfig) -> Result<Loaded, StartError> {
             None => Manifest::compute(&path, &layout)?,
         };
         let speed = calibrate::measure(&gguf, &layout, context)?;
+        let description = sharding::describe::describe(&gguf, &layout);
         Ok::<_, engine::EngineError>(Loaded {
             layout: Arc::new(layout),
             manifest,
             speed,
+            description,
         })
     })
     .await

@@ -41,13 +41,14 @@ const KNOWN: &[(&str, Fetch)] = &[
 pub fn describe(path: &Path) -> Option<Entry> {
     let gguf = GgufFile::open(path).ok()?;
     let layout = ModelLayout::from_gguf(&gguf).ok()?;
+    let d = describe::describe(&gguf, &layout);
     let stem = path.file_stem()?.to_string_lossy().into_owned();
     Some(Entry {
-        name: describe::short_name(&gguf).unwrap_or_else(|| stem.clone()),
+        name: d.short_name.unwrap_or_else(|| stem.clone()),
         stem,
         architecture: layout.config.architecture.clone(),
-        parameters: describe::parameter_size(describe::parameter_count(&layout)),
-        quantization: describe::file_type(&gguf).map(String::from),
+        parameters: describe::parameter_size(d.parameters),
+        quantization: d.quantization.map(String::from),
         bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
         path: path.to_path_buf(),
     })

@@ -18,20 +18,11 @@ impl Control {
             return;
         }
         warn!(peer = %short(&node), "telling every member that it lied: {reason}");
-        let told: Vec<PeerId> = self
-            .m
-            .members()
-            .keys()
-            .filter(|id| **id != node)
-            .filter_map(|id| id.parse().ok())
-            .collect();
-        for peer in told {
-            let msg = Message::Distrust {
-                node_id: node.clone(),
-                reason: reason.clone(),
-            };
-            self.swarm.behaviour_mut().control.send_request(&peer, msg);
-        }
+        let msg = Message::Distrust {
+            node_id: node.clone(),
+            reason,
+        };
+        self.tell_members(&msg, Some(&node));
         let me = self.m.me().node_id.clone();
         let out = self.m.accuse(&me, &node);
         self.left_out(out);

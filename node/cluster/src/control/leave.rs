@@ -24,24 +24,10 @@ pub(super) struct Leaving {
 impl Control {
     /// Says goodbye to every member; `done` hears when all answered.
     pub(super) fn leave(&mut self, done: tokio::sync::oneshot::Sender<()>) {
-        let members: Vec<PeerId> = self
-            .m
-            .members()
-            .keys()
-            .filter_map(|id| id.parse().ok())
-            .collect();
-        info!(members = members.len(), "leaving: telling every member");
-        let waiting = members
-            .iter()
-            .map(|p| {
-                self.swarm
-                    .behaviour_mut()
-                    .control
-                    .send_request(p, Message::Leaving)
-            })
-            .collect();
+        let waiting = self.tell_members(&Message::Leaving, None);
+        info!(members = waiting.len(), "leaving: telling every member");
         self.leaving = Some(Leaving {
-            waiting,
+            waiting: waiting.into_iter().collect(),
             done: Some(done),
         });
         self.goodbye_answered_check();

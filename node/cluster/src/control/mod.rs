@@ -408,13 +408,34 @@ impl Control {
         }
     }
 
+    /// Every member but `except`, as libp2p peers.
+    fn member_peers(&self, except: Option<&str>) -> Vec<PeerId> {
+        self.m
+            .members()
+            .keys()
+            .filter(|id| Some(id.as_str()) != except)
+            .filter_map(|id| id.parse().ok())
+            .collect()
+    }
+
+    /// Sends `msg` to every member but `except`; the requests' ids.
+    fn tell_members(&mut self, msg: &Message, except: Option<&str>) -> Vec<OutboundRequestId> {
+        self.member_peers(except)
+            .iter()
+            .map(|p| {
+                self.swarm
+                    .behaviour_mut()
+                    .control
+                    .send_request(p, msg.clone())
+            })
+            .collect()
+    }
+
     /// Closes the connections of members silent past [`SILENCE`].
     fn drop_silent(&mut self, now: Instant) {
         let silent: Vec<PeerId> = self
-            .m
-            .members()
-            .keys()
-            .filter_map(|id| id.parse::<PeerId>().ok())
+            .member_peers(None)
+            .into_iter()
             .filter(|p| {
                 self.heard
                     .get(p)

@@ -1,11 +1,11 @@
 //! Plans and what feeds them: membership changes, link probes, load
 //! reports; the leader's replanning; installing a plan on this node.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::Multiaddr;
 use protocol::{Message, Plan, RequestError};
 use tracing::{info, warn};
 
@@ -28,18 +28,7 @@ impl Control {
         // one gone) must plan past it for this node to take its plan.
         load.epoch = self.m.epoch();
         *sh.load.lock().expect("load lock") = load;
-        let members: Vec<PeerId> = self
-            .m
-            .members()
-            .keys()
-            .filter_map(|id| id.parse().ok())
-            .collect();
-        for peer in members {
-            self.swarm
-                .behaviour_mut()
-                .control
-                .send_request(&peer, Message::Load(load));
-        }
+        self.tell_members(&Message::Load(load), None);
     }
 
     /// Measures the data-plane link to a new member in the background.
@@ -132,7 +121,6 @@ impl Control {
             return;
         }
         let result = self.m.replan();
-        let ids: BTreeSet<String> = self.m.members().keys().cloned().collect();
         let members = self.m.member_addrs();
         match result {
             Ok(Some(_)) => self.apply_plan(),
@@ -157,17 +145,7 @@ impl Control {
             }
         }
         // Everyone gets the plan, changed or not: a node that just joined needs it.
-        for id in ids {
-            if let Ok(peer) = id.parse::<PeerId>() {
-                self.swarm.behaviour_mut().control.send_request(
-                    &peer,
-                    Message::PlanUpdate {
-                        plan: plan.clone(),
-                        members: members.clone(),
-                    },
-                );
-            }
-        }
+        self.tell_members(&Message::PlanUpdate { plan, members }, None);
     }
 
     /// Hands the plan in force to the rest of the node.

@@ -200,37 +200,28 @@ fn write_json(
             let _ = write!(out, "{v}");
         }
         ValueKind::String => write_json_str(out, v.as_str().unwrap_or("")),
-        ValueKind::Map => {
-            out.push('{');
-            let keys: Vec<Value> = v.try_iter()?.collect();
-            for (i, key) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(item_sep);
-                }
-                newline(out, depth + 1);
-                write_json_str(out, &key.to_string());
-                out.push_str(": ");
-                write_json(out, &v.get_item(key)?, indent, depth + 1)?;
-            }
-            if !keys.is_empty() {
-                newline(out, depth);
-            }
-            out.push('}');
-        }
-        ValueKind::Seq | ValueKind::Iterable => {
-            out.push('[');
+        ValueKind::Map | ValueKind::Seq | ValueKind::Iterable => {
+            // A map iterates its keys; each is written with its value.
+            let map = v.kind() == ValueKind::Map;
+            out.push(if map { '{' } else { '[' });
             let items: Vec<Value> = v.try_iter()?.collect();
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.push_str(item_sep);
                 }
                 newline(out, depth + 1);
-                write_json(out, item, indent, depth + 1)?;
+                if map {
+                    write_json_str(out, &item.to_string());
+                    out.push_str(": ");
+                    write_json(out, &v.get_item(item)?, indent, depth + 1)?;
+                } else {
+                    write_json(out, item, indent, depth + 1)?;
+                }
             }
             if !items.is_empty() {
                 newline(out, depth);
             }
-            out.push(']');
+            out.push(if map { '}' } else { ']' });
         }
         _ => write_json_str(out, &v.to_string()),
     }
