@@ -42,6 +42,7 @@ def main():
     # What Continue and Open WebUI read: show and ps.
     shown = c.show(model)
     assert shown["details"]["family"] == "llama", shown
+    assert c.show("smollm2:135m")["details"] == shown["details"]
     assert shown["modelinfo"]["llama.context_length"] > 0, shown
     assert "im_start" in shown["template"], shown["template"][:200]
     assert [m["model"] for m in c.ps()["models"]] == names
