@@ -64,10 +64,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
         .text
         .system
         .iter()
-        .map(|s| Message {
-            role: "system".into(),
-            content: s.clone(),
-        })
+        .map(|s| Message::new("system", s.clone()))
         .collect();
     let mut session = Session::new(engine.new_cache(opts.context));
     match prompt {
@@ -75,10 +72,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
             let tokens = if args.text.no_template {
                 engine.raw_tokens(&p)?
             } else {
-                messages.push(Message {
-                    role: "user".into(),
-                    content: p,
-                });
+                messages.push(Message::new("user", p));
                 engine.chat_tokens(&messages)?
             };
             let (_, stats) = stream(&engine, &mut session, &tokens, &opts)?;
@@ -128,19 +122,13 @@ fn chat_loop(
             );
             t
         } else {
-            messages.push(Message {
-                role: "user".into(),
-                content: line,
-            });
+            messages.push(Message::new("user", line));
             engine.chat_tokens(messages)?
         };
         match stream(engine, session, &tokens, opts) {
             Ok((reply, stats)) => {
                 println!();
-                messages.push(Message {
-                    role: "assistant".into(),
-                    content: reply,
-                });
+                messages.push(Message::new("assistant", reply));
                 report(&stats, args.verbose);
             }
             Err(e) => {

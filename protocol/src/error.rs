@@ -92,7 +92,9 @@ impl RequestError {
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            RequestError::EmptyPrompt | RequestError::ContextFull { .. }
+            RequestError::EmptyPrompt
+                | RequestError::ContextFull { .. }
+                | RequestError::BadInput(_)
         )
     }
 

@@ -219,6 +219,7 @@ mod tests {
                             token,
                         })
                         .collect(),
+                    logprobs: Vec::new(),
                 })
             });
         prop_oneof![
@@ -259,6 +260,10 @@ mod tests {
                         frequency_penalty: -0.25,
                         seed,
                     },
+                    prompt_len: 1,
+                    constraint: (seed % 2 == 0)
+                        .then(|| Constraint::JsonSchema(r#"{"type":"object"}"#.into())),
+                    logprobs: (seed % 3 == 0).then_some(5),
                     prompt,
                 })),
             (

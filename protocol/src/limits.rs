@@ -63,3 +63,10 @@ pub const MODEL_BYTES_MAX: u64 = 2 << 40;
 /// Largest sealed Hello in a `Join` (a Hello with every address at its
 /// limit is ~10 KiB).
 pub const SEALED_HELLO_BYTES_MAX: usize = 64 << 10;
+
+/// Largest grammar a request may carry (JSON schema or Lark text): 256 KiB,
+/// far past any tool list or response schema seen in practice.
+pub const CONSTRAINT_BYTES_MAX: usize = 256 << 10;
+
+/// Most alternatives per token in `logprobs` (OpenAI's `top_logprobs` limit).
+pub const TOP_LOGPROBS_MAX: u8 = 20;

@@ -12,7 +12,7 @@ use crate::RequestError;
 /// Version of this protocol. A node refuses a [`Hello`] with another one.
 /// 4: `Failed` carries a typed [`RequestError`]; `Preparing` answers a
 /// weights query. 7: `Distrust`, `Leaving`.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Every message on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +227,38 @@ pub struct Begin {
     pub sampling: Sampling,
     /// The prompt (the sampler's repetition history starts with it).
     pub prompt: Vec<u32>,
+    /// How many of `prompt`'s tokens are the request's own prompt; the rest
+    /// were generated before (a replay) and the constraint's matcher reads
+    /// them as output so far.
+    pub prompt_len: u32,
+    /// A grammar the sampled tokens must follow (structured output, tool
+    /// calls), enforced by the last stage's token masks.
+    pub constraint: Option<Constraint>,
+    /// Log-probabilities wanted with each token: `Some(n)` gives the
+    /// sampled token's and the `n` most likely ones (at most
+    /// [`crate::limits::TOP_LOGPROBS_MAX`]).
+    pub logprobs: Option<u8>,
+}
+
+/// A grammar for the output, as text the last stage compiles (it is a
+/// peer's input: compiled under the grammar engine's own limits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Constraint {
+    /// A JSON Schema (as JSON text): the output is one JSON value valid
+    /// against it.
+    JsonSchema(String),
+    /// A Lark grammar (llguidance's dialect, which embeds JSON schemas).
+    Lark(String),
+}
+
+impl Constraint {
+    /// The grammar's text.
+    pub fn text(&self) -> &str {
+        match self {
+            Constraint::JsonSchema(t) | Constraint::Lark(t) => t,
+        }
+    }
 }
 
 /// Tokens for the first stage.
@@ -431,9 +463,26 @@ pub struct SampledToken {
     pub token: u32,
 }
 
+/// The log-probabilities of a sampled token and its best rivals, from the
+/// distribution the token was drawn from (after penalties and the
+/// constraint's mask, before temperature and truncation, as OpenAI's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// The request.
+    pub request_id: u64,
+    /// The sampled token's position.
+    pub position: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// Tokens sampled by the last stage in one step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tokens {
     /// One entry per sequence.
     pub entries: Vec<SampledToken>,
+    /// Log-probabilities of the entries whose requests asked for them.
+    pub logprobs: Vec<TokenLogprobs>,
 }

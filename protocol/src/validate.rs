@@ -173,12 +173,31 @@ impl Message {
             }
             Message::Plan(p) => validate_plan(p),
             Message::Activations(a) => validate_activations(a),
-            Message::Tokens(t) => count(
-                "tokens in one message",
-                t.entries.len(),
-                0,
-                REQUESTS_PER_MESSAGE_MAX,
-            ),
+            Message::Tokens(t) => {
+                count(
+                    "tokens in one message",
+                    t.entries.len(),
+                    0,
+                    REQUESTS_PER_MESSAGE_MAX,
+                )?;
+                count(
+                    "log-probabilities in one message",
+                    t.logprobs.len(),
+                    0,
+                    t.entries.len(),
+                )?;
+                t.logprobs.iter().try_for_each(|l| {
+                    count(
+                        "top log-probabilities",
+                        l.top.len(),
+                        0,
+                        usize::from(TOP_LOGPROBS_MAX),
+                    )?;
+                    std::iter::once(l.logprob)
+                        .chain(l.top.iter().map(|t| t.1))
+                        .try_for_each(|v| within("log-probability", f64::from(v), -1e30, 0.0))
+                })
+            }
             Message::Join(j) => {
                 name(&j.cluster, "cluster name")?;
                 if j.sealed_hello.bytes.len() > SEALED_HELLO_BYTES_MAX {
@@ -263,6 +282,18 @@ impl Message {
                     2.0,
                 )?;
                 count("prompt tokens", b.prompt.len(), 1, CONTEXT_TOKENS_MAX)?;
+                count("prompt length", b.prompt_len as usize, 1, b.prompt.len())?;
+                if let Some(c) = &b.constraint {
+                    count("grammar bytes", c.text().len(), 1, CONSTRAINT_BYTES_MAX)?;
+                }
+                if let Some(n) = b.logprobs {
+                    count(
+                        "top log-probabilities",
+                        usize::from(n),
+                        0,
+                        usize::from(TOP_LOGPROBS_MAX),
+                    )?;
+                }
                 if b.context as usize > CONTEXT_TOKENS_MAX || (b.context as usize) < b.prompt.len()
                 {
                     return Err(ValidationError::Context {

@@ -51,8 +51,8 @@ raises(openai.BadRequestError, model=model, messages=messages, n=2)
 e = raises(openai.BadRequestError, model=model,
            messages=[{"role": "user", "content": "sky " * 2000}], max_tokens=4)
 assert "context" in str(e), e
-# Not built yet: refused by name, not ignored.
-e = raises(openai.BadRequestError, model=model, messages=messages, response_format={"type": "json_object"})
+# Not built: refused by name, not ignored.
+e = raises(openai.BadRequestError, model=model, messages=messages, logit_bias={"42": 5})
 assert "not supported" in str(e), e
 # Bookkeeping fields change nothing and are taken.
 r = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24,

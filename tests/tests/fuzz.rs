@@ -231,6 +231,7 @@ fn frames() {
                 position: 3,
                 token: 42,
             }],
+            logprobs: Vec::new(),
         }),
         Message::Activations(Activations {
             batch: vec![SeqRows {

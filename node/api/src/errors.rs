@@ -110,7 +110,7 @@ mod tests {
                 },
                 400,
             ),
-            (RequestError::BadInput("x".into()), 500),
+            (RequestError::BadInput("x".into()), 400),
             (RequestError::Overloaded { queued: 3 }, 429),
             (RequestError::NoPlan, 503),
             (RequestError::Unservable("too big".into()), 503),

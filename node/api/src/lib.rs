@@ -24,6 +24,7 @@ mod openai;
 mod server;
 mod shoal;
 mod status;
+mod tools;
 
 use std::sync::Arc;
 

@@ -21,11 +21,13 @@ use tokio::sync::mpsc;
 
 use cluster::{AskEvent, AskRequest, Prompt, RequestError};
 use engine::chat;
+use engine::chat::tools::{Tool, ToolCall, ToolStyle};
 use engine::local::{GenerationStats, StopReason};
 use engine::sampling::SamplingParams;
 use engine::stop::StopMatcher;
 
 use crate::errors::{error as err, status_of, too_busy};
+use crate::tools::{json_constraint, Answer, Choice, Tools};
 use crate::{AppState, MAX_TOKENS_MAX, MESSAGES_MAX};
 
 /// Tokens generated when `num_predict` is not set (Ollama: until the end
@@ -69,6 +71,19 @@ struct OllamaMessage {
     role: String,
     #[serde(default)]
     content: String,
+    /// An assistant turn's calls: `[{"function": {"name", "arguments": {...}}}]`.
+    tool_calls: Option<Vec<OllamaCall>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OllamaCall {
+    function: ToolCall,
+}
+
+/// A tool offered: `{"type": "function", "function": {...}}`.
+#[derive(Debug, Deserialize)]
+struct OllamaTool {
+    function: Tool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,14 +97,12 @@ struct ChatBody {
     extra: Extras,
 }
 
-/// Ollama fields shoal takes but does not act on yet, or acts on by
-/// refusing: JSON mode and tools silently ignored would hand a client text
-/// it did not ask for.
+/// Ollama's fields beyond the prompt and options.
 #[derive(Debug, Default, Deserialize)]
 struct Extras {
     /// `"json"` or a JSON schema.
     format: Option<Value>,
-    tools: Option<Value>,
+    tools: Option<Vec<OllamaTool>>,
     /// How long to keep the model loaded: a node holds its layers while
     /// it runs, so any value is honoured by doing nothing.
     #[allow(dead_code)]
@@ -97,22 +110,32 @@ struct Extras {
 }
 
 impl Extras {
+    /// The tools offered (Ollama lets the model choose) and the grammar
+    /// `format` asks for: `"json"` any JSON object, an object a schema.
     // The error is the response itself, as in `parse`.
     #[allow(clippy::result_large_err)]
-    fn check(&self) -> Result<(), Response> {
-        let set = |v: &Option<Value>| {
-            v.as_ref()
-                .is_some_and(|v| !v.is_null() && *v != json!("") && *v != json!([]))
-        };
-        for (name, v) in [("format", &self.format), ("tools", &self.tools)] {
-            if set(v) {
+    fn parts(self) -> Result<(Tools, Option<protocol::Constraint>), Response> {
+        let bad = |e: crate::errors::ApiError| err(StatusCode::BAD_REQUEST, e.message);
+        let list = self
+            .tools
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| t.function)
+            .collect();
+        let tools = Tools::new(list, Choice::Auto).map_err(bad)?;
+        let format = match self.format {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) if s == "json" => Some(json_constraint(None).map_err(bad)?),
+            Some(schema @ Value::Object(_)) => Some(json_constraint(Some(&schema)).map_err(bad)?),
+            Some(other) => {
                 return Err(err(
                     StatusCode::BAD_REQUEST,
-                    format!("'{name}' (structured output and tool calls) is not supported by this shoal version yet"),
-                ));
+                    format!("format must be \"json\" or a JSON schema, not {other}"),
+                ))
             }
-        }
-        Ok(())
+        };
+        Ok((tools, format))
     }
 }
 
@@ -156,20 +179,27 @@ fn parse<T: serde::de::DeserializeOwned>(
 
 async fn chat(State(app): State<AppState>, body: Result<Json<Value>, JsonRejection>) -> Response {
     match parse(body).and_then(chat_body) {
-        Ok((model, prompt, options, stream)) => {
-            serve(app, model, prompt, options, stream, Kind::Chat).await
-        }
+        Ok(asked) => serve(app, asked, Kind::Chat).await,
         Err(r) => r,
     }
 }
 
-/// What a request asks for: model, prompt, options, whether to stream.
-type Asked = (String, Prompt, Options, Option<bool>);
+/// What a request asks for.
+struct Asked {
+    model: String,
+    prompt: Prompt,
+    options: Options,
+    /// Whether to stream (Ollama's default: yes).
+    stream: Option<bool>,
+    tools: Tools,
+    /// The grammar of `format`.
+    format: Option<protocol::Constraint>,
+}
 
 // The error is the response itself, as in `parse`.
 #[allow(clippy::result_large_err)]
 fn chat_body(b: ChatBody) -> Result<Asked, Response> {
-    b.extra.check()?;
+    let (tools, format) = b.extra.parts()?;
     if b.messages.is_empty() || b.messages.len() > MESSAGES_MAX {
         return Err(err(
             StatusCode::BAD_REQUEST,
@@ -184,12 +214,23 @@ fn chat_body(b: ChatBody) -> Result<Asked, Response> {
                 format!("unknown role '{}'", m.role),
             ));
         }
-        msgs.push(chat::Message {
-            role: m.role,
-            content: m.content,
-        });
+        let mut msg = chat::Message::new(m.role, m.content);
+        msg.tool_calls = m
+            .tool_calls
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.function)
+            .collect();
+        msgs.push(msg);
     }
-    Ok((b.model, Prompt::Chat(msgs), b.options, b.stream))
+    Ok(Asked {
+        model: b.model,
+        prompt: Prompt::Chat(msgs),
+        options: b.options,
+        stream: b.stream,
+        tools,
+        format,
+    })
 }
 
 async fn generate(
@@ -197,9 +238,7 @@ async fn generate(
     body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
     match parse(body).and_then(generate_body) {
-        Ok((model, prompt, options, stream)) => {
-            serve(app, model, prompt, options, stream, Kind::Generate).await
-        }
+        Ok(asked) => serve(app, asked, Kind::Generate).await,
         Err(r) => r,
     }
 }
@@ -207,24 +246,25 @@ async fn generate(
 // The error is the response itself, as in `parse`.
 #[allow(clippy::result_large_err)]
 fn generate_body(b: GenerateBody) -> Result<Asked, Response> {
-    b.extra.check()?;
+    let (tools, format) = b.extra.parts()?;
     let prompt = if b.raw {
         Prompt::Raw(b.prompt)
     } else {
         let mut msgs = Vec::new();
         if let Some(s) = b.system {
-            msgs.push(chat::Message {
-                role: "system".into(),
-                content: s,
-            });
+            msgs.push(chat::Message::new("system", s));
         }
-        msgs.push(chat::Message {
-            role: "user".into(),
-            content: b.prompt,
-        });
+        msgs.push(chat::Message::new("user", b.prompt));
         Prompt::Chat(msgs)
     };
-    Ok((b.model, prompt, b.options, b.stream))
+    Ok(Asked {
+        model: b.model,
+        prompt,
+        options: b.options,
+        stream: b.stream,
+        tools,
+        format,
+    })
 }
 
 /// The checks a body of `path` goes through before it becomes a request
@@ -234,28 +274,31 @@ pub(crate) fn check(path: &str, v: Value) -> Result<(), String> {
         "/api/chat" => parse(Ok(Json(v))).and_then(chat_body),
         _ => parse(Ok(Json(v))).and_then(generate_body),
     };
-    let (_, prompt, options, _) = asked.map_err(|r| r.status().to_string())?;
-    ask_request(prompt, options)
+    let asked = asked.map_err(|r| r.status().to_string())?;
+    ask_request(asked, ToolStyle::of(None))
         .map(drop)
         .map_err(|r| r.status().to_string())
 }
 
-async fn serve(
-    app: AppState,
-    model: String,
-    prompt: Prompt,
-    o: Options,
-    stream: Option<bool>,
-    kind: Kind,
-) -> Response {
-    let served = app.cluster.model().name.clone();
-    if !app.cluster.model().answers_to(&model) {
+async fn serve(app: AppState, asked: Asked, kind: Kind) -> Response {
+    let served = app.cluster.model();
+    if !served.answers_to(&asked.model) {
         return err(
             StatusCode::NOT_FOUND,
-            format!("model '{model}' not found; this cluster serves '{served}'"),
+            format!(
+                "model '{}' not found; this cluster serves '{}'",
+                asked.model, served.name
+            ),
         );
     }
-    let req = match ask_request(prompt, o) {
+    let style = ToolStyle::of(served.template.as_deref());
+    let meta = Meta {
+        model: asked.model.clone(),
+        kind,
+        tools: asked.tools.active().then_some(style),
+    };
+    let stream = asked.stream;
+    let req = match ask_request(asked, style) {
         Ok(r) => r,
         Err(e) => return e,
     };
@@ -263,7 +306,6 @@ async fn serve(
     if let Err(e) = app.cluster.submit(req, tx) {
         return too_busy(&e);
     }
-    let meta = Meta { model, kind };
     if stream.unwrap_or(true) {
         return ndjson(rx, meta);
     }
@@ -273,7 +315,8 @@ async fn serve(
 /// The request `options` ask for, with Ollama's defaults, checked.
 // The error is the response itself, as in `parse`.
 #[allow(clippy::result_large_err)]
-fn ask_request(prompt: Prompt, o: Options) -> Result<AskRequest, Response> {
+fn ask_request(asked: Asked, style: ToolStyle) -> Result<AskRequest, Response> {
+    let o = asked.options;
     let stop = o.stop.unwrap_or_default();
     if let Err(e) = StopMatcher::validate(&stop) {
         return Err(err(StatusCode::BAD_REQUEST, e));
@@ -303,11 +346,14 @@ fn ask_request(prompt: Prompt, o: Options) -> Result<AskRequest, Response> {
         }
     };
     Ok(AskRequest {
-        prompt,
+        prompt: asked.prompt,
         stop,
         max_tokens,
         sampling,
         context: o.num_ctx,
+        constraint: asked.tools.constraint(style).or(asked.format),
+        tools: asked.tools.shown(),
+        logprobs: None,
     })
 }
 
@@ -318,7 +364,12 @@ async fn whole(mut rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta) -> Respons
         match rx.recv().await {
             Some(AskEvent::Token { text: t, .. }) | Some(AskEvent::Tail { text: t }) => text += &t,
             Some(AskEvent::Done { stats }) => {
+                let (text, calls) = match meta.tools {
+                    Some(style) => Answer::whole(style, true, &text),
+                    None => (text, Vec::new()),
+                };
                 let mut v = meta.chunk(&text);
+                meta.with_calls(&mut v, &calls);
                 meta.finish(&mut v, &stats);
                 return Json(v).into_response();
             }
@@ -335,9 +386,19 @@ fn failure(e: &RequestError) -> Response {
 struct Meta {
     model: String,
     kind: Kind,
+    /// The answer may hold tool calls, in this style.
+    tools: Option<ToolStyle>,
 }
 
 impl Meta {
+    /// Adds calls to a chat chunk's message, as Ollama writes them.
+    fn with_calls(&self, v: &mut Value, calls: &[ToolCall]) {
+        if !calls.is_empty() && self.kind == Kind::Chat {
+            let calls: Vec<Value> = calls.iter().map(|c| json!({"function": c})).collect();
+            v["message"]["tool_calls"] = json!(calls);
+        }
+    }
+
     fn chunk(&self, text: &str) -> Value {
         let mut v = json!({
             "model": self.model,
@@ -371,22 +432,47 @@ impl Meta {
 /// One JSON object per line: a chunk per piece of text, then the last
 /// object with the counters. Dropping the stream cancels the request.
 fn ndjson(rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta) -> Response {
-    let body = futures::stream::unfold((rx, meta, false), |(mut rx, meta, done)| async move {
+    let answer = match meta.tools {
+        Some(style) => Answer::new(style, true),
+        None => Answer::new(ToolStyle::of(None), false),
+    };
+    let state = (rx, meta, answer, false);
+    let body = futures::stream::unfold(state, |(mut rx, meta, mut answer, done)| async move {
         if done {
             return None;
         }
-        let (v, done) = match rx.recv().await? {
-            AskEvent::Token { text, .. } | AskEvent::Tail { text } => (meta.chunk(&text), false),
+        let mut lines = Vec::new();
+        let done = match rx.recv().await? {
+            AskEvent::Token { text, .. } | AskEvent::Tail { text } => {
+                lines.push(meta.chunk(&answer.push(&text)));
+                false
+            }
             AskEvent::Done { stats } => {
+                let (text, calls) = answer.finish();
+                if !text.is_empty() || !calls.is_empty() {
+                    let mut v = meta.chunk(&text);
+                    meta.with_calls(&mut v, &calls);
+                    lines.push(v);
+                }
                 let mut v = meta.chunk("");
                 meta.finish(&mut v, &stats);
-                (v, true)
+                lines.push(v);
+                true
             }
-            AskEvent::Error { error, .. } => (json!({ "error": error.to_string() }), true),
+            AskEvent::Error { error, .. } => {
+                lines.push(json!({ "error": error.to_string() }));
+                true
+            }
         };
-        let mut line = serde_json::to_vec(&v).expect("json");
-        line.push(b'\n');
-        Some((Ok::<_, std::convert::Infallible>(line), (rx, meta, done)))
+        let mut out = Vec::new();
+        for v in lines {
+            out.extend(serde_json::to_vec(&v).expect("json"));
+            out.push(b'\n');
+        }
+        Some((
+            Ok::<_, std::convert::Infallible>(out),
+            (rx, meta, answer, done),
+        ))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
@@ -461,7 +547,7 @@ async fn show(State(app): State<AppState>, body: Result<Json<Value>, JsonRejecti
         "template": m.template.clone().unwrap_or_default(),
         "details": details(m),
         "model_info": info,
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"],
         "modified_at": rfc3339_now(),
     }))
     .into_response()

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::errors::{error, too_busy};
+use crate::tools::json_constraint;
 use crate::{AppState, MAX_TOKENS_MAX};
 
 /// The body of `POST /api/shoal/generate` (shoal's own, used by `shoal ask`).
@@ -47,6 +48,9 @@ pub struct GenerateBody {
     pub seed: Option<u64>,
     /// Context window.
     pub context: Option<usize>,
+    /// `"json"` (any JSON object) or a JSON schema the answer follows.
+    #[serde(default)]
+    pub format: Option<serde_json::Value>,
 }
 
 pub(crate) async fn generate(
@@ -108,12 +112,22 @@ fn ask_request(b: GenerateBody) -> Result<AskRequest, String> {
         msgs.push(chat::Message::new("user", b.prompt));
         Prompt::Chat(msgs)
     };
+    let constraint = match &b.format {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if s == "json" => Some(json_constraint(None)),
+        Some(schema) => Some(json_constraint(Some(schema))),
+    }
+    .transpose()
+    .map_err(|e| e.message)?;
     Ok(AskRequest {
         prompt,
         stop: Vec::new(),
         max_tokens,
         sampling,
         context: b.context,
+        tools: Vec::new(),
+        constraint,
+        logprobs: None,
     })
 }
 

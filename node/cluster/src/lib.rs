@@ -48,7 +48,7 @@ use std::path::PathBuf;
 
 pub use handle::{Handle, ModelInfo};
 pub use libp2p::Multiaddr;
-pub use origin::{AskEvent, AskRequest, NodeStats, Prompt, RecentRequest};
+pub use origin::{AskEvent, AskRequest, Logprob, NodeStats, Prompt, RecentRequest, TopLogprob};
 pub use protocol::RequestError;
 pub use start::{available_memory, Cluster, Prepared};
 

@@ -88,6 +88,9 @@ pub enum TextError {
     /// The chat template failed on these messages.
     #[error(transparent)]
     Chat(#[from] chat::ChatError),
+    /// A `suffix` was given to a model without fill-in-the-middle tokens.
+    #[error("this model has no fill-in-the-middle tokens: 'suffix' cannot be used with it")]
+    NoInfill,
 }
 
 /// Any engine error: loading, a pass, or text.

@@ -11,6 +11,7 @@
 //! - [`ggml_ops`]: norm, SwiGLU and RoPE angles with ggml's exact arithmetic.
 //! - [`tokenizer`], [`chat`]: text in and out, built from the GGUF's metadata.
 //! - [`sampling`]: choosing the next token (pure).
+//! - [`grammar`]: constrained decoding (token masks from JSON schemas and Lark grammars).
 //! - [`stop`]: stop sequences over streamed text (pure).
 //! - [`local`]: a whole model on one machine: load, prompt, generate, score.
 //! - [`text`]: tokenizer and chat template together (text in, tokens out).
@@ -25,6 +26,7 @@ pub mod attention;
 pub mod chat;
 pub mod error;
 pub mod ggml_ops;
+pub mod grammar;
 pub mod kv_cache;
 pub mod linear;
 pub mod local;

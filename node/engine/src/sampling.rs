@@ -159,9 +159,15 @@ impl Sampler {
 
     /// Picks the next token from `logits` given the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        assert!(!logits.is_empty(), "empty logits");
+        let logits = self.adjusted(logits.to_vec(), history);
+        self.pick(&logits, history.len())
+    }
+
+    /// The logits after the repetition, presence and frequency penalties
+    /// over `history`: the distribution [`Sampler::pick`] draws from, and
+    /// the one log-probabilities are reported for.
+    pub fn adjusted(&self, mut logits: Vec<f32>, history: &[u32]) -> Vec<f32> {
         let p = &self.params;
-        let mut logits = logits.to_vec();
         if p.repeat_penalty != 1.0 {
             let start = history.len().saturating_sub(p.repeat_last_n);
             let mut seen = std::collections::HashSet::new();
@@ -190,8 +196,16 @@ impl Sampler {
                 }
             }
         }
+        logits
+    }
+
+    /// Draws the token for position `position` from penalised logits
+    /// (see [`Sampler::adjusted`]).
+    pub fn pick(&self, logits: &[f32], position: usize) -> u32 {
+        assert!(!logits.is_empty(), "empty logits");
+        let p = &self.params;
         if p.temperature <= 0.0 {
-            return argmax(&logits);
+            return argmax(logits);
         }
         // Candidates sorted by logit, best first (ties by id, for determinism).
         let mut cand: Vec<(u32, f32)> = logits
@@ -203,7 +217,7 @@ impl Sampler {
         if cand.is_empty() {
             // Every logit NaN: nothing to draw from (the engine refuses
             // such logits; this keeps the sampler total).
-            return argmax(&logits);
+            return argmax(logits);
         }
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
@@ -230,7 +244,7 @@ impl Sampler {
             cand.truncate(keep.max(1));
         }
         let probs = softmax(&cand, p.temperature);
-        let r = draw(p.seed, history.len());
+        let r = draw(p.seed, position);
         let mut acc = 0.0;
         for (c, pr) in cand.iter().zip(&probs) {
             acc += *pr;
@@ -240,6 +254,38 @@ impl Sampler {
         }
         cand.last().expect("at least one candidate").0
     }
+}
+
+/// The log-probability of `token` under `logits` (a log-softmax at
+/// temperature 1), and the `top` most likely tokens with theirs, best
+/// first (ties by id). Tokens at −∞ (masked) are never among the top.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| f64::from(l - max).exp())
+        .sum();
+    let norm = max as f64 + sum.ln();
+    let lp = |l: f32| (f64::from(l) - norm).max(-1e30) as f32;
+    let chosen = logits.get(token as usize).map_or(-1e30, |&l| lp(l));
+    let mut best: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_finite())
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if top > 0 && top < best.len() {
+        best.select_nth_unstable_by(top - 1, by_logit);
+    }
+    best.truncate(top);
+    best.sort_unstable_by(by_logit);
+    (chosen, best.into_iter().map(|(i, l)| (i, lp(l))).collect())
 }
 
 /// Index of the largest logit (the first on ties, like llama.cpp).

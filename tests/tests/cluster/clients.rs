@@ -58,6 +58,23 @@ fn the_official_openai_client_and_curl_work_against_a_two_node_cluster() {
             nodes[0].http.clone(),
         ),
     ];
+    // Structured output, tool calls and log-probabilities through the
+    // pipeline, with both clients (the grammar runs on the last stage).
+    let both = std::env::join_paths([clients[0].1.clone(), clients[1].1.clone()]).unwrap();
+    let structured = std::process::Command::new("python3")
+        .arg(format!("{}/py/structured.py", env!("CARGO_MANIFEST_DIR")))
+        .arg(&nodes[0].http)
+        .arg("smollm2:135m")
+        .env("PYTHONPATH", both)
+        .output()
+        .unwrap();
+    assert!(
+        structured.status.success(),
+        "structured.py: {}{}",
+        String::from_utf8_lossy(&structured.stdout),
+        String::from_utf8_lossy(&structured.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&structured.stdout));
     for (script, path, url) in clients {
         let out = std::process::Command::new("python3")
             .arg(format!("{}/py/{script}", env!("CARGO_MANIFEST_DIR")))

@@ -43,10 +43,19 @@ impl DataPlane {
         match msg {
             Message::Tokens(t) => {
                 for e in &t.entries {
+                    let logprobs = t
+                        .logprobs
+                        .iter()
+                        .filter(|l| l.request_id == e.request_id)
+                        .cloned()
+                        .collect();
                     self.to_origin(
                         from,
                         e.request_id,
-                        Message::Tokens(protocol::Tokens { entries: vec![*e] }),
+                        Message::Tokens(protocol::Tokens {
+                            entries: vec![*e],
+                            logprobs,
+                        }),
                     );
                 }
             }

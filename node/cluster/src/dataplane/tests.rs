@@ -24,6 +24,7 @@ fn token(request_id: u64, token: u32) -> Message {
             position: 0,
             token,
         }],
+        logprobs: Vec::new(),
     })
 }
 

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use protocol::{Begin, Message, RequestError};
 use tracing::debug;
 
-use engine::sampling::{Sampler, SamplingParams};
 use schedule::SEQUENCES_MAX;
 
 use super::guard::lie_after_begin;
@@ -126,20 +125,23 @@ impl Worker {
             let _ = self.out.send_now(&b.origin, fail(full));
             return;
         }
-        let sampler = stage.is_last().then(|| {
-            (
-                Sampler::new(SamplingParams::from(&b.sampling)),
-                b.prompt.clone(),
-            )
-        });
+        let last = stage.is_last();
+        let new_cache = stage.new_cache(b.context as usize);
+        let pick = match last.then(|| self.pick_for(&b)).transpose() {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.out.send_now(&b.origin, fail(e));
+                return;
+            }
+        };
         self.seqs.insert(
             b.request_id,
             Sequence {
-                cache: stage.new_cache(b.context as usize),
+                cache: new_cache,
                 kv_bytes,
                 origin: b.origin.clone(),
                 from,
-                sampler,
+                pick,
             },
         );
         if let Some(next) = &self.next {

@@ -187,7 +187,13 @@ pub(super) fn lie_after_begin(out: &dyn Outbox, me: &str, next: &str, b: Begin) 
             position: b.prompt.len() as u32,
             token: 0,
         };
-        out.send(&b.origin, Message::Tokens(Tokens { entries: vec![lie] }));
+        out.send(
+            &b.origin,
+            Message::Tokens(Tokens {
+                entries: vec![lie],
+                logprobs: Vec::new(),
+            }),
+        );
     }
     if lies.hijack {
         warn!("fault injection: a second Begin under a request's id");

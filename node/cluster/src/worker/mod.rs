@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::{Activations, DType, Message, RequestError, SampledToken, SeqRows, Tokens};
+use protocol::{Activations, DType, Message, RequestError, SeqRows};
 use sharding::{GgufFile, ModelLayout};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tracing::{debug, info, info_span, warn};
@@ -23,7 +23,6 @@ use tracing::{debug, info, info_span, warn};
 use crate::dataplane::short;
 
 use engine::model::{LoadOptions, Stage, StageOutput};
-use engine::sampling::Sampler;
 use engine::KvCache;
 use schedule::{micro_batch_cap, Batcher, Next, Rows, Work, SEQUENCES_MAX};
 
@@ -130,8 +129,8 @@ struct Sequence {
     /// The member that began it here (its origin or the previous stage):
     /// the only one whose activations it takes.
     from: String,
-    /// Last stage only: the sampler and the tokens it penalises.
-    sampler: Option<(Sampler, Vec<u32>)>,
+    /// Last stage only: how its tokens are drawn.
+    pick: Option<Pick>,
 }
 
 /// The running worker's state.
@@ -154,6 +153,8 @@ pub struct Worker {
     /// not heard of yet (see `admit.rs`), and since when.
     parked: std::collections::VecDeque<(String, Message)>,
     parked_since: Option<Instant>,
+    /// The model's grammar compiler, once a request needed one.
+    grammars: Option<Result<Arc<engine::grammar::Grammars>, engine::grammar::GrammarError>>,
 }
 
 /// Starts the worker; it runs until the sender is dropped.
@@ -173,6 +174,7 @@ pub fn spawn(cfg: WorkerConfig, out: Arc<dyn Outbox>) -> mpsc::Sender<WorkerMsg>
         in_pass: Vec::new(),
         parked: Default::default(),
         parked_since: None,
+        grammars: None,
     };
     std::thread::Builder::new()
         .name("shoal-stage".into())
@@ -478,50 +480,7 @@ impl Worker {
                     }
                 }
             }
-            (StageOutput::Logits(l), None) => {
-                let rows = match l.to_vec2::<f32>() {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.fail_all(&order, &e.to_string());
-                        return;
-                    }
-                };
-                let mut by_origin: Vec<(String, Vec<SampledToken>)> = Vec::new();
-                for (s, logits) in order.iter().zip(rows) {
-                    if !s.sample {
-                        continue;
-                    }
-                    let Some(seq) = self.seqs.get_mut(&s.request_id) else {
-                        continue;
-                    };
-                    let (sampler, history) =
-                        seq.sampler.as_mut().expect("last stage has a sampler");
-                    let token = sampler.sample(&logits, history);
-                    history.push(token);
-                    let entry = SampledToken {
-                        request_id: s.request_id,
-                        position: s.position + s.rows,
-                        token,
-                    };
-                    match by_origin.iter_mut().find(|(o, _)| *o == seq.origin) {
-                        Some((_, entries)) => entries.push(entry),
-                        None => by_origin.push((seq.origin.clone(), vec![entry])),
-                    }
-                }
-                for (origin, entries) in by_origin {
-                    let ids: Vec<u64> = entries.iter().map(|e| e.request_id).collect();
-                    if !self
-                        .out
-                        .send_now(&origin, Message::Tokens(Tokens { entries }))
-                    {
-                        // An origin that does not read holds no one else up.
-                        warn!(origin = %short(&origin), "origin not reading its tokens: its requests dropped here");
-                        for id in ids {
-                            self.cancel(id);
-                        }
-                    }
-                }
-            }
+            (StageOutput::Logits(l), None) => self.send_tokens(l, &order),
             _ => {
                 self.fail_all(&order, "stage output does not match the plan");
             }
@@ -571,9 +530,11 @@ impl Worker {
 mod admit;
 mod guard;
 mod pass;
+mod pick;
 use guard::{fault_panics, lie_in_activations, panic_text, Verdict};
 pub use pass::{decode_payload, encode_payload};
 use pass::{hidden_message, run_batch};
+use pick::Pick;
 
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,12 @@ pub struct Message {
     pub role: String,
     /// The message text.
     pub content: String,
+    /// Calls an assistant turn made (see [`tools`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<tools::ToolCall>,
+    /// The call a `tool` turn answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -35,9 +41,13 @@ impl Message {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 }
+
+pub mod tools;
 
 /// Why a chat template could not be loaded or rendered.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +75,8 @@ pub enum ChatError {
 /// A compiled chat template with its BOS/EOS token texts.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// How the model calls tools, read from the source.
+    tool_style: tools::ToolStyle,
     bos_token: String,
     eos_token: String,
 }
@@ -151,6 +163,7 @@ impl ChatTemplate {
                 max: MAX_TEMPLATE_BYTES,
             });
         }
+        let tool_style = tools::ToolStyle::of(Some(&source));
         let mut env = Environment::new();
         let syntax = SyntaxConfig::builder()
             .trim_blocks(true)
@@ -186,9 +199,16 @@ impl ChatTemplate {
         })?;
         Ok(Self {
             env,
+            tool_style,
             bos_token,
             eos_token,
         })
+    }
+
+    /// How this model writes tool calls, and whether the template renders
+    /// tools itself.
+    pub fn tool_style(&self) -> tools::ToolStyle {
+        self.tool_style
     }
 
     /// The BOS text templates see (e.g. to strip it when the tokenizer adds BOS itself).
@@ -207,12 +227,24 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
-        with_template_stack(|| self.render_here(messages, add_generation_prompt))
+        with_template_stack(|| self.render_here(messages, &[], add_generation_prompt))
+    }
+
+    /// [`ChatTemplate::render`] with a `tools` list in the template's
+    /// context (OpenAI's shape), for templates that render tools.
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: &[tools::Tool],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
+        with_template_stack(|| self.render_here(messages, tools, add_generation_prompt))
     }
 
     fn render_here(
         &self,
         messages: &[Message],
+        tools: &[tools::Tool],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
         let render_err = |e: Error| ChatError::Render(e.to_string());
@@ -220,17 +252,35 @@ impl ChatTemplate {
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
-                Value::from_pairs([
+                let mut pairs = vec![
                     ("role", Value::from(m.role.as_str())),
                     ("content", Value::from(m.content.as_str())),
-                ])
+                ];
+                if !m.tool_calls.is_empty() {
+                    let calls: Vec<serde_json::Value> = m
+                        .tool_calls
+                        .iter()
+                        .map(|c| serde_json::json!({"type": "function", "function": c}))
+                        .collect();
+                    pairs.push(("tool_calls", json_value(&serde_json::Value::from(calls))));
+                }
+                if let Some(id) = &m.tool_call_id {
+                    pairs.push(("tool_call_id", Value::from(id.as_str())));
+                }
+                Value::from_pairs(pairs)
             })
             .collect();
-        let ctx = minijinja::context! {
+        let base = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
+        };
+        let ctx = if tools.is_empty() {
+            base
+        } else {
+            let list: Vec<serde_json::Value> = tools.iter().map(tools::Tool::as_json).collect();
+            minijinja::context! { tools => json_value(&serde_json::Value::from(list)), ..base }
         };
         let mut out = CappedWriter(Vec::new());
         template
@@ -246,6 +296,23 @@ impl ChatTemplate {
             })
             .map(drop)?;
         String::from_utf8(out.0).map_err(|e| ChatError::Render(e.to_string()))
+    }
+}
+
+/// A JSON value as a template value (tools, calls), keys in their order.
+fn json_value(v: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(f)) => Value::from(f),
+            _ => Value::from(n.to_string()),
+        },
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(a) => Value::from(a.iter().map(json_value).collect::<Vec<_>>()),
+        J::Object(o) => Value::from_pairs(o.iter().map(|(k, v)| (k.as_str(), json_value(v)))),
     }
 }
 

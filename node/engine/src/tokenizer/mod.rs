@@ -505,3 +505,16 @@ impl StreamDecoder {
 
 #[cfg(test)]
 mod tests;
+
+/// A byte-level vocabulary (one token per byte, SmolLM2's pre-tokenizer)
+/// with `extra` control tokens after the bytes, for other modules' tests.
+#[cfg(test)]
+pub(crate) fn byte_level_for_tests(extra: &[&str]) -> Tokenizer {
+    let mut parts = bpe::tests::byte_level_parts("smollm", extra, &[]);
+    let mut types = vec![1; parts.tokens.len()];
+    for t in types.iter_mut().skip(256) {
+        *t = 3;
+    }
+    parts.token_types = Some(types);
+    Tokenizer::from_parts(parts).expect("a byte-level vocabulary")
+}

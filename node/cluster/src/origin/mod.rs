@@ -7,15 +7,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::chat;
-use engine::local::{GenerateEvent, GenerationStats, Progress, StopReason};
+use engine::local::{GenerationStats, Progress};
 use engine::sampling::SamplingParams;
-use engine::stop::StopMatcher;
-use protocol::{Begin, Input, Message, RequestError, Sampling};
+use protocol::{Begin, Constraint, Input, Message, RequestError, Sampling};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, info_span, Instrument};
 
 use crate::shared::Shared;
+
+mod output;
+use output::{next_token, Output};
 
 /// Longest a request waits for one token: a stage that takes longer is
 /// stuck, and the client gets an error instead of a hang. Generous, since a
@@ -73,6 +75,13 @@ pub struct AskRequest {
     pub sampling: SamplingParams,
     /// Context window (default: the node's).
     pub context: Option<usize>,
+    /// Functions the model may call (shown to it with the conversation).
+    pub tools: Vec<engine::chat::tools::Tool>,
+    /// A grammar the answer follows (structured output, tool calls).
+    pub constraint: Option<Constraint>,
+    /// Log-probabilities with each token: `Some(n)` for the token's own
+    /// and the `n` most likely ones'.
+    pub logprobs: Option<u8>,
 }
 
 /// A request's input.
@@ -82,6 +91,14 @@ pub enum Prompt {
     Raw(String),
     /// A conversation, rendered with the model's chat template.
     Chat(Vec<chat::Message>),
+    /// Fill in the middle: the text to write between `prefix` and
+    /// `suffix`, with the model's FIM tokens.
+    Infill {
+        /// Text before.
+        prefix: String,
+        /// Text after.
+        suffix: String,
+    },
 }
 
 /// What the client sees, in order.
@@ -94,6 +111,9 @@ pub enum AskEvent {
         id: u32,
         /// Its text.
         text: String,
+        /// Its log-probability and the best alternatives', when asked for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logprob: Option<Logprob>,
     },
     /// Text left at the end.
     Tail {
@@ -113,6 +133,30 @@ pub enum AskEvent {
         /// What went wrong, typed.
         error: RequestError,
     },
+}
+
+/// A token's log-probability and its best rivals', with their texts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Logprob {
+    /// The token's text (its bytes, lossily as UTF-8).
+    pub token: String,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens at this position, best first.
+    pub top: Vec<TopLogprob>,
+}
+
+/// One of the most likely tokens at a position.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopLogprob {
+    /// Its text.
+    pub token: String,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Its log-probability.
+    pub logprob: f32,
 }
 
 /// Counters for the status page.
@@ -233,6 +277,9 @@ impl Shared {
             .await
             .map_err(|e| RequestError::Model(e.to_string()))?;
         let (prompt, context) = self.tokenize(text.clone(), &req).await?;
+        if let Some(c) = &req.constraint {
+            check_grammar(text.clone(), c.clone()).await?;
+        }
         // What the stages hold KV for: what the request can reach.
         let reach = context.min(
             prompt
@@ -252,12 +299,16 @@ impl Shared {
         'attempt: loop {
             let epoch = self.plan.borrow().as_ref().map(|p| p.epoch);
             let opened = self
-                .open(request_id, &req.sampling, &tokens, prompt.len(), reach)
+                .open(request_id, &req, &tokens, prompt.len(), reach)
                 .await;
             let mut lost = match opened {
                 Ok((mut rx, guard)) => loop {
                     let id = match next_token(&mut rx).await {
-                        Ok(id) => id,
+                        Ok((id, logprobs)) => {
+                            out.logprob =
+                                logprobs.map(|l| output::logprob(text.tokenizer(), id, &l));
+                            id
+                        }
                         Err(e) => break e,
                     };
                     if progress.is_none() {
@@ -336,9 +387,11 @@ impl Shared {
         req: &AskRequest,
     ) -> Result<(Vec<u32>, usize), RequestError> {
         let input = req.prompt.clone();
+        let tools = req.tools.clone();
         let work = tokio::task::spawn_blocking(move || match &input {
             Prompt::Raw(t) => text.raw_tokens(t),
-            Prompt::Chat(msgs) => text.chat_tokens(msgs),
+            Prompt::Chat(msgs) => text.chat_tokens_with_tools(msgs, &tools),
+            Prompt::Infill { prefix, suffix } => text.infill_tokens(prefix, suffix),
         });
         let prompt = match tokio::time::timeout(TOKENIZE_TIMEOUT, work).await {
             Ok(Ok(r)) => r.map_err(|e| RequestError::BadInput(e.to_string()))?,
@@ -379,7 +432,7 @@ impl Shared {
     async fn open(
         self: &Arc<Self>,
         request_id: u64,
-        sampling: &SamplingParams,
+        req: &AskRequest,
         tokens: &[u32],
         prompt_len: usize,
         reach: usize,
@@ -405,8 +458,11 @@ impl Shared {
             epoch: plan.epoch,
             origin: self.node_id.clone(),
             context: reach as u32,
-            sampling: Sampling::from(sampling),
+            sampling: Sampling::from(&req.sampling),
             prompt: tokens.to_vec(),
+            prompt_len: prompt_len as u32,
+            constraint: req.constraint.clone(),
+            logprobs: req.logprobs,
         };
         self.data.send(&head, Message::Begin(begin)).await?;
         let prompt = schedule::prompt_chunks(prompt_len).map(|c| (c.start, c.rows));
@@ -450,78 +506,18 @@ impl Shared {
     }
 }
 
-/// The client's side of a request: text through the stop sequences to
-/// its events.
-struct Output<'a> {
-    events: &'a mpsc::UnboundedSender<AskEvent>,
-    stop: StopMatcher,
-    /// A stop sequence was hit (the text stops before it).
-    stopped: bool,
-}
-
-impl<'a> Output<'a> {
-    fn new(events: &'a mpsc::UnboundedSender<AskEvent>, stop: Vec<String>) -> Output<'a> {
-        Output {
-            events,
-            stop: StopMatcher::new(stop),
-            stopped: false,
-        }
-    }
-
-    /// Passes one event on; false when generation should stop (a stop
-    /// sequence, or the client gone).
-    fn on_event(&mut self, e: GenerateEvent<'_>) -> bool {
-        match e {
-            GenerateEvent::Token { id, text } => {
-                let (text, hit) = self.stop.push(text);
-                self.stopped |= hit;
-                self.events.send(AskEvent::Token { id, text }).is_ok() && !hit
-            }
-            GenerateEvent::Tail { text } => {
-                let (text, hit) = self.stop.push(text);
-                self.stopped |= hit;
-                self.events.send(AskEvent::Tail { text }).is_ok()
-            }
-        }
-    }
-
-    /// The text held back at the end, and the request's stats.
-    fn finish(mut self, progress: Progress) -> GenerationStats {
-        let mut on_event = |e: GenerateEvent<'_>| {
-            if let GenerateEvent::Tail { text } = e {
-                if !self.stopped {
-                    let (text, hit) = self.stop.push(text);
-                    self.stopped |= hit;
-                    let _ = self.events.send(AskEvent::Tail { text });
-                }
-            }
-            true
-        };
-        let mut stats = progress.finish(&mut on_event);
-        let rest = self.stop.finish();
-        if self.stopped {
-            stats.stop = StopReason::StopSequence;
-        } else if !rest.is_empty() {
-            let _ = self.events.send(AskEvent::Tail { text: rest });
-        }
-        stats
-    }
-}
-
-async fn next_token(rx: &mut mpsc::Receiver<Message>) -> Result<u32, RequestError> {
-    match tokio::time::timeout(TOKEN_TIMEOUT, rx.recv()).await {
-        Err(_) => Err(RequestError::Timeout {
-            secs: TOKEN_TIMEOUT.as_secs() as u32,
-        }),
-        Ok(None) => Err(RequestError::Cancelled),
-        Ok(Some(Message::Tokens(t))) => Ok(t.entries[0].token),
-        Ok(Some(Message::Failed { error, .. })) => Err(error),
-        // The data plane routes only Tokens and Failed to an origin.
-        Ok(Some(_)) => Err(RequestError::Stage {
-            node: "pipeline".into(),
-            why: "unexpected message for an origin".into(),
-        }),
-    }
+/// Compiles a request's grammar once here, off the async threads, so a
+/// schema that does not compile is the client's 400 before any stage
+/// works on it (the last stage compiles it again for its masks).
+async fn check_grammar(
+    text: Arc<engine::text::TextModel>,
+    c: Constraint,
+) -> Result<(), RequestError> {
+    let bad = |e: String| RequestError::BadInput(format!("response format: {e}"));
+    tokio::task::spawn_blocking(move || text.grammars()?.guide(&c).map(drop))
+        .await
+        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// Frees the request along the chain when the origin is done with it, on

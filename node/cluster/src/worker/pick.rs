@@ -1,0 +1,160 @@
+//! The last stage's choice of each token: the penalties, the grammar's
+//! mask (structured output), the draw, and the log-probabilities the
+//! origin asked for.
+
+use std::sync::Arc;
+
+use engine::grammar::{GrammarError, Grammars, Guide};
+use engine::sampling::{self, Sampler, SamplingParams};
+use protocol::{Begin, Message, RequestError, SampledToken, SeqRows, TokenLogprobs, Tokens};
+use tracing::warn;
+
+use crate::dataplane::short;
+
+use super::Worker;
+
+/// One request's sampling state at the last stage.
+pub(super) struct Pick {
+    sampler: Sampler,
+    /// The tokens the penalties look back on: the prompt, then every token
+    /// drawn.
+    history: Vec<u32>,
+    guide: Option<Guide>,
+    logprobs: Option<u8>,
+}
+
+/// A drawn token and, when asked for, its log-probability and the best
+/// alternatives'.
+pub(super) type Drawn = (u32, Option<(f32, Vec<(u32, f32)>)>);
+
+impl Pick {
+    /// Draws the next token from a row of logits.
+    pub(super) fn next(&mut self, mut logits: Vec<f32>) -> Result<Drawn, GrammarError> {
+        if let Some(g) = &mut self.guide {
+            g.mask(&mut logits)?;
+        }
+        let adjusted = self.sampler.adjusted(logits, &self.history);
+        let token = self.sampler.pick(&adjusted, self.history.len());
+        if let Some(g) = &mut self.guide {
+            g.advance(token)?;
+        }
+        self.history.push(token);
+        let logprobs = self
+            .logprobs
+            .map(|n| sampling::logprobs(&adjusted, token, usize::from(n)));
+        Ok((token, logprobs))
+    }
+}
+
+impl Worker {
+    /// The sampling state of a request this (last) stage begins: its
+    /// grammar, when it has one, fed the tokens generated before a replay.
+    pub(super) fn pick_for(&mut self, b: &Begin) -> Result<Pick, RequestError> {
+        let guide = match &b.constraint {
+            None => None,
+            Some(c) => {
+                let bad = |e: GrammarError| RequestError::BadInput(e.to_string());
+                let mut guide = self.grammars().map_err(bad)?.guide(c).map_err(bad)?;
+                let generated = b.prompt.get(b.prompt_len as usize..).unwrap_or_default();
+                guide.advance_all(generated).map_err(bad)?;
+                Some(guide)
+            }
+        };
+        Ok(Pick {
+            sampler: Sampler::new(SamplingParams::from(&b.sampling)),
+            history: b.prompt.clone(),
+            guide,
+            logprobs: b.logprobs,
+        })
+    }
+
+    /// The model's grammar compiler, built on first use from the GGUF's
+    /// vocabulary (~0.1–0.3 s once; a node whose requests have no
+    /// grammar never pays it).
+    fn grammars(&mut self) -> Result<Arc<Grammars>, GrammarError> {
+        if let Some(g) = &self.grammars {
+            return g.clone();
+        }
+        let built = sharding::GgufFile::open(&self.cfg.model)
+            .map_err(|e| GrammarError::Vocabulary(e.to_string()))
+            .and_then(|gguf| {
+                engine::tokenizer::Tokenizer::from_gguf(&gguf)
+                    .map_err(|e| GrammarError::Vocabulary(e.to_string()))
+            })
+            .and_then(|t| Grammars::new(Arc::new(t)).map(Arc::new));
+        self.grammars = Some(built.clone());
+        built
+    }
+}
+
+impl Worker {
+    /// Draws each sampling row's token and sends the tokens (with their
+    /// log-probabilities) to their origins, one message per origin.
+    pub(super) fn send_tokens(&mut self, l: candle_core::Tensor, order: &[SeqRows]) {
+        let rows = match l.to_vec2::<f32>() {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail_all(order, &e.to_string());
+                return;
+            }
+        };
+        let mut by_origin: Vec<(String, Tokens)> = Vec::new();
+        let mut stuck = Vec::new();
+        for (s, logits) in order.iter().zip(rows) {
+            if !s.sample {
+                continue;
+            }
+            let Some(seq) = self.seqs.get_mut(&s.request_id) else {
+                continue;
+            };
+            let pick = seq.pick.as_mut().expect("last stage has a sampler");
+            let (token, logprobs) = match pick.next(logits) {
+                Ok(drawn) => drawn,
+                Err(e) => {
+                    stuck.push((s.request_id, e));
+                    continue;
+                }
+            };
+            let position = s.position + s.rows;
+            let to = match by_origin.iter_mut().find(|(o, _)| *o == seq.origin) {
+                Some((_, t)) => t,
+                None => {
+                    by_origin.push((
+                        seq.origin.clone(),
+                        Tokens {
+                            entries: Vec::new(),
+                            logprobs: Vec::new(),
+                        },
+                    ));
+                    &mut by_origin.last_mut().expect("just pushed").1
+                }
+            };
+            to.entries.push(SampledToken {
+                request_id: s.request_id,
+                position,
+                token,
+            });
+            if let Some((logprob, top)) = logprobs {
+                to.logprobs.push(TokenLogprobs {
+                    request_id: s.request_id,
+                    position,
+                    logprob,
+                    top,
+                });
+            }
+        }
+        for (id, e) in stuck {
+            self.fail(id, RequestError::BadInput(e.to_string()));
+        }
+        for (origin, tokens) in by_origin {
+            let ids: Vec<u64> = tokens.entries.iter().map(|e| e.request_id).collect();
+            if !self.out.send_now(&origin, Message::Tokens(tokens)) {
+                // An origin that does not read holds no one else up.
+                warn!(origin = %short(&origin), "origin not reading its tokens: its requests dropped here");
+                for id in ids {
+                    self.cancel(id);
+                }
+            }
+        }
+    }
+}
