@@ -31,6 +31,10 @@ pub struct AskArgs {
     /// Print timings to stderr.
     #[arg(short, long)]
     verbose: bool,
+    /// Structured output: `json` (any JSON object) or a JSON Schema file
+    /// the answer must follow.
+    #[arg(long, value_name = "json|SCHEMA.json")]
+    format: Option<String>,
     /// File holding the node's API key, if it has one (or SHOAL_API_KEY).
     #[arg(long)]
     api_key_file: Option<std::path::PathBuf>,
@@ -89,6 +93,9 @@ pub fn main(args: AskArgs) -> anyhow::Result<()> {
     body["raw"] = args.text.no_template.into();
     body["system"] = serde_json::json!(args.text.system);
     body["context"] = serde_json::json!(args.ctx);
+    if let Some(f) = &args.format {
+        body["format"] = crate::common::format_of(f)?;
+    }
     let key = crate::common::api_key(args.api_key.as_deref(), args.api_key_file.as_deref())?;
     stream_answer(&args.node, key.as_deref(), &body, args.verbose)
 }

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::io::Read as _;
+
 use anyhow::Context;
 use clap::Args;
 use engine::{Engine, LoadOptions, SamplingParams};
@@ -223,4 +225,23 @@ pub fn api_key(
         }
         k => Ok(k),
     }
+}
+
+/// `--format`: `json`, or the schema in a file (at most 256 KiB of JSON).
+pub fn format_of(f: &str) -> anyhow::Result<serde_json::Value> {
+    if f == "json" {
+        return Ok("json".into());
+    }
+    let max = protocol::limits::CONSTRAINT_BYTES_MAX as u64;
+    let file = std::fs::File::open(f).with_context(|| format!("--format: reading {f}"))?;
+    let mut text = String::new();
+    std::io::Read::take(file, max + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("--format: reading {f}"))?;
+    anyhow::ensure!(
+        text.len() as u64 <= max,
+        "--format: {f} is over {} KiB",
+        max >> 10
+    );
+    serde_json::from_str(&text).with_context(|| format!("--format: {f} is not JSON"))
 }

@@ -60,7 +60,7 @@ enum Command {
     /// quantisation, size, path): names to give `-m`.
     List(list::ListArgs),
     /// Join (or start) a cluster on this machine and serve the model with it.
-    Node(node::NodeArgs),
+    Node(Box<node::NodeArgs>),
     /// Ask a cluster: send a prompt to a node and stream the answer.
     Ask(ask::AskArgs),
     /// Show the cluster: nodes, devices, memory, layer split, links.
@@ -119,7 +119,7 @@ fn main() {
             clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
             Ok(())
         }
-        Command::Node(a) => node::main(a),
+        Command::Node(a) => node::main(*a),
         Command::Ask(a) => ask::main(a),
         Command::Status(a) => status::main(a),
         Command::Demo(a) => demo::main(a),

@@ -1,7 +1,7 @@
 //! `shoal node`: join (or start) a cluster on this machine and serve.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ::node::{ApiConfig, ClusterConfig, Node, NodeConfig};
 use anyhow::Context;
@@ -112,6 +112,32 @@ pub struct NodeArgs {
     /// https://chat.example.com (repeatable; CORS). Pages of other origins are refused.
     #[arg(long = "cors-origin", env = "SHOAL_CORS_ORIGIN", value_delimiter = ',')]
     cors_origins: Vec<String>,
+    /// An OpenAI-compatible service requests may be sent to, as NAME=URL
+    /// (its base up to /v1; repeatable). Its models are NAME/model here.
+    /// Nothing is sent to it unless --spill says when.
+    #[arg(long = "upstream", env = "SHOAL_UPSTREAM", value_delimiter = ',')]
+    upstreams: Vec<String>,
+    /// NAME=FILE: an upstream's API key, in an owner-only file
+    /// (or SHOAL_UPSTREAM_KEY_<NAME>); never logged or shown.
+    #[arg(
+        long = "upstream-key-file",
+        env = "SHOAL_UPSTREAM_KEY_FILE",
+        value_delimiter = ','
+    )]
+    upstream_key_files: Vec<String>,
+    /// When a request may leave for the first upstream: no-plan,
+    /// queue-full, too-long, named (repeatable). Without it nothing leaves;
+    /// requests marked private never do.
+    #[arg(long = "spill", env = "SHOAL_SPILL", value_delimiter = ',')]
+    spill: Vec<String>,
+    /// The model asked of the upstream when a request spills (default: the
+    /// model the request named).
+    #[arg(long, env = "SHOAL_SPILL_MODEL")]
+    spill_model: Option<String>,
+    /// File holding a second API key: requests made with it are private
+    /// (never sent upstream, whatever the policy).
+    #[arg(long, env = "SHOAL_PRIVATE_API_KEY_FILE")]
+    private_api_key_file: Option<PathBuf>,
     /// Requests this node runs at once (as their origin); more wait in line.
     #[arg(long, default_value_t = 16, env = "SHOAL_MAX_RUNNING")]
     max_running: usize,
@@ -212,7 +238,12 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
         }
         None => (models::default_model()?, None),
     };
-    let config = node_config(&args, key, api_key, threads, model, fetched);
+    let mut config = node_config(&args, key, api_key, threads, model, fetched);
+    config.api.routing = routing(&args)?;
+    config.api.private_api_key = match &args.private_api_key_file {
+        Some(f) => Some(cluster::key::read_private(f)?.trim().to_string()),
+        None => None,
+    };
     rt.block_on(async move {
         let node = Node::start(config).await?;
         eprintln!(
@@ -226,6 +257,70 @@ pub fn main(args: NodeArgs) -> anyhow::Result<()> {
         node.leave_and_shutdown().await;
         Ok(())
     })
+}
+
+/// The upstreams and spill rules from `--upstream`, `--upstream-key-file`
+/// and `--spill`.
+fn routing(args: &NodeArgs) -> anyhow::Result<::node::route::Routing> {
+    let pair = |s: &str, what: &str| -> anyhow::Result<(String, String)> {
+        let (name, value) = s
+            .split_once('=')
+            .with_context(|| format!("{what} takes NAME=VALUE, not '{s}'"))?;
+        anyhow::ensure!(
+            !name.is_empty()
+                && name.len() <= 32
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "{what}: the name '{name}' must be 1-32 of a-z, 0-9, - and _"
+        );
+        Ok((name.to_string(), value.to_string()))
+    };
+    let mut upstreams = Vec::new();
+    for u in &args.upstreams {
+        let (name, base) = pair(u, "--upstream")?;
+        anyhow::ensure!(
+            base.starts_with("http://") || base.starts_with("https://"),
+            "--upstream {name}: the URL must start with http:// or https://"
+        );
+        let env = format!(
+            "SHOAL_UPSTREAM_KEY_{}",
+            name.to_ascii_uppercase().replace('-', "_")
+        );
+        upstreams.push(::node::route::Upstream {
+            key: std::env::var(env).ok(),
+            name,
+            base,
+        });
+    }
+    for k in &args.upstream_key_files {
+        let (name, file) = pair(k, "--upstream-key-file")?;
+        let up = upstreams
+            .iter_mut()
+            .find(|u| u.name == name)
+            .with_context(|| {
+                format!("--upstream-key-file names '{name}', which no --upstream has")
+            })?;
+        up.key = Some(
+            cluster::key::read_private(Path::new(&file))?
+                .trim()
+                .to_string(),
+        );
+    }
+    let spill = args
+        .spill
+        .iter()
+        .map(|s| {
+            s.parse::<::node::route::Spill>()
+                .map_err(anyhow::Error::msg)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(
+        spill.is_empty() || !upstreams.is_empty(),
+        "--spill needs an --upstream to send requests to"
+    );
+    ::node::route::Routing::new(upstreams, spill, args.spill_model.clone())
+        .map_err(anyhow::Error::msg)
 }
 
 /// The node's settings from its flags.
@@ -270,6 +365,8 @@ fn node_config(
             api_key,
             allowed_hosts: args.allow_hosts.clone(),
             cors_origins: args.cors_origins.clone(),
+            private_api_key: None,
+            routing: Default::default(),
         },
     }
 }

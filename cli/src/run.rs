@@ -23,6 +23,10 @@ pub struct RunArgs {
     /// Print timings to stderr.
     #[arg(short, long)]
     verbose: bool,
+    /// Structured output: `json` (any JSON object) or a JSON Schema file
+    /// the answer must follow.
+    #[arg(long, value_name = "json|SCHEMA.json")]
+    format: Option<String>,
     /// The prompt (default: read stdin, or chat interactively on a terminal).
     prompt: Option<String>,
 }
@@ -59,6 +63,15 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
         max_tokens: args.gen.max_tokens,
         sampling: args.gen.sampling()?,
         context: args.model.ctx,
+        constraint: match &args.format {
+            None => None,
+            Some(f) => Some(match crate::common::format_of(f)? {
+                serde_json::Value::String(_) => {
+                    protocol::Constraint::JsonSchema(r#"{"type":"object"}"#.into())
+                }
+                schema => protocol::Constraint::JsonSchema(schema.to_string()),
+            }),
+        },
     };
     let mut messages: Vec<Message> = args
         .text

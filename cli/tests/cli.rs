@@ -372,3 +372,42 @@ fn shell_completions_name_the_subcommands_and_flags() {
         );
     }
 }
+
+#[test]
+fn run_with_a_schema_answers_valid_json_and_a_bad_schema_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type":"object","properties":{"colour":{"enum":["red","blue"]},"n":{"type":"integer","minimum":1,"maximum":9}},"required":["colour","n"],"additionalProperties":false}"#,
+    )
+    .unwrap();
+    let s = schema.to_str().unwrap();
+    for seed in ["1", "2"] {
+        let o = shoal_default(
+            "run",
+            &[
+                "--format",
+                s,
+                "--temp",
+                "0.8",
+                "--seed",
+                seed,
+                "-n",
+                "60",
+                "Pick a colour.",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+        assert!(
+            ["red", "blue"].contains(&v["colour"].as_str().unwrap()),
+            "{v}"
+        );
+        assert!((1..=9).contains(&v["n"].as_i64().unwrap()), "{v}");
+    }
+    std::fs::write(&schema, r#"{"type":"nonsense"}"#).unwrap();
+    let o = shoal_default("run", &["--format", s, "hi"]);
+    assert_clear_error(&o, "invalid grammar");
+}

@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 
-pub use api::ApiConfig;
+pub use api::{route, ApiConfig};
 pub use cluster::ClusterConfig;
 use tokio_util::sync::CancellationToken;
 

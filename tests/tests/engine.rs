@@ -423,6 +423,7 @@ fn prompt_longer_than_context_is_an_error() {
         max_tokens: 4,
         sampling: engine::SamplingParams::greedy(),
         context: 64,
+        constraint: None,
     };
     let err = engine.generate(&prompt, &opts, &mut |_| true).unwrap_err();
     assert!(err.to_string().contains("context full"), "{err}");
@@ -477,6 +478,7 @@ fn greedy_generation_is_deterministic_and_stops() {
         max_tokens: 12,
         sampling: engine::SamplingParams::greedy(),
         context: 64,
+        constraint: None,
     };
     let run = || {
         let mut text = String::new();
@@ -533,6 +535,7 @@ fn gemma3_matches_llama_cpp_and_splits_exactly() {
         max_tokens: 32,
         sampling: engine::SamplingParams::greedy(),
         context: 128,
+        constraint: None,
     };
     let mut same = 0;
     let cases = fixture["completions"].as_array().unwrap();

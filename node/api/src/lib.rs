@@ -21,6 +21,7 @@
 mod errors;
 mod ollama;
 mod openai;
+pub mod route;
 mod server;
 mod shoal;
 mod status;
@@ -85,6 +86,10 @@ pub struct ApiConfig {
     /// Origins (`https://app.example`) whose pages may call the API (CORS);
     /// pages of any other origin are refused.
     pub cors_origins: Vec<String>,
+    /// A second key whose requests are private: never sent upstream.
+    pub private_api_key: Option<String>,
+    /// Upstreams and the policy for sending requests to them.
+    pub routing: route::Routing,
 }
 
 /// What every handler gets.
@@ -107,6 +112,9 @@ pub async fn serve(
 ) {
     let mut config = config;
     config.allowed_hosts.extend(server::own_names());
+    cluster
+        .routes()
+        .set_policy(config.routing.policy(), config.routing.shown());
     let app: AppState = Arc::new(App { cluster, config });
     // Outermost first: the Host/Origin guard, then the API key (every
     // route when there is one), then the body read under its limits.

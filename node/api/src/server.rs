@@ -228,12 +228,9 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<S
 /// a key (401, OpenAI's shape): every route, the status ones too.
 pub(crate) async fn require_key(
     State(app): State<AppState>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(key) = &app.config.api_key else {
-        return next.run(req).await;
-    };
     // A browser's preflight carries no credentials (a configured origin's
     // is answered before this, by `check_host_origin`).
     let given = req
@@ -242,7 +239,23 @@ pub(crate) async fn require_key(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     // Compared through blake3 so the time taken does not depend on the prefix matched.
-    if given.is_some_and(|g| blake3::hash(g.as_bytes()) == blake3::hash(key.as_bytes())) {
+    let matches = |key: &Option<String>| {
+        key.as_ref().is_some_and(|k| {
+            given.is_some_and(|g| blake3::hash(g.as_bytes()) == blake3::hash(k.as_bytes()))
+        })
+    };
+    // The private key's requests are marked so no route sends them out.
+    if matches(&app.config.private_api_key) {
+        req.headers_mut().insert(
+            crate::route::PRIVATE_HEADER,
+            axum::http::HeaderValue::from_static("true"),
+        );
+        return next.run(req).await;
+    }
+    let Some(key) = &app.config.api_key else {
+        return next.run(req).await;
+    };
+    if matches(&Some(key.clone())) {
         return next.run(req).await;
     }
     // The page itself (no data in it) comes with the 401: it asks for the

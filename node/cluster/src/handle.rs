@@ -118,14 +118,28 @@ impl Handle {
         Ok(())
     }
 
+    /// Whether a plan is in force (the cluster can answer now).
+    pub fn has_plan(&self) -> bool {
+        self.shared.plan.borrow().is_some()
+    }
+
     /// The cluster as this node sees it now.
     pub fn status(&self) -> Status {
         crate::status::build(&self.shared)
     }
 
+    /// The record of where the API sent requests.
+    pub fn routes(&self) -> &crate::routes::RouteBook {
+        &self.shared.routes
+    }
+
     /// Prometheus/OpenMetrics text of this node's metrics.
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render()
+        let mut text = self.shared.metrics.render();
+        // The route counters go before OpenMetrics' closing `# EOF`.
+        let at = text.rfind("# EOF").unwrap_or(text.len());
+        text.insert_str(at, &self.shared.routes.metrics_text());
+        text
     }
 
     /// The model this member serves.

@@ -34,6 +34,7 @@ pub mod key;
 pub mod membership;
 pub mod metrics;
 mod origin;
+pub mod routes;
 mod shared;
 mod start;
 pub mod status;

@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub weights: Arc<weights::WeightStore>,
     /// Fetches missing layers from members.
     pub fetcher: Arc<weights::Fetcher>,
+    /// Where the API sent requests (see `routes`).
+    pub routes: crate::routes::RouteBook,
 }
 
 impl Shared {

@@ -142,6 +142,7 @@ impl Prepared {
             load: Mutex::new(protocol::LoadReport::default()),
             weights: store,
             fetcher,
+            routes: Default::default(),
         });
         let stop = CancellationToken::new();
         let publish = control::Publish {

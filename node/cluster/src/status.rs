@@ -35,6 +35,9 @@ pub struct Status {
     /// Comings and goings as this node saw them.
     #[serde(default)]
     pub churn: Churn,
+    /// Where this node's API sent requests, and the policy.
+    #[serde(default)]
+    pub routing: crate::routes::Routing,
 }
 
 /// Members that came and went, and what it cost, as one node counted.
@@ -218,5 +221,6 @@ pub(crate) fn build(shared: &Shared) -> Status {
                 failed: mx.requests_failed.get(),
             }
         },
+        routing: shared.routes.snapshot(),
     }
 }

@@ -88,6 +88,9 @@ pub enum TextError {
     /// The chat template failed on these messages.
     #[error(transparent)]
     Chat(#[from] chat::ChatError),
+    /// The answer's grammar does not compile or cannot go on.
+    #[error(transparent)]
+    Grammar(#[from] crate::grammar::GrammarError),
     /// A `suffix` was given to a model without fill-in-the-middle tokens.
     #[error("this model has no fill-in-the-middle tokens: 'suffix' cannot be used with it")]
     NoInfill,

@@ -28,6 +28,8 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Context window for this sequence (prompt + generation).
     pub context: usize,
+    /// A grammar the answer follows (structured output).
+    pub constraint: Option<protocol::Constraint>,
 }
 
 /// Why generation stopped.
@@ -263,8 +265,23 @@ impl Engine {
         let mut logits = self.prefill(&prompt[reuse..], cache)?;
         session.tokens.extend_from_slice(&prompt[reuse..]);
         let mut progress = Progress::new(prompt.len() - reuse, start);
+        let mut guide = match &opts.constraint {
+            None => None,
+            Some(c) => Some(
+                self.text
+                    .grammars()
+                    .and_then(|g| g.guide(c))
+                    .map_err(TextError::from)?,
+            ),
+        };
         loop {
+            if let Some(g) = &mut guide {
+                g.mask(&mut logits).map_err(TextError::from)?;
+            }
             let id = sampler.sample(&logits, &session.tokens);
+            if let Some(g) = &mut guide {
+                g.advance(id).map_err(TextError::from)?;
+            }
             let room = cache.len() < cache.max_len();
             if !progress.on_token(self.text.tokenizer(), id, opts.max_tokens, room, on_event) {
                 break;

@@ -75,6 +75,31 @@ fn the_official_openai_client_and_curl_work_against_a_two_node_cluster() {
         String::from_utf8_lossy(&structured.stderr)
     );
     eprintln!("{}", String::from_utf8_lossy(&structured.stdout));
+    // `shoal ask --format SCHEMA`: the answer is JSON valid against it.
+    {
+        let schema = dir.path().join("schema.json");
+        std::fs::write(
+            &schema,
+            r#"{"type":"object","properties":{"colour":{"enum":["red","blue"]},"n":{"type":"integer","minimum":1,"maximum":9}},"required":["colour","n"],"additionalProperties":false}"#,
+        )
+        .unwrap();
+        let flags = [
+            "--format",
+            schema.to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "60",
+        ];
+        let (out, err, ok) = nodes[1].ask(&flags, "Pick a colour and a number.");
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_str(out.trim()).expect(&out);
+        assert!(
+            ["red", "blue"].contains(&v["colour"].as_str().unwrap()),
+            "{v}"
+        );
+        assert!((1..=9).contains(&v["n"].as_i64().unwrap()), "{v}");
+    }
     for (script, path, url) in clients {
         let out = std::process::Command::new("python3")
             .arg(format!("{}/py/{script}", env!("CARGO_MANIFEST_DIR")))

@@ -6,6 +6,7 @@
 
 mod clients;
 mod failures;
+mod hybrid;
 mod namespaces;
 mod page;
 mod pipeline;

@@ -13,13 +13,16 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use cluster::{AskRequest, Prompt};
+use axum::http::HeaderMap;
+use cluster::routes::Outcome;
+use cluster::{AskEvent, AskRequest, Prompt, RequestError};
 use engine::chat;
 use engine::chat::tools::{Tool, ToolCall, ToolStyle};
 use engine::sampling::SamplingParams;
 use engine::stop::StopMatcher;
 
 use crate::errors::{too_busy, ApiError};
+use crate::route::{self, Decision, Local};
 use crate::tools::{json_constraint, Choice, Tools};
 use crate::{AppState, MAX_TOKENS_MAX, MESSAGES_MAX};
 
@@ -38,11 +41,13 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/models", get(models))
 }
 
+/// The model this cluster serves, then the upstreams' under their names.
 async fn models(State(app): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{"id": app.cluster.model().name, "object": "model", "created": 0, "owned_by": "shoal"}],
-    }))
+    let mut data = vec![
+        json!({"id": app.cluster.model().name, "object": "model", "created": 0, "owned_by": "shoal"}),
+    ];
+    data.extend(route::upstream_models(&app).await);
+    Json(json!({"object": "list", "data": data}))
 }
 
 /// `stop`: one string or a list.
@@ -230,6 +235,16 @@ enum Kind {
     Text,
 }
 
+impl Kind {
+    /// The endpoint's path under `/v1` (for upstreams).
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat/completions",
+            Kind::Text => "completions",
+        }
+    }
+}
+
 /// What a body asks for beyond the common settings.
 #[derive(Debug)]
 struct Asked {
@@ -242,10 +257,13 @@ struct Asked {
 
 async fn chat_completions(
     State(app): State<AppState>,
+    headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(v) = body?;
-    serve(app, chat_body(v)?, Kind::Chat, DEFAULT_MAX_TOKENS).await
+    let raw = v.clone();
+    let asked = chat_body(v)?;
+    serve(app, asked, Kind::Chat, DEFAULT_MAX_TOKENS, raw, &headers).await
 }
 
 /// A chat completion's body, checked: its messages as a prompt, its tools,
@@ -389,11 +407,14 @@ fn chat_message(m: ChatMessage) -> Result<chat::Message, ApiError> {
 
 async fn completions(
     State(app): State<AppState>,
+    headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(v) = body?;
+    let raw = v.clone();
+    let asked = completion_body(v)?;
     // OpenAI's default for completions.
-    serve(app, completion_body(v)?, Kind::Text, 16).await
+    serve(app, asked, Kind::Text, 16, raw, &headers).await
 }
 
 /// A completion's body, checked.
@@ -463,13 +484,38 @@ pub(crate) fn check(path: &str, v: Value) -> Result<(), String> {
         .map_err(|e| e.message)
 }
 
-/// Validates the common settings and runs the request.
+/// Validates the common settings and runs the request, here or — where
+/// the routing policy allows — upstream (`raw`: the body as it came).
 async fn serve(
     app: AppState,
     asked: Asked,
     kind: Kind,
     default_max: usize,
+    raw: Value,
+    headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    let private = route::is_private(headers);
+    let routing = &app.config.routing;
+    let named = routing.named(&asked.common.model);
+    let local = if named.is_none() && !app.cluster.has_plan() {
+        Local::NoPlan
+    } else {
+        Local::Ready
+    };
+    let upstream_model = |named: Option<(usize, &str)>| {
+        named
+            .map(|n| n.1.to_string())
+            .or_else(|| routing.spill_model.clone())
+            .unwrap_or_else(|| asked.common.model.clone())
+    };
+    match routing.decide(named.map(|n| n.0), private, local) {
+        Decision::Upstream(i) => {
+            let model = upstream_model(named);
+            return route::forward(app.clone(), i, kind.path(), raw, &model).await;
+        }
+        Decision::Refuse(why) => return Err(refuse(&app, named.map_or(0, |n| n.0), why)),
+        Decision::Local => {}
+    }
     let served = app.cluster.model();
     let model = served.name.clone();
     let known = served.answers_to(&asked.common.model);
@@ -479,12 +525,61 @@ async fn serve(
         tools: asked.tools.active().then_some(style),
         logprobs: asked.logprobs.is_some(),
     };
+    let spill_model = upstream_model(None);
     let (req, stream) = ask_request(asked, &model, known, style, default_max)?;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
     if let Err(e) = app.cluster.submit(req, tx) {
-        return Ok(too_busy(&e));
+        return match routing.decide(None, private, Local::QueueFull) {
+            Decision::Upstream(i) => {
+                route::forward(app.clone(), i, kind.path(), raw, &spill_model).await
+            }
+            Decision::Refuse(why) => {
+                app.cluster
+                    .routes()
+                    .record(&routing.upstreams[0].name, Outcome::Refused, 0, 0.0);
+                tracing::info!("{why}");
+                Ok(too_busy(&e))
+            }
+            Decision::Local => Ok(too_busy(&e)),
+        };
     }
-    respond(rx, model, shape, stream).await
+    // The first event decides whether the cluster answers: a prompt over
+    // its context may go upstream, before any byte went to the client.
+    let first = rx.recv().await;
+    if let Some(AskEvent::Error {
+        error: RequestError::ContextFull { .. },
+        ..
+    }) = &first
+    {
+        match routing.decide(None, private, Local::TooLong) {
+            Decision::Upstream(i) => {
+                return route::forward(app.clone(), i, kind.path(), raw, &spill_model).await
+            }
+            Decision::Refuse(why) => return Err(refuse(&app, 0, why)),
+            Decision::Local => {}
+        }
+    }
+    app.cluster
+        .routes()
+        .record(cluster::routes::LOCAL, Outcome::Sent, 0, 0.0);
+    respond(first, rx, model, shape, stream).await
+}
+
+/// A request the policy keeps in, counted against the upstream it would
+/// have gone to.
+fn refuse(app: &AppState, upstream: usize, why: String) -> ApiError {
+    if let Some(up) = app.config.routing.upstreams.get(upstream) {
+        app.cluster
+            .routes()
+            .record(&up.name, Outcome::Refused, 0, 0.0);
+    }
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: why,
+        kind: "routing_error",
+        param: None,
+        code: Some("kept_local"),
+    }
 }
 
 /// The request a body asks for, checked: the model served, OpenAI's

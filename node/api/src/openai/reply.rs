@@ -31,7 +31,8 @@ pub(super) struct Shape {
 /// else the whole text once done, with an error before any text as an
 /// error status.
 pub(super) async fn respond(
-    mut rx: mpsc::UnboundedReceiver<AskEvent>,
+    first: Option<AskEvent>,
+    rx: mpsc::UnboundedReceiver<AskEvent>,
     model: String,
     shape: Shape,
     stream_usage: Option<bool>,
@@ -54,6 +55,7 @@ pub(super) async fn respond(
         model,
         shape,
     };
+    let mut rx = with_first(first, rx);
     if let Some(usage) = stream_usage {
         return Ok(stream(rx, meta, usage));
     }
@@ -75,6 +77,28 @@ pub(super) async fn respond(
             None => return Err(failure(&RequestError::Cancelled)),
         }
     }
+}
+
+/// `rx` with `first` (read already) put back in front. A client gone
+/// closes the new receiver; the forwarder then drops `rx`, which cancels
+/// the request (at its next event).
+fn with_first(
+    first: Option<AskEvent>,
+    mut rx: mpsc::UnboundedReceiver<AskEvent>,
+) -> mpsc::UnboundedReceiver<AskEvent> {
+    let (tx, out) = mpsc::unbounded_channel();
+    let Some(first) = first else {
+        return out;
+    };
+    let _ = tx.send(first);
+    tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            if tx.send(e).is_err() {
+                break;
+            }
+        }
+    });
+    out
 }
 
 /// A failed request in OpenAI's shape; the status follows the variant.
