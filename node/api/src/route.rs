@@ -144,7 +144,7 @@ impl Routing {
         } else {
             // reqwest's rustls has no provider of its own here: ring, the
             // one quinn uses, for the whole process.
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            cluster::tls::install_provider();
             Some(
                 reqwest::Client::builder()
                     .connect_timeout(CONNECT_TIMEOUT)

@@ -251,3 +251,9 @@ impl ClientCertVerifier for Pinned {
         self.schemes()
     }
 }
+
+/// Makes ring the process's rustls provider (for other TLS clients in the
+/// process, such as the API's upstream client); a no-op once one is set.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

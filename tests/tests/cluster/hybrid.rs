@@ -61,14 +61,21 @@ fn requests_leave_for_an_upstream_only_where_the_policy_allows() {
     let url = |n: &NodeProc| format!("{}/v1/chat/completions", n.http);
     let text = |body: &str| -> String {
         let v: Value = serde_json::from_str(body).expect(body);
-        v["choices"][0]["message"]["content"].as_str().expect(body).to_string()
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect(body)
+            .to_string()
     };
     let streamed = |body: &str| -> String {
         assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
         body.lines()
             .filter_map(|l| l.strip_prefix("data: "))
             .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(String::from))
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(String::from)
+            })
             .collect()
     };
 
@@ -78,7 +85,10 @@ fn requests_leave_for_an_upstream_only_where_the_policy_allows() {
     let local = text(&local);
     let s = nodes[0].status();
     let policy = s["routing"]["policy"].to_string();
-    assert!(policy.contains("to cloud when the cluster has no plan"), "{policy}");
+    assert!(
+        policy.contains("to cloud when the cluster has no plan"),
+        "{policy}"
+    );
     assert!(policy.contains("never requests marked private"), "{policy}");
     assert_eq!(route(&s, "local").unwrap()["requests"], 1, "{s}");
     assert_eq!(served(&upstream), 0);
@@ -108,9 +118,16 @@ fn requests_leave_for_an_upstream_only_where_the_policy_allows() {
     assert_eq!(served(&upstream), 2, "a kept request reached the upstream");
     let s = nodes[0].status();
     let cloud = route(&s, "cloud").expect("the cloud route is counted");
-    assert_eq!((cloud["requests"].as_u64(), cloud["refused"].as_u64()), (Some(2), Some(2)), "{s}");
+    assert_eq!(
+        (cloud["requests"].as_u64(), cloud["refused"].as_u64()),
+        (Some(2), Some(2)),
+        "{s}"
+    );
     let metrics = nodes[0].try_get("/metrics").unwrap();
-    assert!(metrics.contains("shoal_route_requests_total{route=\"cloud\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("shoal_route_requests_total{route=\"cloud\"} 2"),
+        "{metrics}"
+    );
     // The upstream's models are listed under its name.
     let models = nodes[0].try_get("/v1/models").unwrap();
     assert!(models.contains("\"cloud/smollm2:135m\""), "{models}");
