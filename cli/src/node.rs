@@ -39,6 +39,10 @@ pub struct NodeArgs {
     /// `smollm2:135m`; its file name and hash are taken too).
     #[arg(long, env = "SHOAL_ALIAS")]
     alias: Option<String>,
+    /// This node's name on the status page and in `shoal status`
+    /// (default: the host name).
+    #[arg(long, env = "SHOAL_NAME")]
+    name: Option<String>,
     /// No model file here: get the model from the cluster's nodes (found
     /// with --peer or mDNS), only the layers this node is given, verified
     /// and cached (resumed after a restart).
@@ -357,6 +361,7 @@ fn node_config(
         max_running: args.max_running,
         max_queued: args.max_queued,
         alias: args.alias.clone(),
+        name: args.name.clone(),
     };
     NodeConfig {
         cluster,

@@ -79,9 +79,36 @@ fn render(s: &Status) -> String {
                 .map_or(String::new(), |f| format!(", fetching {f}"))
         );
     }
+    let r = &s.routing;
+    if !r.upstreams.is_empty() || r.routes.iter().any(|x| x.route != "local") {
+        let ups: Vec<String> = r
+            .upstreams
+            .iter()
+            .map(|u| format!("{} ({})", u.name, u.url))
+            .collect();
+        out += &format!("upstreams: {}\n", ups.join(", "));
+    }
+    out += &format!("routing: {}\n", r.policy.join("; "));
+    for x in &r.routes {
+        out += &format!(
+            "  route {}: {} requests, {} failed, {} kept in, {} tokens\n",
+            x.route, x.requests, x.failed, x.refused, x.tokens
+        );
+    }
     out += &format!(
-        "{:<8} {:<12} {:>7} {:>10} {:>9} {:>8} {:>7} {:>5}  {}\n",
-        "NODE", "DEVICE", "THREADS", "MEMORY", "LAYERS", "RTT", "TOK/S", "BUSY", "ADDRESS"
+        "{:<8} {:<14} {:<12} {:>7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7} {:>5}  {}\n",
+        "NODE",
+        "NAME",
+        "DEVICE",
+        "THREADS",
+        "MEMORY",
+        "RSS",
+        "KV",
+        "LAYERS",
+        "RTT",
+        "TOK/S",
+        "BUSY",
+        "ADDRESS"
     );
     for n in &s.nodes {
         let layers = n
@@ -98,9 +125,16 @@ fn render(s: &Status) -> String {
                 format!("{:.0}%", l.busy * 100.0),
             )
         });
+        let (rss, kv) = n.load.map_or(("-".to_string(), "-".to_string()), |l| {
+            (
+                format!("{} MiB", l.rss_bytes >> 20),
+                format!("{:.1} MiB", l.kv_bytes as f64 / (1 << 20) as f64),
+            )
+        });
         out += &format!(
-            "{:<8} {:<12} {:>7} {:>6} MiB {:>9} {:>8} {:>7} {:>5}  {}{}\n",
+            "{:<8} {:<14} {:<12} {:>7} {:>6} MiB {:>9} {:>9} {:>9} {:>8} {:>7} {:>5}  {}{}\n",
             id,
+            n.name.chars().take(14).collect::<String>(),
             if n.kernels.is_empty() {
                 n.device.clone()
             } else {
@@ -108,6 +142,8 @@ fn render(s: &Status) -> String {
             },
             n.threads,
             n.memory_bytes >> 20,
+            rss,
+            kv,
             layers,
             rtt,
             rate,

@@ -153,6 +153,7 @@ mod tests {
                             http_addr: "127.0.0.1:8080".into(),
                             cert_fingerprint,
                             addrs,
+                            name: "desk-3".into(),
                         },
                     })
                 },
@@ -236,6 +237,8 @@ mod tests {
                     sequences: 2,
                     busy: 0.5,
                     epoch: u64::from(running),
+                    rss_bytes: 100 << 20,
+                    kv_bytes: u64::from(queued),
                 }
             )),
             arb_name().prop_map(|reason| Message::Refused { reason }),

@@ -318,6 +318,10 @@ pub struct LoadReport {
     /// left, or when two halves of a split network meet again) plans past
     /// the highest any member reached, so every member takes its plan.
     pub epoch: u64,
+    /// Its process's resident memory, bytes (0 where unknown).
+    pub rss_bytes: u64,
+    /// KV cache its stage's requests have filled, bytes.
+    pub kv_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -373,6 +377,8 @@ pub struct Capabilities {
     pub cert_fingerprint: [u8; 32],
     /// Its libp2p multiaddrs.
     pub addrs: Vec<String>,
+    /// A name for people: `--name`, else the machine's host name.
+    pub name: String,
 }
 
 /// One stage of a plan.

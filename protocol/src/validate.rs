@@ -165,6 +165,7 @@ impl Message {
                 name(&h.capabilities.data_addr, "data address")?;
                 name(&h.capabilities.kernels, "kernel family")?;
                 name(&h.capabilities.http_addr, "http address")?;
+                name(&h.capabilities.name, "node name")?;
                 count("addresses", h.capabilities.addrs.len(), 0, ADDRS_MAX)?;
                 h.capabilities
                     .addrs

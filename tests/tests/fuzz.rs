@@ -211,6 +211,7 @@ fn frames() {
             http_addr: "127.0.0.1:8080".into(),
             cert_fingerprint: [9; 32],
             addrs: vec!["/ip4/10.0.0.2/tcp/4001".into()],
+            name: "n".into(),
         },
     };
     let msgs = [

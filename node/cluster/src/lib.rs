@@ -96,6 +96,8 @@ pub struct ClusterConfig {
     /// The model's name in the API (`--alias`); default: the short name
     /// from its header.
     pub alias: Option<String>,
+    /// A name for people (`--name`; default: the host name).
+    pub name: Option<String>,
     /// The model is being fetched from peers into `model`: this index (with
     /// what is here so far), from [`weights::bootstrap`]. `None`: `model`
     /// is a whole file.

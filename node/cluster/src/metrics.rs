@@ -58,6 +58,8 @@ pub struct Metrics {
     pub streamed_tokens: AtomicU64,
     /// Microseconds this node's stage has spent in forward passes.
     pub busy_us: AtomicU64,
+    /// KV cache bytes this node's stage holds filled (set by the worker).
+    pub kv_bytes: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -85,6 +87,7 @@ impl Default for Metrics {
             members_excluded: Counter::default(),
             streamed_tokens: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
+            kv_bytes: AtomicU64::new(0),
             registry: Registry::default(),
         };
         r.register(
@@ -208,6 +211,8 @@ impl LoadMeter {
             sequences,
             busy: ((busy_us.saturating_sub(self.busy_us) as f64 / 1e6 / dt).min(1.0)) as f32,
             epoch: 0,
+            rss_bytes: rss_bytes(),
+            kv_bytes: m.kv_bytes.load(Ordering::Relaxed),
         };
         *self = LoadMeter {
             at: now,
@@ -232,6 +237,19 @@ impl Metrics {
             .get_or_create(&vec![("peer".to_string(), peer.to_string())])
             .inc_by(bytes as u64);
     }
+}
+
+/// This process's resident memory in bytes, from `/proc/self/status`
+/// (Linux); 0 elsewhere.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib << 10)
 }
 
 #[cfg(test)]

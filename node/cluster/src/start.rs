@@ -312,6 +312,7 @@ fn introduce(
             http_addr: http_addr.to_string(),
             cert_fingerprint: data.fingerprint(),
             addrs: Vec::new(),
+            name: config.name.clone().unwrap_or_else(host_name),
         },
     }
 }
@@ -341,4 +342,14 @@ pub fn available_memory() -> u64 {
                 .ok()
         })
         .map_or(4 << 30, |kb| kb * 1024)
+}
+
+/// The machine's host name (Linux), else "node": what the page shows when
+/// `--name` is not given.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|n| n.trim().chars().take(64).collect::<String>())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "node".into())
 }

@@ -97,6 +97,9 @@ pub struct PlanStatus {
 pub struct NodeStatus {
     /// Node id (libp2p peer id).
     pub id: String,
+    /// Its name for people (`--name`, else its host name).
+    #[serde(default)]
+    pub name: String,
     /// libp2p multiaddrs, each dialable with `--peer`.
     pub addrs: Vec<String>,
     /// `cpu`, `cuda` or `metal`.
@@ -151,6 +154,7 @@ pub(crate) fn build(shared: &Shared) -> Status {
                 probe: Option<(u32, f64)>,
                 load: Option<protocol::LoadReport>| NodeStatus {
         id: h.node_id.clone(),
+        name: h.capabilities.name.clone(),
         addrs: h.capabilities.addrs.clone(),
         device: format!("{:?}", h.capabilities.device).to_lowercase(),
         threads: h.capabilities.threads,

@@ -14,8 +14,17 @@ fn the_status_page_renders_the_cluster_in_chromium() {
     let s = wait_plan(&mut nodes[0], 2, 2);
     let url = format!("{}/", nodes[0].http);
     let dom = shoal_tests::headless(&chromium, &url, &["--dump-dom"]);
-    // Rendered by the page's script from the live status: every node and the plan.
+    // Rendered by the page's script from the live status: every node and
+    // the plan, node names, memory in use, the routing policy, the chart.
     assert!(dom.contains("plan epoch"), "{dom}");
+    let name = s["nodes"][0]["name"].as_str().unwrap();
+    assert!(!name.is_empty() && dom.contains(name), "{name}");
+    assert!(dom.contains("nothing leaves this cluster"), "{dom}");
+    assert!(dom.contains("<polyline id=\"line\" points=\""), "{dom}");
+    assert!(
+        !dom.contains("points=\"\""),
+        "the chart has no point: {dom}"
+    );
     for n in s["nodes"].as_array().unwrap() {
         let id = n["id"].as_str().unwrap();
         assert!(

@@ -19,6 +19,7 @@ fn hello(id: &str, memory_mib: u64) -> Hello {
             http_addr: "127.0.0.1:8080".into(),
             cert_fingerprint: [0; 32],
             addrs: vec![],
+            name: "n".into(),
         },
     }
 }

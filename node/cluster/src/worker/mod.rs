@@ -249,6 +249,17 @@ impl Worker {
             .live
             .store(self.seqs.len(), std::sync::atomic::Ordering::Relaxed);
         self.cfg.metrics.kv_sequences.set(self.seqs.len() as i64);
+        let kv = match &self.stage {
+            Some(stage) if !self.seqs.is_empty() => {
+                let positions: u64 = self.seqs.values().map(|s| s.cache.len() as u64).sum();
+                positions * self.kv_budget(stage).0
+            }
+            _ => 0,
+        };
+        self.cfg
+            .metrics
+            .kv_bytes
+            .store(kv, std::sync::atomic::Ordering::Relaxed);
         true
     }
 
