@@ -40,6 +40,12 @@ const SETTINGS: &[&str] = &[
     "cors-origin",
     "max-running",
     "max-queued",
+    "name",
+    "upstream",
+    "upstream-key-file",
+    "spill",
+    "spill-model",
+    "private-api-key-file",
 ];
 
 /// shoal's configuration folder: `$XDG_CONFIG_HOME/shoal` (else
@@ -130,6 +136,22 @@ pub fn apply() -> anyhow::Result<Option<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every `shoal node` flag can be set in the file (and only those).
+    #[test]
+    fn every_node_flag_is_a_setting() {
+        use clap::Args;
+        let cmd = crate::node::NodeArgs::augment_args(clap::Command::new("node"));
+        let mut flags: Vec<String> = cmd
+            .get_arguments()
+            .filter(|a| !a.is_hide_set())
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .collect();
+        flags.sort();
+        let mut settings: Vec<String> = SETTINGS.iter().map(|s| s.to_string()).collect();
+        settings.sort();
+        assert_eq!(flags, settings);
+    }
 
     #[test]
     fn settings_map_to_the_flags_variables() {

@@ -48,12 +48,22 @@ fn requests_leave_for_an_upstream_only_where_the_policy_allows() {
     }
     let model = default_model();
     let up_dir = tempfile::tempdir().unwrap();
-    let mut upstream = loopback_cluster(up_dir.path(), &model, 1, "1G", &[]).remove(0);
+    // The upstream: one node of its own cluster, with a longer context
+    // than the office cluster's 512.
+    let up_key = keyfile(up_dir.path(), "key");
+    let model_arg = model.display().to_string();
+    let up_args = [
+        &["-m", &model_arg, "--cluster-key-file", &up_key][..],
+        &LOOPBACK,
+        &["-t", "1", "--ctx", "2048", "--max-memory", "1G"],
+    ]
+    .concat();
+    let mut upstream = NodeProc::start_with_env(up_dir.path(), None, &up_args, &[]);
     wait_plan(&mut upstream, 1, 1);
     let up = format!("cloud={}/v1", upstream.http);
     let dir = tempfile::tempdir().unwrap();
     // Two nodes, neither able to hold the model alone: one stopped, no plan.
-    let spill = ["--upstream", &up, "--spill", "no-plan"];
+    let spill = ["--upstream", &up, "--spill", "no-plan,too-long"];
     let mut nodes = loopback_cluster(dir.path(), &model, 2, "80M", &spill);
     wait_plan(&mut nodes[0], 2, 2);
     let chat = r#"{"model":"smollm2:135m","messages":[{"role":"user","content":"Why is the sky blue?"}],"temperature":0,"max_tokens":16}"#;
@@ -93,6 +103,17 @@ fn requests_leave_for_an_upstream_only_where_the_policy_allows() {
     assert_eq!(route(&s, "local").unwrap()["requests"], 1, "{s}");
     assert_eq!(served(&upstream), 0);
 
+    // A prompt over the local context goes upstream (the upstream holds it);
+    // marked private it gets the cluster's own answer: context full.
+    let long = chat.replace("Why is the sky blue?", &"Why is the sky blue? ".repeat(120));
+    let (code, body) = post(&url(&nodes[0]), &long, &[]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(served(&upstream), 1, "the long prompt went upstream");
+    let (code, body) = post(&url(&nodes[0]), &long, &["X-Shoal-Private: 1"]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("private"), "{body}");
+    assert_eq!(served(&upstream), 1);
+
     // The other node stops: no plan, so requests go upstream — whole and
     // streamed, in the same shapes (the same model: the same greedy text).
     nodes[1].kill();
@@ -103,7 +124,7 @@ fn requests_leave_for_an_upstream_only_where_the_policy_allows() {
     let (code, body) = post(&url(&nodes[0]), &stream, &[]);
     assert_eq!(code, 200, "{body}");
     assert_eq!(streamed(&body), local);
-    assert_eq!(served(&upstream), 2, "the upstream answered both");
+    assert_eq!(served(&upstream), 3, "the upstream answered both");
 
     // Marked private: refused instead, and the upstream never saw it.
     let (code, body) = post(&url(&nodes[0]), chat, &["X-Shoal-Private: true"]);
@@ -115,17 +136,17 @@ fn requests_leave_for_an_upstream_only_where_the_policy_allows() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("no 'named' rule"), "{body}");
     std::thread::sleep(secs(1));
-    assert_eq!(served(&upstream), 2, "a kept request reached the upstream");
+    assert_eq!(served(&upstream), 3, "a kept request reached the upstream");
     let s = nodes[0].status();
     let cloud = route(&s, "cloud").expect("the cloud route is counted");
     assert_eq!(
         (cloud["requests"].as_u64(), cloud["refused"].as_u64()),
-        (Some(2), Some(2)),
+        (Some(3), Some(3)),
         "{s}"
     );
     let metrics = nodes[0].try_get("/metrics").unwrap();
     assert!(
-        metrics.contains("shoal_route_requests_total{route=\"cloud\"} 2"),
+        metrics.contains("shoal_route_requests_total{route=\"cloud\"} 3"),
         "{metrics}"
     );
     // The upstream's models are listed under its name.
@@ -142,7 +163,7 @@ fn requests_leave_for_an_upstream_only_where_the_policy_allows() {
     assert_eq!(code, 503, "{body}");
     let (code, body) = post(&url(&lone), &named, &[]);
     assert_eq!(code, 503, "{body}");
-    assert_eq!(served(&upstream), 2, "a request left without a policy");
+    assert_eq!(served(&upstream), 3, "a request left without a policy");
     let policy = lone.status()["routing"]["policy"].to_string();
     assert!(policy.contains("nothing leaves this cluster"), "{policy}");
 }

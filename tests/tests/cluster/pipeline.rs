@@ -164,6 +164,8 @@ fn synthetic_big_model(dir: &Path) -> std::path::PathBuf {
 
 #[test]
 fn a_model_several_times_one_nodes_memory_is_served_and_rss_follows_the_share() {
+    /// A node's memory beyond its weights and KV cache, at most.
+    const PROCESS_OVERHEAD_MIB: f64 = 48.0;
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_big_model(dir.path());
@@ -200,9 +202,17 @@ fn a_model_several_times_one_nodes_memory_is_served_and_rss_follows_the_share() 
             "node {}: rss {rss:.1} MiB, share {share:.1} MiB, kv {kv:.1} MiB",
             node.http
         );
+        // The share, its KV cache and the process's own fixed overhead
+        // (runtime, tokenizer, pass buffers: 28-34 MiB measured), nowhere
+        // near the model: a proportional bound failed on uneven splits,
+        // where the fixed part is a fifth of a small share.
         assert!(
-            rss <= 1.2 * share + kv,
+            rss <= share + kv + PROCESS_OVERHEAD_MIB,
             "rss {rss:.1} MiB for a {share:.1} MiB share"
+        );
+        assert!(
+            rss < file_mib as f64 / 2.0,
+            "rss {rss:.1} MiB: the whole model?"
         );
     }
 }
