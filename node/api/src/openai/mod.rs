@@ -71,10 +71,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(v) = body?;
-    let raw = v.clone();
-    let asked = chat_body(v)?;
-    serve(app, asked, Kind::Chat, DEFAULT_MAX_TOKENS, raw, &headers).await
+    handle(app, Kind::Chat, &headers, body).await
 }
 
 async fn completions(
@@ -82,11 +79,25 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    handle(app, Kind::Text, &headers, body).await
+}
+
+/// Either endpoint: the body checked, then served here or upstream (which
+/// gets the body as it came).
+async fn handle(
+    app: AppState,
+    kind: Kind,
+    headers: &HeaderMap,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(v) = body?;
     let raw = v.clone();
-    let asked = completion_body(v)?;
-    // OpenAI's default for completions.
-    serve(app, asked, Kind::Text, 16, raw, &headers).await
+    let (asked, default_max) = match kind {
+        Kind::Chat => (chat_body(v)?, DEFAULT_MAX_TOKENS),
+        // OpenAI's default for completions.
+        Kind::Text => (completion_body(v)?, 16),
+    };
+    serve(app, asked, kind, default_max, raw, headers).await
 }
 
 /// The checks a body of `path` goes through before it becomes a request
