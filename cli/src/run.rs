@@ -27,6 +27,12 @@ pub struct RunArgs {
     /// the answer must follow.
     #[arg(long, value_name = "json|SCHEMA.json")]
     format: Option<String>,
+    /// Speculative decoding by prompt lookup: the same tokens, fewer
+    /// passes when the answer repeats text (editing, quoting, code). The
+    /// proposal length adapts to acceptance and the measured cost of a
+    /// pass (off where it does not pay); `--speculate K` always proposes K.
+    #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "0")]
+    speculate: Option<usize>,
     /// The prompt (default: read stdin, or chat interactively on a terminal).
     prompt: Option<String>,
 }
@@ -63,6 +69,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
         max_tokens: args.gen.max_tokens,
         sampling: args.gen.sampling()?,
         context: args.model.ctx,
+        speculate: args.speculate,
         constraint: match &args.format {
             None => None,
             Some(f) => Some(match crate::common::format_of(f)? {

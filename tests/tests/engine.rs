@@ -424,6 +424,7 @@ fn prompt_longer_than_context_is_an_error() {
         sampling: engine::SamplingParams::greedy(),
         context: 64,
         constraint: None,
+        speculate: None,
     };
     let err = engine.generate(&prompt, &opts, &mut |_| true).unwrap_err();
     assert!(err.to_string().contains("context full"), "{err}");
@@ -479,6 +480,7 @@ fn greedy_generation_is_deterministic_and_stops() {
         sampling: engine::SamplingParams::greedy(),
         context: 64,
         constraint: None,
+        speculate: None,
     };
     let run = || {
         let mut text = String::new();
@@ -536,6 +538,7 @@ fn gemma3_matches_llama_cpp_and_splits_exactly() {
         sampling: engine::SamplingParams::greedy(),
         context: 128,
         constraint: None,
+        speculate: None,
     };
     let mut same = 0;
     let cases = fixture["completions"].as_array().unwrap();
@@ -564,4 +567,70 @@ fn gemma3_matches_llama_cpp_and_splits_exactly() {
         cases.len(),
         "greedy completions identical to llama-simple's"
     );
+}
+
+/// Speculation (prompt lookup, proposals verified in one pass) gives the
+/// same tokens as plain generation: greedy and seeded, on text that copies
+/// its prompt and on free writing; on the copy it proposes and keeps many.
+#[test]
+fn speculation_changes_no_token() {
+    fixture_arithmetic();
+    let engine = Engine::load(
+        &shoal_tests::default_model(),
+        &LoadOptions {
+            max_context: 512,
+            ..LoadOptions::default()
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let copy = "Rewrite this Python code with the same functions but add a docstring to \
+                each function:\n\ndef add(a, b):\n    return a + b\n\ndef sub(a, b):\n    \
+                return a - b\n\ndef mul(a, b):\n    return a * b\n";
+    let prompts = [copy, "Write a short poem about the sea."];
+    let run = |prompt: &str, sampling: engine::SamplingParams, speculate: Option<usize>| {
+        let msgs = [engine::chat::Message::new("user", prompt)];
+        let tokens = engine.chat_tokens(&msgs).unwrap();
+        let opts = engine::GenerateOptions {
+            max_tokens: 48,
+            sampling,
+            context: 512,
+            constraint: None,
+            speculate,
+        };
+        let mut out = Vec::new();
+        let stats = engine
+            .generate(&tokens, &opts, &mut |e| {
+                if let engine::GenerateEvent::Token { id, .. } = e {
+                    out.push(id);
+                }
+                true
+            })
+            .unwrap();
+        (out, stats)
+    };
+    let seeded = engine::SamplingParams {
+        temperature: 0.8,
+        seed: 7,
+        ..engine::SamplingParams::default()
+    };
+    for prompt in prompts {
+        for sampling in [engine::SamplingParams::greedy(), seeded.clone()] {
+            let (plain, _) = run(prompt, sampling.clone(), None);
+            for k in [2, 5, 8] {
+                let (spec, stats) = run(prompt, sampling.clone(), Some(k));
+                assert_eq!(spec, plain, "k={k}, {prompt}");
+                if prompt == copy && sampling.temperature == 0.0 {
+                    assert!(
+                        stats.accepted * 3 > stats.proposed && stats.accepted >= 10,
+                        "k={k}: {}/{} accepted",
+                        stats.accepted,
+                        stats.proposed
+                    );
+                }
+            }
+            let (adaptive, _) = run(prompt, sampling.clone(), Some(0));
+            assert_eq!(adaptive, plain, "adaptive, {prompt}");
+        }
+    }
 }

@@ -14,6 +14,7 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::text::TextModel;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{EngineError, KvCache, LoadError, PassError, TextError};
+use schedule::speculate::{self, Speculation};
 
 /// Prompts are fed in pieces of this many tokens (one home for the size:
 /// the cluster's origins and the simulator cut prompts the same way).
@@ -28,6 +29,10 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Context window for this sequence (prompt + generation).
     pub context: usize,
+    /// Speculate with prompt lookup (the same tokens, fewer passes when
+    /// the answer repeats text): `Some(0)` adapts the proposal length to
+    /// acceptance and cost, `Some(k)` always proposes up to `k`.
+    pub speculate: Option<usize>,
     /// A grammar the answer follows (structured output).
     pub constraint: Option<protocol::Constraint>,
 }
@@ -63,6 +68,12 @@ pub struct GenerationStats {
     pub ttft_ms: f64,
     /// Why it stopped.
     pub stop: StopReason,
+    /// Tokens proposed by speculation.
+    #[serde(default)]
+    pub proposed: u64,
+    /// Of those, accepted.
+    #[serde(default)]
+    pub accepted: u64,
 }
 
 impl GenerationStats {
@@ -78,14 +89,18 @@ impl GenerationStats {
         };
         // The first generated token's time is in ttft, so gen speed counts the rest.
         let gen_timed = self.gen_tokens.saturating_sub(1);
-        format!(
+        let mut line = format!(
             "prompt {} tok, {:.1} tok/s | gen {} tok, {:.1} tok/s | ttft {:.0} ms",
             self.prompt_tokens,
             rate(self.prompt_tokens, self.prompt_ms),
             self.gen_tokens,
             rate(gen_timed, self.gen_ms),
             self.ttft_ms
-        )
+        );
+        if self.proposed > 0 {
+            line += &format!(" | draft {}/{} accepted", self.accepted, self.proposed);
+        }
+        line
     }
 }
 
@@ -274,25 +289,97 @@ impl Engine {
                     .map_err(TextError::from)?,
             ),
         };
+        // Speculation (prompt lookup) keeps the tokens: see
+        // `schedule::speculate`. Not with a grammar yet (its state would
+        // have to roll back with the rejected proposals).
+        let mut spec = opts
+            .speculate
+            .filter(|_| guide.is_none())
+            .map(Speculation::new);
+        // A token drawn while verifying proposals: the next one out.
+        let mut pending: Option<u32> = None;
         loop {
-            if let Some(g) = &mut guide {
-                g.mask(&mut logits).map_err(TextError::from)?;
-            }
-            let id = sampler.sample(&logits, &session.tokens);
-            if let Some(g) = &mut guide {
-                g.advance(id).map_err(TextError::from)?;
-            }
+            let id = match pending.take() {
+                Some(t) => t,
+                None => {
+                    if let Some(g) = &mut guide {
+                        g.mask(&mut logits).map_err(TextError::from)?;
+                    }
+                    let id = sampler.sample(&logits, &session.tokens);
+                    if let Some(g) = &mut guide {
+                        g.advance(id).map_err(TextError::from)?;
+                    }
+                    id
+                }
+            };
             let room = cache.len() < cache.max_len();
             if !progress.on_token(self.text.tokenizer(), id, opts.max_tokens, room, on_event) {
                 break;
             }
-            logits = self
-                .step(&[id], cache, LogitsFor::Last)?
-                .to_vec1()
-                .map_err(PassError::from)?;
             session.tokens.push(id);
+            let fits = cache.max_len() - cache.len() - 1;
+            let k = spec.as_mut().map_or(0, Speculation::length).min(fits);
+            let drafts = speculate::prompt_lookup(&session.tokens, k);
+            let timer = Instant::now();
+            if drafts.is_empty() {
+                logits = self
+                    .step(&[id], cache, LogitsFor::Last)?
+                    .to_vec1()
+                    .map_err(PassError::from)?;
+                if let Some(s) = &mut spec {
+                    s.timed_step(timer.elapsed().as_secs_f64() * 1e6);
+                }
+                continue;
+            }
+            let (n, next) = self.verify(id, &drafts, cache, &mut sampler, &mut session.tokens)?;
+            if let Some(s) = &mut spec {
+                s.timed_verify(drafts.len() + 1, timer.elapsed().as_secs_f64() * 1e6);
+                s.record(drafts.len(), n);
+            }
+            progress.speculated(drafts.len(), n);
+            let tok = self.text.tokenizer();
+            if !drafts[..n]
+                .iter()
+                .all(|&d| progress.on_token(tok, d, opts.max_tokens, true, on_event))
+            {
+                break;
+            }
+            pending = Some(next);
         }
         Ok(progress.finish(on_event))
+    }
+
+    /// Runs `id` and the proposals `drafts` in one pass and draws at each
+    /// position as a plain step would; keeps the proposals that match the
+    /// draws (in `session` and the cache) and returns how many, and the
+    /// token drawn after them.
+    fn verify(
+        &self,
+        id: u32,
+        drafts: &[u32],
+        cache: &mut KvCache,
+        sampler: &mut Sampler,
+        session_tokens: &mut Vec<u32>,
+    ) -> Result<(usize, u32), EngineError> {
+        let mut input = Vec::with_capacity(drafts.len() + 1);
+        input.push(id);
+        input.extend_from_slice(drafts);
+        let rows = self
+            .step(&input, cache, LogitsFor::All)?
+            .to_vec2::<f32>()
+            .map_err(PassError::from)?;
+        let mut n = 0;
+        let next = loop {
+            let t = sampler.sample(&rows[n], session_tokens);
+            if n < drafts.len() && t == drafts[n] {
+                session_tokens.push(t);
+                n += 1;
+            } else {
+                break t;
+            }
+        };
+        cache.truncate(session_tokens.len());
+        Ok((n, next))
     }
 }
 
@@ -318,6 +405,8 @@ impl Progress {
                 gen_ms: 0.0,
                 ttft_ms: 0.0,
                 stop: StopReason::MaxTokens,
+                proposed: 0,
+                accepted: 0,
             },
             decoder: StreamDecoder::new(),
             start,
@@ -360,6 +449,12 @@ impl Progress {
             return false;
         }
         true
+    }
+
+    /// Counts a round of speculation: `proposed` tokens, `accepted` stood.
+    pub fn speculated(&mut self, proposed: usize, accepted: usize) {
+        self.stats.proposed += proposed as u64;
+        self.stats.accepted += accepted as u64;
     }
 
     /// Flushes the text left and returns the stats.

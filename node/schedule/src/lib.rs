@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`batch`]: the [`Batcher`]: continuous batching of queued chunks.
+//! - [`speculate`]: speculative decoding (prompt lookup, acceptance, adaptive length).
 //! - this file: the limits and the two small decisions the batcher's
 //!   callers make (prompt chunks, micro-batch cap).
 //!
@@ -15,6 +16,7 @@
 //! axum (checked by the `dependency_edges` test).
 
 pub mod batch;
+pub mod speculate;
 
 pub use batch::{Batcher, Next, Rows, Work};
 

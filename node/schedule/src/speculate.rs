@@ -1,0 +1,292 @@
+//! Speculative decoding's pure decisions: what to propose (prompt lookup),
+//! how many tokens to propose (adaptive), and which proposals stand.
+//!
+//! **Prompt lookup** proposes the tokens that followed the most recent
+//! earlier occurrence of the sequence's last n-gram (n from
+//! [`NGRAM_MAX`] down to [`NGRAM_MIN`]): no draft model, strong wherever an
+//! answer copies from its prompt or from itself (editing, quoting, code,
+//! RAG answers).
+//!
+//! **Verification keeps the tokens.** The proposals are run with the last
+//! token in one pass; at each position the sampler draws exactly as it
+//! would have without speculation (its draw depends only on seed and
+//! position, see `engine::sampling`), and a proposal stands only if it is
+//! that token. So the output is the same tokens as without speculation,
+//! greedy or seeded — not only the same distribution — and the first
+//! rejected position gives the next token for free.
+//!
+//! **Adaptive length.** The proposal length follows the acceptance seen so
+//! far and the measured cost of a pass: with per-token acceptance `a`, a
+//! pass over `k` proposals yields `(1 - a^(k+1)) / (1 - a)` tokens and
+//! costs `1 + k·r` plain steps (`r`: an extra row's time over a step's);
+//! the `k` with the best ratio is used, none when no `k` beats a plain
+//! step. After [`MISSES_OFF`] rounds in a row with nothing accepted, or
+//! when nothing pays, speculation pauses for a while (then probes again),
+//! so text that does not repeat itself pays (almost) nothing.
+
+/// Longest n-gram looked up.
+pub const NGRAM_MAX: usize = 4;
+
+/// Shortest n-gram looked up.
+pub const NGRAM_MIN: usize = 2;
+
+/// Most tokens proposed at once: verification rows stay far below
+/// [`crate::TILED_ROWS_MIN`], so attention runs the one-row kernel whose
+/// arithmetic matches generating the tokens one at a time.
+pub const DRAFT_MAX: usize = 8;
+
+/// Rounds in a row with nothing accepted before speculation pauses.
+pub const MISSES_OFF: u32 = 4;
+
+/// Steps a pause lasts (plain one-token steps).
+pub const PAUSE_STEPS: u32 = 32;
+
+/// How far back prompt lookup searches, tokens (bounds its cost on long
+/// contexts).
+pub const LOOKUP_WINDOW: usize = 8192;
+
+/// Up to `k` tokens that followed an earlier occurrence of the history's
+/// final n-gram (the longest n that occurs): the latest occurrence with `k`
+/// tokens after it, else the latest one; or none.
+pub fn prompt_lookup(history: &[u32], k: usize) -> Vec<u32> {
+    let k = k.min(DRAFT_MAX);
+    if k == 0 {
+        return Vec::new();
+    }
+    let h = &history[history.len().saturating_sub(LOOKUP_WINDOW)..];
+    for n in (NGRAM_MIN..=NGRAM_MAX).rev() {
+        if h.len() <= n {
+            continue;
+        }
+        let tail = &h[h.len() - n..];
+        // Latest match first, not overlapping the tail itself.
+        let mut latest: Option<&[u32]> = None;
+        for start in (0..h.len() - n).rev() {
+            if &h[start..start + n] == tail {
+                let from = start + n;
+                let next = &h[from..(from + k).min(h.len())];
+                if next.len() == k {
+                    return next.to_vec();
+                }
+                latest = latest.or(Some(next));
+            }
+        }
+        if let Some(next) = latest.filter(|n| !n.is_empty()) {
+            return next.to_vec();
+        }
+    }
+    Vec::new()
+}
+
+/// How many of `drafts` stand, given the tokens the sampler drew at each
+/// verified position (`drawn[i]` drawn where `drafts[i]` was proposed;
+/// `drawn` has one more entry, after the last proposal). Returns the
+/// count accepted; `drawn[count]` is the next token either way.
+pub fn accepted(drafts: &[u32], drawn: &[u32]) -> usize {
+    drafts.iter().zip(drawn).take_while(|(d, t)| d == t).count()
+}
+
+/// Smallest gain (tokens per unit of cost, over a plain step's 1) worth
+/// speculating for.
+pub const GAIN_MIN: f64 = 1.05;
+
+/// Weight of the newest measurement in the running averages.
+const EWMA: f64 = 0.2;
+
+/// One sequence's speculation state: the proposal length and its pauses.
+#[derive(Debug, Clone)]
+pub struct Speculation {
+    /// Tokens to propose next round.
+    length: usize,
+    misses: u32,
+    paused: u32,
+    /// Running per-token acceptance.
+    acceptance: f64,
+    /// Running time of a plain one-token step, µs.
+    step_us: Option<f64>,
+    /// Running time of one extra row in a verification pass, µs.
+    row_us: Option<f64>,
+    /// Always propose this many (tests, benchmarks): no adapting.
+    fixed: Option<usize>,
+    /// Tokens proposed so far.
+    pub proposed: u64,
+    /// Of those, accepted.
+    pub accepted: u64,
+}
+
+impl Default for Speculation {
+    fn default() -> Self {
+        Speculation {
+            length: 4,
+            misses: 0,
+            paused: 0,
+            acceptance: 0.5,
+            step_us: None,
+            row_us: None,
+            fixed: None,
+            proposed: 0,
+            accepted: 0,
+        }
+    }
+}
+
+/// Expected tokens from a pass over `k` proposals at per-token acceptance
+/// `a` (the accepted run, plus the token drawn after it).
+pub fn expected_tokens(a: f64, k: usize) -> f64 {
+    (0..=k).map(|i| a.powi(i as i32)).sum()
+}
+
+/// The proposal length with the best tokens per cost, and that gain;
+/// `(0, 1.0)` when none beats a plain step by [`GAIN_MIN`]. `row` is an
+/// extra row's cost relative to a plain step.
+pub fn best_length(a: f64, row: f64) -> (usize, f64) {
+    (1..=DRAFT_MAX)
+        .map(|k| (k, expected_tokens(a, k) / (1.0 + k as f64 * row)))
+        .filter(|&(_, g)| g >= GAIN_MIN)
+        .max_by(|x, y| x.1.total_cmp(&y.1))
+        .unwrap_or((0, 1.0))
+}
+
+impl Speculation {
+    /// Adaptive speculation (`0`), or always `k` proposals (when found).
+    pub fn new(k: usize) -> Speculation {
+        Speculation {
+            fixed: (k > 0).then_some(k.min(DRAFT_MAX)),
+            ..Speculation::default()
+        }
+    }
+
+    /// How many tokens to propose now (0: a plain step).
+    pub fn length(&mut self) -> usize {
+        if let Some(k) = self.fixed {
+            return k;
+        }
+        if self.paused > 0 {
+            self.paused -= 1;
+            return 0;
+        }
+        if self.step_us.is_none() {
+            // A plain step first: the cost every choice is weighed against.
+            return 0;
+        }
+        if let (Some(step), Some(row)) = (self.step_us, self.row_us) {
+            let (k, _) = best_length(self.acceptance, row / step);
+            if k == 0 {
+                // Nothing pays now: plain steps, then probe again.
+                self.paused = PAUSE_STEPS;
+                return 1;
+            }
+            return k.min(self.length.max(1) * 2);
+        }
+        self.length
+    }
+
+    /// A plain one-token step took `us`.
+    pub fn timed_step(&mut self, us: f64) {
+        self.step_us = Some(ewma(self.step_us, us));
+    }
+
+    /// A verification pass over `rows` rows (the last token and its
+    /// proposals) took `us`.
+    pub fn timed_verify(&mut self, rows: usize, us: f64) {
+        if let (Some(step), true) = (self.step_us, rows > 1) {
+            let per_row = ((us - step) / (rows - 1) as f64).max(0.0);
+            self.row_us = Some(ewma(self.row_us, per_row));
+        }
+    }
+
+    /// Learns from a round: `proposed` tokens, `accepted` of them stood.
+    pub fn record(&mut self, proposed: usize, accepted: usize) {
+        if proposed == 0 {
+            return;
+        }
+        self.proposed += proposed as u64;
+        self.accepted += accepted as u64;
+        self.acceptance = ewma(Some(self.acceptance), accepted as f64 / proposed as f64);
+        if accepted == 0 {
+            self.misses += 1;
+            self.length = (self.length / 2).max(1);
+            if self.misses >= MISSES_OFF {
+                self.misses = 0;
+                self.paused = PAUSE_STEPS;
+            }
+        } else {
+            self.misses = 0;
+            self.length = if accepted == proposed {
+                (self.length * 2).min(DRAFT_MAX)
+            } else {
+                (accepted + 1).clamp(1, DRAFT_MAX)
+            };
+        }
+    }
+}
+
+fn ewma(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |o| o + EWMA * (new - o))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_proposes_what_followed_the_latest_match() {
+        // ... 5 6 7 8 ... 5 6 7 → 8 9 (the latest occurrence wins).
+        let h = [1, 5, 6, 7, 2, 3, 5, 6, 7, 8, 9, 4, 5, 6, 7];
+        assert_eq!(prompt_lookup(&h, 2), vec![8, 9]);
+        assert_eq!(prompt_lookup(&h, 0), Vec::<u32>::new());
+        // No repeated n-gram: nothing.
+        assert!(prompt_lookup(&[1, 2, 3, 4], 4).is_empty());
+        // Capped at DRAFT_MAX and at the history's end.
+        let rep: Vec<u32> = (0..40).map(|i| i % 5).collect();
+        assert_eq!(prompt_lookup(&rep, 100).len(), DRAFT_MAX);
+        assert_eq!(prompt_lookup(&[7, 7, 7], 4), vec![7]);
+    }
+
+    #[test]
+    fn proposals_stand_up_to_the_first_difference() {
+        assert_eq!(accepted(&[4, 5, 6], &[4, 5, 9, 1]), 2);
+        assert_eq!(accepted(&[4, 5, 6], &[4, 5, 6, 1]), 3);
+        assert_eq!(accepted(&[4], &[3, 0]), 0);
+        assert_eq!(accepted(&[], &[3]), 0);
+    }
+
+    #[test]
+    fn the_length_follows_acceptance_and_cost() {
+        // Cheap rows (a pipeline's hop, a big model's weight reads): long
+        // proposals at high acceptance.
+        assert_eq!(best_length(0.9, 0.05).0, DRAFT_MAX);
+        // Expensive rows (a small model on a CPU): nothing pays.
+        assert_eq!(best_length(0.6, 0.7), (0, 1.0));
+        assert!(best_length(0.0, 0.01).0 == 0);
+        assert!((expected_tokens(0.5, 2) - 1.75).abs() < 1e-12);
+        let mut s = Speculation::default();
+        s.timed_step(10_000.0);
+        s.timed_verify(5, 10_000.0 + 4.0 * 8_000.0);
+        s.record(4, 2);
+        // Each extra row costs 0.8 of a step: a probe, then a pause.
+        assert_eq!(s.length(), 1);
+        assert_eq!(s.length(), 0);
+    }
+
+    #[test]
+    fn length_adapts_and_pauses_when_nothing_stands() {
+        let mut s = Speculation::default();
+        assert_eq!(s.length(), 0, "a plain step is measured first");
+        s.timed_step(10_000.0);
+        assert_eq!(s.length(), 4);
+        s.record(4, 4);
+        assert_eq!(s.length(), 8);
+        s.record(8, 2);
+        assert_eq!(s.length(), 3);
+        for _ in 0..MISSES_OFF {
+            let k = s.length();
+            s.record(k, 0);
+        }
+        for _ in 0..PAUSE_STEPS {
+            assert_eq!(s.length(), 0);
+        }
+        assert!(s.length() > 0);
+        assert_eq!((s.proposed, s.accepted), (12 + 3 + 1 + 1 + 1, 6));
+    }
+}
