@@ -81,6 +81,7 @@ pub fn run(b: &ClusterBench<'_>) -> anyhow::Result<()> {
             prompt_tokens_max: None,
             output_tokens: b.tokens,
             seed: 1,
+            acceptance: None,
         };
         let mut sim = simulate(&cluster, &load)?;
         let m = Summary::of(&measured);

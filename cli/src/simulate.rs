@@ -37,6 +37,10 @@ pub struct SimulateArgs {
     /// One-way latency of every link, ms (pairs keep their own).
     #[arg(long)]
     latency_ms: Option<f64>,
+    /// Speculative decoding with this per-token acceptance (0..1): the
+    /// proposal length adapts as on a node.
+    #[arg(long, value_name = "A")]
+    speculation_acceptance: Option<f64>,
     /// Project every scenario with each of these models (comma-separated
     /// shapes) and write charts into this directory; prints a Markdown table.
     #[arg(long, value_name = "DIR", requires = "models")]
@@ -102,6 +106,9 @@ fn apply(args: &SimulateArgs, s: &mut Scenario, model: Option<&str>) {
     }
     if let Some(l) = args.latency_ms {
         s.links.latency_ms = l;
+    }
+    if args.speculation_acceptance.is_some() {
+        s.load.speculation_acceptance = args.speculation_acceptance;
     }
 }
 

@@ -222,6 +222,8 @@ pub struct LoadDef {
     /// Seed.
     #[serde(default)]
     pub seed: u64,
+    /// Speculative decoding's per-token acceptance (0..1); none: off.
+    pub speculation_acceptance: Option<f64>,
 }
 
 /// `[plan]`.
@@ -297,7 +299,11 @@ impl Scenario {
             prompt_tokens_max: l.prompt_tokens_max,
             output_tokens: l.output_tokens,
             seed: l.seed,
+            acceptance: l.speculation_acceptance,
         };
+        if load.acceptance.is_some_and(|a| !(0.0..1.0).contains(&a)) {
+            return Err(invalid("speculation_acceptance must be in [0, 1)".into()));
+        }
         let mut hosts: Vec<crate::sim::Host> = Vec::new();
         for h in &self.hosts {
             if !(h.cores > 0.0 && h.cores <= 4096.0) {

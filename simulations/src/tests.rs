@@ -38,6 +38,7 @@ fn one_stream(tokens: usize) -> Load {
         prompt_tokens_max: None,
         output_tokens: tokens,
         seed: 0,
+        acceptance: None,
     }
 }
 
@@ -241,6 +242,7 @@ fn jitter_and_arrivals_are_deterministic_per_seed() {
         prompt_tokens_max: Some(200),
         output_tokens: 16,
         seed: 7,
+        acceptance: None,
     };
     let a = simulate(&c, &load).unwrap();
     assert_eq!(a, simulate(&c, &load).unwrap());
@@ -356,4 +358,43 @@ fn nodes_sharing_a_machine_share_its_cores() {
     c.hosts.clear();
     let b = simulate(&c, &one).unwrap();
     assert!((a.summary.token_ms.mean - b.summary.token_ms.mean).abs() < 1e-6);
+}
+
+/// Speculation in the simulator: on a pipeline whose hops cost more than
+/// an extra row, accepted proposals shorten the trips; where nothing is
+/// accepted it switches itself off and costs (almost) nothing.
+#[test]
+fn speculation_pays_where_rows_are_cheap_and_turns_itself_off() {
+    let cheap_rows = |name: &str| NodeSpec {
+        row_us_per_mib: 5.0,
+        prompt_row_us_per_mib: 5.0,
+        ..NodeSpec::flat(name, 100.0, 64 * MIB)
+    };
+    let mut c = cluster(
+        model(8, 4),
+        vec![cheap_rows("a"), cheap_rows("b")],
+        vec![vec![link(5.0, 1000.0); 2]; 2],
+    );
+    c.split = Some(vec![(0, 0..4), (1, 4..8)]);
+    let rate = |c: &Cluster, acceptance: Option<f64>| {
+        let load = Load {
+            acceptance,
+            ..one_stream(200)
+        };
+        simulate(c, &load).unwrap().summary.throughput_tok_s
+    };
+    let plain = rate(&c, None);
+    let copy = rate(&c, Some(0.8));
+    let none = rate(&c, Some(0.0));
+    assert!(copy > 2.0 * plain, "{copy:.1} vs {plain:.1} tok/s");
+    assert!(none > 0.95 * plain, "{none:.1} vs {plain:.1} tok/s");
+    // Rows as dear as a step (a compute-bound machine): off, at no loss.
+    c.nodes = vec![
+        NodeSpec::flat("a", 100.0, 64 * MIB),
+        NodeSpec::flat("b", 100.0, 64 * MIB),
+    ];
+    c.links = vec![vec![link(0.05, 10_000.0); 2]; 2];
+    let plain = rate(&c, None);
+    let dear = rate(&c, Some(0.8));
+    assert!(dear > 0.95 * plain, "{dear:.1} vs {plain:.1} tok/s");
 }

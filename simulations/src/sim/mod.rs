@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use protocol::SeqRows;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use schedule::speculate::Speculation;
 use schedule::{micro_batch_cap, prompt_chunks, Batcher, Next, Rows, Work};
 use sharding::planner::mib;
 use sharding::{
@@ -118,6 +119,10 @@ pub struct Load {
     pub output_tokens: usize,
     /// Seed of the generator (jitter, arrivals, prompt lengths).
     pub seed: u64,
+    /// Speculative decoding: the chance that each proposed token is
+    /// accepted (`None`: no speculation). The proposal length adapts as on
+    /// a node (`schedule::speculate`), from the trip times it measures.
+    pub acceptance: Option<f64>,
 }
 
 /// Why a simulation cannot run.

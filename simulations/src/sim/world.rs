@@ -67,6 +67,16 @@ pub struct RequestLog {
     pub tokens: Vec<u64>,
 }
 
+/// A request's speculation, as its origin would run it: the proposals in
+/// flight and when they left (the trip time the length adapts to).
+#[derive(Debug, Clone)]
+struct Speculating {
+    spec: Speculation,
+    /// Proposals in the trip in flight.
+    drafts: usize,
+    sent: Ns,
+}
+
 pub(super) struct World<'a> {
     cluster: &'a Cluster,
     load: &'a Load,
@@ -81,6 +91,8 @@ pub(super) struct World<'a> {
     link_free: HashMap<(usize, usize), (Ns, Ns)>,
     rng: StdRng,
     requests: Vec<RequestLog>,
+    /// Per request, when the load speculates.
+    speculating: HashMap<u64, Speculating>,
     issued: usize,
     active: usize,
     processed: u64,
@@ -128,6 +140,7 @@ impl<'a> World<'a> {
             link_free: HashMap::new(),
             rng: StdRng::seed_from_u64(load.seed),
             requests: Vec::new(),
+            speculating: HashMap::new(),
             issued: 0,
             active: 0,
             processed: 0,
@@ -286,7 +299,18 @@ impl<'a> World<'a> {
             return;
         }
         let rows: usize = batch.iter().map(|w| w.seq.rows as usize).sum();
-        let sampled = batch.iter().filter(|w| w.seq.sample).count();
+        // A verification pass wants logits for every row it carries.
+        let sampled: usize = batch
+            .iter()
+            .filter(|w| w.seq.sample)
+            .map(|w| {
+                let drafts = self
+                    .speculating
+                    .get(&w.seq.request_id)
+                    .map_or(0, |s| s.drafts);
+                1 + drafts.min(w.seq.rows as usize - 1)
+            })
+            .sum();
         let node = &self.cluster.nodes[stage.node];
         let us = node.pass_us(stage.layer_mib, rows) + node.pass_us(stage.head_mib, sampled);
         stage.passes += 1;
@@ -385,8 +409,45 @@ impl<'a> World<'a> {
         let head = self.stages[0].node;
         let mut next = Vec::new();
         for id in requests {
+            // With speculation, the trip brings the accepted proposals and
+            // the token after them.
+            let mut gained = 1;
+            let mut drafts = 0;
+            if let Some(a) = self.load.acceptance {
+                let now = self.now;
+                // The first token ends the prompt's trip: nothing to time.
+                let fresh = !self.speculating.contains_key(&id);
+                let s = self.speculating.entry(id).or_insert_with(|| Speculating {
+                    spec: Speculation::default(),
+                    drafts: 0,
+                    sent: now,
+                });
+                let trip_us = (now - s.sent) as f64 / 1e3;
+                if fresh {
+                } else if s.drafts == 0 {
+                    s.spec.timed_step(trip_us);
+                } else {
+                    s.spec.timed_verify(s.drafts + 1, trip_us);
+                    let rng = &mut self.rng;
+                    let kept = (0..s.drafts)
+                        .take_while(|_| rng.random::<f64>() < a)
+                        .count();
+                    s.spec.record(s.drafts, kept);
+                    gained += kept;
+                }
+                drafts = s.spec.length();
+                s.sent = now;
+            }
             let log = &mut self.requests[id as usize];
-            log.tokens.push(self.now);
+            let left = self.load.output_tokens.saturating_sub(log.tokens.len());
+            for _ in 0..gained.min(left.max(1)) {
+                log.tokens.push(self.now);
+            }
+            let left = self.load.output_tokens.saturating_sub(log.tokens.len());
+            drafts = drafts.min(left.saturating_sub(1));
+            if let Some(s) = self.speculating.get_mut(&id) {
+                s.drafts = drafts;
+            }
             if log.tokens.len() >= self.load.output_tokens {
                 let land = self.send(self.entry, head, 16);
                 self.schedule(land, Event::End { request: id });
@@ -395,7 +456,7 @@ impl<'a> World<'a> {
                 }
             } else {
                 let position = log.prompt + log.tokens.len() - 1;
-                next.push(token_work(id, position, 1, true));
+                next.push(token_work(id, position, 1 + drafts, true));
             }
         }
         if !next.is_empty() {
