@@ -46,6 +46,7 @@ const SETTINGS: &[&str] = &[
     "spill",
     "spill-model",
     "private-api-key-file",
+    "speculate",
 ];
 
 /// shoal's configuration folder: `$XDG_CONFIG_HOME/shoal` (else

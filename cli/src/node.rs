@@ -43,6 +43,12 @@ pub struct NodeArgs {
     /// (default: the host name).
     #[arg(long, env = "SHOAL_NAME")]
     name: Option<String>,
+    /// Speculative decoding by prompt lookup for the requests this node
+    /// receives: the same tokens, fewer trips through the pipeline when
+    /// answers repeat text. Adapts to acceptance and the measured trip
+    /// cost (off where it does not pay); `--speculate K` always proposes K.
+    #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "0", env = "SHOAL_SPECULATE")]
+    speculate: Option<usize>,
     /// No model file here: get the model from the cluster's nodes (found
     /// with --peer or mDNS), only the layers this node is given, verified
     /// and cached (resumed after a restart).
@@ -362,6 +368,7 @@ fn node_config(
         max_queued: args.max_queued,
         alias: args.alias.clone(),
         name: args.name.clone(),
+        speculate: args.speculate,
     };
     NodeConfig {
         cluster,

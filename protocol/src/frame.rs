@@ -201,6 +201,7 @@ mod tests {
                                 position,
                                 rows,
                                 sample: rows == 1,
+                                draft: 0,
                             })
                             .collect(),
                         dim,
@@ -280,7 +281,8 @@ mod tests {
                         request_id,
                         position,
                         tokens,
-                        sample
+                        sample,
+                        draft: 0
                     }
                 )),
             (
@@ -397,6 +399,7 @@ mod tests {
                 position: 0,
                 rows: 2,
                 sample: true,
+                draft: 0,
             }],
             dim: 4,
             dtype: DType::F32,

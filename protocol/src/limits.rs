@@ -70,3 +70,6 @@ pub const CONSTRAINT_BYTES_MAX: usize = 256 << 10;
 
 /// Most alternatives per token in `logprobs` (OpenAI's `top_logprobs` limit).
 pub const TOP_LOGPROBS_MAX: u8 = 20;
+
+/// Most proposals one chunk may carry for verification.
+pub const DRAFT_TOKENS_MAX: u32 = 16;

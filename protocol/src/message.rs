@@ -273,6 +273,11 @@ pub struct Input {
     /// Whether the last stage samples after this chunk (false for all but
     /// the last chunk of a prompt).
     pub sample: bool,
+    /// Speculation: the last `draft` tokens are proposals to verify (the
+    /// last stage draws at each of their positions and keeps those that
+    /// match; every stage drops the rest from its cache when the next
+    /// chunk starts before them).
+    pub draft: u32,
 }
 
 /// A node introducing itself.
@@ -441,6 +446,9 @@ pub struct SeqRows {
     pub rows: u32,
     /// Whether the last stage samples a token from the last row.
     pub sample: bool,
+    /// Of the rows, proposals to verify (see [`Input::draft`]): the last
+    /// stage turns the last `draft + 1` rows into logits.
+    pub draft: u32,
 }
 
 /// Hidden states of a batch of sequences, rows concatenated in batch order.

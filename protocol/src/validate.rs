@@ -305,7 +305,10 @@ impl Message {
                 }
                 Ok(())
             }
-            Message::Input(i) => count("input tokens", i.tokens.len(), 1, TOKENS_PER_MESSAGE_MAX),
+            Message::Input(i) => {
+                count("input tokens", i.tokens.len(), 1, TOKENS_PER_MESSAGE_MAX)?;
+                drafts(i.draft, i.tokens.len() as u32, i.sample)
+            }
             Message::Failed { error, .. } => {
                 // All its texts together, as the one reason string was.
                 let bytes: usize = error.texts().map(str::len).sum();
@@ -398,6 +401,20 @@ fn validate_plan(p: &Plan) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Proposals to verify: fewer than the rows, within the limit, and only
+/// in a chunk the last stage samples after.
+fn drafts(draft: u32, rows: u32, sample: bool) -> Result<(), ValidationError> {
+    if draft == 0 {
+        return Ok(());
+    }
+    count(
+        "proposed tokens",
+        draft as usize,
+        0,
+        (DRAFT_TOKENS_MAX.min(rows.saturating_sub(1)) as usize) * usize::from(sample),
+    )
+}
+
 fn validate_activations(a: &Activations) -> Result<(), ValidationError> {
     count(
         "sequences in one batch",
@@ -413,6 +430,7 @@ fn validate_activations(a: &Activations) -> Result<(), ValidationError> {
             1,
             TOKENS_PER_MESSAGE_MAX,
         )?;
+        drafts(s.draft, s.rows, s.sample)?;
         rows += u64::from(s.rows);
     }
     let expected = rows * u64::from(a.dim) * a.dtype.size() as u64;

@@ -240,6 +240,7 @@ fn frames() {
                 position: 0,
                 rows: 2,
                 sample: true,
+                draft: 0,
             }],
             dim: 4,
             dtype: DType::F32,
@@ -250,6 +251,7 @@ fn frames() {
             position: 0,
             tokens: vec![1, 2, 3],
             sample: false,
+            draft: 0,
         }),
         Message::ChunkQuery {
             index: 3,

@@ -98,6 +98,9 @@ pub struct ClusterConfig {
     pub alias: Option<String>,
     /// A name for people (`--name`; default: the host name).
     pub name: Option<String>,
+    /// Speculative decoding for requests this node originates: `None` off,
+    /// `Some(0)` adaptive, `Some(k)` always up to `k` proposals.
+    pub speculate: Option<usize>,
     /// The model is being fetched from peers into `model`: this index (with
     /// what is here so far), from [`weights::bootstrap`]. `None`: `model`
     /// is a whole file.

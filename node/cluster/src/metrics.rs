@@ -51,6 +51,10 @@ pub struct Metrics {
     pub members_joined: Counter,
     /// Messages this node refused as lies (no honest node sends them).
     pub lies_caught: Counter,
+    /// Tokens proposed by speculation for requests from this node.
+    pub speculation_proposed: Counter,
+    /// Of those, accepted.
+    pub speculation_accepted: Counter,
     /// Members this node left out for lying (its own catches and others').
     pub members_excluded: Counter,
     /// Tokens streamed to this node's clients, counted as they arrive
@@ -84,6 +88,8 @@ impl Default for Metrics {
             members_left: Counter::default(),
             members_joined: Counter::default(),
             lies_caught: Counter::default(),
+            speculation_proposed: Counter::default(),
+            speculation_accepted: Counter::default(),
             members_excluded: Counter::default(),
             streamed_tokens: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
@@ -159,6 +165,16 @@ impl Default for Metrics {
             "members_joined",
             "Members that joined (rejoins included)",
             m.members_joined.clone(),
+        );
+        r.register(
+            "speculation_proposed",
+            "Tokens proposed by speculative decoding for requests from this node",
+            m.speculation_proposed.clone(),
+        );
+        r.register(
+            "speculation_accepted",
+            "Proposed tokens accepted (the same tokens a plain run gives)",
+            m.speculation_accepted.clone(),
         );
         r.register(
             "lies_caught",

@@ -83,6 +83,7 @@ impl Work {
             seq: SeqRows {
                 rows: n as u32,
                 sample: false,
+                draft: 0,
                 ..self.seq
             },
             rows: head,
@@ -283,7 +284,13 @@ impl Batcher {
             }
             // Later chunks of this sequence must wait for this one either way.
             taken.insert(w.seq.request_id);
-            if let Some(p) = piece(w.seq.rows as usize, BATCH_ROWS_MAX - rows) {
+            let whole = w.seq.rows as usize;
+            if let Some(p) = piece(whole, BATCH_ROWS_MAX - rows) {
+                // A chunk with proposals runs whole (its logits are read
+                // per position) or waits for the next pass.
+                if w.seq.draft > 0 && p < whole {
+                    continue;
+                }
                 rows += p;
                 picked.push(i);
                 cuts.push((i, p));

@@ -499,6 +499,7 @@ fn token_work(request: u64, position: usize, rows: usize, sample: bool) -> Work 
             position: position as u32,
             rows: rows as u32,
             sample,
+            draft: 0,
         },
         rows: Rows::Tokens(vec![0; rows]),
     }

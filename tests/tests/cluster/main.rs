@@ -11,6 +11,7 @@ mod namespaces;
 mod page;
 mod pipeline;
 mod security;
+mod speculate;
 mod survive;
 mod weights;
 

@@ -17,6 +17,7 @@ use tracing::{info, info_span, Instrument};
 use crate::shared::Shared;
 
 mod output;
+mod speculate;
 use output::{next_token, Output};
 
 /// Longest a request waits for one token: a stage that takes longer is
@@ -301,9 +302,23 @@ impl Shared {
             let opened = self
                 .open(request_id, &req, &tokens, prompt.len(), reach)
                 .await;
+            // Speculation (`--speculate`), not with a grammar (its state
+            // at the last stage would have to roll back too).
+            let mut spec = self
+                .config
+                .speculate
+                .filter(|_| req.constraint.is_none())
+                .map(speculate::Speculating::new);
+            // Draws of a verification not handed out yet: the accepted
+            // proposals, then the token after them.
+            let mut ahead: VecDeque<speculate::Drawn> = VecDeque::new();
             let mut lost = match opened {
                 Ok((mut rx, guard)) => loop {
-                    let id = match next_token(&mut rx).await {
+                    let next = match ahead.pop_front() {
+                        Some(d) => Ok(d),
+                        None => next_token(&mut rx).await,
+                    };
+                    let id = match next {
                         Ok((id, logprobs)) => {
                             out.logprob =
                                 logprobs.map(|l| output::logprob(text.tokenizer(), id, &l));
@@ -311,6 +326,9 @@ impl Shared {
                         }
                         Err(e) => break e,
                     };
+                    if let (Some(s), true) = (&mut spec, ahead.is_empty()) {
+                        s.plain_trip_done();
+                    }
                     if progress.is_none() {
                         info!(prompt_tokens = prompt.len(), "first token");
                     }
@@ -324,14 +342,42 @@ impl Shared {
                         drop(guard);
                         break 'attempt;
                     }
+                    if !ahead.is_empty() {
+                        // An accepted proposal: in every stage's cache already.
+                        continue;
+                    }
+                    let generated = tokens.len() - prompt.len();
+                    let room = reach
+                        .saturating_sub(tokens.len())
+                        .min(req.max_tokens.saturating_sub(generated + 1));
+                    let drafts = spec
+                        .as_mut()
+                        .map_or(Vec::new(), |s| s.propose(&tokens, room));
+                    let mut chunk = Vec::with_capacity(drafts.len() + 1);
+                    chunk.push(id);
+                    chunk.extend_from_slice(&drafts);
                     let input = Input {
                         request_id,
                         position: (tokens.len() - 1) as u32,
-                        tokens: vec![id],
+                        tokens: chunk,
                         sample: true,
+                        draft: drafts.len() as u32,
                     };
                     if let Err(e) = self.data.send(&guard.head, Message::Input(input)).await {
                         break e.into();
+                    }
+                    if let (Some(s), false) = (&mut spec, drafts.is_empty()) {
+                        match s.verify(&mut rx, &drafts).await {
+                            Ok((drawn, n)) => {
+                                self.metrics
+                                    .speculation_proposed
+                                    .inc_by(drafts.len() as u64);
+                                self.metrics.speculation_accepted.inc_by(n as u64);
+                                p.speculated(drafts.len(), n);
+                                ahead.extend(drawn);
+                            }
+                            Err(e) => break e,
+                        }
                     }
                 },
                 Err(e) => e,
@@ -480,6 +526,7 @@ impl Shared {
                 position: start as u32,
                 tokens: tokens[start..start + rows].to_vec(),
                 sample: start + rows == tokens.len(),
+                draft: 0,
             };
             self.data.send(&head, Message::Input(input)).await?;
         }

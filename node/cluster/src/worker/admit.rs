@@ -142,6 +142,7 @@ impl Worker {
                 origin: b.origin.clone(),
                 from,
                 pick,
+                rollback_floor: None,
             },
         );
         if let Some(next) = &self.next {

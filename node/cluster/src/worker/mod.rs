@@ -131,6 +131,9 @@ struct Sequence {
     from: String,
     /// Last stage only: how its tokens are drawn.
     pick: Option<Pick>,
+    /// After a chunk with proposals ran: the lowest position the next
+    /// chunk may start at (dropping the rejected proposals' cache).
+    rollback_floor: Option<usize>,
 }
 
 /// The running worker's state.
@@ -305,6 +308,7 @@ impl Worker {
                             position: i.position,
                             rows: i.tokens.len() as u32,
                             sample: i.sample,
+                            draft: i.draft,
                         };
                         self.queue(seq, Rows::Tokens(i.tokens));
                     }
@@ -404,6 +408,16 @@ impl Worker {
                 continue;
             };
             let (pos, rows) = (work.seq.position as usize, work.seq.rows as usize);
+            let mut seq = seq;
+            // Speculation: a chunk may start inside the proposals of the
+            // last one (those rejected); their cache goes.
+            if seq.rollback_floor.is_some_and(|f| f <= pos) && pos < seq.cache.len() {
+                seq.cache.truncate(pos);
+            }
+            seq.rollback_floor = (work.seq.draft > 0).then(|| pos + rows - work.seq.draft as usize);
+            if let Some(p) = &mut seq.pick {
+                p.keep_history(pos + rows - work.seq.draft as usize);
+            }
             if seq.cache.len() != pos {
                 let why = format!("request at position {pos}, {} cached", seq.cache.len());
                 failed.push((id, self.stage_error(why)));

@@ -38,7 +38,15 @@ pub(super) fn run_batch(
     };
     let mut seqs: Vec<BatchSeq<'_>> = ready
         .iter_mut()
-        .map(|(w, s)| BatchSeq::new(&mut s.cache, w.seq.rows as usize, LogitsFor::Last))
+        .map(|(w, s)| {
+            // Proposals to verify want logits at each of their positions.
+            let logits = if w.seq.draft > 0 {
+                LogitsFor::All
+            } else {
+                LogitsFor::Last
+            };
+            BatchSeq::new(&mut s.cache, w.seq.rows as usize, logits)
+        })
         .collect();
     stage.forward_batch(input, &mut seqs)
 }

@@ -28,6 +28,13 @@ pub(super) struct Pick {
 pub(super) type Drawn = (u32, Option<(f32, Vec<(u32, f32)>)>);
 
 impl Pick {
+    /// Keeps the first `len` tokens of the history: a chunk starting at
+    /// position `p` with `n` known tokens means the history holds exactly
+    /// `p + n` (draws made for proposals that were rejected go).
+    pub(super) fn keep_history(&mut self, len: usize) {
+        self.history.truncate(len);
+    }
+
     /// Draws the next token from a row of logits.
     pub(super) fn next(&mut self, mut logits: Vec<f32>) -> Result<Drawn, GrammarError> {
         if let Some(g) = &mut self.guide {
@@ -100,7 +107,18 @@ impl Worker {
         };
         let mut by_origin: Vec<(String, Tokens)> = Vec::new();
         let mut stuck = Vec::new();
-        for (s, logits) in order.iter().zip(rows) {
+        let mut rows = rows.into_iter();
+        // One row per sequence, or one per position of a chunk with
+        // proposals: the token drawn at each (the origin keeps the
+        // proposals that match, and the draw after them).
+        let per_seq = order.iter().flat_map(|s| {
+            let n = if s.draft > 0 { s.draft + 1 } else { 1 };
+            (0..n).map(move |i| (s, s.rows - n + i + 1))
+        });
+        for (s, ahead) in per_seq {
+            let Some(logits) = rows.next() else {
+                break;
+            };
             if !s.sample {
                 continue;
             }
@@ -115,7 +133,7 @@ impl Worker {
                     continue;
                 }
             };
-            let position = s.position + s.rows;
+            let position = s.position + ahead;
             let to = match by_origin.iter_mut().find(|(o, _)| *o == seq.origin) {
                 Some((_, t)) => t,
                 None => {

@@ -25,6 +25,7 @@ fn activations_that_are_not_finite_in_their_wire_type_are_never_sent() {
         position: 0,
         rows,
         sample: false,
+        draft: 0,
     };
     // Request 2's second row overflows f16 (but not f32).
     let h = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0, 7e4, 6.0], (3, 2), &Device::Cpu).unwrap();

@@ -7,6 +7,7 @@ fn decode(id: u64, pos: u32) -> Work {
             position: pos,
             rows: 1,
             sample: true,
+            draft: 0,
         },
         rows: Rows::Tokens(vec![id as u32]),
     }
@@ -19,6 +20,7 @@ fn prompt(id: u64, n: u32) -> Work {
             position: 0,
             rows: n,
             sample: true,
+            draft: 0,
         },
         rows: Rows::Tokens((0..n).collect()),
     }
@@ -105,6 +107,7 @@ fn hidden_rows_are_cut_with_their_values() {
             position: 4,
             rows: 300,
             sample: true,
+            draft: 0,
         },
         rows: Rows::Hidden((0..300 * dim).map(|v| v as f32).collect()),
     };
@@ -186,6 +189,7 @@ fn tokens_and_hidden_rows_never_share_a_pass() {
                 position: 0,
                 rows: 1,
                 sample: true,
+                draft: 0,
             },
             rows: Rows::Hidden(vec![0.0; 4]),
         },
