@@ -13,7 +13,7 @@ fn speculation_through_two_nodes_gives_one_machines_tokens() {
     let _serial = serial();
     let model = default_model();
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = loopback_cluster(dir.path(), &model, 2, "80M", &["--speculate", "4"]);
+    let mut nodes = loopback_cluster(dir.path(), &model, 2, "80M", &["--speculate", "8"]);
     wait_plan(&mut nodes[0], 2, 2);
     for prompt in [CODE, "Write a short poem about the sea."] {
         for settings in [

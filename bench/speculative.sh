@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Speculative decoding (prompt lookup) through a 2-node loopback pipeline,
+# one thread per node: decode speed with and without it, on copy-friendly
+# prompts (editing, quoting, refactoring) and on free writing, against
+# llama.cpp RPC (two 1-thread rpc-servers). Same GGUF, one run, rounds
+# interleaved. Greedy: the answers are checked identical with and without.
+#
+#   bench/speculative.sh [MODEL.gguf]          GEN=128 REPS=3 bench/speculative.sh
+set -euo pipefail
+GEN=${GEN:-128}
+REPS=${REPS:-3}
+source "$(dirname "$0")/setup.sh"
+source "$(dirname "$0")/nodes.sh"
+
+# Three pipelines: plain, adaptive speculation, always 4 proposals.
+start_pipe() {  # name port [args...]
+  local name=$1 port=$2; shift 2
+  node "$name" "$port" 1 --plan-for throughput "$@"
+  node "$name" "$((port + 1))" 1 --plan-for throughput --peer "$(addr "$port")" "$@"
+  for _ in $(seq 100); do [ "$(stages "$port")" = 2 ] && break; sleep 0.1; done
+  [ "$(stages "$port")" = 2 ] || { echo "pipeline $name did not form"; exit 1; }
+}
+start_pipe plain 18281
+start_pipe adaptive 18283 --speculate
+start_pipe fixed 18285 --speculate 4
+
+"$llama/rpc-server" -t 1 -p 50162 > "$work/rpc1.log" 2>&1 & pids+=($!)
+"$llama/rpc-server" -t 1 -p 50163 > "$work/rpc2.log" 2>&1 & pids+=($!)
+sleep 1
+
+copy=(
+"Rewrite this Python code with the same functions but add a docstring to each function:
+
+def add(a, b):
+    return a + b
+
+def sub(a, b):
+    return a - b
+
+def mul(a, b):
+    return a * b
+
+def div(a, b):
+    return a / b"
+"Repeat this paragraph exactly, then stop: The committee met on Tuesday to review the budget. The committee agreed that the budget for next year should stay the same as this year, and that any new spending must be approved by the whole committee."
+"Fix the spelling in this text and return it whole: The quick brwon fox jumpd over the lazy dog. The dog was not amused, and the fox ran awy into the forrest before the farmer came."
+)
+free=(
+"Write a short story about a lighthouse keeper."
+"Explain how photosynthesis works."
+"What are three good habits for learning a new language?"
+)
+
+ask() {  # port prompt -> "tok/s<TAB>answer-hash"
+  local out err
+  out=$("$shoal" ask --node "http://127.0.0.1:$1" --temp 0 -n "$GEN" -v "$2" 2>"$work/err")
+  err=$(sed -n 's/.*gen [0-9]* tok, \([0-9.]*\) tok\/s.*/\1/p' "$work/err")
+  printf '%s\t%s\n' "$err" "$(printf '%s' "$out" | sha1sum | cut -c1-12)"
+}
+llama_tg() {
+  "$llama/llama-bench" -m "$model" -t 1 -p 0 -n "$GEN" -r 1 -o json "$@" 2>/dev/null \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["avg_ts"])'
+}
+ask 18281 "warm up" >/dev/null; ask 18283 "warm up" >/dev/null; ask 18285 "warm up" >/dev/null
+for r in $(seq "$REPS"); do
+  for set in copy free; do
+    declare -n prompts=$set
+    for i in "${!prompts[@]}"; do
+      for cfg in plain:18281 adaptive:18283 fixed:18285; do
+        echo "$set $i ${cfg%%:*} $(ask "${cfg##*:}" "${prompts[$i]}")" >> "$work/results"
+      done
+    done
+  done
+  echo "rpc - rpc $(llama_tg --rpc 127.0.0.1:50162,127.0.0.1:50163 -ngl 99) -" >> "$work/results"
+done
+python3 - "$work/results" "$GEN" "$REPS" <<'PY'
+import sys, statistics
+rows = [l.split() for l in open(sys.argv[1]) if len(l.split()) == 5]
+rate, hashes = {}, {}
+for s, i, cfg, ts, h in rows:
+    rate.setdefault((s, cfg), []).append(float(ts))
+    hashes.setdefault((s, i), {}).setdefault(cfg, set()).add(h)
+same = all(len(set.union(*v.values())) == 1 for k, v in hashes.items() if k[0] != "rpc")
+med = {k: statistics.median(v) for k, v in rate.items()}
+rpc = med[("rpc", "rpc")]
+print(f"decode, {sys.argv[2]} tokens, greedy, median over prompts x {sys.argv[3]} rounds (tok/s):")
+for s in ("copy", "free"):
+    p = med[(s, "plain")]
+    for cfg in ("plain", "adaptive", "fixed"):
+        m = med[(s, cfg)]
+        print(f"  {s:<5} {cfg:<9} {m:7.1f}   x{m/p:.2f} vs plain   x{m/rpc:.2f} vs llama.cpp RPC")
+print(f"  llama.cpp RPC, 2 rpc-servers x 1 thread {rpc:7.1f}")
+print("  answers identical with and without speculation:", "yes" if same else "NO")
+PY
