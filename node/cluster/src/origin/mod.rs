@@ -314,9 +314,9 @@ impl Shared {
             let mut ahead: VecDeque<speculate::Drawn> = VecDeque::new();
             let mut lost = match opened {
                 Ok((mut rx, guard)) => loop {
-                    let next = match ahead.pop_front() {
-                        Some(d) => Ok(d),
-                        None => next_token(&mut rx).await,
+                    let (next, arrived) = match ahead.pop_front() {
+                        Some(d) => (Ok(d), false),
+                        None => (next_token(&mut rx).await, true),
                     };
                     let id = match next {
                         Ok((id, logprobs)) => {
@@ -326,8 +326,8 @@ impl Shared {
                         }
                         Err(e) => break e,
                     };
-                    if let (Some(s), true) = (&mut spec, ahead.is_empty()) {
-                        s.plain_trip_done();
+                    if let (Some(s), true) = (&mut spec, arrived) {
+                        s.token_arrived();
                     }
                     if progress.is_none() {
                         info!(prompt_tokens = prompt.len(), "first token");

@@ -20,6 +20,9 @@ pub(super) struct Speculating {
     sent: Instant,
     /// Proposals in the trip in flight.
     drafts: usize,
+    /// A plain one-token trip is in flight (the prompt's trip is not one:
+    /// its time is the prefill's).
+    plain: bool,
 }
 
 impl Speculating {
@@ -29,6 +32,7 @@ impl Speculating {
             spec: Speculation::new(k),
             sent: Instant::now(),
             drafts: 0,
+            plain: false,
         }
     }
 
@@ -38,13 +42,15 @@ impl Speculating {
         let k = self.spec.length().min(room);
         let drafts = speculate::prompt_lookup(tokens, k);
         self.drafts = drafts.len();
+        self.plain = drafts.is_empty();
         self.sent = Instant::now();
         drafts
     }
 
-    /// A plain trip's token arrived.
-    pub(super) fn plain_trip_done(&mut self) {
-        if self.drafts == 0 {
+    /// A token arrived from the pipeline (not from a verification's
+    /// draws): times the plain trip that brought it.
+    pub(super) fn token_arrived(&mut self) {
+        if std::mem::take(&mut self.plain) {
             self.spec
                 .timed_step(self.sent.elapsed().as_secs_f64() * 1e6);
         }
