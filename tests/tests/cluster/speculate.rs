@@ -15,10 +15,22 @@ fn speculation_through_two_nodes_gives_one_machines_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = loopback_cluster(dir.path(), &model, 2, "80M", &["--speculate", "8"]);
     wait_plan(&mut nodes[0], 2, 2);
-    for prompt in [CODE, "Write a short poem about the sea."] {
+    // A prompt longer than one pass of the batcher (256 rows): the last stage's
+    // sampler keeps all of it (penalties and draw positions depend on it).
+    let long = format!("{}\nNow the same again, please.", CODE.repeat(6));
+    for prompt in [CODE, "Write a short poem about the sea.", long.as_str()] {
         for settings in [
             &["--temp", "0", "-n", "64"][..],
-            &["--temp", "0.8", "--seed", "3", "-n", "64"][..],
+            &[
+                "--temp",
+                "0.8",
+                "--seed",
+                "3",
+                "--repeat-penalty",
+                "1.3",
+                "-n",
+                "64",
+            ][..],
         ] {
             let want = run_single(&model, settings, prompt);
             let (got, err, ok) = nodes[0].ask(settings, prompt);

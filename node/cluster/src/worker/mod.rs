@@ -415,7 +415,10 @@ impl Worker {
                 seq.cache.truncate(pos);
             }
             seq.rollback_floor = (work.seq.draft > 0).then(|| pos + rows - work.seq.draft as usize);
-            if let Some(p) = &mut seq.pick {
+            // The sampler's history ends at a sampled chunk's known
+            // tokens (a prompt's earlier chunks leave it alone: it holds
+            // the whole prompt from the Begin).
+            if let (Some(p), true) = (&mut seq.pick, work.seq.sample) {
                 p.keep_history(pos + rows - work.seq.draft as usize);
             }
             if seq.cache.len() != pos {
