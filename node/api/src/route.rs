@@ -242,117 +242,115 @@ pub(crate) async fn forward(
     mut body: Value,
     model: &str,
 ) -> Result<Response, ApiError> {
-    {
-        let routing = &app.config.routing;
-        let book = app.cluster.routes();
-        let up = &routing.upstreams[i];
-        let client = routing
-            .client
-            .as_ref()
-            .expect("a client when upstreams exist");
-        body["model"] = Value::from(model);
-        let url = format!("{}/{path}", up.base.trim_end_matches('/'));
-        let mut req = client
-            .post(&url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body.to_string());
-        if let Some(k) = &up.key {
-            req = req.bearer_auth(k);
+    let routing = &app.config.routing;
+    let book = app.cluster.routes();
+    let up = &routing.upstreams[i];
+    let client = routing
+        .client
+        .as_ref()
+        .expect("a client when upstreams exist");
+    body["model"] = Value::from(model);
+    let url = format!("{}/{path}", up.base.trim_end_matches('/'));
+    let mut req = client
+        .post(&url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body.to_string());
+    if let Some(k) = &up.key {
+        req = req.bearer_auth(k);
+    }
+    let start = Instant::now();
+    let fail = |status: StatusCode, message: String| {
+        book.record(&up.name, Outcome::Failed, 0, 0.0);
+        tracing::warn!(upstream = %up.name, "{message}");
+        ApiError {
+            status,
+            message,
+            kind: "upstream_error",
+            param: None,
+            code: None,
         }
-        let start = Instant::now();
-        let fail = |status: StatusCode, message: String| {
-            book.record(&up.name, Outcome::Failed, 0, 0.0);
-            tracing::warn!(upstream = %up.name, "{message}");
-            ApiError {
-                status,
-                message,
-                kind: "upstream_error",
-                param: None,
-                code: None,
-            }
-        };
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) if e.is_timeout() => {
-                return Err(fail(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("upstream '{}' did not answer in time", up.name),
-                ))
-            }
-            Err(e) => {
-                return Err(fail(
-                    StatusCode::BAD_GATEWAY,
-                    format!("upstream '{}' is unreachable: {}", up.name, without_url(&e)),
-                ))
-            }
-        };
-        let status = resp.status();
-        if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            let why = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .map(String::from)
-                })
-                .unwrap_or_else(|| text.chars().take(200).collect());
+    };
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) if e.is_timeout() => {
+            return Err(fail(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("upstream '{}' did not answer in time", up.name),
+            ))
+        }
+        Err(e) => {
             return Err(fail(
                 StatusCode::BAD_GATEWAY,
-                format!("upstream '{}' answered {status}: {why}", up.name),
-            ));
+                format!("upstream '{}' is unreachable: {}", up.name, without_url(&e)),
+            ))
         }
-        let first_byte_ms = start.elapsed().as_secs_f64() * 1e3;
-        let kind = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .cloned()
-            .unwrap_or(header::HeaderValue::from_static("application/json"));
-        let streamed = kind
-            .to_str()
-            .is_ok_and(|k| k.starts_with("text/event-stream"));
-        if !streamed {
-            let bytes = resp.bytes().await.map_err(|e| {
-                fail(
-                    StatusCode::BAD_GATEWAY,
-                    format!("upstream '{}' broke off: {}", up.name, without_url(&e)),
-                )
-            })?;
-            book.record(&up.name, Outcome::Sent, usage_tokens(&bytes), first_byte_ms);
-            return Ok(Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, kind)
-                .body(Body::from(bytes))
-                .expect("valid response"));
-        }
-        book.record(&up.name, Outcome::Sent, 0, first_byte_ms);
-        // Streamed on as it comes; a usage chunk's tokens are counted at
-        // the end.
-        let name = up.name.clone();
-        let usage = UsageCounter::default();
-        let counter = usage.clone();
-        let stream = futures::StreamExt::map(resp.bytes_stream(), move |chunk| {
-            if let Ok(b) = &chunk {
-                counter.feed(b);
-            }
-            chunk.map_err(std::io::Error::other)
-        });
-        let app = app.clone();
-        let end = futures::stream::once(async move {
-            app.cluster.routes().add_tokens(&name, usage.total());
-            Ok(Vec::new())
-        });
-        let stream = futures::StreamExt::chain(
-            futures::StreamExt::map(stream, |c| c.map(|b| b.to_vec())),
-            end,
-        );
-        Ok(Response::builder()
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        let why = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| {
+                v.pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            })
+            .unwrap_or_else(|| text.chars().take(200).collect());
+        return Err(fail(
+            StatusCode::BAD_GATEWAY,
+            format!("upstream '{}' answered {status}: {why}", up.name),
+        ));
+    }
+    let first_byte_ms = start.elapsed().as_secs_f64() * 1e3;
+    let kind = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(header::HeaderValue::from_static("application/json"));
+    let streamed = kind
+        .to_str()
+        .is_ok_and(|k| k.starts_with("text/event-stream"));
+    if !streamed {
+        let bytes = resp.bytes().await.map_err(|e| {
+            fail(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream '{}' broke off: {}", up.name, without_url(&e)),
+            )
+        })?;
+        book.record(&up.name, Outcome::Sent, usage_tokens(&bytes), first_byte_ms);
+        return Ok(Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, kind)
-            .header(header::CACHE_CONTROL, "no-cache")
-            .body(Body::from_stream(stream))
-            .expect("valid response"))
+            .body(Body::from(bytes))
+            .expect("valid response"));
     }
+    book.record(&up.name, Outcome::Sent, 0, first_byte_ms);
+    // Streamed on as it comes; a usage chunk's tokens are counted at
+    // the end.
+    let name = up.name.clone();
+    let usage = UsageCounter::default();
+    let counter = usage.clone();
+    let stream = futures::StreamExt::map(resp.bytes_stream(), move |chunk| {
+        if let Ok(b) = &chunk {
+            counter.feed(b);
+        }
+        chunk.map_err(std::io::Error::other)
+    });
+    let app = app.clone();
+    let end = futures::stream::once(async move {
+        app.cluster.routes().add_tokens(&name, usage.total());
+        Ok(Vec::new())
+    });
+    let stream = futures::StreamExt::chain(
+        futures::StreamExt::map(stream, |c| c.map(|b| b.to_vec())),
+        end,
+    );
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, kind)
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .expect("valid response"))
 }
 
 /// The models of every upstream, named `NAME/model` (an upstream that does

@@ -55,14 +55,14 @@ pub(super) async fn respond(
         model,
         shape,
     };
-    let mut rx = with_first(first, rx);
+    let mut rx = Events { first, rx };
     if let Some(usage) = stream_usage {
         return Ok(stream(rx, meta, usage));
     }
     let mut text = String::new();
     let mut logprobs = Vec::new();
     loop {
-        match rx.recv().await {
+        match rx.next().await {
             Some(AskEvent::Token {
                 text: t, logprob, ..
             }) => {
@@ -79,26 +79,21 @@ pub(super) async fn respond(
     }
 }
 
-/// `rx` with `first` (read already) put back in front. A client gone
-/// closes the new receiver; the forwarder then drops `rx`, which cancels
-/// the request (at its next event).
-fn with_first(
+/// A request's events, the first of which the handler read already (to
+/// decide its route) and hands back first. Dropping it drops the
+/// receiver, which cancels the request.
+struct Events {
     first: Option<AskEvent>,
-    mut rx: mpsc::UnboundedReceiver<AskEvent>,
-) -> mpsc::UnboundedReceiver<AskEvent> {
-    let (tx, out) = mpsc::unbounded_channel();
-    let Some(first) = first else {
-        return out;
-    };
-    let _ = tx.send(first);
-    tokio::spawn(async move {
-        while let Some(e) = rx.recv().await {
-            if tx.send(e).is_err() {
-                break;
-            }
+    rx: mpsc::UnboundedReceiver<AskEvent>,
+}
+
+impl Events {
+    async fn next(&mut self) -> Option<AskEvent> {
+        match self.first.take() {
+            Some(e) => Some(e),
+            None => self.rx.recv().await,
         }
-    });
-    out
+    }
 }
 
 /// A failed request in OpenAI's shape; the status follows the variant.
@@ -294,9 +289,9 @@ fn sse(v: &Value) -> Vec<u8> {
 /// JSON is), a final chunk with the finish reason, usage if asked, then
 /// `data: [DONE]`. Dropping the stream (client gone) drops the receiver,
 /// which cancels the request.
-fn stream(rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta, with_usage: bool) -> Response {
+fn stream(rx: Events, meta: Meta, with_usage: bool) -> Response {
     struct St {
-        rx: mpsc::UnboundedReceiver<AskEvent>,
+        rx: Events,
         answer: Answer,
         meta: Meta,
         with_usage: bool,
@@ -328,7 +323,7 @@ fn stream(rx: mpsc::UnboundedReceiver<AskEvent>, meta: Meta, with_usage: bool) -
             out.extend(sse(&st.meta.chunk(role, None)));
         }
         st.started = true;
-        match st.rx.recv().await {
+        match st.rx.next().await {
             Some(AskEvent::Token { text, logprob, .. }) => {
                 let text = st.answer.push(&text);
                 let lps: Vec<Logprob> = logprob.into_iter().collect();
