@@ -333,8 +333,7 @@ impl Engine {
             }
             let (n, next) = self.verify(id, &drafts, cache, &mut sampler, &mut session.tokens)?;
             if let Some(s) = &mut spec {
-                s.timed_verify(drafts.len() + 1, timer.elapsed().as_secs_f64() * 1e6);
-                s.record(drafts.len(), n);
+                s.verified(drafts.len(), n, timer.elapsed().as_secs_f64() * 1e6);
             }
             progress.speculated(drafts.len(), n);
             let tok = self.text.tokenizer();

@@ -195,6 +195,13 @@ impl Speculation {
         }
     }
 
+    /// A pass (or trip) with `proposed` proposals took `us` and `accepted`
+    /// of them stood: its cost and its acceptance, learnt together.
+    pub fn verified(&mut self, proposed: usize, accepted: usize, us: f64) {
+        self.timed_verify(proposed + 1, us);
+        self.record(proposed, accepted);
+    }
+
     /// Learns from a round: `proposed` tokens, `accepted` of them stood.
     pub fn record(&mut self, proposed: usize, accepted: usize) {
         if proposed == 0 {

@@ -427,12 +427,11 @@ impl<'a> World<'a> {
                 } else if s.drafts == 0 {
                     s.spec.timed_step(trip_us);
                 } else {
-                    s.spec.timed_verify(s.drafts + 1, trip_us);
                     let rng = &mut self.rng;
                     let kept = (0..s.drafts)
                         .take_while(|_| rng.random::<f64>() < a)
                         .count();
-                    s.spec.record(s.drafts, kept);
+                    s.spec.verified(s.drafts, kept, trip_us);
                     gained += kept;
                 }
                 drafts = s.spec.length();

@@ -67,11 +67,10 @@ impl Speculating {
         for _ in 0..=drafts.len() {
             drawn.push(next_token(rx).await?);
         }
-        self.spec
-            .timed_verify(drafts.len() + 1, self.sent.elapsed().as_secs_f64() * 1e6);
         let ids: Vec<u32> = drawn.iter().map(|d| d.0).collect();
         let n = speculate::accepted(drafts, &ids);
-        self.spec.record(drafts.len(), n);
+        let us = self.sent.elapsed().as_secs_f64() * 1e6;
+        self.spec.verified(drafts.len(), n, us);
         self.drafts = 0;
         drawn.truncate(n + 1);
         Ok((drawn, n))
