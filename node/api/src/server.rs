@@ -302,11 +302,11 @@ pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
 /// The names this machine goes by (its hostname, and `.local` for mDNS),
 /// allowed as `Host` without configuration.
 pub fn own_names() -> Vec<String> {
-    let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") else {
+    let Some(name) = cluster::host_name() else {
         return Vec::new();
     };
-    let name = name.trim().to_ascii_lowercase();
-    if name.is_empty() || name.len() > 253 {
+    let name = name.to_ascii_lowercase();
+    if name.len() > 253 {
         return Vec::new();
     }
     vec![format!("{name}.local"), name]

@@ -51,7 +51,7 @@ pub use handle::{Handle, ModelInfo};
 pub use libp2p::Multiaddr;
 pub use origin::{AskEvent, AskRequest, Logprob, NodeStats, Prompt, RecentRequest, TopLogprob};
 pub use protocol::RequestError;
-pub use start::{available_memory, Cluster, Prepared};
+pub use start::{available_memory, host_name, Cluster, Prepared};
 
 use key::ClusterKey;
 use protocol::DType;

@@ -35,7 +35,8 @@ pub(crate) struct Shared {
     /// What its header says of it to people (name, parameters, quantisation, template).
     pub description: sharding::describe::Description,
     /// Tokenizer and template, loaded when this node first originates a request.
-    pub text: OnceCell<Arc<TextModel>>,
+    /// (Shared with the stage worker, whose grammars use the same vocabulary.)
+    pub text: Arc<OnceCell<Arc<TextModel>>>,
     /// Request counters for status.
     pub stats: Mutex<NodeStats>,
     /// Requests with a KV cache on this node's stage right now.

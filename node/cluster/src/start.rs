@@ -106,6 +106,7 @@ impl Prepared {
         let (plan_tx, plan) = watch::channel(None);
         let (store, fetcher) = weight_store(&config, &loaded.layout);
         let live_sequences = Arc::new(AtomicUsize::new(0));
+        let text = Arc::new(OnceCell::new());
         let worker = worker::spawn(
             worker::WorkerConfig {
                 me: node_id.clone(),
@@ -120,6 +121,7 @@ impl Prepared {
                 metrics: metrics.clone(),
                 fetcher: fetcher.clone(),
                 memory_bytes: config.max_memory.unwrap_or_else(available_memory),
+                text: text.clone(),
             },
             Arc::new(data.clone()),
         );
@@ -134,7 +136,7 @@ impl Prepared {
             layout: loaded.layout,
             manifest: loaded.manifest,
             description: loaded.description,
-            text: OnceCell::new(),
+            text,
             stats: Mutex::default(),
             live_sequences,
             metrics,
@@ -312,7 +314,9 @@ fn introduce(
             http_addr: http_addr.to_string(),
             cert_fingerprint: data.fingerprint(),
             addrs: Vec::new(),
-            name: config.name.clone().unwrap_or_else(host_name),
+            name: config.name.clone().unwrap_or_else(|| {
+                host_name().map_or_else(|| "node".into(), |n| n.chars().take(64).collect())
+            }),
         },
     }
 }
@@ -344,12 +348,12 @@ pub fn available_memory() -> u64 {
         .map_or(4 << 30, |kb| kb * 1024)
 }
 
-/// The machine's host name (Linux), else "node": what the page shows when
-/// `--name` is not given.
-fn host_name() -> String {
+/// The machine's host name (Linux; `None` elsewhere or when empty): a
+/// node's name on the page when `--name` is not given, and a name the API
+/// answers to.
+pub fn host_name() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
-        .map(|n| n.trim().chars().take(64).collect::<String>())
+        .map(|n| n.trim().to_string())
         .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "node".into())
 }

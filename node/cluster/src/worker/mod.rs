@@ -119,6 +119,10 @@ pub struct WorkerConfig {
     /// the figure the planner placed layers by): the stage's weights come
     /// off it, the rest is the KV budget its requests share.
     pub memory_bytes: u64,
+    /// The model's tokenizer and template, shared with the origin (loaded
+    /// by whichever needs it first): the last stage's grammars are built
+    /// from its vocabulary once per node.
+    pub text: Arc<tokio::sync::OnceCell<Arc<engine::text::TextModel>>>,
 }
 
 struct Sequence {
@@ -156,8 +160,9 @@ pub struct Worker {
     /// not heard of yet (see `admit.rs`), and since when.
     parked: std::collections::VecDeque<(String, Message)>,
     parked_since: Option<Instant>,
-    /// The model's grammar compiler, once a request needed one.
-    grammars: Option<Result<Arc<engine::grammar::Grammars>, engine::grammar::GrammarError>>,
+    /// KV bytes of one position on the loaded stage (see `kv_budget`),
+    /// for the filled-KV figure each turn reports.
+    kv_per_position: u64,
 }
 
 /// Starts the worker; it runs until the sender is dropped.
@@ -177,7 +182,7 @@ pub fn spawn(cfg: WorkerConfig, out: Arc<dyn Outbox>) -> mpsc::Sender<WorkerMsg>
         in_pass: Vec::new(),
         parked: Default::default(),
         parked_since: None,
-        grammars: None,
+        kv_per_position: 0,
     };
     std::thread::Builder::new()
         .name("shoal-stage".into())
@@ -252,13 +257,8 @@ impl Worker {
             .live
             .store(self.seqs.len(), std::sync::atomic::Ordering::Relaxed);
         self.cfg.metrics.kv_sequences.set(self.seqs.len() as i64);
-        let kv = match &self.stage {
-            Some(stage) if !self.seqs.is_empty() => {
-                let positions: u64 = self.seqs.values().map(|s| s.cache.len() as u64).sum();
-                positions * self.kv_budget(stage).0
-            }
-            _ => 0,
-        };
+        let positions: u64 = self.seqs.values().map(|s| s.cache.len() as u64).sum();
+        let kv = positions * self.kv_per_position;
         self.cfg
             .metrics
             .kv_bytes
@@ -352,6 +352,7 @@ impl Worker {
                     ms = t.elapsed().as_millis() as u64,
                     "stage loaded"
                 );
+                self.kv_per_position = self.kv_budget(&stage).0;
                 self.stage = Some(stage);
             }
             Err(e) => warn!(layers = ?layers, "cannot load stage: {e}"),

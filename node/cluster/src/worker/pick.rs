@@ -75,22 +75,25 @@ impl Worker {
         })
     }
 
-    /// The model's grammar compiler, built on first use from the GGUF's
-    /// vocabulary (~0.1–0.3 s once; a node whose requests have no
-    /// grammar never pays it).
+    /// The model's grammar compiler (`TextModel::grammars`, built once on
+    /// first use: ~0.1–0.3 s; a node whose requests have no grammar never
+    /// pays it), from the text model the origin shares, loaded here from
+    /// the GGUF if the origin has not yet.
     fn grammars(&mut self) -> Result<Arc<Grammars>, GrammarError> {
-        if let Some(g) = &self.grammars {
-            return g.clone();
-        }
-        let built = sharding::GgufFile::open(&self.cfg.model)
-            .map_err(|e| GrammarError::Vocabulary(e.to_string()))
-            .and_then(|gguf| {
-                engine::tokenizer::Tokenizer::from_gguf(&gguf)
-                    .map_err(|e| GrammarError::Vocabulary(e.to_string()))
-            })
-            .and_then(|t| Grammars::new(Arc::new(t)).map(Arc::new));
-        self.grammars = Some(built.clone());
-        built
+        let text = match self.cfg.text.get() {
+            Some(t) => t.clone(),
+            None => {
+                let gguf = sharding::GgufFile::open(&self.cfg.model)
+                    .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
+                let t = engine::text::TextModel::from_gguf(&gguf)
+                    .map(Arc::new)
+                    .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
+                // The origin may have set it meanwhile: either is the same.
+                let _ = self.cfg.text.set(t.clone());
+                t
+            }
+        };
+        text.grammars()
     }
 }
 
