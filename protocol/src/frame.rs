@@ -372,6 +372,30 @@ mod tests {
     }
 
     #[test]
+    fn proposals_fit_their_chunk() {
+        let input = |rows: usize, draft: u32, sample: bool| {
+            Message::Input(Input {
+                request_id: 1,
+                position: 9,
+                tokens: vec![5; rows],
+                sample,
+                draft,
+            })
+        };
+        // One confirmed token and proposals; proposals only (a chunk that
+        // continues one in flight).
+        assert!(encode(&input(5, 4, true)).is_ok());
+        assert!(encode(&input(4, 4, true)).is_ok());
+        assert!(encode(&input(4, 5, true)).is_err());
+        assert!(encode(&input(4, 2, false)).is_err());
+        let over = crate::limits::DRAFT_TOKENS_MAX as usize + 1;
+        assert!(encode(&input(over, over as u32, true)).is_err());
+        assert_eq!(crate::draws(1, 0), 1);
+        assert_eq!(crate::draws(5, 4), 5);
+        assert_eq!(crate::draws(4, 4), 4);
+    }
+
+    #[test]
     fn invalid_messages_are_refused_both_ways() {
         let bad_plan = Message::Plan(Plan {
             epoch: 1,

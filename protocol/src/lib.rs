@@ -26,7 +26,7 @@ pub use validate::ValidationError;
 
 pub use frame::{decode, encode, DecodeError, EncodeError};
 pub use message::{
-    Activations, Begin, Capabilities, Constraint, DType, DeviceKind, Hello, Input, Join,
+    draws, Activations, Begin, Capabilities, Constraint, DType, DeviceKind, Hello, Input, Join,
     LinkMeasure, LoadReport, MemberAddrs, Message, Plan, SampledToken, Sampling, SealedHello,
     SeqRows, StageAssignment, TokenLogprobs, Tokens, WeightIndex, Welcome, PROTOCOL_VERSION,
 };

@@ -11,8 +11,9 @@ use crate::RequestError;
 
 /// Version of this protocol. A node refuses a [`Hello`] with another one.
 /// 4: `Failed` carries a typed [`RequestError`]; `Preparing` answers a
-/// weights query. 7: `Distrust`, `Leaving`.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// weights query. 7: `Distrust`, `Leaving`. 8: constraints, logprobs,
+/// proposals. 9: a chunk of proposals only (speculation in flight).
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Every message on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,8 +277,23 @@ pub struct Input {
     /// Speculation: the last `draft` tokens are proposals to verify (the
     /// last stage draws at each of their positions and keeps those that
     /// match; every stage drops the rest from its cache when the next
-    /// chunk starts before them).
+    /// chunk starts before them). `draft == tokens.len()`: every token is
+    /// a proposal continuing the previous chunk's, sent before that chunk
+    /// was verified (see [`draws`]).
     pub draft: u32,
+}
+
+/// Tokens the last stage draws for a sampled chunk of `rows` rows with
+/// `draft` proposals: one after the last row, and one after each proposal
+/// but the last (which the one after the last row is). A chunk of
+/// proposals only (`draft == rows`) continues one in flight: its first
+/// row's draw is that chunk's last, so it draws after each of its rows.
+pub fn draws(rows: u32, draft: u32) -> u32 {
+    if draft == 0 {
+        1
+    } else {
+        (draft + 1).min(rows)
+    }
 }
 
 /// A node introducing itself.
@@ -447,7 +463,7 @@ pub struct SeqRows {
     /// Whether the last stage samples a token from the last row.
     pub sample: bool,
     /// Of the rows, proposals to verify (see [`Input::draft`]): the last
-    /// stage turns the last `draft + 1` rows into logits.
+    /// stage turns the last [`draws`] rows into logits.
     pub draft: u32,
 }
 

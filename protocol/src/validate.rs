@@ -401,8 +401,9 @@ fn validate_plan(p: &Plan) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Proposals to verify: fewer than the rows, within the limit, and only
-/// in a chunk the last stage samples after.
+/// Proposals to verify: at most the rows (all of them in a chunk that
+/// continues one in flight), within the limit, and only in a chunk the
+/// last stage samples after.
 fn drafts(draft: u32, rows: u32, sample: bool) -> Result<(), ValidationError> {
     if draft == 0 {
         return Ok(());
@@ -411,7 +412,7 @@ fn drafts(draft: u32, rows: u32, sample: bool) -> Result<(), ValidationError> {
         "proposed tokens",
         draft as usize,
         0,
-        (DRAFT_TOKENS_MAX.min(rows.saturating_sub(1)) as usize) * usize::from(sample),
+        (DRAFT_TOKENS_MAX.min(rows) as usize) * usize::from(sample),
     )
 }
 

@@ -19,11 +19,16 @@ use crate::shared::Shared;
 mod output;
 mod speculate;
 use output::{next_token, Output};
+use speculate::{Drawn, Flight};
 
 /// Longest a request waits for one token: a stage that takes longer is
 /// stuck, and the client gets an error instead of a hang. Generous, since a
 /// big model on slow machines can take seconds per token.
 pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Most trips of one request's proposals in flight at once (one per stage
+/// up to this; see `speculate`).
+pub const SPECULATION_DEPTH_MAX: usize = 4;
 
 /// Recent requests kept for status.
 const RECENT_MAX: usize = 32;
@@ -302,84 +307,67 @@ impl Shared {
             let opened = self
                 .open(request_id, &req, &tokens, prompt.len(), reach)
                 .await;
-            // Speculation (`--speculate`), not with a grammar (its state
-            // at the last stage would have to roll back too).
-            let mut spec = self
-                .config
-                .speculate
-                .filter(|_| req.constraint.is_none())
-                .map(speculate::Speculating::new);
-            // Draws of a verification not handed out yet: the accepted
-            // proposals, then the token after them.
-            let mut ahead: VecDeque<speculate::Drawn> = VecDeque::new();
             let mut lost = match opened {
-                Ok((mut rx, guard)) => loop {
-                    let (next, arrived) = match ahead.pop_front() {
-                        Some(d) => (Ok(d), false),
-                        None => (next_token(&mut rx).await, true),
+                Ok((mut rx, guard)) => {
+                    // Speculation (`--speculate`), not with a grammar (its
+                    // state at the last stage would have to roll back too).
+                    let speculate = self.config.speculate.filter(|_| req.constraint.is_none());
+                    let limits = speculate::Reach {
+                        context: reach,
+                        prompt: prompt.len(),
+                        max_tokens: req.max_tokens,
                     };
-                    let id = match next {
-                        Ok((id, logprobs)) => {
-                            out.logprob =
-                                logprobs.map(|l| output::logprob(text.tokenizer(), id, &l));
-                            id
-                        }
-                        Err(e) => break e,
-                    };
-                    if let (Some(s), true) = (&mut spec, arrived) {
-                        s.token_arrived();
-                    }
-                    if progress.is_none() {
-                        info!(prompt_tokens = prompt.len(), "first token");
-                    }
-                    let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
-                    self.count_token(&mut last_token_at);
-                    tokens.push(id);
-                    let room = tokens.len() <= context;
-                    if !p.on_token(text.tokenizer(), id, req.max_tokens, room, &mut |e| {
-                        out.on_event(e)
-                    }) {
-                        drop(guard);
-                        break 'attempt;
-                    }
-                    if !ahead.is_empty() {
-                        // An accepted proposal: in every stage's cache already.
-                        continue;
-                    }
-                    let generated = tokens.len() - prompt.len();
-                    let room = reach
-                        .saturating_sub(tokens.len())
-                        .min(req.max_tokens.saturating_sub(generated + 1));
-                    let drafts = spec
-                        .as_mut()
-                        .map_or(Vec::new(), |s| s.propose(&tokens, room));
-                    let mut chunk = Vec::with_capacity(drafts.len() + 1);
-                    chunk.push(id);
-                    chunk.extend_from_slice(&drafts);
-                    let input = Input {
-                        request_id,
-                        position: (tokens.len() - 1) as u32,
-                        tokens: chunk,
-                        sample: true,
-                        draft: drafts.len() as u32,
-                    };
-                    if let Err(e) = self.data.send(&guard.head, Message::Input(input)).await {
-                        break e.into();
-                    }
-                    if let (Some(s), false) = (&mut spec, drafts.is_empty()) {
-                        match s.verify(&mut rx, &drafts).await {
-                            Ok((drawn, n)) => {
-                                self.metrics
-                                    .speculation_proposed
-                                    .inc_by(drafts.len() as u64);
-                                self.metrics.speculation_accepted.inc_by(n as u64);
-                                p.speculated(drafts.len(), n);
-                                ahead.extend(drawn);
+                    let mut flight = Flight::new(speculate, guard.stages, limits, tokens.len());
+                    'trips: loop {
+                        while let Some(c) = flight.next_chunk(&tokens) {
+                            let input = Input {
+                                request_id,
+                                position: c.position as u32,
+                                tokens: c.tokens,
+                                sample: true,
+                                draft: c.draft as u32,
+                            };
+                            if let Err(e) = self.data.send(&guard.head, Message::Input(input)).await
+                            {
+                                break 'trips e.into();
                             }
+                        }
+                        let (id, logprobs) = match next_token(&mut rx).await {
+                            Ok(d) => d,
                             Err(e) => break e,
+                        };
+                        match flight.drawn(id, tokens.len()) {
+                            Some(Drawn::Next) => {}
+                            Some(Drawn::Void) => continue,
+                            None => {
+                                break RequestError::Stage {
+                                    node: crate::dataplane::short(&guard.last).into(),
+                                    why: "a token it was not asked for".into(),
+                                }
+                            }
+                        }
+                        let (proposed, accepted) = flight.take_counts();
+                        if proposed > 0 {
+                            self.metrics.speculation_proposed.inc_by(proposed as u64);
+                            self.metrics.speculation_accepted.inc_by(accepted as u64);
+                        }
+                        out.logprob = logprobs.map(|l| output::logprob(text.tokenizer(), id, &l));
+                        if progress.is_none() {
+                            info!(prompt_tokens = prompt.len(), "first token");
+                        }
+                        let p = progress.get_or_insert_with(|| Progress::new(prompt.len(), start));
+                        p.speculated(proposed, accepted);
+                        self.count_token(&mut last_token_at);
+                        tokens.push(id);
+                        let room = tokens.len() <= context;
+                        if !p.on_token(text.tokenizer(), id, req.max_tokens, room, &mut |e| {
+                            out.on_event(e)
+                        }) {
+                            drop(guard);
+                            break 'attempt;
                         }
                     }
-                },
+                }
                 Err(e) => e,
             };
             // A stage without room for one more KV cache (or sequence) now
@@ -489,13 +477,15 @@ impl Shared {
             .clone()
             .ok_or_else(|| self.no_plan_reason())?;
         let head = plan.stages[0].node_id.clone();
-        let route = plan.stages.iter().map(|s| s.node_id.clone()).collect();
-        let rx = self.data.open_request(request_id, route);
+        let route: Vec<String> = plan.stages.iter().map(|s| s.node_id.clone()).collect();
         let guard = RequestGuard {
             shared: self.clone(),
             id: request_id,
             head: head.clone(),
+            last: route.last().cloned().unwrap_or_default(),
+            stages: route.len(),
         };
+        let rx = self.data.open_request(request_id, route);
         // The stages hold KV for what this request can reach, not the whole
         // window: they admit by memory (see `worker`), and a short answer
         // should not cost a full context there.
@@ -573,6 +563,10 @@ struct RequestGuard {
     shared: Arc<Shared>,
     id: u64,
     head: String,
+    /// The last stage (the one that sends its tokens).
+    last: String,
+    /// Stages of its plan.
+    stages: usize,
 }
 
 impl Drop for RequestGuard {

@@ -411,16 +411,23 @@ impl Worker {
             let (pos, rows) = (work.seq.position as usize, work.seq.rows as usize);
             let mut seq = seq;
             // Speculation: a chunk may start inside the proposals of the
-            // last one (those rejected); their cache goes.
+            // ones before (those rejected); their cache goes.
             if seq.rollback_floor.is_some_and(|f| f <= pos) && pos < seq.cache.len() {
                 seq.cache.truncate(pos);
             }
-            seq.rollback_floor = (work.seq.draft > 0).then(|| pos + rows - work.seq.draft as usize);
-            // The sampler's history ends at a sampled chunk's known
-            // tokens (a prompt's earlier chunks leave it alone: it holds
-            // the whole prompt from the Begin).
-            if let (Some(p), true) = (&mut seq.pick, work.seq.sample) {
-                p.keep_history(pos + rows - work.seq.draft as usize);
+            let known = pos + rows - work.seq.draft as usize;
+            // A chunk of proposals only continues the one before it: the
+            // known tokens end where they did, and the sampler's history
+            // runs on through that chunk's draws (which are its tokens
+            // exactly when it stands).
+            if work.seq.draft < work.seq.rows {
+                seq.rollback_floor = (work.seq.draft > 0).then_some(known);
+                // The sampler's history ends at a sampled chunk's known
+                // tokens (a prompt's earlier chunks leave it alone: it
+                // holds the whole prompt from the Begin).
+                if let (Some(p), true) = (&mut seq.pick, work.seq.sample) {
+                    p.keep_history(known);
+                }
             }
             if seq.cache.len() != pos {
                 let why = format!("request at position {pos}, {} cached", seq.cache.len());

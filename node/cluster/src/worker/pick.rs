@@ -115,7 +115,7 @@ impl Worker {
         // proposals: the token drawn at each (the origin keeps the
         // proposals that match, and the draw after them).
         let per_seq = order.iter().flat_map(|s| {
-            let n = if s.draft > 0 { s.draft + 1 } else { 1 };
+            let n = protocol::draws(s.rows, s.draft);
             (0..n).map(move |i| (s, s.rows - n + i + 1))
         });
         for (s, ahead) in per_seq {
