@@ -23,12 +23,23 @@
 //! step. After [`MISSES_OFF`] rounds in a row with nothing accepted, or
 //! when nothing pays, speculation pauses for a while (then probes again),
 //! so text that does not repeat itself pays (almost) nothing.
+//!
+//! **On a pipeline** proposals go on while earlier ones are in flight (the
+//! origin's side), so a pass's cost says little: the time per token of
+//! whole runs of speculation (from a trip with proposals until the next
+//! trip of its own) is weighed against a plain step's instead, and the
+//! proposals per chunk stay short ([`PIPELINED_DRAFT_MAX`]): the next
+//! chunk follows at once, and a short one that fails wastes less.
 
 /// Longest n-gram looked up.
 pub const NGRAM_MAX: usize = 4;
 
-/// Shortest n-gram looked up.
-pub const NGRAM_MIN: usize = 2;
+/// Shortest n-gram looked up. One token: after an answer departs from
+/// what it copies (a corrected word), lookup finds its place again at the
+/// next token instead of the second (copy prompts on a pipeline: 1.42x to
+/// 1.58x the plain pipeline). The noise it adds on free text is what the
+/// adaptive length and its pauses are for.
+pub const NGRAM_MIN: usize = 1;
 
 /// Most tokens proposed at once: verification rows stay far below
 /// [`crate::TILED_ROWS_MIN`], so attention runs the one-row kernel whose
@@ -40,6 +51,11 @@ pub const MISSES_OFF: u32 = 4;
 
 /// Steps a pause lasts (plain one-token steps).
 pub const PAUSE_STEPS: u32 = 32;
+
+/// Most proposals per chunk on a pipeline (see the module docs): on two
+/// loopback stages, copy prompts ran fastest with 2 (measured against 4
+/// and 8, `bench/speculative.sh`).
+pub const PIPELINED_DRAFT_MAX: usize = 2;
 
 /// How far back prompt lookup searches, tokens (bounds its cost on long
 /// contexts).
@@ -93,6 +109,9 @@ pub const GAIN_MIN: f64 = 1.05;
 /// Weight of the newest measurement in the running averages.
 const EWMA: f64 = 0.2;
 
+/// How much of the runs' sums each new run of speculation decays.
+const RUN_DECAY: f64 = 0.3;
+
 /// One sequence's speculation state: the proposal length and its pauses.
 #[derive(Debug, Clone)]
 pub struct Speculation {
@@ -108,6 +127,11 @@ pub struct Speculation {
     row_us: Option<f64>,
     /// Always propose this many (tests, benchmarks): no adapting.
     fixed: Option<usize>,
+    /// Proposals go on in flight (a pipeline): runs are timed, not passes.
+    pipelined: bool,
+    /// Decayed sums of the tokens and the time (µs) of runs of speculation.
+    run_tokens: f64,
+    run_us: f64,
     /// Tokens proposed so far.
     pub proposed: u64,
     /// Of those, accepted.
@@ -124,6 +148,9 @@ impl Default for Speculation {
             step_us: None,
             row_us: None,
             fixed: None,
+            pipelined: false,
+            run_tokens: 0.0,
+            run_us: 0.0,
             proposed: 0,
             accepted: 0,
         }
@@ -156,6 +183,15 @@ impl Speculation {
         }
     }
 
+    /// As [`Speculation::new`], for proposals in flight on a pipeline
+    /// (see the module docs).
+    pub fn pipelined(k: usize) -> Speculation {
+        Speculation {
+            pipelined: true,
+            ..Speculation::new(k)
+        }
+    }
+
     /// How many tokens to propose now (0: a plain step).
     pub fn length(&mut self) -> usize {
         if let Some(k) = self.fixed {
@@ -165,20 +201,42 @@ impl Speculation {
             self.paused -= 1;
             return 0;
         }
-        if self.step_us.is_none() {
+        let Some(step) = self.step_us else {
             // A plain step first: the cost every choice is weighed against.
             return 0;
+        };
+        if self.pipelined {
+            if self.run_tokens > 0.0 && self.run_us / self.run_tokens * GAIN_MIN > step {
+                // Runs of speculation cost more per token than plain steps.
+                self.pause();
+                return 0;
+            }
+            return self.length.clamp(1, PIPELINED_DRAFT_MAX);
         }
         if let (Some(step), Some(row)) = (self.step_us, self.row_us) {
             let (k, _) = best_length(self.acceptance, row / step);
             if k == 0 {
                 // Nothing pays now: plain steps, then probe again.
-                self.paused = PAUSE_STEPS;
+                self.pause();
                 return 1;
             }
             return k.min(self.length.max(1) * 2);
         }
         self.length
+    }
+
+    /// Plain steps for a while, then a probe that measures afresh.
+    fn pause(&mut self) {
+        self.paused = PAUSE_STEPS;
+        self.run_tokens = 0.0;
+        self.run_us = 0.0;
+    }
+
+    /// A run of speculation on a pipeline (see the module docs) gave
+    /// `tokens` in `us`.
+    pub fn timed_run(&mut self, tokens: usize, us: f64) {
+        self.run_tokens = self.run_tokens * (1.0 - RUN_DECAY) + tokens as f64;
+        self.run_us = self.run_us * (1.0 - RUN_DECAY) + us;
     }
 
     /// A plain one-token step took `us`.
@@ -215,7 +273,7 @@ impl Speculation {
             self.length = (self.length / 2).max(1);
             if self.misses >= MISSES_OFF {
                 self.misses = 0;
-                self.paused = PAUSE_STEPS;
+                self.pause();
             }
         } else {
             self.misses = 0;
@@ -295,5 +353,27 @@ mod tests {
         }
         assert!(s.length() > 0);
         assert_eq!((s.proposed, s.accepted), (12 + 3 + 1 + 1 + 1, 6));
+    }
+
+    #[test]
+    fn on_a_pipeline_runs_are_weighed_against_plain_steps() {
+        let mut s = Speculation::pipelined(0);
+        assert_eq!(s.length(), 0, "a plain step is measured first");
+        s.timed_step(10_000.0);
+        // Short chunks while runs pay.
+        assert_eq!(s.length(), PIPELINED_DRAFT_MAX);
+        s.timed_run(12, 60_000.0);
+        s.record(2, 2);
+        assert_eq!(s.length(), PIPELINED_DRAFT_MAX);
+        // Runs that give a token per trip and a half: plain steps for a
+        // while, then a fresh probe.
+        for _ in 0..4 {
+            s.timed_run(2, 30_000.0);
+        }
+        assert_eq!(s.length(), 0);
+        for _ in 0..PAUSE_STEPS {
+            assert_eq!(s.length(), 0);
+        }
+        assert_eq!(s.length(), PIPELINED_DRAFT_MAX);
     }
 }

@@ -86,6 +86,9 @@ pub(super) struct Flight {
     trips: VecDeque<Trip>,
     /// Proposals decided (proposed, accepted) since last taken.
     counts: (usize, usize),
+    /// The run of speculation going on (see `Speculation::timed_run`):
+    /// since when, and the tokens it gave so far.
+    run: Option<(Instant, usize)>,
 }
 
 impl Flight {
@@ -98,14 +101,15 @@ impl Flight {
         reach: Reach,
         known: usize,
     ) -> Flight {
-        let spec = speculate.map(Speculation::new);
+        let depth = stages.clamp(1, super::SPECULATION_DEPTH_MAX);
+        let spec = speculate.map(|k| match depth {
+            1 => Speculation::new(k),
+            _ => Speculation::pipelined(k),
+        });
         Flight {
-            depth: if spec.is_some() {
-                stages.clamp(1, super::SPECULATION_DEPTH_MAX)
-            } else {
-                1
-            },
+            depth: if spec.is_some() { depth } else { 1 },
             spec,
+            run: None,
             reach,
             pending: VecDeque::new(),
             sent_to: known,
@@ -164,6 +168,14 @@ impl Flight {
     }
 
     fn send(&mut self, position: usize, tokens: Vec<u32>, draft: usize, leads: bool) -> Chunk {
+        if leads {
+            // A trip of its own ends the run before it; one with proposals
+            // starts the next.
+            if let (Some((since, n)), Some(spec)) = (self.run.take(), &mut self.spec) {
+                spec.timed_run(n, since.elapsed().as_secs_f64() * 1e6);
+            }
+            self.run = (draft > 0).then(|| (Instant::now(), 0));
+        }
         self.pending.extend(&tokens[tokens.len() - draft..]);
         self.sent_to = position + tokens.len();
         self.trips.push_back(Trip {
@@ -204,6 +216,9 @@ impl Flight {
                     }
                 }
                 None => {}
+            }
+            if let Some((_, n)) = &mut self.run {
+                *n += 1;
             }
             Drawn::Next
         };
