@@ -20,7 +20,7 @@ fn three(dir: &Path, model: &Path) -> (Vec<NodeProc>, usize, usize) {
 
 /// Waits for a plan over all of `nodes` with two stages or more; the
 /// first stage is asked, the second hurt.
-fn pick(nodes: &mut [NodeProc]) -> (usize, usize) {
+pub(crate) fn pick(nodes: &mut [NodeProc]) -> (usize, usize) {
     let n = nodes.len();
     let s = wait_plan_with(&mut nodes[0], n, |stages| stages >= 2);
     let staged: Vec<String> = s["nodes"]
@@ -44,7 +44,7 @@ fn signal(node: &NodeProc, sig: &str) {
 }
 
 /// A pseudo-random delay in 0..max_ms, different per trial.
-fn moment(trial: u64, max_ms: u64) -> Duration {
+pub(crate) fn moment(trial: u64, max_ms: u64) -> Duration {
     let x = (trial.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
     Duration::from_millis(x % max_ms)
 }
@@ -83,7 +83,7 @@ fn a_stage_killed_mid_answer_costs_the_answer_nothing() {
 }
 
 /// The replays a node counted (`/metrics`).
-fn replays_of(node: &NodeProc) -> u64 {
+pub(crate) fn replays_of(node: &NodeProc) -> u64 {
     let metrics = node.get("/metrics");
     metrics
         .lines()
