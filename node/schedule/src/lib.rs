@@ -8,6 +8,8 @@
 //! # Layout
 //! - [`batch`]: the [`Batcher`]: continuous batching of queued chunks.
 //! - [`speculate`]: speculative decoding (prompt lookup, acceptance, adaptive length).
+//! - [`flight`]: a request's trips as its origin runs them (proposals in
+//!   flight, which draws stand).
 //! - this file: the limits and the two small decisions the batcher's
 //!   callers make (prompt chunks, micro-batch cap).
 //!
@@ -16,6 +18,7 @@
 //! axum (checked by the `dependency_edges` test).
 
 pub mod batch;
+pub mod flight;
 pub mod speculate;
 
 pub use batch::{Batcher, Next, Rows, Work};

@@ -21,10 +21,10 @@ pub const LINK_QUEUE: usize = 32;
 /// Tokens (or a failure) queued per request at its origin. The origin asks
 /// for one token at a time, or for verifications' draws (one per proposal
 /// and one more), at most one trip per stage up to
-/// [`crate::origin::SPECULATION_DEPTH_MAX`]: room for that many trips of
+/// [`schedule::flight::DEPTH_MAX`]: room for that many trips of
 /// the most proposals, and a few more.
 pub const ORIGIN_QUEUE: usize =
-    crate::origin::SPECULATION_DEPTH_MAX * (protocol::limits::DRAFT_TOKENS_MAX as usize + 1) + 8;
+    schedule::flight::DEPTH_MAX * (protocol::limits::DRAFT_TOKENS_MAX as usize + 1) + 8;
 
 /// Bytes of the first bandwidth probe: measures a slow link in well under a
 /// second (64 KiB at 1 Mbit/s is 0.5 s).

@@ -17,18 +17,14 @@ use tracing::{info, info_span, Instrument};
 use crate::shared::Shared;
 
 mod output;
-mod speculate;
 use output::{next_token, Output};
-use speculate::{Drawn, Flight};
+use schedule::flight::{Drawn, Flight, Reach};
+use schedule::speculate::prompt_lookup;
 
 /// Longest a request waits for one token: a stage that takes longer is
 /// stuck, and the client gets an error instead of a hang. Generous, since a
 /// big model on slow machines can take seconds per token.
 pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Most trips of one request's proposals in flight at once (one per stage
-/// up to this; see `speculate`).
-pub const SPECULATION_DEPTH_MAX: usize = 4;
 
 /// Recent requests kept for status.
 const RECENT_MAX: usize = 32;
@@ -312,14 +308,22 @@ impl Shared {
                     // Speculation (`--speculate`), not with a grammar (its
                     // state at the last stage would have to roll back too).
                     let speculate = self.config.speculate.filter(|_| req.constraint.is_none());
-                    let limits = speculate::Reach {
+                    let limits = Reach {
                         context: reach,
                         prompt: prompt.len(),
                         max_tokens: req.max_tokens,
                     };
-                    let mut flight = Flight::new(speculate, guard.stages, limits, tokens.len());
+                    let mut flight = Flight::new(
+                        speculate,
+                        guard.stages,
+                        limits,
+                        tokens.len(),
+                        Instant::now(),
+                    );
+                    let mut lookup = |c: &[u32], k: usize| prompt_lookup(c, k);
                     'trips: loop {
-                        while let Some(c) = flight.next_chunk(&tokens) {
+                        while let Some(c) = flight.next_chunk(&tokens, &mut lookup, Instant::now())
+                        {
                             let input = Input {
                                 request_id,
                                 position: c.position as u32,
@@ -336,7 +340,7 @@ impl Shared {
                             Ok(d) => d,
                             Err(e) => break e,
                         };
-                        match flight.drawn(id, tokens.len()) {
+                        match flight.drawn(id, tokens.len(), Instant::now()) {
                             Some(Drawn::Next) => {}
                             Some(Drawn::Void) => continue,
                             None => {

@@ -1,5 +1,6 @@
-//! A request's trips through the pipeline, as the origin sees them: what
+//! A request's trips through the pipeline, as its origin sees them: what
 //! to send next, and what each token the last stage sends back means.
+//! The origin (`cluster::origin`) and the simulator both run it.
 //!
 //! Without speculation one trip is in flight: the newest token goes in,
 //! the next comes back. With it (see `schedule::speculate`), a trip
@@ -18,16 +19,27 @@
 //! rest in flight is void: its draws are read and dropped, and the next
 //! chunk starts at that position with the token drawn (every stage drops
 //! the cache past it).
+//!
+//! Proposals come from the caller (prompt lookup on a node, a model of it
+//! in the simulator); the clock too (`now`).
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use schedule::speculate::{self, Speculation};
+use crate::speculate::Speculation;
+
+/// Most trips of one request's proposals in flight at once (one per stage
+/// up to this).
+pub const DEPTH_MAX: usize = 4;
+
+/// Where proposals come from: up to `k` tokens to follow `context` (the
+/// known tokens, then the proposals in flight).
+pub type Propose<'a> = &'a mut dyn FnMut(&[u32], usize) -> Vec<u32>;
 
 /// What the origin sends next: `tokens` at `position`, of which the last
 /// `draft` are proposals.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) struct Chunk {
+pub struct Chunk {
     pub position: usize,
     pub tokens: Vec<u32>,
     pub draft: usize,
@@ -35,7 +47,7 @@ pub(super) struct Chunk {
 
 /// What a token from the last stage is.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Drawn {
+pub enum Drawn {
     /// The request's next token.
     Next,
     /// A draw after a proposal that did not stand: dropped.
@@ -62,7 +74,7 @@ struct Trip {
 
 /// The request's limits on what may be proposed.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Reach {
+pub struct Reach {
     /// Positions the stages hold cache for.
     pub context: usize,
     /// Prompt tokens.
@@ -72,10 +84,10 @@ pub(super) struct Reach {
 }
 
 /// One request's trips: what is known, what is proposed, what is in flight.
-pub(super) struct Flight {
+pub struct Flight {
     spec: Option<Speculation>,
     /// Chunks in flight at most (one per stage, up to
-    /// [`super::SPECULATION_DEPTH_MAX`]; 1 without speculation).
+    /// [`DEPTH_MAX`]; 1 without speculation).
     depth: usize,
     reach: Reach,
     /// Proposals sent and not decided yet, in order: positions from the
@@ -95,13 +107,14 @@ impl Flight {
     /// After the prompt (`known` tokens, all sent, the last chunk sampled):
     /// `speculate` is `--speculate` (`Some(0)`: adaptive) and `stages` the
     /// pipeline's length.
-    pub(super) fn new(
+    pub fn new(
         speculate: Option<usize>,
         stages: usize,
         reach: Reach,
         known: usize,
+        now: Instant,
     ) -> Flight {
-        let depth = stages.clamp(1, super::SPECULATION_DEPTH_MAX);
+        let depth = stages.clamp(1, DEPTH_MAX);
         let spec = speculate.map(|k| match depth {
             1 => Speculation::new(k),
             _ => Speculation::pipelined(k),
@@ -121,7 +134,7 @@ impl Flight {
                 examined: false,
                 // The prompt's trip times a prefill, not a step.
                 leads: false,
-                sent: Instant::now(),
+                sent: now,
             }]),
             counts: (0, 0),
         }
@@ -137,17 +150,27 @@ impl Flight {
 
     /// The next chunk to send, if one is due; `known` are the tokens so
     /// far (prompt and generated).
-    pub(super) fn next_chunk(&mut self, known: &[u32]) -> Option<Chunk> {
+    pub fn next_chunk(
+        &mut self,
+        known: &[u32],
+        propose: Propose<'_>,
+        now: Instant,
+    ) -> Option<Chunk> {
         if self.sent_to < known.len() {
             // The newest token has not gone in: a trip of its own, with
             // proposals after it. (Nothing valid is in flight then.)
             let position = self.sent_to;
             let k = self.spec.as_mut().map_or(0, |s| s.length());
-            let drafts = speculate::prompt_lookup(known, self.room(position, k));
+            let room = self.room(position, k);
+            let drafts = if room > 0 {
+                propose(known, room)
+            } else {
+                Vec::new()
+            };
             let mut tokens = Vec::with_capacity(drafts.len() + 1);
             tokens.push(known[position]);
             tokens.extend_from_slice(&drafts);
-            return Some(self.send(position, tokens, drafts.len(), true));
+            return Some(self.send(position, tokens, drafts.len(), true, now));
         }
         let spec = self.spec.as_mut()?;
         let in_flight = self.trips.iter().filter(|t| !t.void).count();
@@ -159,22 +182,33 @@ impl Flight {
         let mut ahead = known.to_vec();
         ahead.extend(&self.pending);
         let room = self.room(self.sent_to - 1, k);
-        let drafts = speculate::prompt_lookup(&ahead, room);
+        if room == 0 {
+            return None;
+        }
+        let mut drafts = propose(&ahead, room);
+        drafts.truncate(room);
         if drafts.is_empty() {
             return None;
         }
         let n = drafts.len();
-        Some(self.send(self.sent_to, drafts, n, false))
+        Some(self.send(self.sent_to, drafts, n, false, now))
     }
 
-    fn send(&mut self, position: usize, tokens: Vec<u32>, draft: usize, leads: bool) -> Chunk {
+    fn send(
+        &mut self,
+        position: usize,
+        tokens: Vec<u32>,
+        draft: usize,
+        leads: bool,
+        now: Instant,
+    ) -> Chunk {
         if leads {
             // A trip of its own ends the run before it; one with proposals
             // starts the next.
             if let (Some((since, n)), Some(spec)) = (self.run.take(), &mut self.spec) {
-                spec.timed_run(n, since.elapsed().as_secs_f64() * 1e6);
+                spec.timed_run(n, micros(now, since));
             }
-            self.run = (draft > 0).then(|| (Instant::now(), 0));
+            self.run = (draft > 0).then_some((now, 0));
         }
         self.pending.extend(&tokens[tokens.len() - draft..]);
         self.sent_to = position + tokens.len();
@@ -185,7 +219,7 @@ impl Flight {
             void: false,
             examined: false,
             leads,
-            sent: Instant::now(),
+            sent: now,
         });
         Chunk {
             position,
@@ -197,7 +231,7 @@ impl Flight {
     /// The last stage sent `token`, drawn after the `known` tokens (or
     /// void); `None` when no draw was due (a stage that sends more than
     /// it was asked for).
-    pub(super) fn drawn(&mut self, token: u32, known: usize) -> Option<Drawn> {
+    pub fn drawn(&mut self, token: u32, known: usize, now: Instant) -> Option<Drawn> {
         let trip = self.trips.front_mut()?;
         trip.draws -= 1;
         let verdict = if trip.void {
@@ -224,13 +258,13 @@ impl Flight {
         };
         if self.trips[0].draws == 0 {
             let trip = self.trips.pop_front().expect("front");
-            self.finished(&trip);
+            self.finished(&trip, now);
         }
         Some(verdict)
     }
 
     /// Learns from a trip whose draws all came back.
-    fn finished(&mut self, trip: &Trip) {
+    fn finished(&mut self, trip: &Trip, now: Instant) {
         // A trip void from its start decided nothing.
         if !trip.examined {
             return;
@@ -240,7 +274,7 @@ impl Flight {
         let Some(spec) = &mut self.spec else {
             return;
         };
-        let us = trip.sent.elapsed().as_secs_f64() * 1e6;
+        let us = micros(now, trip.sent);
         match (trip.leads, trip.proposed) {
             // A trip of its own times a step or a verification; one of
             // proposals only waited behind the one before it.
@@ -251,14 +285,19 @@ impl Flight {
     }
 
     /// Proposals decided since the last call: (proposed, accepted).
-    pub(super) fn take_counts(&mut self) -> (usize, usize) {
+    pub fn take_counts(&mut self) -> (usize, usize) {
         std::mem::take(&mut self.counts)
     }
+}
+
+fn micros(now: Instant, since: Instant) -> f64 {
+    now.saturating_duration_since(since).as_secs_f64() * 1e6
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::speculate;
 
     const REACH: Reach = Reach {
         context: 1000,
@@ -280,7 +319,9 @@ mod tests {
             prompt,
             max_tokens: truth.len() - prompt,
         };
-        let mut f = Flight::new(speculate, stages, reach, prompt);
+        let t = Instant::now();
+        let mut f = Flight::new(speculate, stages, reach, prompt, t);
+        let mut lookup = |c: &[u32], k: usize| speculate::prompt_lookup(c, k);
         let mut known = truth[..prompt].to_vec();
         let mut sent: Vec<Chunk> = Vec::new();
         // Draws on their way back, the prompt's first.
@@ -288,7 +329,7 @@ mod tests {
         // The tokens the stages hold, by position.
         let mut inputs = known.clone();
         while known.len() < truth.len() {
-            while let Some(c) = f.next_chunk(&known) {
+            while let Some(c) = f.next_chunk(&known, &mut lookup, t) {
                 inputs.truncate(c.position);
                 inputs.extend(&c.tokens);
                 let n = protocol::draws(c.tokens.len() as u32, c.draft as u32) as usize;
@@ -299,10 +340,10 @@ mod tests {
                 }));
                 sent.push(c);
             }
-            let (p, t) = inbox.pop_front().expect("a draw in flight");
-            if f.drawn(t, known.len()).expect("a draw was due") == Drawn::Next {
-                assert_eq!((p, t), (known.len(), truth[p]), "the next token");
-                known.push(t);
+            let (p, tok) = inbox.pop_front().expect("a draw in flight");
+            if f.drawn(tok, known.len(), t).expect("a draw was due") == Drawn::Next {
+                assert_eq!((p, tok), (known.len(), truth[p]), "the next token");
+                known.push(tok);
             }
         }
         (known, sent)
@@ -331,33 +372,38 @@ mod tests {
 
     #[test]
     fn a_proposal_that_does_not_stand_voids_what_follows_it() {
-        let mut f = Flight::new(Some(2), 2, REACH, 4);
+        let t = Instant::now();
+        let mut f = Flight::new(Some(2), 2, REACH, 4, t);
+        let mut lookup = |c: &[u32], k: usize| speculate::prompt_lookup(c, k);
         let known = vec![1, 2, 1, 2];
-        assert!(matches!(f.drawn(1, 4), Some(Drawn::Next)));
+        assert!(matches!(f.drawn(1, 4, t), Some(Drawn::Next)));
         let known = [known, vec![1]].concat();
         // [1 | 2 1] at 4, then proposals only [2 1] at 7.
-        let a = f.next_chunk(&known).unwrap();
+        let a = f.next_chunk(&known, &mut lookup, t).unwrap();
         assert_eq!(
             (a.position, a.tokens.clone(), a.draft),
             (4, vec![1, 2, 1], 2)
         );
-        let b = f.next_chunk(&known).unwrap();
+        let b = f.next_chunk(&known, &mut lookup, t).unwrap();
         assert_eq!((b.position, b.tokens.clone(), b.draft), (7, vec![2, 1], 2));
-        assert!(f.next_chunk(&known).is_none(), "two stages: two chunks");
+        assert!(
+            f.next_chunk(&known, &mut lookup, t).is_none(),
+            "two stages: two chunks"
+        );
         // The draw at 5 stands (2), the one at 6 does not (7 for 1).
-        assert_eq!(f.drawn(2, 5), Some(Drawn::Next));
-        assert_eq!(f.drawn(7, 6), Some(Drawn::Next));
+        assert_eq!(f.drawn(2, 5, t), Some(Drawn::Next));
+        assert_eq!(f.drawn(7, 6, t), Some(Drawn::Next));
         // The rest of that trip and the whole next one are void.
-        assert_eq!(f.drawn(0, 7), Some(Drawn::Void));
+        assert_eq!(f.drawn(0, 7, t), Some(Drawn::Void));
         let known = [known, vec![2, 7]].concat();
-        let c = f.next_chunk(&known).unwrap();
+        let c = f.next_chunk(&known, &mut lookup, t).unwrap();
         assert_eq!(
             (c.position, c.tokens[0]),
             (6, 7),
             "the drawn token goes in at 6"
         );
-        assert_eq!(f.drawn(0, 7), Some(Drawn::Void));
-        assert_eq!(f.drawn(0, 7), Some(Drawn::Void));
+        assert_eq!(f.drawn(0, 7, t), Some(Drawn::Void));
+        assert_eq!(f.drawn(0, 7, t), Some(Drawn::Void));
         assert_eq!(f.take_counts(), (2, 1));
     }
 
@@ -372,8 +418,9 @@ mod tests {
             }
         }
         // A stage that sends more than asked for gets no say.
-        let mut f = Flight::new(None, 1, REACH, 3);
-        assert!(f.drawn(5, 3).is_some());
-        assert!(f.drawn(5, 4).is_none());
+        let t = Instant::now();
+        let mut f = Flight::new(None, 1, REACH, 3, t);
+        assert!(f.drawn(5, 3, t).is_some());
+        assert!(f.drawn(5, 4, t).is_none());
     }
 }
