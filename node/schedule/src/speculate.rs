@@ -52,9 +52,14 @@ pub const MISSES_OFF: u32 = 4;
 /// Steps a pause lasts (plain one-token steps).
 pub const PAUSE_STEPS: u32 = 32;
 
-/// Most proposals per chunk on a pipeline (see the module docs): on two
-/// loopback stages, copy prompts ran fastest with 2 (measured against 4
-/// and 8, `bench/speculative.sh`).
+/// Most proposals per chunk on a pipeline. A run of speculation ends at
+/// the first proposal that fails, however the proposals are cut into
+/// chunks, so longer chunks add tokens only where the chunks in flight
+/// (one per stage) hold fewer than a run: on two loopback stages copy
+/// prompts ran fastest with 2 (against 4 and 8, `bench/speculative.sh`),
+/// and the simulator's 70B office (4 stages, rows nearly free) did no
+/// better with lengths chosen by [`best_length`] (acceptance 0.7: 549 ms
+/// per token against 433 with 2).
 pub const PIPELINED_DRAFT_MAX: usize = 2;
 
 /// How far back prompt lookup searches, tokens (bounds its cost on long
@@ -112,6 +117,13 @@ const EWMA: f64 = 0.2;
 /// How much of the runs' sums each new run of speculation decays.
 const RUN_DECAY: f64 = 0.3;
 
+/// Steps of the first pause for runs of speculation that did not pay; it
+/// doubles each time in a row, up to [`PAUSE_STEPS`]. A pause of
+/// [`PAUSE_STEPS`] at once cost the simulator's 70B office at acceptance
+/// 0.7 half its gain (682 ms per token against 433 when judging three
+/// runs at a time, which cost free writing on the loopback pipeline 7 %).
+const PAUSE_FIRST: u32 = 4;
+
 /// One sequence's speculation state: the proposal length and its pauses.
 #[derive(Debug, Clone)]
 pub struct Speculation {
@@ -132,6 +144,10 @@ pub struct Speculation {
     /// Decayed sums of the tokens and the time (µs) of runs of speculation.
     run_tokens: f64,
     run_us: f64,
+    /// Runs timed since the last pause.
+    runs: u32,
+    /// Pauses in a row for runs that did not pay.
+    strikes: u32,
     /// Tokens proposed so far.
     pub proposed: u64,
     /// Of those, accepted.
@@ -151,6 +167,8 @@ impl Default for Speculation {
             pipelined: false,
             run_tokens: 0.0,
             run_us: 0.0,
+            runs: 0,
+            strikes: 0,
             proposed: 0,
             accepted: 0,
         }
@@ -206,10 +224,18 @@ impl Speculation {
             return 0;
         };
         if self.pipelined {
-            if self.run_tokens > 0.0 && self.run_us / self.run_tokens * GAIN_MIN > step {
-                // Runs of speculation cost more per token than plain steps.
-                self.pause();
-                return 0;
+            if self.runs > 0 {
+                if self.run_us / self.run_tokens * GAIN_MIN > step {
+                    // Runs of speculation cost more per token than plain
+                    // steps: a pause, longer each time in a row (one short
+                    // run can be luck: at acceptance 0.7 three in ten end
+                    // at their first proposal).
+                    self.strikes += 1;
+                    self.pause();
+                    self.paused = (PAUSE_FIRST << (self.strikes - 1).min(8)).min(PAUSE_STEPS);
+                    return 0;
+                }
+                self.strikes = 0;
             }
             return self.length.clamp(1, PIPELINED_DRAFT_MAX);
         }
@@ -230,6 +256,7 @@ impl Speculation {
         self.paused = PAUSE_STEPS;
         self.run_tokens = 0.0;
         self.run_us = 0.0;
+        self.runs = 0;
     }
 
     /// A run of speculation on a pipeline (see the module docs) gave
@@ -237,6 +264,7 @@ impl Speculation {
     pub fn timed_run(&mut self, tokens: usize, us: f64) {
         self.run_tokens = self.run_tokens * (1.0 - RUN_DECAY) + tokens as f64;
         self.run_us = self.run_us * (1.0 - RUN_DECAY) + us;
+        self.runs += 1;
     }
 
     /// A plain one-token step took `us`.
@@ -360,20 +388,35 @@ mod tests {
         let mut s = Speculation::pipelined(0);
         assert_eq!(s.length(), 0, "a plain step is measured first");
         s.timed_step(10_000.0);
-        // Short chunks while runs pay.
+        // Short chunks while runs pay; one poor run after good ones is luck.
         assert_eq!(s.length(), PIPELINED_DRAFT_MAX);
         s.timed_run(12, 60_000.0);
-        s.record(2, 2);
+        s.timed_run(1, 15_000.0);
         assert_eq!(s.length(), PIPELINED_DRAFT_MAX);
-        // Runs that give a token per trip and a half: plain steps for a
-        // while, then a fresh probe.
-        for _ in 0..4 {
-            s.timed_run(2, 30_000.0);
+        // Runs that cost more per token than a plain step: pauses that
+        // double while they go on, each followed by a fresh probe.
+        let mut pauses = Vec::new();
+        for _ in 0..7 {
+            for _ in 0..3 {
+                s.timed_run(1, 15_000.0);
+            }
+            let mut n = 0;
+            while s.length() == 0 {
+                n += 1;
+            }
+            pauses.push(n);
         }
-        assert_eq!(s.length(), 0);
-        for _ in 0..PAUSE_STEPS {
-            assert_eq!(s.length(), 0);
-        }
+        assert_eq!(pauses, [5, 9, 17, 33, 33, 33, 33]);
+        // A run that pays ends the doubling.
+        s.timed_run(10, 50_000.0);
         assert_eq!(s.length(), PIPELINED_DRAFT_MAX);
+        while s.length() != 0 {
+            s.timed_run(1, 15_000.0);
+        }
+        let mut n = 1;
+        while s.length() == 0 {
+            n += 1;
+        }
+        assert_eq!(n, PAUSE_FIRST + 1);
     }
 }

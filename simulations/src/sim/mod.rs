@@ -8,21 +8,23 @@
 //! [`Batcher`] and, when idle, runs the batch it picks (the first stage of a
 //! pipeline keeps one micro-batch per stage); hidden states of a batch go on
 //! in one message; the last stage samples and each token goes back to the
-//! origin, which sends it to the first stage as the next one-row chunk.
+//! origin, which sends it to the first stage as the next one-row chunk
+//! (with speculation, with proposals, more of them in flight: the
+//! origin's own `schedule::flight`).
 //!
 //! Deterministic: time is integer nanoseconds, ties break on insertion
 //! order, and the only randomness (link jitter, open-loop arrivals, prompt
 //! lengths) comes from one seeded generator.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use protocol::SeqRows;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use schedule::speculate::Speculation;
+use schedule::flight::{Chunk, Drawn, Flight, Reach};
 use schedule::{micro_batch_cap, prompt_chunks, Batcher, Next, Rows, Work};
 use sharding::planner::mib;
 use sharding::{
@@ -121,7 +123,8 @@ pub struct Load {
     pub seed: u64,
     /// Speculative decoding: the chance that each proposed token is
     /// accepted (`None`: no speculation). The proposal length adapts as on
-    /// a node (`schedule::speculate`), from the trip times it measures.
+    /// a node (`schedule::speculate`), from the times it measures, and on
+    /// a pipeline proposals go on in flight (`schedule::flight`).
     pub acceptance: Option<f64>,
 }
 

@@ -67,14 +67,42 @@ pub struct RequestLog {
     pub tokens: Vec<u64>,
 }
 
-/// A request's speculation, as its origin would run it: the proposals in
-/// flight and when they left (the trip time the length adapts to).
-#[derive(Debug, Clone)]
-struct Speculating {
-    spec: Speculation,
-    /// Proposals in the trip in flight.
-    drafts: usize,
-    sent: Ns,
+/// A request as its origin runs it (`schedule::flight`): the trips in
+/// flight and, since the simulator has no text, a model of its tokens.
+/// Token `p` is the one at position `p`; a proposal is that token with
+/// the load's acceptance rate, another one otherwise.
+struct Flying {
+    flight: Flight,
+    /// The tokens so far (prompt and generated).
+    known: Vec<u32>,
+    /// The tokens the stages hold, by position.
+    inputs: Vec<u32>,
+    /// How many of `inputs` from the start are the true tokens.
+    valid: usize,
+    /// Per chunk in flight, in order: the tokens the last stage will draw.
+    draws: VecDeque<Vec<u32>>,
+}
+
+impl Flying {
+    /// The chunk `c` goes in: the stages hold its tokens, and the last
+    /// stage will draw the true token after a true prefix, junk otherwise.
+    fn send(&mut self, c: &Chunk) -> usize {
+        self.inputs.truncate(c.position);
+        self.valid = self.valid.min(c.position);
+        self.inputs.extend(&c.tokens);
+        while self.valid < self.inputs.len() && self.inputs[self.valid] == self.valid as u32 {
+            self.valid += 1;
+        }
+        let n = protocol::draws(c.tokens.len() as u32, c.draft as u32) as usize;
+        let first = c.position + c.tokens.len() - n + 1;
+        let valid = self.valid;
+        self.draws.push_back(
+            (first..first + n)
+                .map(|p| if valid >= p { p as u32 } else { u32::MAX })
+                .collect(),
+        );
+        n
+    }
 }
 
 pub(super) struct World<'a> {
@@ -91,8 +119,8 @@ pub(super) struct World<'a> {
     link_free: HashMap<(usize, usize), (Ns, Ns)>,
     rng: StdRng,
     requests: Vec<RequestLog>,
-    /// Per request, when the load speculates.
-    speculating: HashMap<u64, Speculating>,
+    /// Per request in progress: its trips.
+    flying: HashMap<u64, Flying>,
     issued: usize,
     active: usize,
     processed: u64,
@@ -140,7 +168,7 @@ impl<'a> World<'a> {
             link_free: HashMap::new(),
             rng: StdRng::seed_from_u64(load.seed),
             requests: Vec::new(),
-            speculating: HashMap::new(),
+            flying: HashMap::new(),
             issued: 0,
             active: 0,
             processed: 0,
@@ -259,9 +287,37 @@ impl<'a> World<'a> {
         }
         let prompt = self.requests[request].prompt;
         let head = self.stages[0].node;
+        let reach = Reach {
+            context: prompt + self.load.output_tokens + 1,
+            prompt,
+            max_tokens: self.load.output_tokens,
+        };
+        // Speculation adapts as on a node: adaptive length, on a pipeline
+        // proposals in flight.
+        let speculate = self.load.acceptance.map(|_| 0);
+        let known: Vec<u32> = (0..prompt as u32).collect();
+        let flight = Flight::new(
+            speculate,
+            self.stages.len(),
+            reach,
+            prompt,
+            self.at(self.now),
+        );
+        // The prompt's last chunk draws the first token.
+        let draws = VecDeque::from([vec![prompt as u32]]);
+        self.flying.insert(
+            request as u64,
+            Flying {
+                flight,
+                inputs: known.clone(),
+                valid: prompt,
+                known,
+                draws,
+            },
+        );
         for c in prompt_chunks(prompt) {
             let land = self.send(self.entry, head, c.rows as u64 * 4 + 32);
-            let work = token_work(request as u64, c.start, c.rows, c.sample);
+            let work = token_work(request as u64, c.start, c.rows, c.sample, 0);
             self.schedule(
                 land,
                 Event::Deliver {
@@ -299,17 +355,11 @@ impl<'a> World<'a> {
             return;
         }
         let rows: usize = batch.iter().map(|w| w.seq.rows as usize).sum();
-        // A verification pass wants logits for every row it carries.
+        // A verification pass wants logits for every row it draws after.
         let sampled: usize = batch
             .iter()
             .filter(|w| w.seq.sample)
-            .map(|w| {
-                let drafts = self
-                    .speculating
-                    .get(&w.seq.request_id)
-                    .map_or(0, |s| s.drafts);
-                1 + drafts.min(w.seq.rows as usize - 1)
-            })
+            .map(|w| protocol::draws(w.seq.rows, w.seq.draft) as usize)
             .sum();
         let node = &self.cluster.nodes[stage.node];
         let us = node.pass_us(stage.layer_mib, rows) + node.pass_us(stage.head_mib, sampled);
@@ -407,55 +457,49 @@ impl<'a> World<'a> {
 
     fn tokens(&mut self, requests: Vec<u64>) {
         let head = self.stages[0].node;
+        let now = self.at(self.now);
         let mut next = Vec::new();
         for id in requests {
-            // With speculation, the trip brings the accepted proposals and
-            // the token after them.
-            let mut gained = 1;
-            let mut drafts = 0;
-            if let Some(a) = self.load.acceptance {
-                let now = self.now;
-                // The first token ends the prompt's trip: nothing to time.
-                let fresh = !self.speculating.contains_key(&id);
-                let s = self.speculating.entry(id).or_insert_with(|| Speculating {
-                    spec: Speculation::default(),
-                    drafts: 0,
-                    sent: now,
-                });
-                let trip_us = (now - s.sent) as f64 / 1e3;
-                if fresh {
-                } else if s.drafts == 0 {
-                    s.spec.timed_step(trip_us);
-                } else {
-                    let rng = &mut self.rng;
-                    let kept = (0..s.drafts)
-                        .take_while(|_| rng.random::<f64>() < a)
-                        .count();
-                    s.spec.verified(s.drafts, kept, trip_us);
-                    gained += kept;
-                }
-                drafts = s.spec.length();
-                s.sent = now;
-            }
+            // A request that ended may still have trips on their way.
+            let Some(f) = self.flying.get_mut(&id) else {
+                continue;
+            };
             let log = &mut self.requests[id as usize];
-            let left = self.load.output_tokens.saturating_sub(log.tokens.len());
-            for _ in 0..gained.min(left.max(1)) {
-                log.tokens.push(self.now);
-            }
-            let left = self.load.output_tokens.saturating_sub(log.tokens.len());
-            drafts = drafts.min(left.saturating_sub(1));
-            if let Some(s) = self.speculating.get_mut(&id) {
-                s.drafts = drafts;
+            for token in f.draws.pop_front().unwrap_or_default() {
+                if f.flight.drawn(token, f.known.len(), now) == Some(Drawn::Next) {
+                    f.known.push(token);
+                    log.tokens.push(self.now);
+                    if log.tokens.len() >= self.load.output_tokens {
+                        break;
+                    }
+                }
             }
             if log.tokens.len() >= self.load.output_tokens {
+                self.flying.remove(&id);
                 let land = self.send(self.entry, head, 16);
                 self.schedule(land, Event::End { request: id });
                 if self.load.streams.is_some() {
                     self.issue();
                 }
-            } else {
-                let position = log.prompt + log.tokens.len() - 1;
-                next.push(token_work(id, position, 1 + drafts, true));
+                continue;
+            }
+            let a = self.load.acceptance.unwrap_or(0.0);
+            let rng = &mut self.rng;
+            // Each proposal is the true token with the acceptance rate.
+            let mut propose = |context: &[u32], k: usize| -> Vec<u32> {
+                (context.len()..context.len() + k)
+                    .map(|p| {
+                        if rng.random::<f64>() < a {
+                            p as u32
+                        } else {
+                            u32::MAX - 1
+                        }
+                    })
+                    .collect()
+            };
+            while let Some(c) = f.flight.next_chunk(&f.known, &mut propose, now) {
+                f.send(&c);
+                next.push(token_work(id, c.position, c.tokens.len(), true, c.draft));
             }
         }
         if !next.is_empty() {
@@ -491,14 +535,14 @@ impl<'a> World<'a> {
     }
 }
 
-fn token_work(request: u64, position: usize, rows: usize, sample: bool) -> Work {
+fn token_work(request: u64, position: usize, rows: usize, sample: bool, draft: usize) -> Work {
     Work {
         seq: SeqRows {
             request_id: request,
             position: position as u32,
             rows: rows as u32,
             sample,
-            draft: 0,
+            draft: draft as u32,
         },
         rows: Rows::Tokens(vec![0; rows]),
     }
