@@ -45,8 +45,10 @@ pub struct NodeArgs {
     name: Option<String>,
     /// Speculative decoding by prompt lookup for the requests this node
     /// receives: the same tokens, fewer trips through the pipeline when
-    /// answers repeat text. Adapts to acceptance and the measured trip
-    /// cost (off where it does not pay); `--speculate K` always proposes K.
+    /// answers repeat text (on a pipeline, more proposals go out while
+    /// earlier ones are in flight, so every stage has work). Adapts to
+    /// what it measures (off where it does not pay); `--speculate K`
+    /// always proposes K.
     #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "0", env = "SHOAL_SPECULATE")]
     speculate: Option<usize>,
     /// No model file here: get the model from the cluster's nodes (found

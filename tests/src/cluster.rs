@@ -143,6 +143,25 @@ pub fn chromium_or_skip() -> Option<std::path::PathBuf> {
     .flatten()
 }
 
+/// Each `(node, args, prompt)` asked at once (`shoal ask`, one thread
+/// each); the answers in order, every one a success.
+pub fn ask_together(asks: &[(&NodeProc, &[&str], &str)]) -> Vec<String> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = asks
+            .iter()
+            .map(|&(node, args, prompt)| s.spawn(move || node.ask(args, prompt)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let (out, err, ok) = h.join().unwrap();
+                assert!(ok, "{err}");
+                out
+            })
+            .collect()
+    })
+}
+
 /// Waits until `node` sees `nodes` members and a plan of `stages` stages
 /// (for clusters where the model's size leaves the planner one choice).
 pub fn wait_plan(node: &mut NodeProc, nodes: usize, stages: usize) -> Value {

@@ -251,6 +251,15 @@ impl NodeProc {
         }
     }
 
+    /// The value of a sample in the node's `/metrics` (the whole name,
+    /// labels included, as the line starts), if it has one.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.get("/metrics").lines().find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.trim().parse().ok()).flatten()
+        })
+    }
+
     /// `shoal ask` with `args` and the prompt; (stdout, stderr, success).
     pub fn ask(&self, args: &[&str], prompt: &str) -> (String, String, bool) {
         let mut a = args.to_vec();

@@ -62,24 +62,12 @@ fn greedy_answers_under_concurrency_equal_one_at_a_time() {
         })
         .collect();
     for round in 0..2 {
-        let together: Vec<String> = std::thread::scope(|s| {
-            let handles: Vec<_> = asks
-                .iter()
-                .enumerate()
-                .map(|(i, (args, prompt))| {
-                    let node = &nodes[(i + round) % 2];
-                    s.spawn(move || node.ask(args, prompt))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    let (out, err, ok) = h.join().unwrap();
-                    assert!(ok, "{err}");
-                    out
-                })
-                .collect()
-        });
+        let at_once: Vec<(&NodeProc, &[&str], &str)> = asks
+            .iter()
+            .enumerate()
+            .map(|(i, (args, prompt))| (&nodes[(i + round) % 2], &args[..], prompt.as_str()))
+            .collect();
+        let together = ask_together(&at_once);
         assert_eq!(together, one_at_a_time, "round {round}");
     }
     // Every node's load reaches the others (the page's per-node tok/s).
@@ -90,15 +78,12 @@ fn greedy_answers_under_concurrency_equal_one_at_a_time() {
     });
     // The stages really ran several sequences per forward pass.
     for n in &nodes {
-        let text = n.get("/metrics");
         let value = |name: &str| -> f64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or_else(|| panic!("{name} missing in {text}"))
+            n.metric(name)
+                .unwrap_or_else(|| panic!("{name} missing in /metrics"))
         };
-        let sum = value("shoal_stage_batch_sequences_sum ");
-        let count = value("shoal_stage_batch_sequences_count ");
+        let sum = value("shoal_stage_batch_sequences_sum");
+        let count = value("shoal_stage_batch_sequences_count");
         assert!(
             sum > count,
             "no pass ran more than one sequence: {sum} / {count}"

@@ -76,24 +76,10 @@ fn speculation_in_batches_and_through_a_replay_gives_one_machines_tokens() {
         (&json, "Give a JSON object with a name and an age."),
     ];
     let want: Vec<String> = asks.iter().map(|(a, p)| run_single(&model, a, p)).collect();
+    let at_once: Vec<(&NodeProc, &[&str], &str)> =
+        asks.iter().map(|&(a, p)| (&nodes[asked], a, p)).collect();
     for round in 0..2 {
-        let got: Vec<String> = std::thread::scope(|s| {
-            let handles: Vec<_> = asks
-                .iter()
-                .map(|(a, p)| {
-                    let node = &nodes[asked];
-                    s.spawn(move || node.ask(a, p))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    let (out, err, ok) = h.join().unwrap();
-                    assert!(ok, "{err}");
-                    out
-                })
-                .collect()
-        });
+        let got = ask_together(&at_once);
         assert_eq!(got, want, "round {round}");
     }
     // A stage dies while proposals are in flight: the replay goes on from
@@ -116,15 +102,7 @@ fn speculation_in_batches_and_through_a_replay_gives_one_machines_tokens() {
 
 /// Proposals sent and accepted by the requests `node` originated.
 fn speculation_counts(node: &NodeProc) -> (u64, u64) {
-    let metrics = node.try_get("/metrics").unwrap();
-    let count = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
+    let count = |name: &str| node.metric(name).unwrap_or(0.0) as u64;
     (
         count("shoal_speculation_proposed_total"),
         count("shoal_speculation_accepted_total"),

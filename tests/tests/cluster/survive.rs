@@ -84,12 +84,7 @@ fn a_stage_killed_mid_answer_costs_the_answer_nothing() {
 
 /// The replays a node counted (`/metrics`).
 pub(crate) fn replays_of(node: &NodeProc) -> u64 {
-    let metrics = node.get("/metrics");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("shoal_replays_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0)
+    node.metric("shoal_replays_total").unwrap_or(0.0) as u64
 }
 
 #[test]
