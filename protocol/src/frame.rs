@@ -207,6 +207,7 @@ mod tests {
                         dim,
                         dtype,
                         payload,
+                        proposals: Vec::new(),
                     })
                 })
             });
@@ -390,6 +391,25 @@ mod tests {
         assert!(encode(&input(4, 2, false)).is_err());
         let over = crate::limits::DRAFT_TOKENS_MAX as usize + 1;
         assert!(encode(&input(over, over as u32, true)).is_err());
+        // Activations carry each sequence's proposals, exactly.
+        let acts = |draft: u32, proposals: Vec<u32>| {
+            Message::Activations(Activations {
+                batch: vec![SeqRows {
+                    request_id: 1,
+                    position: 9,
+                    rows: 3,
+                    sample: true,
+                    draft,
+                }],
+                dim: 1,
+                dtype: DType::F32,
+                payload: vec![0; 12],
+                proposals,
+            })
+        };
+        assert!(encode(&acts(2, vec![4, 5])).is_ok());
+        assert!(encode(&acts(2, vec![4])).is_err());
+        assert!(encode(&acts(0, vec![4])).is_err());
         assert_eq!(crate::draws(1, 0), 1);
         assert_eq!(crate::draws(5, 4), 5);
         assert_eq!(crate::draws(4, 4), 4);
@@ -428,6 +448,7 @@ mod tests {
             dim: 4,
             dtype: DType::F32,
             payload: vec![0; 31],
+            proposals: Vec::new(),
         });
         let e = encode(&bad_acts).unwrap_err();
         assert!(e.to_string().contains("needs 32"), "{e}");

@@ -480,6 +480,11 @@ pub struct Activations {
     /// raw bytes (not element by element): megabytes per step on the data plane.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    /// The proposals of each sequence with any ([`SeqRows::draft`] of
+    /// them, its last input tokens), in batch order: the last stage checks
+    /// them against its draws, and skips a chunk of proposals only that
+    /// follows one that did not stand (its origin expects nothing back).
+    pub proposals: Vec<u32>,
 }
 
 /// One sampled token.

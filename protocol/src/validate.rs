@@ -434,6 +434,8 @@ fn validate_activations(a: &Activations) -> Result<(), ValidationError> {
         drafts(s.draft, s.rows, s.sample)?;
         rows += u64::from(s.rows);
     }
+    let drafted: usize = a.batch.iter().map(|s| s.draft as usize).sum();
+    count("proposals", a.proposals.len(), drafted, drafted)?;
     let expected = rows * u64::from(a.dim) * a.dtype.size() as u64;
     if a.payload.len() > TENSOR_BYTES_MAX || expected != a.payload.len() as u64 {
         return Err(ValidationError::Payload {

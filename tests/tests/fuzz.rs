@@ -245,6 +245,7 @@ fn frames() {
             dim: 4,
             dtype: DType::F32,
             payload: vec![0; 32],
+            proposals: Vec::new(),
         }),
         Message::Input(Input {
             request_id: 1,

@@ -65,6 +65,10 @@ pub struct Work {
     pub seq: SeqRows,
     /// The rows themselves.
     pub rows: Rows,
+    /// Its proposals (`seq.draft` of them, its last input tokens), for the
+    /// last stage to check its draws against (see
+    /// `protocol::Activations::proposals`).
+    pub proposals: Vec<u32>,
 }
 
 impl Work {
@@ -87,6 +91,7 @@ impl Work {
                 ..self.seq
             },
             rows: head,
+            proposals: Vec::new(),
         };
         self.seq.position += n as u32;
         self.seq.rows -= n as u32;

@@ -16,9 +16,11 @@
 //! the next chunk while the following one works on this, as in PipeInfer
 //! (arXiv 2407.11798). A chunk stands only if every proposal before it
 //! stood; at the first token drawn that differs from its proposal the
-//! rest in flight is void: its draws are read and dropped, and the next
-//! chunk starts at that position with the token drawn (every stage drops
-//! the cache past it).
+//! rest in flight is void: the rest of that trip's draws are read and
+//! dropped, the last stage skips the trips after it (it knows the
+//! proposals and applies the same rule) and sends nothing for them, and
+//! the next chunk starts at that position with the token drawn (every
+//! stage drops the cache past it).
 //!
 //! Proposals come from the caller (prompt lookup on a node, a model of it
 //! in the simulator); the clock too (`now`).
@@ -174,7 +176,7 @@ impl Flight {
         }
         let spec = self.spec.as_mut()?;
         let in_flight = self.trips.iter().filter(|t| !t.void).count();
-        if self.pending.is_empty() || in_flight >= self.depth {
+        if self.pending.is_empty() || in_flight >= self.depth || !spec.ahead() {
             return None;
         }
         // Proposals in flight: propose what lookup would after them.
@@ -241,13 +243,15 @@ impl Flight {
             match self.pending.pop_front() {
                 Some(p) if p == token => trip.accepted += 1,
                 Some(_) => {
-                    // The proposal there did not stand: everything sent
-                    // after it is void, and the token drawn goes in next.
+                    // The proposal there did not stand: the rest of this
+                    // trip's draws are void, the trips after it are
+                    // skipped by the last stage (the same rule: see
+                    // `protocol::Activations::proposals`), and the token
+                    // drawn goes in next.
                     self.pending.clear();
                     self.sent_to = known;
-                    for t in self.trips.iter_mut() {
-                        t.void = true;
-                    }
+                    trip.void = true;
+                    self.trips.truncate(1);
                 }
                 None => {}
             }
@@ -334,10 +338,16 @@ mod tests {
                 inputs.extend(&c.tokens);
                 let n = protocol::draws(c.tokens.len() as u32, c.draft as u32) as usize;
                 let first = c.position + c.tokens.len() - n + 1;
-                inbox.extend((first..first + n).map(|p| {
-                    let good = inputs[..p] == truth[..p];
-                    (p, truth.get(p).copied().filter(|_| good).unwrap_or(9999))
-                }));
+                // The last stage skips a chunk of proposals only after a
+                // proposal that did not stand.
+                let void =
+                    c.draft == c.tokens.len() && inputs[..=c.position] != truth[..=c.position];
+                if !void {
+                    inbox.extend((first..first + n).map(|p| {
+                        let good = inputs[..p] == truth[..p];
+                        (p, truth.get(p).copied().filter(|_| good).unwrap_or(9999))
+                    }));
+                }
                 sent.push(c);
             }
             let (p, tok) = inbox.pop_front().expect("a draw in flight");
@@ -393,7 +403,8 @@ mod tests {
         // The draw at 5 stands (2), the one at 6 does not (7 for 1).
         assert_eq!(f.drawn(2, 5, t), Some(Drawn::Next));
         assert_eq!(f.drawn(7, 6, t), Some(Drawn::Next));
-        // The rest of that trip and the whole next one are void.
+        // The rest of that trip is void; the last stage sends nothing for
+        // the next one.
         assert_eq!(f.drawn(0, 7, t), Some(Drawn::Void));
         let known = [known, vec![2, 7]].concat();
         let c = f.next_chunk(&known, &mut lookup, t).unwrap();
@@ -402,9 +413,11 @@ mod tests {
             (6, 7),
             "the drawn token goes in at 6"
         );
-        assert_eq!(f.drawn(0, 7, t), Some(Drawn::Void));
-        assert_eq!(f.drawn(0, 7, t), Some(Drawn::Void));
         assert_eq!(f.take_counts(), (2, 1));
+        // What comes next is the new trip's.
+        for _ in 0..protocol::draws(c.tokens.len() as u32, c.draft as u32) {
+            assert_eq!(f.drawn(5, 7, t), Some(Drawn::Next));
+        }
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub const PAUSE_STEPS: u32 = 32;
 /// per token against 433 with 2).
 pub const PIPELINED_DRAFT_MAX: usize = 2;
 
+/// Acceptance under which proposals no longer go on in flight (see
+/// [`Speculation::ahead`]; it starts at 0.5).
+pub const AHEAD_ACCEPTANCE: f64 = 0.35;
+
 /// How far back prompt lookup searches, tokens (bounds its cost on long
 /// contexts).
 pub const LOOKUP_WINDOW: usize = 8192;
@@ -121,8 +125,9 @@ const RUN_DECAY: f64 = 0.3;
 /// doubles each time in a row, up to [`PAUSE_STEPS`]. A pause of
 /// [`PAUSE_STEPS`] at once cost the simulator's 70B office at acceptance
 /// 0.7 half its gain (682 ms per token against 433 when judging three
-/// runs at a time, which cost free writing on the loopback pipeline 7 %).
-const PAUSE_FIRST: u32 = 4;
+/// runs at a time, which cost free writing on the loopback pipeline 7 %);
+/// 4 probed free writing too often.
+const PAUSE_FIRST: u32 = 8;
 
 /// One sequence's speculation state: the proposal length and its pauses.
 #[derive(Debug, Clone)]
@@ -249,6 +254,14 @@ impl Speculation {
             return k.min(self.length.max(1) * 2);
         }
         self.length
+    }
+
+    /// Whether to send proposals on before the ones in flight are
+    /// verified: a bet that they all stand, not made once most proposals
+    /// fail (each chunk sent after a failed proposal is work for nothing,
+    /// and on machines that share cores it slows the real one).
+    pub fn ahead(&self) -> bool {
+        self.fixed.is_some() || self.acceptance >= AHEAD_ACCEPTANCE
     }
 
     /// Plain steps for a while, then a probe that measures afresh.
@@ -406,7 +419,10 @@ mod tests {
             }
             pauses.push(n);
         }
-        assert_eq!(pauses, [5, 9, 17, 33, 33, 33, 33]);
+        let want: Vec<u32> = (0..7)
+            .map(|i| (PAUSE_FIRST << i).min(PAUSE_STEPS) + 1)
+            .collect();
+        assert_eq!(pauses, want);
         // A run that pays ends the doubling.
         s.timed_run(10, 50_000.0);
         assert_eq!(s.length(), PIPELINED_DRAFT_MAX);

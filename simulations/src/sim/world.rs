@@ -85,8 +85,10 @@ struct Flying {
 
 impl Flying {
     /// The chunk `c` goes in: the stages hold its tokens, and the last
-    /// stage will draw the true token after a true prefix, junk otherwise.
-    fn send(&mut self, c: &Chunk) -> usize {
+    /// stage will draw the true token after a true prefix, junk otherwise;
+    /// false when it will skip the chunk (proposals only, after one that
+    /// did not stand: see `protocol::Activations::proposals`).
+    fn send(&mut self, c: &Chunk) -> bool {
         self.inputs.truncate(c.position);
         self.valid = self.valid.min(c.position);
         self.inputs.extend(&c.tokens);
@@ -96,12 +98,15 @@ impl Flying {
         let n = protocol::draws(c.tokens.len() as u32, c.draft as u32) as usize;
         let first = c.position + c.tokens.len() - n + 1;
         let valid = self.valid;
+        if c.draft == c.tokens.len() && valid <= c.position {
+            return false;
+        }
         self.draws.push_back(
             (first..first + n)
                 .map(|p| if valid >= p { p as u32 } else { u32::MAX })
                 .collect(),
         );
-        n
+        true
     }
 }
 
@@ -121,6 +126,8 @@ pub(super) struct World<'a> {
     requests: Vec<RequestLog>,
     /// Per request in progress: its trips.
     flying: HashMap<u64, Flying>,
+    /// Chunks (request, position) the last stage skips.
+    skipped: HashSet<(u64, u32)>,
     issued: usize,
     active: usize,
     processed: u64,
@@ -169,6 +176,7 @@ impl<'a> World<'a> {
             rng: StdRng::seed_from_u64(load.seed),
             requests: Vec::new(),
             flying: HashMap::new(),
+            skipped: HashSet::new(),
             issued: 0,
             active: 0,
             processed: 0,
@@ -350,8 +358,17 @@ impl<'a> World<'a> {
         }
         let first = s == 0;
         let seqs_max = micro_batch_cap(first, n_stages, active);
-        let batch = stage.batcher.next_batch(seqs_max, first, now);
+        let mut batch = stage.batcher.next_batch(seqs_max, first, now);
+        let picked = batch.len();
+        if s + 1 == n_stages {
+            let skipped = &mut self.skipped;
+            batch.retain(|w| !skipped.remove(&(w.seq.request_id, w.seq.position)));
+        }
         if batch.is_empty() {
+            if picked > 0 {
+                // All skipped: the next batch, as a worker's next step.
+                self.try_start(s);
+            }
             return;
         }
         let rows: usize = batch.iter().map(|w| w.seq.rows as usize).sum();
@@ -438,6 +455,7 @@ impl<'a> World<'a> {
                 .map(|seq| Work {
                     seq,
                     rows: Rows::Hidden(Vec::new()),
+                    proposals: Vec::new(),
                 })
                 .collect();
             self.schedule(land, Event::Deliver { stage: s + 1, work });
@@ -498,7 +516,9 @@ impl<'a> World<'a> {
                     .collect()
             };
             while let Some(c) = f.flight.next_chunk(&f.known, &mut propose, now) {
-                f.send(&c);
+                if !f.send(&c) {
+                    self.skipped.insert((id, c.position as u32));
+                }
                 next.push(token_work(id, c.position, c.tokens.len(), true, c.draft));
             }
         }
@@ -545,5 +565,6 @@ fn token_work(request: u64, position: usize, rows: usize, sample: bool, draft: u
             draft: draft as u32,
         },
         rows: Rows::Tokens(vec![0; rows]),
+        proposals: Vec::new(),
     }
 }

@@ -143,6 +143,8 @@ impl Worker {
                 from,
                 pick,
                 rollback_floor: None,
+                proposals: (0, Vec::new()),
+                void: false,
             },
         );
         if let Some(next) = &self.next {

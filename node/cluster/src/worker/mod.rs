@@ -138,6 +138,13 @@ struct Sequence {
     /// After a chunk with proposals ran: the lowest position the next
     /// chunk may start at (dropping the rejected proposals' cache).
     rollback_floor: Option<usize>,
+    /// Last stage: the proposals of the chunk it ran last and the position
+    /// of the first, checked against its draws.
+    proposals: (usize, Vec<u32>),
+    /// Last stage: a proposal since the last chunk with a known token did
+    /// not stand, so chunks of proposals only are void until the next one
+    /// (the origin, applying the same rule, expects nothing from them).
+    void: bool,
 }
 
 /// The running worker's state.
@@ -310,7 +317,8 @@ impl Worker {
                             sample: i.sample,
                             draft: i.draft,
                         };
-                        self.queue(seq, Rows::Tokens(i.tokens));
+                        let proposals = i.tokens[i.tokens.len() - i.draft as usize..].to_vec();
+                        self.queue(seq, Rows::Tokens(i.tokens), proposals);
                     }
                     Message::Activations(a) => self.activations(a),
                     Message::Cancel { request_id } => self.cancel(request_id),
@@ -369,7 +377,7 @@ impl Worker {
     }
 
     /// Queues a chunk of a known request.
-    fn queue(&mut self, seq: SeqRows, rows: Rows) {
+    fn queue(&mut self, seq: SeqRows, rows: Rows, proposals: Vec<u32>) {
         if !self.seqs.contains_key(&seq.request_id) {
             debug!(
                 request_id = seq.request_id,
@@ -377,17 +385,24 @@ impl Worker {
             );
             return;
         }
-        self.batcher.push(Work { seq, rows }, Instant::now());
+        let work = Work {
+            seq,
+            rows,
+            proposals,
+        };
+        self.batcher.push(work, Instant::now());
     }
 
     fn activations(&mut self, a: Activations) {
         let mut offset = 0usize;
+        let mut proposals = a.proposals.into_iter();
         for seq in a.batch {
             let n = seq.rows as usize * a.dim as usize;
             let bytes = n * a.dtype.size();
             let values = decode_payload(&a.payload[offset..offset + bytes], a.dtype);
             offset += bytes;
-            self.queue(seq, Rows::Hidden(values));
+            let mine = proposals.by_ref().take(seq.draft as usize).collect();
+            self.queue(seq, Rows::Hidden(values), mine);
         }
     }
 
@@ -400,6 +415,7 @@ impl Worker {
         };
         // One micro-batch per stage keeps a pipeline's stages all busy.
         let seqs_max = micro_batch_cap(first, self.stages, self.seqs.len());
+        let last = self.next.is_none();
         let batch = self.batcher.next_batch(seqs_max, first, Instant::now());
         let mut ready: Vec<(Work, Sequence)> = Vec::with_capacity(batch.len());
         let mut failed: Vec<(u64, RequestError)> = Vec::new();
@@ -410,24 +426,10 @@ impl Worker {
             };
             let (pos, rows) = (work.seq.position as usize, work.seq.rows as usize);
             let mut seq = seq;
-            // Speculation: a chunk may start inside the proposals of the
-            // ones before (those rejected); their cache goes.
-            if seq.rollback_floor.is_some_and(|f| f <= pos) && pos < seq.cache.len() {
-                seq.cache.truncate(pos);
-            }
-            let known = pos + rows - work.seq.draft as usize;
-            // A chunk of proposals only continues the one before it: the
-            // known tokens end where they did, and the sampler's history
-            // runs on through that chunk's draws (which are its tokens
-            // exactly when it stands).
-            if work.seq.draft < work.seq.rows {
-                seq.rollback_floor = (work.seq.draft > 0).then_some(known);
-                // The sampler's history ends at a sampled chunk's known
-                // tokens (a prompt's earlier chunks leave it alone: it
-                // holds the whole prompt from the Begin).
-                if let (Some(p), true) = (&mut seq.pick, work.seq.sample) {
-                    p.keep_history(known);
-                }
+            if !speculate::prepare(&mut seq, &work, last) {
+                // After a proposal that did not stand: nothing to run.
+                self.seqs.insert(id, seq);
+                continue;
             }
             if seq.cache.len() != pos {
                 let why = format!("request at position {pos}, {} cached", seq.cache.len());
@@ -473,11 +475,13 @@ impl Worker {
         self.cfg.metrics.batch_sequences.observe(ready.len() as f64);
         self.batcher.finished(Instant::now());
         let order: Vec<SeqRows> = ready.iter().map(|(w, _)| w.seq).collect();
+        let mut proposals = Vec::new();
         for (work, seq) in ready {
             self.seqs.insert(work.seq.request_id, seq);
+            proposals.push(work.proposals);
         }
         match result {
-            Ok(out) => self.send_output(out, order),
+            Ok(out) => self.send_output(out, order, proposals),
             Err(engine::PassError::ContextFull { needed, max }) => {
                 let full = RequestError::ContextFull {
                     needed: needed as u32,
@@ -493,7 +497,7 @@ impl Worker {
 
     /// Hidden states go on to the next stage in one message; sampled
     /// tokens go to their origins, one message per origin.
-    fn send_output(&mut self, out: StageOutput, order: Vec<SeqRows>) {
+    fn send_output(&mut self, out: StageOutput, order: Vec<SeqRows>, proposals: Vec<Vec<u32>>) {
         match (out, self.next.clone()) {
             (StageOutput::Hidden(h), Some(next)) => {
                 match hidden_message(&h, order.clone(), self.cfg.dtype) {
@@ -507,6 +511,7 @@ impl Worker {
                             self.fail(id, self.stage_error(why));
                         }
                         if let Some(mut m) = m {
+                            speculate::attach(&mut m, &order, proposals);
                             lie_in_activations(&mut m);
                             self.out.send(&next, m);
                         }
@@ -567,6 +572,7 @@ mod admit;
 mod guard;
 mod pass;
 mod pick;
+mod speculate;
 use guard::{fault_panics, lie_in_activations, panic_text, Verdict};
 pub use pass::{decode_payload, encode_payload};
 use pass::{hidden_message, run_batch};

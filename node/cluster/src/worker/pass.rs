@@ -97,6 +97,7 @@ fn activations(batch: Vec<SeqRows>, dim: usize, values: &[f32], dtype: DType) ->
         dim: dim as u32,
         dtype,
         payload: encode_payload(values, dtype),
+        proposals: Vec::new(),
     })
 }
 

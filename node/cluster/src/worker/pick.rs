@@ -35,6 +35,11 @@ impl Pick {
         self.history.truncate(len);
     }
 
+    /// The token drawn (or given in the prompt) at `position`, if any.
+    pub(super) fn drawn_at(&self, position: usize) -> Option<u32> {
+        self.history.get(position).copied()
+    }
+
     /// Draws the next token from a row of logits.
     pub(super) fn next(&mut self, mut logits: Vec<f32>) -> Result<Drawn, GrammarError> {
         if let Some(g) = &mut self.guide {
@@ -137,6 +142,7 @@ impl Worker {
                 }
             };
             let position = s.position + ahead;
+            super::speculate::check(seq, position as usize, token);
             let to = match by_origin.iter_mut().find(|(o, _)| *o == seq.origin) {
                 Some((_, t)) => t,
                 None => {

@@ -10,6 +10,7 @@ fn decode(id: u64, pos: u32) -> Work {
             draft: 0,
         },
         rows: Rows::Tokens(vec![id as u32]),
+        proposals: Vec::new(),
     }
 }
 
@@ -23,6 +24,7 @@ fn prompt(id: u64, n: u32) -> Work {
             draft: 0,
         },
         rows: Rows::Tokens((0..n).collect()),
+        proposals: Vec::new(),
     }
 }
 
@@ -110,6 +112,7 @@ fn hidden_rows_are_cut_with_their_values() {
             draft: 0,
         },
         rows: Rows::Hidden((0..300 * dim).map(|v| v as f32).collect()),
+        proposals: Vec::new(),
     };
     b.push(w, now);
     let first = b.next_batch(64, false, now);
@@ -192,6 +195,7 @@ fn tokens_and_hidden_rows_never_share_a_pass() {
                 draft: 0,
             },
             rows: Rows::Hidden(vec![0.0; 4]),
+            proposals: Vec::new(),
         },
         now,
     );
