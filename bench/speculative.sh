@@ -12,7 +12,10 @@ REPS=${REPS:-3}
 source "$(dirname "$0")/setup.sh"
 source "$(dirname "$0")/nodes.sh"
 
-# Three pipelines: plain, adaptive speculation, always 4 proposals.
+# Two pipelines: adaptive speculation (and, per request with
+# --no-speculate, plain: the same nodes and the same split of layers, which
+# each pipeline's calibration would otherwise choose on its own), and
+# always 4 proposals.
 start_pipe() {  # name port [args...]
   local name=$1 port=$2; shift 2
   node "$name" "$port" 1 --plan-for throughput "$@"
@@ -20,7 +23,6 @@ start_pipe() {  # name port [args...]
   for _ in $(seq 100); do [ "$(stages "$port")" = 2 ] && break; sleep 0.1; done
   [ "$(stages "$port")" = 2 ] || { echo "pipeline $name did not form"; exit 1; }
 }
-start_pipe plain 18281
 start_pipe adaptive 18283 --speculate
 start_pipe fixed 18285 --speculate 4
 
@@ -51,9 +53,9 @@ free=(
 "What are three good habits for learning a new language?"
 )
 
-ask() {  # port prompt -> "tok/s<TAB>answer-hash"
-  local out err
-  out=$("$shoal" ask --node "http://127.0.0.1:$1" --temp 0 -n "$GEN" -v "$2" 2>"$work/err")
+ask() {  # port prompt [ask flags] -> "tok/s<TAB>answer-hash"
+  local out err port=$1 prompt=$2; shift 2
+  out=$("$shoal" ask --node "http://127.0.0.1:$port" --temp 0 -n "$GEN" -v "$@" "$prompt" 2>"$work/err")
   err=$(sed -n 's/.*gen [0-9]* tok, \([0-9.]*\) tok\/s.*/\1/p' "$work/err")
   printf '%s\t%s\n' "$err" "$(printf '%s' "$out" | sha1sum | cut -c1-12)"
 }
@@ -61,14 +63,14 @@ llama_tg() {
   "$llama/llama-bench" -m "$model" -t 1 -p 0 -n "$GEN" -r 1 -o json "$@" 2>/dev/null \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["avg_ts"])'
 }
-ask 18281 "warm up" >/dev/null; ask 18283 "warm up" >/dev/null; ask 18285 "warm up" >/dev/null
+ask 18283 "warm up" >/dev/null; ask 18285 "warm up" >/dev/null
 for r in $(seq "$REPS"); do
   for set in copy free; do
     declare -n prompts=$set
     for i in "${!prompts[@]}"; do
-      for cfg in plain:18281 adaptive:18283 fixed:18285; do
-        echo "$set $i ${cfg%%:*} $(ask "${cfg##*:}" "${prompts[$i]}")" >> "$work/results"
-      done
+      echo "$set $i plain $(ask 18283 "${prompts[$i]}" --no-speculate)" >> "$work/results"
+      echo "$set $i adaptive $(ask 18283 "${prompts[$i]}")" >> "$work/results"
+      echo "$set $i fixed $(ask 18285 "${prompts[$i]}")" >> "$work/results"
     done
   done
   echo "rpc - rpc $(llama_tg --rpc 127.0.0.1:50162,127.0.0.1:50163 -ngl 99) -" >> "$work/results"
@@ -90,5 +92,13 @@ for s in ("copy", "free"):
         m = med[(s, cfg)]
         print(f"  {s:<5} {cfg:<9} {m:7.1f}   x{m/p:.2f} vs plain   x{m/rpc:.2f} vs llama.cpp RPC")
 print(f"  llama.cpp RPC, 2 rpc-servers x 1 thread {rpc:7.1f}")
+per = {}
+for s, i, cfg, ts, h in rows:
+    if s != "rpc":
+        per.setdefault((s, int(i), cfg), []).append(float(ts))
+print("  per prompt (median tok/s): plain / adaptive / fixed")
+for s, i in sorted({(k[0], k[1]) for k in per}):
+    m = [statistics.median(per[(s, i, c)]) for c in ("plain", "adaptive", "fixed")]
+    print(f"    {s} {i}: {m[0]:6.1f} / {m[1]:6.1f} / {m[2]:6.1f}")
 print("  answers identical with and without speculation:", "yes" if same else "NO")
 PY

@@ -35,6 +35,10 @@ pub struct AskArgs {
     /// the answer must follow.
     #[arg(long, value_name = "json|SCHEMA.json")]
     format: Option<String>,
+    /// No speculative decoding for this request, whatever the node's
+    /// `--speculate` (the same tokens either way: for comparing speeds).
+    #[arg(long)]
+    no_speculate: bool,
     /// File holding the node's API key, if it has one (or SHOAL_API_KEY).
     #[arg(long)]
     api_key_file: Option<std::path::PathBuf>,
@@ -95,6 +99,9 @@ pub fn main(args: AskArgs) -> anyhow::Result<()> {
     body["context"] = serde_json::json!(args.ctx);
     if let Some(f) = &args.format {
         body["format"] = crate::common::format_of(f)?;
+    }
+    if args.no_speculate {
+        body["speculate"] = false.into();
     }
     let key = crate::common::api_key(args.api_key.as_deref(), args.api_key_file.as_deref())?;
     stream_answer(&args.node, key.as_deref(), &body, args.verbose)

@@ -354,6 +354,7 @@ fn ask_request(asked: Asked, style: ToolStyle) -> Result<AskRequest, Response> {
         constraint: asked.tools.constraint(style).or(asked.format),
         tools: asked.tools.shown(),
         logprobs: None,
+        speculate: true,
     })
 }
 

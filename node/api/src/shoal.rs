@@ -51,6 +51,14 @@ pub struct GenerateBody {
     /// `"json"` (any JSON object) or a JSON schema the answer follows.
     #[serde(default)]
     pub format: Option<serde_json::Value>,
+    /// `false`: no speculative decoding for this request (the node's
+    /// `--speculate` otherwise).
+    #[serde(default = "yes")]
+    pub speculate: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub(crate) async fn generate(
@@ -128,6 +136,7 @@ fn ask_request(b: GenerateBody) -> Result<AskRequest, String> {
         tools: Vec::new(),
         constraint,
         logprobs: None,
+        speculate: b.speculate,
     })
 }
 

@@ -39,6 +39,13 @@ fn speculation_through_two_nodes_gives_one_machines_tokens() {
             assert_eq!(got, want, "{settings:?} {prompt}");
         }
     }
+    // A request may opt out: same answer, nothing proposed for it.
+    let before = speculation_counts(&nodes[0]);
+    let greedy = ["--temp", "0", "-n", "48"];
+    let (got, err, ok) = nodes[0].ask(&[&greedy[..], &["--no-speculate"]].concat(), CODE);
+    assert!(ok, "{err}");
+    assert_eq!(got, run_single(&model, &greedy, CODE));
+    assert_eq!(speculation_counts(&nodes[0]), before, "it speculated");
     // Always 8 proposals, on the poem too (which an adaptive length would
     // mostly not speculate on): a share stands, not most.
     let (proposed, accepted) = speculation_counts(&nodes[0]);

@@ -284,6 +284,7 @@ fn ask_request(
         tools: asked.tools.shown(),
         constraint,
         logprobs: asked.logprobs,
+        speculate: true,
     };
     let stream = c.stream.then(|| {
         c.stream_options

@@ -84,6 +84,9 @@ pub struct AskRequest {
     /// Log-probabilities with each token: `Some(n)` for the token's own
     /// and the `n` most likely ones'.
     pub logprobs: Option<u8>,
+    /// Whether it may speculate (when the node does: `--speculate`); the
+    /// tokens are the same either way.
+    pub speculate: bool,
 }
 
 /// A request's input.
@@ -307,7 +310,10 @@ impl Shared {
                 Ok((mut rx, guard)) => {
                     // Speculation (`--speculate`), not with a grammar (its
                     // state at the last stage would have to roll back too).
-                    let speculate = self.config.speculate.filter(|_| req.constraint.is_none());
+                    let speculate = self
+                        .config
+                        .speculate
+                        .filter(|_| req.speculate && req.constraint.is_none());
                     let limits = Reach {
                         context: reach,
                         prompt: prompt.len(),
