@@ -65,10 +65,9 @@ struct Trip {
     proposed: usize,
     /// Of those, stood so far.
     accepted: usize,
-    /// A proposal before it (or in it) did not stand: its draws are void.
+    /// A proposal in it did not stand: its draws after that are void.
+    /// (The trips after it are dropped: the last stage skips them.)
     void: bool,
-    /// A draw of it was read before it went void: it decided something.
-    examined: bool,
     /// It carried a known token (a trip of its own, timed from `sent`).
     leads: bool,
     sent: Instant,
@@ -98,8 +97,9 @@ pub struct Flight {
     /// Rows sent that stand or may: positions below this.
     sent_to: usize,
     trips: VecDeque<Trip>,
-    /// Proposals decided (proposed, accepted) since last taken.
-    counts: (usize, usize),
+    /// The speculation's (proposed, accepted) totals at the last
+    /// [`Flight::take_counts`].
+    reported: (u64, u64),
     /// The run of speculation going on (see `Speculation::timed_run`):
     /// since when, and the tokens it gave so far.
     run: Option<(Instant, usize)>,
@@ -133,12 +133,11 @@ impl Flight {
                 proposed: 0,
                 accepted: 0,
                 void: false,
-                examined: false,
                 // The prompt's trip times a prefill, not a step.
                 leads: false,
                 sent: now,
             }]),
-            counts: (0, 0),
+            reported: (0, 0),
         }
     }
 
@@ -219,7 +218,6 @@ impl Flight {
             proposed: draft,
             accepted: 0,
             void: false,
-            examined: false,
             leads,
             sent: now,
         });
@@ -239,7 +237,6 @@ impl Flight {
         let verdict = if trip.void {
             Drawn::Void
         } else {
-            trip.examined = true;
             match self.pending.pop_front() {
                 Some(p) if p == token => trip.accepted += 1,
                 Some(_) => {
@@ -269,12 +266,6 @@ impl Flight {
 
     /// Learns from a trip whose draws all came back.
     fn finished(&mut self, trip: &Trip, now: Instant) {
-        // A trip void from its start decided nothing.
-        if !trip.examined {
-            return;
-        }
-        self.counts.0 += trip.proposed;
-        self.counts.1 += trip.accepted;
         let Some(spec) = &mut self.spec else {
             return;
         };
@@ -290,7 +281,12 @@ impl Flight {
 
     /// Proposals decided since the last call: (proposed, accepted).
     pub fn take_counts(&mut self) -> (usize, usize) {
-        std::mem::take(&mut self.counts)
+        let Some(spec) = &self.spec else {
+            return (0, 0);
+        };
+        let (was, now) = (self.reported, (spec.proposed, spec.accepted));
+        self.reported = now;
+        ((now.0 - was.0) as usize, (now.1 - was.1) as usize)
     }
 }
 

@@ -122,11 +122,12 @@ const EWMA: f64 = 0.2;
 const RUN_DECAY: f64 = 0.3;
 
 /// Steps of the first pause for runs of speculation that did not pay; it
-/// doubles each time in a row, up to [`PAUSE_STEPS`]. A pause of
-/// [`PAUSE_STEPS`] at once cost the simulator's 70B office at acceptance
-/// 0.7 half its gain (682 ms per token against 433 when judging three
-/// runs at a time, which cost free writing on the loopback pipeline 7 %);
-/// 4 probed free writing too often.
+/// doubles each time in a row, up to [`PAUSE_STEPS`]. Pausing
+/// [`PAUSE_STEPS`] at once after one run cost the simulator's 70B office
+/// at acceptance 0.7 half its gain (682 ms per token, against 433 when
+/// three runs were judged together, which in turn cost free writing on
+/// the loopback pipeline 7 %); a first pause of 4 probed free writing too
+/// often.
 const PAUSE_FIRST: u32 = 8;
 
 /// One sequence's speculation state: the proposal length and its pauses.
@@ -244,7 +245,7 @@ impl Speculation {
             }
             return self.length.clamp(1, PIPELINED_DRAFT_MAX);
         }
-        if let (Some(step), Some(row)) = (self.step_us, self.row_us) {
+        if let Some(row) = self.row_us {
             let (k, _) = best_length(self.acceptance, row / step);
             if k == 0 {
                 // Nothing pays now: plain steps, then probe again.

@@ -421,11 +421,10 @@ impl Worker {
         let mut failed: Vec<(u64, RequestError)> = Vec::new();
         for work in batch {
             let id = work.seq.request_id;
-            let Some(seq) = self.seqs.remove(&id) else {
+            let Some(mut seq) = self.seqs.remove(&id) else {
                 continue;
             };
             let (pos, rows) = (work.seq.position as usize, work.seq.rows as usize);
-            let mut seq = seq;
             if !speculate::prepare(&mut seq, &work, last) {
                 // After a proposal that did not stand: nothing to run.
                 self.seqs.insert(id, seq);
