@@ -34,6 +34,9 @@ pub(super) unsafe fn dot_rows<const R: usize>(
         }
         (_, KShape::PerBlock | KShape::PerPair) => unreachable!("{ty:?} is never repacked"),
         (NativeType::Q4_K | NativeType::Q5_K, _) => q45k(ty, w, acts, out, tiled),
+        (NativeType::Q6_K, KShape::Lanes) if super::gemv512::available() => {
+            super::gemv512::q6k_row(w, acts, out)
+        }
         (NativeType::Q6_K | NativeType::Q3_K, _) => q36k(ty, w, acts, out, tiled),
         _ => unreachable!("{ty:?} is not a K type"),
     }

@@ -16,12 +16,15 @@
 //! - `scalar`, `kquant`: the portable kernels, the definition of the bits
 //!   (and the path on CPUs without AVX2 and on other architectures).
 //! - `avx2`, `kavx2`: the x86 kernels, selected at run time; `krows8`
-//!   the K kernels' eight-rows-side-by-side forms.
+//!   the K kernels' eight-rows-side-by-side forms; `gemv512` the decode
+//!   shapes of Q4_K and Q6_K with AVX-512 VNNI.
 //! - `family`: which arithmetic family runs (from the CPU, or forced).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod family;
+#[cfg(target_arch = "x86_64")]
+mod gemv512;
 #[cfg(target_arch = "x86_64")]
 mod kavx2;
 mod kquant;
@@ -301,6 +304,20 @@ trait ActBlock: Sized + Sync {
         None
     }
 
+    /// Weight rows `0..8` of `w8` (rows of `row_bytes`) against `R`
+    /// activation rows at once, where a kernel does that for `ty` in
+    /// `shape`; `false` if none does (the caller goes row by row).
+    fn dot_rows8<const R: usize>(
+        _ty: NativeType,
+        _w8: &[u8],
+        _row_bytes: usize,
+        _acts: &[&[Self]; R],
+        _out: &mut [[f32; 8]; R],
+        _shape: KShape,
+    ) -> bool {
+        false
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn dot_rows<const R: usize>(
         use_avx2: bool,
@@ -370,6 +387,26 @@ impl ActBlock for BlockQ8 {
 }
 
 impl ActBlock for BlockQ8K {
+    #[inline]
+    fn dot_rows8<const R: usize>(
+        ty: NativeType,
+        w8: &[u8],
+        row_bytes: usize,
+        acts: &[&[Self]; R],
+        out: &mut [[f32; 8]; R],
+        shape: KShape,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if ty == NativeType::Q4_K && shape == KShape::PerBlock && gemv512::available() {
+            // SAFETY: checked by `available`; `w8` holds eight rows of
+            // `acts[r].len()` blocks (`matmul_blocks`).
+            unsafe { gemv512::q4k_rows8(w8, row_bytes, acts, out) };
+            return true;
+        }
+        let _ = (ty, w8, row_bytes, acts, out, shape);
+        false
+    }
+
     #[inline]
     fn dot_rows<const R: usize>(
         use_avx2: bool,
@@ -458,7 +495,43 @@ fn matmul_blocks<B: ActBlock>(
                 _ => 1,
             };
             let shape = KShape::of(w.ty, w.n, t, r);
-            for j in weight_rows.clone() {
+            // Decode (one to three rows): eight weight rows at a time
+            // where a kernel takes them so.
+            let mut first = weight_rows.start;
+            if take < 4 && use_avx2 {
+                while first + 8 <= weight_rows.end {
+                    let w8 = &w.bytes[first * row_bytes..(first + 8) * row_bytes];
+                    let mut vals = [[0f32; 8]; 2];
+                    let done = if take == 2 {
+                        B::dot_rows8(
+                            w.ty,
+                            w8,
+                            row_bytes,
+                            &[rows[r], rows[r + 1]],
+                            &mut vals,
+                            shape,
+                        )
+                    } else {
+                        let mut one = [[0f32; 8]; 1];
+                        let done = B::dot_rows8(w.ty, w8, row_bytes, &[rows[r]], &mut one, shape);
+                        vals[0] = one[0];
+                        done
+                    };
+                    if !done {
+                        break;
+                    }
+                    for (i, row) in vals.iter().take(take).enumerate() {
+                        for (c, v) in row.iter().enumerate() {
+                            // SAFETY: as below.
+                            unsafe {
+                                *dst.ptr.add((r + i) * dst.stride + dst.col + first + c) = *v
+                            };
+                        }
+                    }
+                    first += 8;
+                }
+            }
+            for j in first..weight_rows.end {
                 let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
                 let mut vals = [0f32; ACT_ROWS_PER_PASS];
                 match take {
