@@ -17,12 +17,15 @@
 //!   (and the path on CPUs without AVX2 and on other architectures).
 //! - `avx2`, `kavx2`: the x86 kernels, selected at run time; `krows8`
 //!   the K kernels' eight-rows-side-by-side forms; `gemv512` the decode
-//!   shapes of Q4_K and Q6_K with AVX-512 VNNI.
+//!   shapes of Q4_K and Q6_K with AVX-512 VNNI, `gemm512` their prompt
+//!   shapes (activations interleaved sixteen rows to a vector).
 //! - `family`: which arithmetic family runs (from the CPU, or forced).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod family;
+#[cfg(target_arch = "x86_64")]
+mod gemm512;
 #[cfg(target_arch = "x86_64")]
 mod gemv512;
 #[cfg(target_arch = "x86_64")]
@@ -279,7 +282,17 @@ pub fn matmul(
     col: usize,
 ) {
     if w.ty.is_k() {
-        matmul_blocks(w, &acts.q8k, out, out_stride, col)
+        // Prompt-sized batches of Q4_K/Q6_K: the first rows through the
+        // AVX-512 gemm, the rest (a tail under four rows) row by row.
+        #[cfg(target_arch = "x86_64")]
+        let done = gemm512::matmul(w, &acts.q8k, out, out_stride, col);
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = 0;
+        let bpr = w.k / QK_K;
+        if done * bpr < acts.q8k.len() {
+            let rest = &mut out[done * out_stride..];
+            matmul_blocks(w, &acts.q8k[done * bpr..], rest, out_stride, col)
+        }
     } else {
         matmul_blocks(w, &acts.q8, out, out_stride, col)
     }

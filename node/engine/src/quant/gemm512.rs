@@ -1,0 +1,253 @@
+//! Prompt-shaped K products (many activation rows) with AVX-512 VNNI:
+//! Q4_K (llama.cpp's repacked gemm order, [`KShape::PerPair`]) and Q6_K
+//! (its tiled order, [`KShape::Tiled`]), from the file's layout.
+//!
+//! The weights stay as the file has them; the *activations* are
+//! interleaved instead (they are quantized for each product anyway): for
+//! sixteen rows, each four consecutive bytes of every row side by side, so
+//! one `vpdpbusd` multiplies four weights (broadcast) by the same four
+//! positions of sixteen rows and lane `r` is row `r`'s running sum. No
+//! horizontal reduction is left, and each sub-block's float steps are one
+//! vector operation for sixteen rows. The integer sums are exact and each
+//! lane takes its row's float steps in the definition's order, so the
+//! output is bit for bit [`super::kquant`]'s.
+//!
+//! [`KShape::PerPair`]: super::KShape::PerPair
+//! [`KShape::Tiled`]: super::KShape::Tiled
+
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+use super::kquant::{BlockQ8K, KShape, QK_K, TILED_BATCH_MIN};
+use super::{NativeType, OutPtr, WeightView};
+
+/// Activation rows per interleaved group (the lanes of a 512-bit vector).
+const LANES: usize = 16;
+
+/// Weight rows per parallel task: enough work per task (each row meets
+/// every group) that rayon's cost vanishes, few enough that a 1536-row
+/// projection still splits over the cores.
+const ROWS_PER_TASK: usize = 16;
+
+/// One super-block of sixteen activation rows, interleaved.
+#[repr(C, align(64))]
+struct Group {
+    /// `qs[q]`: bytes `4q..4q+4` of row 0, then of row 1, … row 15.
+    qs: [[i8; 64]; QK_K / 4],
+    /// Each row's scale (0 for rows past the batch).
+    d: [f32; LANES],
+    /// Q4_K: per pair of sub-blocks `p`, each row's two 32-element sums
+    /// side by side (`[row][2]` as i16).
+    bsum32: [[i16; 2 * LANES]; 4],
+    /// Q6_K: each row's `Σ_s scale_s · bsum16_s` is not known without the
+    /// weights, so the sixteen 16-element sums, `[s][row]` as i32.
+    bsum16: [[i32; LANES]; 16],
+}
+
+/// Interleaves activation rows (`bpr` super-blocks each) in groups of
+/// sixteen: `[group][super-block]`.
+fn interleave(rows: &[&[BlockQ8K]], bpr: usize) -> Vec<Group> {
+    let n_groups = rows.len().div_ceil(LANES);
+    let mut out = Vec::with_capacity(n_groups * bpr);
+    for g in 0..n_groups {
+        let members = &rows[g * LANES..((g + 1) * LANES).min(rows.len())];
+        for i in 0..bpr {
+            let mut grp = Group {
+                qs: [[0; 64]; QK_K / 4],
+                d: [0.0; LANES],
+                bsum32: [[0; 2 * LANES]; 4],
+                bsum16: [[0; LANES]; 16],
+            };
+            for (r, row) in members.iter().enumerate() {
+                let y = &row[i];
+                for (q, quad) in grp.qs.iter_mut().enumerate() {
+                    quad[4 * r..4 * r + 4].copy_from_slice(&y.qs[4 * q..4 * q + 4]);
+                }
+                grp.d[r] = y.d;
+                for p in 0..4 {
+                    grp.bsum32[p][2 * r] = (y.bsum32(2 * p)) as i16;
+                    grp.bsum32[p][2 * r + 1] = (y.bsum32(2 * p + 1)) as i16;
+                }
+                for s in 0..16 {
+                    grp.bsum16[s][r] = y.bsums[s] as i32;
+                }
+            }
+            out.push(grp);
+        }
+    }
+    out
+}
+
+/// Runs the rows of `acts` (`t` rows) that this module's kernels take, from
+/// the first: returns how many (0 where it takes none; the caller does
+/// the rest).
+pub(super) fn matmul(
+    w: WeightView<'_>,
+    acts: &[BlockQ8K],
+    out: &mut [f32],
+    out_stride: usize,
+    col: usize,
+) -> usize {
+    if !super::gemv512::available() || !super::simd_available() {
+        return 0;
+    }
+    let bpr = w.k / QK_K;
+    let t = acts.len() / bpr;
+    let take = match w.ty {
+        NativeType::Q4_K if KShape::of(w.ty, w.n, t, 0) == KShape::PerPair => t - t % 4,
+        NativeType::Q6_K if t >= TILED_BATCH_MIN => t,
+        _ => 0,
+    };
+    if take == 0 {
+        return 0;
+    }
+    let row_bytes = bpr * w.ty.block_bytes();
+    let rows: Vec<&[BlockQ8K]> = acts.chunks_exact(bpr).take(take).collect();
+    let groups = interleave(&rows, bpr);
+    let dst = OutPtr {
+        ptr: out.as_mut_ptr(),
+        stride: out_stride,
+        col,
+    };
+    let q6 = w.ty == NativeType::Q6_K;
+    (0..w.n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|task| {
+            let dst = &dst;
+            let mut lanes = [0f32; LANES];
+            for (g, group) in groups.chunks_exact(bpr).enumerate() {
+                let live = (take - g * LANES).min(LANES);
+                for j in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(w.n) {
+                    let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
+                    // SAFETY: `available` checked above; `wrow` holds
+                    // `bpr` blocks, `group` `bpr` super-blocks.
+                    unsafe {
+                        if q6 {
+                            q6k_tiled(wrow, group, &mut lanes)
+                        } else {
+                            q4k_pairs(wrow, group, &mut lanes)
+                        }
+                    }
+                    for (r, v) in lanes.iter().take(live).enumerate() {
+                        // SAFETY: row `g·16 + r` < t and column `col + j`
+                        // < stride (asserted by the caller); each column
+                        // is written by the one task that owns row `j`.
+                        unsafe { *dst.ptr.add((g * LANES + r) * dst.stride + dst.col + j) = *v };
+                    }
+                }
+            }
+        });
+    take
+}
+
+/// `Σ` over the 4-byte quads `first..first + n` of `codes` (unsigned, 0..63)
+/// times the group's activations, per row lane.
+#[inline(always)]
+unsafe fn quads(codes: *const u8, grp: &Group, first: usize, n: usize) -> __m512i {
+    let mut acc = _mm512_setzero_si512();
+    for q in first..first + n {
+        let wq = _mm512_set1_epi32((codes.add(4 * q) as *const i32).read_unaligned());
+        let a = _mm512_load_si512(grp.qs[q].as_ptr() as *const _);
+        acc = _mm512_dpbusd_epi32(acc, wq, a);
+    }
+    acc
+}
+
+/// Repacked Q4_K's gemm order for sixteen rows: per pair of sub-blocks,
+/// the exact sums, one FMA with `d·d_a` and one with `dmin·d_a`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4k_pairs(w: &[u8], groups: &[Group], out: &mut [f32; LANES]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = _mm512_setzero_ps();
+    let mut acc_min = _mm512_setzero_ps();
+    let mut codes = [0u8; QK_K];
+    for (i, grp) in groups.iter().enumerate() {
+        let blk = w.as_ptr().add(i * 144);
+        let (sc, mn) = super::kquant::scales_mins(&w[i * 144 + 4..i * 144 + 16]);
+        let wd = f16_at(blk);
+        let wmin = f16_at(blk.add(2));
+        for p in 0..4 {
+            let raw = _mm256_loadu_si256(blk.add(16 + 32 * p) as *const _);
+            let c = codes.as_mut_ptr().add(64 * p);
+            _mm256_storeu_si256(c as *mut _, _mm256_and_si256(raw, m4));
+            _mm256_storeu_si256(
+                c.add(32) as *mut _,
+                _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4),
+            );
+        }
+        let yd = _mm512_load_ps(grp.d.as_ptr());
+        let (wdyd, wmyd) = (
+            _mm512_mul_ps(_mm512_set1_ps(wd), yd),
+            _mm512_mul_ps(_mm512_set1_ps(wmin), yd),
+        );
+        for p in 0..4 {
+            let lo = quads(codes.as_ptr(), grp, 16 * p, 8);
+            let hi = quads(codes.as_ptr(), grp, 16 * p + 8, 8);
+            let s = _mm512_add_epi32(
+                _mm512_mullo_epi32(lo, _mm512_set1_epi32(sc[2 * p])),
+                _mm512_mullo_epi32(hi, _mm512_set1_epi32(sc[2 * p + 1])),
+            );
+            let pair_mins = (mn[2 * p] & 0xFFFF) | (mn[2 * p + 1] << 16);
+            let m = _mm512_madd_epi16(
+                _mm512_load_si512(grp.bsum32[p].as_ptr() as *const _),
+                _mm512_set1_epi32(pair_mins),
+            );
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), wdyd, acc);
+            acc_min = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), wmyd, acc_min);
+        }
+    }
+    _mm512_storeu_ps(out.as_mut_ptr(), _mm512_sub_ps(acc, acc_min));
+}
+
+/// Q6_K in ggml's tiled order for sixteen rows: per super-block the exact
+/// `Σ scale·(q − 32)·a`, times `d`, then one FMA with `d_a`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6k_tiled(w: &[u8], groups: &[Group], out: &mut [f32; LANES]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(0x30);
+    let mut sum = _mm512_setzero_ps();
+    let mut codes = [0u8; QK_K];
+    for (i, grp) in groups.iter().enumerate() {
+        let p = w.as_ptr().add(i * 210);
+        for j in 0..2 {
+            let ql1 = _mm256_loadu_si256(p.add(64 * j) as *const _);
+            let ql2 = _mm256_loadu_si256(p.add(64 * j + 32) as *const _);
+            let qh = _mm256_loadu_si256(p.add(128 + 32 * j) as *const _);
+            let c = codes.as_mut_ptr().add(128 * j);
+            let parts = [
+                (_mm256_and_si256(ql1, m4), _mm256_slli_epi16(qh, 4)),
+                (_mm256_and_si256(ql2, m4), _mm256_slli_epi16(qh, 2)),
+                (_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), qh),
+                (
+                    _mm256_and_si256(_mm256_srli_epi16(ql2, 4), m4),
+                    _mm256_srli_epi16(qh, 2),
+                ),
+            ];
+            for (k, (low, high)) in parts.into_iter().enumerate() {
+                let v = _mm256_or_si256(low, _mm256_and_si256(high, m2));
+                _mm256_storeu_si256(c.add(32 * k) as *mut _, v);
+            }
+        }
+        let mut s = _mm512_setzero_si512();
+        for sub in 0..16 {
+            let scale = *p.add(192 + sub) as i8 as i32;
+            let dot = quads(codes.as_ptr(), grp, 4 * sub, 4);
+            let bsum = _mm512_load_si512(grp.bsum16[sub].as_ptr() as *const _);
+            let centred = _mm512_sub_epi32(dot, _mm512_slli_epi32(bsum, 5));
+            s = _mm512_add_epi32(s, _mm512_mullo_epi32(centred, _mm512_set1_epi32(scale)));
+        }
+        let wd = f16_at(p.add(208));
+        let r = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(wd));
+        sum = _mm512_fmadd_ps(r, _mm512_load_ps(grp.d.as_ptr()), sum);
+    }
+    _mm512_storeu_ps(out.as_mut_ptr(), sum);
+}
+
+/// The f16 at `p` as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
