@@ -11,5 +11,15 @@ else
 fi
 cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
 model=${1:-$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
-[ -f "$model" ] || "$shoal" run --no-template -n 1 --temp 0 "hi" >/dev/null  # fetches the default model
+[ -f "$model" ] || [ -n "${1:-}" ] || "$shoal" run --no-template -n 1 --temp 0 "hi" >/dev/null  # fetches the default model
+# A model's name (qwen2.5-coder:1.5b): fetched on first use, then its path.
+if [ ! -f "$model" ]; then
+  "$shoal" run -m "$model" --no-template -n 1 --temp 0 "hi" >/dev/null
+  model=$("$shoal" list --json | python3 -c "import json,sys
+want=sys.argv[1].removesuffix(':latest').lower()
+for l in sys.stdin:
+    e=json.loads(l)
+    if e['name'].lower()==want: print(e['path']); break" "$model")
+  [ -f "$model" ] || { echo "no model file for ${1}" >&2; exit 1; }
+fi
 llama=$("$root/../shared/peers/llama-cpp.sh")
