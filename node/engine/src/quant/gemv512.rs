@@ -135,7 +135,7 @@ pub(super) unsafe fn q4k_rows8<const R: usize>(
             // The same block of the next eight rows: this visits eight
             // rows' blocks in turn, an order the hardware prefetchers do
             // not follow (without it the loads stalled half the time).
-            let ahead = blk.wrapping_add(8 * row_bytes);
+            let ahead = blk.wrapping_add(16 * row_bytes);
             _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(143) as *const i8);
