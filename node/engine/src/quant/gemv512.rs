@@ -40,6 +40,9 @@ pub(super) fn available() -> bool {
     })
 }
 
+/// How far ahead Q6_K's row walk prefetches.
+const Q6K_PREFETCH_BYTES: usize = 2048;
+
 /// Byte offset of `qs` in a [`BlockQ8K`] (after the f32 scale).
 const Q8K_QS: usize = 4;
 
@@ -208,6 +211,10 @@ pub(super) unsafe fn q6k_row<const R: usize>(
     let mut acc = [_mm256_setzero_ps(); R];
     for i in 0..nb {
         let p = w.as_ptr().add(i * 210);
+        let ahead = p.wrapping_add(Q6K_PREFETCH_BYTES);
+        for line in [0, 64, 128, 192] {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+        }
         let wd = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
             (p.add(208) as *const u16).read_unaligned() as i32,
         )));
