@@ -27,10 +27,25 @@ mkdir -p "$dir"
 source "$here/nodes.sh"
 results="$work/results"
 
-rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+# Peak resident memory of a process so far (VmHWM), MiB.
+rss_mib() { awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+# "RSS/share" MiB of each node of the plan, in pipeline order: resident
+# memory beside the weights its layers hold (bench/gguf_share.py).
+node_memory() {  # first-port; pids by port in $port_pid
+  "$shoal" status --node "http://127.0.0.1:$1" --json | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+n = max(x["layers"][1] for x in s["nodes"] if x["layers"])
+for x in sorted((x for x in s["nodes"] if x["layers"]), key=lambda x: x["layers"][0]):
+    a, b = x["layers"]
+    print(x["http"].rsplit(":", 1)[1], a, b, int(a == 0), int(b == n))' |
+  while read -r port a b first last; do
+    printf '%s/%s ' "$(rss_mib "${port_pid[$port]}")" "$(python3 "$here/gguf_share.py" "$model" "$a" "$b" "$first" "$last")"
+  done
+}
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 bench_ts() {  # avg tokens/s of a llama-bench-shaped JSON on stdin
-  python3 -c 'import json,sys; print(f"{json.load(sys.stdin)[0][\"avg_ts\"]:.2f}")'
+  python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)[0]["avg_ts"])'
 }
 
 for shape in $SHAPES; do
@@ -58,11 +73,12 @@ for shape in $SHAPES; do
     bytes=$(stat -c %s "$model")
     cap="$(( (bytes / n + bytes / n / 4) / 1048576 + 200 ))M"   # share + 25% + KV
     base=$((18300 + 10 * n))
+    declare -A port_pid=()
     node "ladder$n" "$base" 1 --plan-for throughput --max-memory "$cap"
-    ports=("$base")
+    port_pid[$base]=${pids[-1]}
     for i in $(seq 2 "$n"); do
       node "ladder$n" $((base + i - 1)) 1 --plan-for throughput --max-memory "$cap" --peer "$(addr "$base")"
-      ports+=($((base + i - 1)))
+      port_pid[$((base + i - 1))]=${pids[-1]}
     done
     for _ in $(seq 600); do [ "$(stages "$base")" = "$n" ] && break; sleep 0.5; done
     [ "$(stages "$base")" = "$n" ] || { echo "no $n-stage plan"; "$shoal" status --node "http://127.0.0.1:$base"; exit 1; }
@@ -72,8 +88,7 @@ for shape in $SHAPES; do
     }
     ask >/dev/null
     s=$(ask)
-    rss=""
-    for pid in "${pids[@]: -$n}"; do rss+="$(rss_mib "$pid") "; done
+    rss=$(node_memory "$base")
     "$shoal" status --node "http://127.0.0.1:$base" | sed -n 3p
     # Stop this pipeline before llama.cpp runs (same cores).
     kill "${pids[@]: -$n}"; wait "${pids[@]: -$n}" 2>/dev/null || true
@@ -87,10 +102,10 @@ for shape in $SHAPES; do
     sleep 1
     l=$("$llama/llama-bench" -m "$model" -t 1 -p 0 -n "$TG" -r 1 -o json --rpc "$(IFS=,; echo "${servers[*]}")" -ngl 99 2>/dev/null | bench_ts)
     lrss=""
-    for pid in "${rpc_pids[@]}"; do lrss+="$(rss_mib "$pid") "; done
+    for pid in "${rpc_pids[@]}"; do lrss+="$(rss_mib "$pid") "; done   # peak, while it served
     kill "${rpc_pids[@]}"; wait "${rpc_pids[@]}" 2>/dev/null || true
     echo "$shape | $n nodes x 1 thread, decode | tg$TG | $s | $l | $(ratio "$s" "$l")" | tee -a "$results"
-    echo "$shape | $n nodes, RSS per node MiB (share $((bytes / n / 1048576))) | | ${rss% } | ${lrss% } |" | tee -a "$results"
+    echo "$shape | $n nodes, peak RSS MiB per node (shoal: RSS/share, pipeline order) | | ${rss% } | ${lrss% } |" | tee -a "$results"
   done
 done
 echo

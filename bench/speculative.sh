@@ -6,9 +6,11 @@
 # interleaved. Greedy: the answers are checked identical with and without.
 #
 #   bench/speculative.sh [MODEL.gguf]          GEN=128 REPS=3 bench/speculative.sh
+#   SETS="code free" bench/speculative.sh qwen2.5-coder:1.5b   # code-edit chats
 set -euo pipefail
 GEN=${GEN:-128}
 REPS=${REPS:-3}
+SETS=${SETS:-"copy free"}
 source "$(dirname "$0")/setup.sh"
 source "$(dirname "$0")/nodes.sh"
 
@@ -47,6 +49,40 @@ def div(a, b):
 "Repeat this paragraph exactly, then stop: The committee met on Tuesday to review the budget. The committee agreed that the budget for next year should stay the same as this year, and that any new spending must be approved by the whole committee."
 "Fix the spelling in this text and return it whole: The quick brwon fox jumpd over the lazy dog. The dog was not amused, and the fox ran awy into the forrest before the farmer came."
 )
+# Code-edit chats: the whole code back with one change.
+code=(
+"Rename the variable \`tmp\` to \`total\` in this function and return the whole function:
+
+def summarize(values):
+    tmp = 0
+    for v in values:
+        tmp += v
+    avg = tmp / len(values)
+    return tmp, avg"
+"Add type hints to this Python function and return the whole code:
+
+def merge(left, right):
+    result = []
+    i = j = 0
+    while i < len(left) and j < len(right):
+        if left[i] <= right[j]:
+            result.append(left[i])
+            i += 1
+        else:
+            result.append(right[j])
+            j += 1
+    result.extend(left[i:])
+    result.extend(right[j:])
+    return result"
+"Fix the bug in this function (it should return the largest value) and return the whole code:
+
+def largest(values):
+    best = values[0]
+    for v in values:
+        if v < best:
+            best = v
+    return best"
+)
 free=(
 "Write a short story about a lighthouse keeper."
 "Explain how photosynthesis works."
@@ -65,7 +101,7 @@ llama_tg() {
 }
 ask 18283 "warm up" >/dev/null; ask 18285 "warm up" >/dev/null
 for r in $(seq "$REPS"); do
-  for set in copy free; do
+  for set in $SETS; do
     declare -n prompts=$set
     for i in "${!prompts[@]}"; do
       echo "$set $i plain $(ask 18283 "${prompts[$i]}" --no-speculate)" >> "$work/results"
@@ -86,7 +122,7 @@ same = all(len(set.union(*v.values())) == 1 for k, v in hashes.items() if k[0] !
 med = {k: statistics.median(v) for k, v in rate.items()}
 rpc = med[("rpc", "rpc")]
 print(f"decode, {sys.argv[2]} tokens, greedy, median over prompts x {sys.argv[3]} rounds (tok/s):")
-for s in ("copy", "free"):
+for s in sorted({k[0] for k in med if k[0] != "rpc"}):
     p = med[(s, "plain")]
     for cfg in ("plain", "adaptive", "fixed"):
         m = med[(s, cfg)]
