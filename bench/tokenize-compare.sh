@@ -9,13 +9,18 @@ source "$(dirname "$0")/setup.sh" "${1:-qwen2.5-coder:1.5b}"
 text=${2:-}
 if [ -z "$text" ]; then
   text=$(mktemp)
-  trap 'rm -f "$text"' EXIT
+  tmp_text=$text
   cat /usr/share/common-licenses/{GPL-3,Apache-2.0,MPL-2.0} > "$text"
   py=$(python3 -c 'import json, os; print(os.path.dirname(json.__file__))')
   cat "$py"/{__init__,decoder,encoder}.py >> "$text"
 fi
-ours=$("$shoal" tokenize -m "$model" "$(cat "$text")")
-theirs=$("$llama/llama-tokenize" -m "$model" -f "$text" --ids --log-disable 2>/dev/null)
+# The text as an argument loses its trailing newlines: give llama.cpp the same.
+trimmed=$(mktemp)
+trap 'rm -f "$trimmed" "${tmp_text:-}"' EXIT
+printf '%s' "$(cat "$text")" > "$trimmed"
+ours=$("$shoal" tokenize -m "$model" "$(cat "$trimmed")")
+# --no-escape: llama-tokenize otherwise turns \" and \n in the text into " and a newline.
+theirs=$("$llama/llama-tokenize" -m "$model" -f "$trimmed" --ids --no-escape --log-disable 2>/dev/null)
 python3 - "$ours" "$theirs" "$(wc -c < "$text")" <<'PY'
 import ast, json, sys
 a, b, size = json.loads(sys.argv[1]), ast.literal_eval(sys.argv[2]), sys.argv[3]
