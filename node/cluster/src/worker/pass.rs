@@ -39,13 +39,13 @@ pub(super) fn run_batch(
     let mut seqs: Vec<BatchSeq<'_>> = ready
         .iter_mut()
         .map(|(w, s)| {
-            // Proposals to verify want logits at each of their positions.
-            let logits = if w.seq.draft > 0 {
-                LogitsFor::All
+            // Proposals to verify want logits at each of their positions,
+            // each the bits a one-token step would give.
+            if w.seq.draft > 0 {
+                BatchSeq::new(&mut s.cache, w.seq.rows as usize, LogitsFor::All).as_steps()
             } else {
-                LogitsFor::Last
-            };
-            BatchSeq::new(&mut s.cache, w.seq.rows as usize, logits)
+                BatchSeq::new(&mut s.cache, w.seq.rows as usize, LogitsFor::Last)
+            }
         })
         .collect();
     stage.forward_batch(input, &mut seqs)

@@ -22,6 +22,7 @@ use crate::attention::{self, AttnShape};
 use crate::ggml_ops;
 use crate::kv_cache::KvCache;
 use crate::linear::{Embedding, LinearGroup, WeightBytes};
+use crate::quant;
 use crate::{LoadError, PassError};
 
 mod attend;
@@ -125,6 +126,10 @@ pub struct BatchSeq<'a> {
     pub rows: usize,
     /// Which of its rows the last stage turns into logits.
     pub logits: LogitsFor,
+    /// Each row summed as a one-row step of its own (tokens to verify: their
+    /// logits must be the bits decoding them one by one would give, and the
+    /// K types sum a row of a chunk in another order than a lone row).
+    pub steps: bool,
 }
 
 impl<'a> BatchSeq<'a> {
@@ -134,6 +139,23 @@ impl<'a> BatchSeq<'a> {
             cache,
             rows,
             logits,
+            steps: false,
+        }
+    }
+
+    /// The same, its rows summed as one-row steps ([`BatchSeq::steps`]).
+    pub fn as_steps(mut self) -> Self {
+        self.steps = true;
+        self
+    }
+
+    /// The row groups of this sequence a product sums as one chunk each:
+    /// `n` rows as one chunk, or as `n` one-row steps.
+    fn chunks(&self, n: usize, out: &mut Vec<usize>) {
+        if self.steps {
+            out.extend(std::iter::repeat_n(1, n));
+        } else {
+            out.push(n);
         }
     }
 }
@@ -316,10 +338,18 @@ impl Stage {
             ),
             None => None,
         };
+        // Each sequence's rows summed as its chunk alone would be (the K
+        // types' float order depends on the rows of a product).
+        let mut rows = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            s.chunks(s.rows, &mut rows);
+        }
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
             let _span = trace_span!("layer", index = self.layers.start + i).entered();
-            x = self.block_forward(block, &x, i, seqs, steps.as_deref())?;
+            x = quant::with_sequence_rows(&rows, || {
+                self.block_forward(block, &x, i, seqs, steps.as_deref())
+            })?;
         }
         for s in seqs.iter_mut() {
             s.cache.advance(s.rows);
@@ -346,7 +376,15 @@ impl Stage {
             }
         };
         let x = self.rms_norm(&x, &head.norm)?;
-        let logits = head.output.forward_one(&x)?;
+        let mut head_rows = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            let n = match s.logits {
+                LogitsFor::Last => 1,
+                LogitsFor::All => s.rows,
+            };
+            s.chunks(n, &mut head_rows);
+        }
+        let logits = quant::with_sequence_rows(&head_rows, || head.output.forward_one(&x))?;
         all_finite(&logits, "logits")?;
         Ok(StageOutput::Logits(match self.config.final_softcap {
             // ggml: scale by 1/cap, tanh, scale by cap.

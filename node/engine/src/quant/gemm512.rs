@@ -86,37 +86,45 @@ fn interleave(rows: &[&[BlockQ8K]], bpr: usize) -> Vec<Group> {
         .collect()
 }
 
-/// Runs the rows of `acts` (`t` rows) that this module's kernels take, from
-/// the first: returns how many (0 where it takes none; the caller does
-/// the rest).
-pub(super) fn matmul(
+/// Whether this module's kernels take `n_rows` rows of shape `shape` of a
+/// product of `w` on this CPU.
+pub(super) fn takes(w: WeightView<'_>, shape: KShape, n_rows: usize) -> bool {
+    let fits = match (w.ty, shape) {
+        (NativeType::Q4_K, KShape::PerPair) => true,
+        // Tiled rows come eight or more at a time; fewer go row by row.
+        (NativeType::Q6_K, KShape::Tiled) => n_rows >= TILED_BATCH_MIN,
+        _ => false,
+    };
+    fits && super::gemv512::available() && super::simd_available()
+}
+
+/// Rows `rows` of `acts` (`w.k / 256` blocks each) times `w`, into the
+/// same rows of `out` (see [`takes`]).
+pub(super) fn matmul_rows(
     w: WeightView<'_>,
     acts: &[BlockQ8K],
+    rows: &[usize],
     out: &mut [f32],
     out_stride: usize,
     col: usize,
-) -> usize {
-    if !super::gemv512::available() || !super::simd_available() {
-        return 0;
-    }
+) {
     let bpr = w.k / QK_K;
-    let t = acts.len() / bpr;
-    let take = match w.ty {
-        NativeType::Q4_K if KShape::of(w.ty, w.n, t, 0) == KShape::PerPair => t - t % 4,
-        NativeType::Q6_K if t >= TILED_BATCH_MIN => t,
-        _ => 0,
-    };
-    if take == 0 {
-        return 0;
-    }
     let row_bytes = bpr * w.ty.block_bytes();
-    let rows: Vec<&[BlockQ8K]> = acts.chunks_exact(bpr).take(take).collect();
-    let groups = interleave(&rows, bpr);
+    let picked: Vec<&[BlockQ8K]> = rows
+        .iter()
+        .map(|&r| &acts[r * bpr..(r + 1) * bpr])
+        .collect();
+    let take = picked.len();
+    let groups = interleave(&picked, bpr);
     let dst = OutPtr {
         ptr: out.as_mut_ptr(),
         stride: out_stride,
         col,
     };
+    assert!(
+        rows.iter().all(|&r| (r + 1) * out_stride <= out.len()) && col + w.n <= out_stride,
+        "output shape"
+    );
     let q6 = w.ty == NativeType::Q6_K;
     (0..w.n.div_ceil(ROWS_PER_TASK))
         .into_par_iter()
@@ -135,7 +143,7 @@ pub(super) fn matmul(
                         1
                     };
                     let wrows = &w.bytes[j * row_bytes..(j + n) * row_bytes];
-                    // SAFETY: `available` checked above; `wrows` holds `n`
+                    // SAFETY: `takes` checked the CPU; `wrows` holds `n`
                     // rows of `bpr` blocks, `group` `bpr` super-blocks.
                     unsafe {
                         let mut one = [[0f32; LANES]; 1];
@@ -151,10 +159,11 @@ pub(super) fn matmul(
                     }
                     for (v, row) in lanes.iter().take(n).enumerate() {
                         for (r, x) in row.iter().take(live).enumerate() {
-                            // SAFETY: row `g·16 + r` < t and column `col +
-                            // j + v` < stride (asserted by the caller); each
-                            // column is written by the one task that owns it.
-                            let at = (g * LANES + r) * dst.stride + dst.col + j + v;
+                            // SAFETY: output row `rows[g·16 + r]` and column
+                            // `col + j + v` are inside `out` (asserted
+                            // above); each column is written by the one
+                            // task that owns it.
+                            let at = rows[g * LANES + r] * dst.stride + dst.col + j + v;
                             unsafe { *dst.ptr.add(at) = *x };
                         }
                     }
@@ -162,7 +171,6 @@ pub(super) fn matmul(
                 }
             }
         });
-    take
 }
 
 /// `Σ` over the 4-byte quads `first..first + n` of each of `W` rows'

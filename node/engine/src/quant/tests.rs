@@ -161,3 +161,44 @@ fn activation_quantization_matches_ggml_definition() {
     let s: i16 = k[0].qs[..16].iter().map(|&q| q as i16).sum();
     assert_eq!(k[0].bsums[0], s);
 }
+
+/// A row's bits depend only on its own sequence's rows: five one-row
+/// sequences batched (Q4_K would sum the first four per pair of
+/// sub-blocks as a 5-row chunk), and a 9-row chunk beside two single rows
+/// (Q6_K would go tiled for all eleven), each equal to its sequence alone.
+#[test]
+fn batched_rows_sum_as_their_own_sequence() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for ty in [NativeType::Q4_K, NativeType::Q6_K, NativeType::Q5_K] {
+        let (n, k) = (64, 512);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let bytes = quantize_weights(ty, &w, k);
+        let view = WeightView {
+            ty,
+            bytes: &bytes,
+            n,
+            k,
+        };
+        for seqs in [vec![1usize, 1, 1, 1, 1], vec![9, 1, 1], vec![2, 4, 1, 8]] {
+            let t: usize = seqs.iter().sum();
+            let x: Vec<f32> = (0..t * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let acts = Activations::new(&x, k, false, true);
+            let mut batched = vec![0f32; t * n];
+            with_sequence_rows(&seqs, || matmul(view, &acts, &mut batched, n, 0));
+            let mut start = 0;
+            for &len in &seqs {
+                let alone_acts = Activations::new(&x[start * k..(start + len) * k], k, false, true);
+                let mut alone = vec![0f32; len * n];
+                matmul(view, &alone_acts, &mut alone, n, 0);
+                let got = &batched[start * n..(start + len) * n];
+                assert!(
+                    got.iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty:?} {seqs:?}: a sequence of {len} rows differs batched"
+                );
+                start += len;
+            }
+        }
+    }
+}
