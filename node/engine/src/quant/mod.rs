@@ -20,6 +20,8 @@
 //!   shapes of Q4_K and Q6_K with AVX-512 VNNI, `gemm512` their prompt
 //!   shapes (activations interleaved sixteen rows to a vector).
 //! - `family`: which arithmetic family runs (from the CPU, or forced).
+//! - `rows`: which float order each row of a K product takes (its own
+//!   sequence's, not the batch's), and the products grouped by it.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -33,9 +35,11 @@ mod kavx2;
 mod kquant;
 #[cfg(target_arch = "x86_64")]
 mod krows8;
+mod rows;
 mod scalar;
 
 pub use family::{avx512_cpu, force_arithmetic, kernels, simd_available, Kernels};
+pub use rows::with_sequence_rows;
 
 pub use kquant::{BlockQ8K, KShape, QK_K};
 use rayon::prelude::*;
@@ -282,88 +286,9 @@ pub fn matmul(
     col: usize,
 ) {
     if w.ty.is_k() {
-        matmul_k(w, &acts.q8k, out, out_stride, col)
+        rows::matmul_k(w, &acts.q8k, out, out_stride, col)
     } else {
         matmul_blocks(w, &acts.q8, out, out_stride, col, None)
-    }
-}
-
-thread_local! {
-    /// The rows of each sequence of the pass this thread is running (see
-    /// [`with_sequence_rows`]).
-    static SEQUENCE_ROWS: std::cell::RefCell<Option<Vec<usize>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Runs `f` with the products on this thread summing each row as its own
-/// sequence's chunk alone would: `rows[s]` consecutive rows per sequence.
-///
-/// The K types' float order depends on the batch (see [`KShape`]): without
-/// this, a row of a batch of several sequences was summed as row `r` of
-/// `Σ rows` (a decode row beside a prompt chunk took the prompt's order),
-/// so batching could change a sequence's bits. A product whose row count
-/// is not `Σ rows` (an expert's share of the rows) keeps the batch's order.
-pub fn with_sequence_rows<T>(rows: &[usize], f: impl FnOnce() -> T) -> T {
-    let before = SEQUENCE_ROWS.with(|c| c.replace(Some(rows.to_vec())));
-    let out = f();
-    SEQUENCE_ROWS.with(|c| *c.borrow_mut() = before);
-    out
-}
-
-/// The shape of each of `t` rows of a `ty` product of `n` outputs.
-fn row_shapes(ty: NativeType, n: usize, t: usize) -> Vec<KShape> {
-    let seqs = SEQUENCE_ROWS.with(|c| c.borrow().clone());
-    match seqs {
-        Some(seqs) if seqs.iter().sum::<usize>() == t => seqs
-            .iter()
-            .flat_map(|&len| (0..len).map(move |i| KShape::of(ty, n, len, i)))
-            .collect(),
-        _ => (0..t).map(|r| KShape::of(ty, n, t, r)).collect(),
-    }
-}
-
-/// A K-type product: the rows grouped by their shape, each group through
-/// the kernel of that shape (the AVX-512 gemm for prompt shapes where the
-/// CPU has it), so each row's bits depend only on its own shape.
-fn matmul_k(w: WeightView<'_>, acts: &[BlockQ8K], out: &mut [f32], out_stride: usize, col: usize) {
-    let bpr = w.k / QK_K;
-    assert!(
-        bpr > 0 && acts.len().is_multiple_of(bpr),
-        "activation shape"
-    );
-    let t = acts.len() / bpr;
-    let shapes = row_shapes(w.ty, w.n, t);
-    let mut kinds: Vec<KShape> = Vec::new();
-    for s in &shapes {
-        if !kinds.contains(s) {
-            kinds.push(*s);
-        }
-    }
-    for shape in kinds {
-        let rows: Vec<usize> = (0..t).filter(|&r| shapes[r] == shape).collect();
-        #[cfg(target_arch = "x86_64")]
-        if gemm512::takes(w, shape, rows.len()) {
-            gemm512::matmul_rows(w, acts, &rows, out, out_stride, col);
-            continue;
-        }
-        let (first, last) = (rows[0], rows[rows.len() - 1]);
-        if last - first + 1 == rows.len() {
-            // Consecutive rows (every single-sequence pass): in place.
-            let a = &acts[first * bpr..(last + 1) * bpr];
-            let o = &mut out[first * out_stride..];
-            matmul_blocks(w, a, o, out_stride, col, Some(shape));
-            continue;
-        }
-        let gathered: Vec<BlockQ8K> = rows
-            .iter()
-            .flat_map(|&r| acts[r * bpr..(r + 1) * bpr].iter().copied())
-            .collect();
-        let mut tmp = vec![0f32; rows.len() * w.n];
-        matmul_blocks(w, &gathered, &mut tmp, w.n, 0, Some(shape));
-        for (i, &r) in rows.iter().enumerate() {
-            out[r * out_stride + col..r * out_stride + col + w.n]
-                .copy_from_slice(&tmp[i * w.n..(i + 1) * w.n]);
-        }
     }
 }
 
@@ -512,8 +437,8 @@ impl ActBlock for BlockQ8K {
     }
 }
 
-/// `shape`: every row's (K types, from [`matmul_k`]); `None`: each row's
-/// from its place in the batch.
+/// `shape`: every row's (K types, from [`rows::matmul_k`]); `None`: each
+/// row's from its place in the batch.
 fn matmul_blocks<B: ActBlock>(
     w: WeightView<'_>,
     acts: &[B],
