@@ -507,40 +507,19 @@ fn matmul_blocks<B: ActBlock>(
             let shape = shape.unwrap_or_else(|| KShape::of(w.ty, w.n, t, r));
             // Decode (one to three rows): eight weight rows at a time
             // where a kernel takes them so.
-            let mut first = weight_rows.start;
-            if take < 4 && use_avx2 {
-                while first + 8 <= weight_rows.end {
-                    let w8 = &w.bytes[first * row_bytes..(first + 8) * row_bytes];
-                    let mut vals = [[0f32; 8]; 2];
-                    let done = if take == 2 {
-                        B::dot_rows8(
-                            w.ty,
-                            w8,
-                            row_bytes,
-                            &[rows[r], rows[r + 1]],
-                            &mut vals,
-                            shape,
-                        )
-                    } else {
-                        let mut one = [[0f32; 8]; 1];
-                        let done = B::dot_rows8(w.ty, w8, row_bytes, &[rows[r]], &mut one, shape);
-                        vals[0] = one[0];
-                        done
-                    };
-                    if !done {
-                        break;
-                    }
-                    for (i, row) in vals.iter().take(take).enumerate() {
-                        for (c, v) in row.iter().enumerate() {
-                            // SAFETY: as below.
-                            unsafe {
-                                *dst.ptr.add((r + i) * dst.stride + dst.col + first + c) = *v
-                            };
-                        }
-                    }
-                    first += 8;
-                }
-            }
+            let first = if take < 4 && use_avx2 {
+                rows::decode_rows8(
+                    w,
+                    row_bytes,
+                    &rows[r..r + take],
+                    weight_rows.clone(),
+                    shape,
+                    dst,
+                    r,
+                )
+            } else {
+                weight_rows.start
+            };
             for j in first..weight_rows.end {
                 let wrow = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
                 let mut vals = [0f32; ACT_ROWS_PER_PASS];

@@ -1,5 +1,5 @@
 //! Which float order each row of a K-type product takes, and the product
-//! run row group by row group.
+//! run row group by row group; the decode rows' eight-weight-row walk.
 //!
 //! llama.cpp picks a K product's summation order from the batch (see
 //! [`KShape`]); shoal follows it per *sequence*: each row is summed as its
@@ -9,7 +9,7 @@
 #[cfg(target_arch = "x86_64")]
 use super::gemm512;
 use super::kquant::{BlockQ8K, KShape, QK_K};
-use super::{matmul_blocks, NativeType, WeightView};
+use super::{matmul_blocks, ActBlock, NativeType, OutPtr, WeightView};
 
 thread_local! {
     /// The rows of each sequence of the pass this thread is running (see
@@ -94,4 +94,45 @@ pub(super) fn matmul_k(
                 .copy_from_slice(&tmp[i * w.n..(i + 1) * w.n]);
         }
     }
+}
+
+/// One or two activation rows (`acts`, batch rows `r..`) against the
+/// weight rows `weight_rows`, eight weight rows at a time where a kernel
+/// takes them so ([`ActBlock::dot_rows8`]); returns the first weight row
+/// left for the caller (all of them where no kernel does).
+pub(super) fn decode_rows8<B: ActBlock>(
+    w: WeightView<'_>,
+    row_bytes: usize,
+    acts: &[&[B]],
+    weight_rows: std::ops::Range<usize>,
+    shape: KShape,
+    dst: &OutPtr,
+    r: usize,
+) -> usize {
+    let mut first = weight_rows.start;
+    while first + 8 <= weight_rows.end {
+        let w8 = &w.bytes[first * row_bytes..(first + 8) * row_bytes];
+        let mut vals = [[0f32; 8]; 2];
+        let done = if let [a, b] = acts {
+            B::dot_rows8(w.ty, w8, row_bytes, &[*a, *b], &mut vals, shape)
+        } else {
+            let mut one = [[0f32; 8]; 1];
+            let done = B::dot_rows8(w.ty, w8, row_bytes, &[acts[0]], &mut one, shape);
+            vals[0] = one[0];
+            done
+        };
+        if !done {
+            break;
+        }
+        for (i, row) in vals.iter().take(acts.len()).enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                // SAFETY: batch row `r + i` < t and column `col + first + c`
+                // < stride (asserted by `matmul_blocks`); each column is
+                // written by the one task that owns its weight row.
+                unsafe { *dst.ptr.add((r + i) * dst.stride + dst.col + first + c) = *v };
+            }
+        }
+        first += 8;
+    }
+    first
 }
