@@ -344,13 +344,14 @@ impl Stage {
         for s in seqs.iter() {
             s.chunks(s.rows, &mut rows);
         }
-        let mut x = x;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let _span = trace_span!("layer", index = self.layers.start + i).entered();
-            x = quant::with_sequence_rows(&rows, || {
-                self.block_forward(block, &x, i, seqs, steps.as_deref())
-            })?;
-        }
+        let x = quant::with_sequence_rows(&rows, || {
+            let mut x = x;
+            for (i, block) in self.blocks.iter().enumerate() {
+                let _span = trace_span!("layer", index = self.layers.start + i).entered();
+                x = self.block_forward(block, &x, i, seqs, steps.as_deref())?;
+            }
+            Ok::<_, PassError>(x)
+        })?;
         for s in seqs.iter_mut() {
             s.cache.advance(s.rows);
         }

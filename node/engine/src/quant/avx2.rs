@@ -196,6 +196,15 @@ unsafe fn dot_sym_vnni<const R: usize>(
     }
 }
 
+/// The f16 at `p` as f32 (one F16C conversion; `movd` writes the whole
+/// register, so no false dependency either).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn half_at(p: *const u8) -> f32 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
 /// An f16 at `p`, widened into all eight lanes. Broadcasting the bits
 /// before converting writes the whole register: a scalar insert would make
 /// every block's scale wait on whatever last used that register (a false

@@ -19,6 +19,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
+use super::avx2::half_at;
 use super::kquant::{BlockQ8K, KShape, QK_K, TILED_BATCH_MIN};
 use super::{NativeType, OutPtr, WeightView};
 
@@ -218,8 +219,8 @@ unsafe fn q4k_pairs<const W: usize>(
             let at = v * row_bytes + i * 144;
             let blk = w.as_ptr().add(at);
             (sc[v], mn[v]) = super::kquant::scales_mins(&w[at + 4..at + 16]);
-            wdyd[v] = _mm512_mul_ps(_mm512_set1_ps(f16_at(blk)), yd);
-            wmyd[v] = _mm512_mul_ps(_mm512_set1_ps(f16_at(blk.add(2))), yd);
+            wdyd[v] = _mm512_mul_ps(_mm512_set1_ps(half_at(blk)), yd);
+            wmyd[v] = _mm512_mul_ps(_mm512_set1_ps(half_at(blk.add(2))), yd);
             for p in 0..4 {
                 let raw = _mm256_loadu_si256(blk.add(16 + 32 * p) as *const _);
                 let c = codes[v].as_mut_ptr().add(64 * p);
@@ -284,7 +285,7 @@ unsafe fn q6k_tiled<const W: usize>(
         }
         let yd = _mm512_load_ps(grp.d.as_ptr());
         for v in 0..W {
-            let wd = f16_at(w.as_ptr().add(v * row_bytes + i * 210 + 208));
+            let wd = half_at(w.as_ptr().add(v * row_bytes + i * 210 + 208));
             let r = _mm512_mul_ps(_mm512_cvtepi32_ps(s[v]), _mm512_set1_ps(wd));
             sum[v] = _mm512_fmadd_ps(r, yd, sum[v]);
         }
@@ -317,12 +318,4 @@ unsafe fn q6k_codes(p: *const u8, codes: &mut [u8; QK_K], m4: __m256i, m2: __m25
             _mm256_storeu_si256(c.add(32 * k) as *mut _, v);
         }
     }
-}
-
-/// The f16 at `p` as f32.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    let bits = (p as *const u16).read_unaligned();
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }

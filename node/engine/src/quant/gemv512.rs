@@ -23,7 +23,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{hsum, hsum8_i32};
+use super::avx2::{half_at, hsum, hsum8_i32};
 use super::kquant::BlockQ8K;
 use super::krows8::transpose_8x4;
 
@@ -215,9 +215,7 @@ pub(super) unsafe fn q6k_row<const R: usize>(
         for line in [0, 64, 128, 192] {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
         }
-        let wd = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (p.add(208) as *const u16).read_unaligned() as i32,
-        )));
+        let wd = half_at(p.add(208));
         let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const _));
         let scales_all = _mm512_castsi256_si512(scales16);
         let mut s = [_mm512_setzero_si512(); R];

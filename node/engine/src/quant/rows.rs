@@ -35,14 +35,13 @@ pub fn with_sequence_rows<T>(rows: &[usize], f: impl FnOnce() -> T) -> T {
 
 /// The shape of each of `t` rows of a `ty` product of `n` outputs.
 fn row_shapes(ty: NativeType, n: usize, t: usize) -> Vec<KShape> {
-    let seqs = SEQUENCE_ROWS.with(|c| c.borrow().clone());
-    match seqs {
+    SEQUENCE_ROWS.with(|c| match c.borrow().as_deref() {
         Some(seqs) if seqs.iter().sum::<usize>() == t => seqs
             .iter()
             .flat_map(|&len| (0..len).map(move |i| KShape::of(ty, n, len, i)))
             .collect(),
         _ => (0..t).map(|r| KShape::of(ty, n, t, r)).collect(),
-    }
+    })
 }
 
 /// A K-type product: the rows grouped by their shape, each group through
